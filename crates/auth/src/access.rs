@@ -1,0 +1,318 @@
+//! Access tokens: EdDSA-signed JWTs that live 15 minutes.
+//!
+//! The verifier accepts `alg: EdDSA` and nothing else, whatever the token's header
+//! claims, which closes the `alg: none` and algorithm-confusion attacks; it picks the
+//! key by `kid` and refuses a token without one or with one it does not know.
+
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, Header, Validation, errors::ErrorKind};
+use mobile_domain::{SessionId, UserId};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::keys::{SigningKey, VerifyKeys};
+
+/// What an access token says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessClaims {
+    /// The user.
+    pub sub: Uuid,
+    /// The session (refresh-token family) the token was issued under.
+    pub sid: Uuid,
+    pub iss: String,
+    pub aud: String,
+    pub iat: i64,
+    pub exp: i64,
+}
+
+impl AccessClaims {
+    pub fn user_id(&self) -> UserId {
+        UserId::from_uuid(self.sub)
+    }
+
+    pub fn session_id(&self) -> SessionId {
+        SessionId::from_uuid(self.sid)
+    }
+}
+
+/// Why a token was refused. The variants are what a client may act on: an expired
+/// token is refreshed; any other is a reason to sign in again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("the access token has expired")]
+    Expired,
+    #[error("the access token was signed by an unknown key")]
+    UnknownKey,
+    #[error("the access token is invalid")]
+    Invalid,
+}
+
+/// Issues and verifies access tokens. Holds key material: share it behind an `Arc`.
+#[derive(Debug, Clone)]
+pub struct AccessTokens {
+    signing: Option<SigningKey>,
+    verify: VerifyKeys,
+    validation: Validation,
+    issuer: String,
+    audience: String,
+    ttl: Duration,
+}
+
+impl AccessTokens {
+    /// A verifier (the gateway) or, with a signing key, an issuer too (the API). The
+    /// signing key's public half is always among the verify keys.
+    pub fn new(
+        signing: Option<SigningKey>,
+        mut verify: VerifyKeys,
+        issuer: impl Into<String>,
+        audience: impl Into<String>,
+        ttl: Duration,
+    ) -> Self {
+        let issuer = issuer.into();
+        let audience = audience.into();
+        if let Some(key) = &signing {
+            verify.insert(key.verify_key());
+        }
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.set_issuer(&[&issuer]);
+        validation.set_audience(&[&audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        // Phones' clocks drift; a few seconds either way is not an attack.
+        validation.leeway = 5;
+        Self {
+            signing,
+            verify,
+            validation,
+            issuer,
+            audience,
+            ttl,
+        }
+    }
+
+    /// The token lifetime, for the `expires_in` field.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    pub fn verify_keys(&self) -> &VerifyKeys {
+        &self.verify
+    }
+
+    /// Signs a token for `user` under `session`. Fails only without a signing key.
+    pub fn issue(&self, user: UserId, session: SessionId) -> Result<String, IssueError> {
+        let key = self.signing.as_ref().ok_or(IssueError::NoSigningKey)?;
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
+        let claims = AccessClaims {
+            sub: user.as_uuid(),
+            sid: session.as_uuid(),
+            iss: self.issuer.clone(),
+            aud: self.audience.clone(),
+            iat: now,
+            exp: now.saturating_add(ttl),
+        };
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(key.kid().to_owned());
+        jsonwebtoken::encode(&header, &claims, key.encoding())
+            .map_err(|e| IssueError::Sign(e.to_string()))
+    }
+
+    /// Checks signature, algorithm, issuer, audience and expiry.
+    pub fn verify(&self, token: &str) -> Result<AccessClaims, TokenError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid)?;
+        if header.alg != Algorithm::EdDSA {
+            return Err(TokenError::Invalid);
+        }
+        let kid = header.kid.ok_or(TokenError::Invalid)?;
+        let key = self.verify.get(&kid).ok_or(TokenError::UnknownKey)?;
+        jsonwebtoken::decode::<AccessClaims>(token, key, &self.validation)
+            .map(|data| data.claims)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => TokenError::Expired,
+                _ => TokenError::Invalid,
+            })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    #[error("this process has no signing key")]
+    NoSigningKey,
+    #[error("signing failed: {0}")]
+    Sign(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+    use ed25519_dalek::pkcs8::{EncodePrivateKey, spki::der::pem::LineEnding};
+
+    use super::*;
+
+    fn key(seed: u8) -> SigningKey {
+        let pem = ed25519_dalek::SigningKey::from_bytes(&[seed; 32])
+            .to_pkcs8_pem(LineEnding::LF)
+            .unwrap();
+        SigningKey::from_pem(&pem, "test key").unwrap()
+    }
+
+    fn tokens(signing: SigningKey, ttl: Duration) -> AccessTokens {
+        AccessTokens::new(Some(signing), VerifyKeys::default(), "iss", "aud", ttl)
+    }
+
+    #[test]
+    fn round_trip() {
+        let tokens = tokens(key(1), Duration::from_secs(900));
+        let (user, session) = (UserId::new(), SessionId::new());
+        let claims = tokens
+            .verify(&tokens.issue(user, session).unwrap())
+            .unwrap();
+        assert_eq!(claims.user_id(), user);
+        assert_eq!(claims.session_id(), session);
+        assert_eq!(claims.exp - claims.iat, 900);
+    }
+
+    #[test]
+    fn expired_tokens_are_refused() {
+        let key = key(1);
+        let tokens = tokens(key.clone(), Duration::from_secs(900));
+        // An expiry a minute ago: well past the 5 s leeway.
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let claims = AccessClaims {
+            sub: Uuid::new_v4(),
+            sid: Uuid::new_v4(),
+            iss: "iss".into(),
+            aud: "aud".into(),
+            iat: now - 120,
+            exp: now - 60,
+        };
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(key.kid().to_owned());
+        let expired = jsonwebtoken::encode(&header, &claims, key.encoding()).unwrap();
+        assert_eq!(tokens.verify(&expired), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn other_keys_issuers_and_audiences_are_refused() {
+        let ours = tokens(key(1), Duration::from_secs(900));
+        let theirs = tokens(key(2), Duration::from_secs(900));
+        let foreign = theirs.issue(UserId::new(), SessionId::new()).unwrap();
+        assert_eq!(ours.verify(&foreign), Err(TokenError::UnknownKey));
+
+        let other_aud = AccessTokens::new(
+            Some(key(1)),
+            VerifyKeys::default(),
+            "iss",
+            "other",
+            Duration::from_secs(9),
+        );
+        let token = other_aud.issue(UserId::new(), SessionId::new()).unwrap();
+        assert_eq!(ours.verify(&token), Err(TokenError::Invalid));
+
+        let other_iss = AccessTokens::new(
+            Some(key(1)),
+            VerifyKeys::default(),
+            "evil",
+            "aud",
+            Duration::from_secs(9),
+        );
+        let token = other_iss.issue(UserId::new(), SessionId::new()).unwrap();
+        assert_eq!(ours.verify(&token), Err(TokenError::Invalid));
+    }
+
+    #[test]
+    fn forged_and_unsigned_tokens_are_refused() {
+        let tokens = tokens(key(1), Duration::from_secs(900));
+        let token = tokens.issue(UserId::new(), SessionId::new()).unwrap();
+        let parts: Vec<&str> = token.split('.').collect();
+
+        // Same header and claims, flipped signature.
+        let mut sig = URL_SAFE_NO_PAD.decode(parts[2]).unwrap();
+        sig[0] ^= 1;
+        let forged = format!("{}.{}.{}", parts[0], parts[1], URL_SAFE_NO_PAD.encode(sig));
+        assert_eq!(tokens.verify(&forged), Err(TokenError::Invalid));
+
+        // Claims edited to another user, original signature.
+        let mut claims: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+        claims["sub"] = serde_json::json!(Uuid::new_v4());
+        let edited = format!(
+            "{}.{}.{}",
+            parts[0],
+            URL_SAFE_NO_PAD.encode(claims.to_string()),
+            parts[2]
+        );
+        assert_eq!(tokens.verify(&edited), Err(TokenError::Invalid));
+
+        // alg: none, with and without a signature.
+        let kid = key(1).kid().to_owned();
+        let none_header =
+            URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"none","typ":"JWT","kid":"{kid}"}}"#));
+        assert_eq!(
+            tokens.verify(&format!("{none_header}.{}.", parts[1])),
+            Err(TokenError::Invalid)
+        );
+        assert_eq!(
+            tokens.verify(&format!("{none_header}.{}.{}", parts[1], parts[2])),
+            Err(TokenError::Invalid)
+        );
+
+        // HS256 "signed" with the public key (algorithm confusion).
+        let hs_header =
+            URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"HS256","typ":"JWT","kid":"{kid}"}}"#));
+        assert_eq!(
+            tokens.verify(&format!("{hs_header}.{}.{}", parts[1], parts[2])),
+            Err(TokenError::Invalid)
+        );
+
+        // No kid.
+        let no_kid = URL_SAFE_NO_PAD.encode(r#"{"alg":"EdDSA","typ":"JWT"}"#);
+        assert_eq!(
+            tokens.verify(&format!("{no_kid}.{}.{}", parts[1], parts[2])),
+            Err(TokenError::Invalid)
+        );
+
+        for garbage in ["", "abc", "a.b.c", "....", "Bearer x"] {
+            assert_eq!(
+                tokens.verify(garbage),
+                Err(TokenError::Invalid),
+                "{garbage:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn rotation_accepts_old_and_new_keys() {
+        let old = tokens(key(1), Duration::from_secs(900));
+        let old_token = old.issue(UserId::new(), SessionId::new()).unwrap();
+
+        let mut verify = VerifyKeys::default();
+        verify.insert(key(1).verify_key());
+        let new = AccessTokens::new(Some(key(2)), verify, "iss", "aud", Duration::from_secs(900));
+        let new_token = new.issue(UserId::new(), SessionId::new()).unwrap();
+
+        assert!(
+            new.verify(&old_token).is_ok(),
+            "tokens of the previous key stay valid"
+        );
+        assert!(new.verify(&new_token).is_ok());
+        assert_eq!(old.verify(&new_token), Err(TokenError::UnknownKey));
+    }
+
+    #[test]
+    fn a_verifier_cannot_issue() {
+        let verifier = AccessTokens::new(
+            None,
+            VerifyKeys::default(),
+            "iss",
+            "aud",
+            Duration::from_secs(9),
+        );
+        assert!(matches!(
+            verifier.issue(UserId::new(), SessionId::new()),
+            Err(IssueError::NoSigningKey)
+        ));
+    }
+}

@@ -1,0 +1,213 @@
+//! Devices: the app installations a user receives pushes on.
+
+use mobile_domain::{ApnsEnvironment, AppVersion, DeviceId, Locale, Platform, PushToken, UserId};
+use sqlx::{PgExecutor, PgPool};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// A device as stored.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Device {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub platform: String,
+    pub push_token: String,
+    pub app_version: Option<String>,
+    pub locale: Option<String>,
+    pub apns_environment: Option<String>,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+}
+
+/// What a `PUT /v1/devices/{id}` registers.
+#[derive(Debug, Clone)]
+pub struct DeviceRegistration {
+    pub id: DeviceId,
+    pub platform: Platform,
+    pub push_token: PushToken,
+    pub app_version: Option<AppVersion>,
+    pub locale: Option<Locale>,
+    pub apns_environment: Option<ApnsEnvironment>,
+}
+
+/// Whether [`upsert_device`] created the row or updated it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upsert {
+    Created,
+    Updated,
+}
+
+/// Registers a device for `user_id`, idempotently.
+///
+/// The row is keyed by the app's installation id. If that installation was registered
+/// by another account (a shared phone, a log-out and log-in), it now belongs to this
+/// one: pushes follow whoever is signed in. A push token names one installation, so any
+/// other row holding the same token is stale and goes, in the same transaction.
+pub async fn upsert_device(
+    pool: &PgPool,
+    user_id: UserId,
+    device: &DeviceRegistration,
+) -> Result<(Device, Upsert), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("DELETE FROM devices WHERE platform = $1 AND push_token = $2 AND id <> $3")
+        .bind(device.platform.as_str())
+        .bind(device.push_token.as_str())
+        .bind(device.id.as_uuid())
+        .execute(&mut *tx)
+        .await?;
+    // `xmax = 0` holds only for a row this statement inserted, not one it updated.
+    let (inserted, row): (bool, Device) = {
+        let row = sqlx::query_as::<_, DeviceWithFlag>(
+            "INSERT INTO devices (id, user_id, platform, push_token, app_version, locale, apns_environment)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (id) DO UPDATE SET
+                 user_id = EXCLUDED.user_id,
+                 platform = EXCLUDED.platform,
+                 push_token = EXCLUDED.push_token,
+                 app_version = EXCLUDED.app_version,
+                 locale = EXCLUDED.locale,
+                 apns_environment = EXCLUDED.apns_environment,
+                 updated_at = now()
+             RETURNING (xmax = 0) AS inserted, id, user_id, platform, push_token, app_version,
+                       locale, apns_environment, created_at, updated_at",
+        )
+        .bind(device.id.as_uuid())
+        .bind(user_id.as_uuid())
+        .bind(device.platform.as_str())
+        .bind(device.push_token.as_str())
+        .bind(device.app_version.as_ref().map(AppVersion::as_str))
+        .bind(device.locale.as_ref().map(Locale::as_str))
+        .bind(device.apns_environment.map(ApnsEnvironment::as_str))
+        .fetch_one(&mut *tx)
+        .await?;
+        (row.inserted, row.device)
+    };
+    tx.commit().await?;
+    let outcome = if inserted {
+        Upsert::Created
+    } else {
+        Upsert::Updated
+    };
+    Ok((row, outcome))
+}
+
+#[derive(sqlx::FromRow)]
+struct DeviceWithFlag {
+    inserted: bool,
+    #[sqlx(flatten)]
+    device: Device,
+}
+
+/// One page of a user's devices in id order, starting after `after`.
+pub async fn list_devices(
+    db: impl PgExecutor<'_>,
+    user_id: UserId,
+    after: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<Device>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, user_id, platform, push_token, app_version, locale, apns_environment,
+                created_at, updated_at
+         FROM devices
+         WHERE user_id = $1 AND ($2::uuid IS NULL OR id > $2)
+         ORDER BY id
+         LIMIT $3",
+    )
+    .bind(user_id.as_uuid())
+    .bind(after)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// Deletes a user's device; another user's device counts as not found.
+pub async fn delete_device(
+    db: impl PgExecutor<'_>,
+    user_id: UserId,
+    id: DeviceId,
+) -> Result<bool, sqlx::Error> {
+    let result = sqlx::query("DELETE FROM devices WHERE id = $1 AND user_id = $2")
+        .bind(id.as_uuid())
+        .bind(user_id.as_uuid())
+        .execute(db)
+        .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use mobile_domain::{DisplayName, Email};
+
+    use super::*;
+    use crate::users::{InsertUser, insert_user};
+
+    async fn user(pool: &PgPool, email: &str) -> UserId {
+        let email = Email::parse(email).unwrap();
+        let name = DisplayName::parse("Someone").unwrap();
+        match insert_user(pool, &email, "hash", &name).await.unwrap() {
+            InsertUser::Inserted(user) => user.id,
+            InsertUser::EmailTaken => unreachable!(),
+        }
+    }
+
+    fn registration(id: Uuid, token: &str) -> DeviceRegistration {
+        DeviceRegistration {
+            id: DeviceId::from_uuid(id),
+            platform: Platform::Ios,
+            push_token: PushToken::parse(Platform::Ios, token).unwrap(),
+            app_version: Some(AppVersion::parse("1.0").unwrap()),
+            locale: None,
+            apns_environment: Some(ApnsEnvironment::Sandbox),
+        }
+    }
+
+    #[tokio::test]
+    async fn upsert_is_idempotent_and_follows_the_signed_in_user() {
+        let db = mobile_testkit::TestDb::new().await;
+        let pool = db.pool().await;
+        let ann = user(&pool, "ann@example.com").await;
+        let bob = user(&pool, "bob@example.com").await;
+        let id = Uuid::new_v4();
+        let token = "ab".repeat(32);
+
+        let (first, outcome) = upsert_device(&pool, ann, &registration(id, &token))
+            .await
+            .unwrap();
+        assert_eq!(outcome, Upsert::Created);
+        let (again, outcome) = upsert_device(&pool, ann, &registration(id, &token))
+            .await
+            .unwrap();
+        assert_eq!(outcome, Upsert::Updated);
+        assert_eq!(again.created_at, first.created_at);
+
+        // Bob signs in on the same phone: the installation is his now.
+        upsert_device(&pool, bob, &registration(id, &token))
+            .await
+            .unwrap();
+        assert!(list_devices(&pool, ann, None, 10).await.unwrap().is_empty());
+        assert_eq!(list_devices(&pool, bob, None, 10).await.unwrap().len(), 1);
+
+        // A reinstall gets a new installation id but APNs hands out the same token:
+        // the stale row goes.
+        let reinstall = Uuid::new_v4();
+        upsert_device(&pool, bob, &registration(reinstall, &token))
+            .await
+            .unwrap();
+        let devices = list_devices(&pool, bob, None, 10).await.unwrap();
+        assert_eq!(
+            devices.iter().map(|d| d.id).collect::<Vec<_>>(),
+            vec![reinstall]
+        );
+
+        assert!(
+            !delete_device(&pool, ann, DeviceId::from_uuid(reinstall))
+                .await
+                .unwrap()
+        );
+        assert!(
+            delete_device(&pool, bob, DeviceId::from_uuid(reinstall))
+                .await
+                .unwrap()
+        );
+    }
+}

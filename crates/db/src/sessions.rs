@@ -1,0 +1,308 @@
+//! Login sessions and their rotating refresh tokens.
+//!
+//! A session is a family of refresh tokens. Each refresh marks the presented token
+//! rotated and stores its successor, in one transaction. The `UPDATE ... WHERE
+//! rotated_at IS NULL` takes the row lock, so of two concurrent refreshes of one token
+//! exactly one rotates it; the other then sees a rotated token, which is what a thief
+//! replaying a stolen token looks like, and revokes the family. Two live families can
+//! never come out of one token.
+
+use mobile_domain::{SessionId, UserId};
+use sqlx::{PgConnection, PgExecutor, PgPool};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// SHA-256 of a refresh token: the only form in which one is stored.
+pub type TokenHash = [u8; 32];
+
+/// Why a session was revoked, as stored in `sessions.revoked_reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevokeReason {
+    Logout,
+    RefreshTokenReuse,
+}
+
+impl RevokeReason {
+    const fn as_str(self) -> &'static str {
+        match self {
+            Self::Logout => "logout",
+            Self::RefreshTokenReuse => "refresh_token_reuse",
+        }
+    }
+}
+
+/// Starts a session for `user_id` with its first refresh token.
+pub async fn create_session(
+    conn: &mut PgConnection,
+    user_id: UserId,
+    token_hash: &TokenHash,
+    expires_at: OffsetDateTime,
+) -> Result<SessionId, sqlx::Error> {
+    let session_id = SessionId::new();
+    sqlx::query("INSERT INTO sessions (id, user_id) VALUES ($1, $2)")
+        .bind(session_id.as_uuid())
+        .bind(user_id.as_uuid())
+        .execute(&mut *conn)
+        .await?;
+    insert_refresh_token(&mut *conn, session_id, token_hash, expires_at).await?;
+    Ok(session_id)
+}
+
+async fn insert_refresh_token(
+    db: impl PgExecutor<'_>,
+    session_id: SessionId,
+    token_hash: &TokenHash,
+    expires_at: OffsetDateTime,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO refresh_tokens (token_hash, session_id, expires_at) VALUES ($1, $2, $3)",
+    )
+    .bind(token_hash.as_slice())
+    .bind(session_id.as_uuid())
+    .bind(expires_at)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// The outcome of [`rotate_refresh_token`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotation {
+    /// The token was live; its successor is now the family's live token.
+    Rotated {
+        user_id: UserId,
+        session_id: SessionId,
+    },
+    /// The token had already been rotated: the family is now revoked.
+    Reused { session_id: SessionId },
+    /// Unknown, expired, or its session is revoked.
+    Invalid,
+}
+
+/// Exchanges the token hashed as `presented` for the one hashed as `successor`.
+pub async fn rotate_refresh_token(
+    pool: &PgPool,
+    presented: &TokenHash,
+    successor: &TokenHash,
+    successor_expires_at: OffsetDateTime,
+) -> Result<Rotation, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let rotated: Option<(Uuid, Uuid)> = sqlx::query_as(
+        "UPDATE refresh_tokens AS t
+         SET rotated_at = now()
+         FROM sessions AS s
+         WHERE t.token_hash = $1
+           AND t.rotated_at IS NULL
+           AND t.expires_at > now()
+           AND s.id = t.session_id
+           AND s.revoked_at IS NULL
+         RETURNING s.id, s.user_id",
+    )
+    .bind(presented.as_slice())
+    .fetch_optional(&mut *tx)
+    .await?;
+
+    if let Some((session_id, user_id)) = rotated {
+        let session_id = SessionId::from_uuid(session_id);
+        insert_refresh_token(&mut *tx, session_id, successor, successor_expires_at).await?;
+        sqlx::query("UPDATE sessions SET last_refreshed_at = now() WHERE id = $1")
+            .bind(session_id.as_uuid())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        return Ok(Rotation::Rotated {
+            user_id: UserId::from_uuid(user_id),
+            session_id,
+        });
+    }
+
+    // Not rotatable. A token that exists and was rotated before is a replay.
+    let previous: Option<(Uuid, Option<OffsetDateTime>)> =
+        sqlx::query_as("SELECT session_id, rotated_at FROM refresh_tokens WHERE token_hash = $1")
+            .bind(presented.as_slice())
+            .fetch_optional(&mut *tx)
+            .await?;
+    let outcome = match previous {
+        Some((session_id, Some(_))) => {
+            let session_id = SessionId::from_uuid(session_id);
+            revoke_session(&mut *tx, session_id, RevokeReason::RefreshTokenReuse).await?;
+            Rotation::Reused { session_id }
+        }
+        _ => Rotation::Invalid,
+    };
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// Revokes a session; revoking a revoked session keeps the first reason.
+pub async fn revoke_session(
+    db: impl PgExecutor<'_>,
+    session_id: SessionId,
+    reason: RevokeReason,
+) -> Result<bool, sqlx::Error> {
+    let result = sqlx::query(
+        "UPDATE sessions SET revoked_at = now(), revoked_reason = $2
+         WHERE id = $1 AND revoked_at IS NULL",
+    )
+    .bind(session_id.as_uuid())
+    .bind(reason.as_str())
+    .execute(db)
+    .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+/// Revokes the session a refresh token belongs to (logout). Returns whether a live
+/// session was revoked; an unknown token is not an error.
+pub async fn revoke_session_of_token(
+    db: impl PgExecutor<'_>,
+    token_hash: &TokenHash,
+    reason: RevokeReason,
+) -> Result<bool, sqlx::Error> {
+    let result = sqlx::query(
+        "UPDATE sessions SET revoked_at = now(), revoked_reason = $2
+         WHERE id = (SELECT session_id FROM refresh_tokens WHERE token_hash = $1)
+           AND revoked_at IS NULL",
+    )
+    .bind(token_hash.as_slice())
+    .bind(reason.as_str())
+    .execute(db)
+    .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+/// The revocation reason of a session, `None` while it is live.
+pub async fn revoked_reason(
+    db: impl PgExecutor<'_>,
+    session_id: SessionId,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT revoked_reason FROM sessions WHERE id = $1")
+        .bind(session_id.as_uuid())
+        .fetch_one(db)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use mobile_domain::{DisplayName, Email};
+    use time::Duration;
+
+    use super::*;
+    use crate::users::{InsertUser, insert_user};
+
+    async fn user(pool: &PgPool) -> UserId {
+        let email = Email::parse("ann@example.com").unwrap();
+        let name = DisplayName::parse("Ann").unwrap();
+        match insert_user(pool, &email, "hash", &name).await.unwrap() {
+            InsertUser::Inserted(user) => user.id,
+            InsertUser::EmailTaken => unreachable!(),
+        }
+    }
+
+    fn later() -> OffsetDateTime {
+        OffsetDateTime::now_utc() + Duration::days(1)
+    }
+
+    #[tokio::test]
+    async fn rotation_then_reuse_revokes_the_family() {
+        let db = mobile_testkit::TestDb::new().await;
+        let pool = db.pool().await;
+        let user_id = user(&pool).await;
+        let mut conn = pool.acquire().await.unwrap();
+        let session = create_session(&mut conn, user_id, &[1; 32], later())
+            .await
+            .unwrap();
+
+        let first = rotate_refresh_token(&pool, &[1; 32], &[2; 32], later())
+            .await
+            .unwrap();
+        assert_eq!(
+            first,
+            Rotation::Rotated {
+                user_id,
+                session_id: session
+            }
+        );
+
+        let replay = rotate_refresh_token(&pool, &[1; 32], &[3; 32], later())
+            .await
+            .unwrap();
+        assert_eq!(
+            replay,
+            Rotation::Reused {
+                session_id: session
+            }
+        );
+        assert_eq!(
+            revoked_reason(&pool, session).await.unwrap().as_deref(),
+            Some("refresh_token_reuse")
+        );
+
+        // The successor died with its family.
+        let successor = rotate_refresh_token(&pool, &[2; 32], &[4; 32], later())
+            .await
+            .unwrap();
+        assert_eq!(successor, Rotation::Invalid);
+    }
+
+    #[tokio::test]
+    async fn expired_and_unknown_tokens_are_invalid() {
+        let db = mobile_testkit::TestDb::new().await;
+        let pool = db.pool().await;
+        let user_id = user(&pool).await;
+        let mut conn = pool.acquire().await.unwrap();
+        let past = OffsetDateTime::now_utc() - Duration::seconds(1);
+        create_session(&mut conn, user_id, &[1; 32], past)
+            .await
+            .unwrap();
+
+        assert_eq!(
+            rotate_refresh_token(&pool, &[1; 32], &[2; 32], later())
+                .await
+                .unwrap(),
+            Rotation::Invalid
+        );
+        assert_eq!(
+            rotate_refresh_token(&pool, &[9; 32], &[2; 32], later())
+                .await
+                .unwrap(),
+            Rotation::Invalid
+        );
+    }
+
+    #[tokio::test]
+    async fn logout_revokes_once() {
+        let db = mobile_testkit::TestDb::new().await;
+        let pool = db.pool().await;
+        let user_id = user(&pool).await;
+        let mut conn = pool.acquire().await.unwrap();
+        let session = create_session(&mut conn, user_id, &[1; 32], later())
+            .await
+            .unwrap();
+
+        assert!(
+            revoke_session_of_token(&pool, &[1; 32], RevokeReason::Logout)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !revoke_session_of_token(&pool, &[1; 32], RevokeReason::Logout)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !revoke_session_of_token(&pool, &[7; 32], RevokeReason::Logout)
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            revoked_reason(&pool, session).await.unwrap().as_deref(),
+            Some("logout")
+        );
+        assert_eq!(
+            rotate_refresh_token(&pool, &[1; 32], &[2; 32], later())
+                .await
+                .unwrap(),
+            Rotation::Invalid
+        );
+    }
+}

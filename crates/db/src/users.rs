@@ -1,0 +1,143 @@
+//! Users: registration, lookup for login, profile updates.
+
+use mobile_domain::{DisplayName, Email, UserId};
+use sqlx::PgExecutor;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// A user as stored, without the password hash.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct User {
+    #[sqlx(try_from = "Uuid")]
+    pub id: UserId,
+    pub email: String,
+    pub display_name: String,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+}
+
+/// A user with the password hash, for the login check only.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Credentials {
+    #[sqlx(flatten)]
+    pub user: User,
+    pub password_hash: String,
+}
+
+/// The outcome of [`insert_user`].
+#[derive(Debug)]
+pub enum InsertUser {
+    Inserted(User),
+    EmailTaken,
+}
+
+pub async fn insert_user(
+    db: impl PgExecutor<'_>,
+    email: &Email,
+    password_hash: &str,
+    display_name: &DisplayName,
+) -> Result<InsertUser, sqlx::Error> {
+    let result = sqlx::query_as::<_, User>(
+        "INSERT INTO users (id, email, password_hash, display_name)
+         VALUES ($1, $2, $3, $4)
+         RETURNING id, email, display_name, created_at, updated_at",
+    )
+    .bind(UserId::new().as_uuid())
+    .bind(email.as_str())
+    .bind(password_hash)
+    .bind(display_name.as_str())
+    .fetch_one(db)
+    .await;
+    match result {
+        Ok(user) => Ok(InsertUser::Inserted(user)),
+        Err(e) if crate::violated_constraint(&e) == Some("users_email_key") => {
+            Ok(InsertUser::EmailTaken)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+pub async fn find_credentials(
+    db: impl PgExecutor<'_>,
+    email: &Email,
+) -> Result<Option<Credentials>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, email, display_name, created_at, updated_at, password_hash
+         FROM users WHERE email = $1",
+    )
+    .bind(email.as_str())
+    .fetch_optional(db)
+    .await
+}
+
+pub async fn find_user(db: impl PgExecutor<'_>, id: UserId) -> Result<Option<User>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, email, display_name, created_at, updated_at FROM users WHERE id = $1",
+    )
+    .bind(id.as_uuid())
+    .fetch_optional(db)
+    .await
+}
+
+/// Sets the display name; `updated_at` moves only when the name really changes, so a
+/// no-op PATCH keeps the ETag clients have cached.
+pub async fn update_display_name(
+    db: impl PgExecutor<'_>,
+    id: UserId,
+    display_name: &DisplayName,
+) -> Result<Option<User>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE users
+         SET display_name = $2,
+             updated_at = CASE WHEN display_name = $2 THEN updated_at ELSE now() END
+         WHERE id = $1
+         RETURNING id, email, display_name, created_at, updated_at",
+    )
+    .bind(id.as_uuid())
+    .bind(display_name.as_str())
+    .fetch_optional(db)
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn insert_find_and_update() {
+        let db = mobile_testkit::TestDb::new().await;
+        let pool = db.pool().await;
+        let email = Email::parse("Ann@Example.com").unwrap();
+        let name = DisplayName::parse("Ann").unwrap();
+
+        let InsertUser::Inserted(user) = insert_user(&pool, &email, "hash", &name).await.unwrap()
+        else {
+            panic!("first insert must succeed");
+        };
+        assert_eq!(user.email, "ann@example.com");
+        assert!(matches!(
+            insert_user(&pool, &email, "hash", &name).await.unwrap(),
+            InsertUser::EmailTaken
+        ));
+
+        let found = find_credentials(&pool, &email).await.unwrap().unwrap();
+        assert_eq!(found.user, user);
+        assert_eq!(found.password_hash, "hash");
+
+        let same = update_display_name(&pool, user.id, &name)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            same.updated_at, user.updated_at,
+            "a no-op update keeps updated_at"
+        );
+        let renamed = update_display_name(&pool, user.id, &DisplayName::parse("Annie").unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(renamed.display_name, "Annie");
+        assert!(renamed.updated_at > user.updated_at);
+        assert!(find_user(&pool, UserId::new()).await.unwrap().is_none());
+    }
+}

@@ -1,0 +1,31 @@
+//! Test helpers shared by every crate's tests. Nothing here fakes PostgreSQL or Redis:
+//! a test gets its own real database on the machine's PostgreSQL, and a test that needs
+//! to kill Redis gets its own real `redis-server` process.
+//!
+//! Settings: `TEST_DATABASE_URL` names the server to create test databases on
+//! (default `postgres://postgres@127.0.0.1:5432/postgres`); `TEST_REDIS_URL` the shared
+//! Redis (default `redis://127.0.0.1:6379`).
+
+mod database;
+mod keys;
+mod redis_server;
+
+pub use database::TestDb;
+pub use keys::TestKeys;
+pub use redis_server::RedisServer;
+
+/// The shared Redis the tests use unless they start their own.
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// A key prefix no other test shares, so tests can run in parallel on one Redis.
+pub fn unique_redis_prefix() -> String {
+    format!("test:{}:", uuid::Uuid::new_v4().simple())
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local address").port()
+}
