@@ -1,0 +1,284 @@
+//! Typed settings from the environment (twelve-factor).
+//!
+//! Every binary reads [`CommonSettings`]; each adds its own on top with the same
+//! [`Env`] helpers. A bad value stops the process at start with the variable's name
+//! and what was wrong, never later and never silently. Secrets are `SecretString`, whose
+//! `Debug` prints `[REDACTED]`, so logging the settings is safe.
+
+use std::{collections::HashMap, fmt, net::SocketAddr, str::FromStr, time::Duration};
+
+use secrecy::SecretString;
+
+/// A variable that is set but cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{name}: {reason}")]
+pub struct SettingsError {
+    pub name: String,
+    pub reason: String,
+}
+
+impl SettingsError {
+    pub fn new(name: &str, reason: impl Into<String>) -> Self {
+        Self {
+            name: name.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Where settings come from: the process environment, or a map in tests.
+#[derive(Clone)]
+pub struct Env {
+    vars: HashMap<String, String>,
+}
+
+impl fmt::Debug for Env {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Values may be secrets: show names only.
+        let mut names: Vec<&String> = self.vars.keys().collect();
+        names.sort();
+        f.debug_struct("Env").field("names", &names).finish()
+    }
+}
+
+impl Env {
+    /// A snapshot of the process environment.
+    pub fn process() -> Self {
+        Self {
+            vars: std::env::vars().collect(),
+        }
+    }
+
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        Self {
+            vars: pairs
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        }
+    }
+
+    /// The value, if set and not empty (an empty variable counts as unset, as a
+    /// Kubernetes manifest with `value: ""` means).
+    pub fn optional(&self, name: &str) -> Option<&str> {
+        self.vars
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.trim().is_empty())
+    }
+
+    pub fn string(&self, name: &str, default: &str) -> String {
+        self.optional(name).unwrap_or(default).to_owned()
+    }
+
+    pub fn secret(&self, name: &str, default: &str) -> SecretString {
+        SecretString::from(self.string(name, default))
+    }
+
+    pub fn optional_secret(&self, name: &str) -> Option<SecretString> {
+        self.optional(name)
+            .map(|v| SecretString::from(v.to_owned()))
+    }
+
+    /// Parses the value with `FromStr`, or returns `default` when unset.
+    pub fn parse<T>(&self, name: &str, default: T) -> Result<T, SettingsError>
+    where
+        T: FromStr,
+        T::Err: fmt::Display,
+    {
+        match self.optional(name) {
+            None => Ok(default),
+            Some(raw) => raw.trim().parse().map_err(|e: T::Err| {
+                SettingsError::new(name, format!("cannot parse {raw:?}: {e}"))
+            }),
+        }
+    }
+
+    /// A whole number of seconds, as every `*_SECONDS` variable is.
+    pub fn seconds(&self, name: &str, default: u64) -> Result<Duration, SettingsError> {
+        self.parse(name, default).map(Duration::from_secs)
+    }
+}
+
+/// `APP_ENV`: only `development` unlocks development conveniences (such as the
+/// published development signing key); every other value is treated as production.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppEnv {
+    Development,
+    Other(String),
+}
+
+impl AppEnv {
+    pub fn is_development(&self) -> bool {
+        matches!(self, Self::Development)
+    }
+}
+
+impl fmt::Display for AppEnv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Development => f.write_str("development"),
+            Self::Other(name) => f.write_str(name),
+        }
+    }
+}
+
+/// `LOG_FORMAT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line, for log shippers.
+    Json,
+    /// Human-readable, coloured when the output is a terminal.
+    Pretty,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        match raw {
+            "json" => Ok(Self::Json),
+            "pretty" => Ok(Self::Pretty),
+            other => Err(format!("expected \"json\" or \"pretty\", got {other:?}")),
+        }
+    }
+}
+
+/// The settings every binary shares. Defaults are the brief's; the listen and metrics
+/// ports differ per binary, so the caller passes those.
+#[derive(Debug, Clone)]
+pub struct CommonSettings {
+    /// `APP_ENV` (default `production`).
+    pub app_env: AppEnv,
+    /// `DATABASE_URL`: may carry a password, hence secret.
+    pub database_url: SecretString,
+    /// `DATABASE_MAX_CONNECTIONS` (default 10): the pool size per process.
+    pub database_max_connections: u32,
+    /// `REDIS_URL`: may carry a password, hence secret.
+    pub redis_url: SecretString,
+    /// `REDIS_KEY_PREFIX` (default `mb:`): prefixes every key and channel, so several
+    /// deployments (or parallel tests) can share one Redis.
+    pub redis_key_prefix: String,
+    /// `LISTEN_ADDR`: the public port (API, WebSocket, or the worker's health port).
+    pub listen_addr: SocketAddr,
+    /// `METRICS_ADDR`: `/metrics`, never on the public port.
+    pub metrics_addr: SocketAddr,
+    /// `LOG_FORMAT` (default `json`).
+    pub log_format: LogFormat,
+    /// `SHUTDOWN_TIMEOUT_SECONDS` (default 30): from SIGTERM to exit, at most.
+    pub shutdown_timeout: Duration,
+    /// `SHUTDOWN_DELAY_SECONDS` (default 0): after SIGTERM, how long to keep accepting
+    /// new connections while reporting unready, so load balancers that poll readiness
+    /// stop routing here before the listener closes. On Kubernetes the preStop sleep
+    /// does this job and the default of 0 is right.
+    pub shutdown_delay: Duration,
+}
+
+impl CommonSettings {
+    pub const DEFAULT_DATABASE_URL: &'static str = "postgres://postgres@127.0.0.1:5432/mobile";
+    pub const DEFAULT_REDIS_URL: &'static str = "redis://127.0.0.1:6379";
+
+    pub fn from_env(
+        env: &Env,
+        default_listen: &str,
+        default_metrics: &str,
+    ) -> Result<Self, SettingsError> {
+        let app_env = match env.string("APP_ENV", "production").as_str() {
+            "development" => AppEnv::Development,
+            other => AppEnv::Other(other.to_owned()),
+        };
+        let settings = Self {
+            app_env,
+            database_url: env.secret("DATABASE_URL", Self::DEFAULT_DATABASE_URL),
+            database_max_connections: env.parse("DATABASE_MAX_CONNECTIONS", 10)?,
+            redis_url: env.secret("REDIS_URL", Self::DEFAULT_REDIS_URL),
+            redis_key_prefix: env.string("REDIS_KEY_PREFIX", "mb:"),
+            listen_addr: env.parse("LISTEN_ADDR", socket(default_listen))?,
+            metrics_addr: env.parse("METRICS_ADDR", socket(default_metrics))?,
+            log_format: env.parse("LOG_FORMAT", LogFormat::Json)?,
+            shutdown_timeout: env.seconds("SHUTDOWN_TIMEOUT_SECONDS", 30)?,
+            shutdown_delay: env.seconds("SHUTDOWN_DELAY_SECONDS", 0)?,
+        };
+        if settings.database_max_connections == 0 {
+            return Err(SettingsError::new(
+                "DATABASE_MAX_CONNECTIONS",
+                "must be at least 1",
+            ));
+        }
+        if settings.shutdown_delay >= settings.shutdown_timeout {
+            return Err(SettingsError::new(
+                "SHUTDOWN_DELAY_SECONDS",
+                "must be shorter than SHUTDOWN_TIMEOUT_SECONDS, or nothing is left to drain in",
+            ));
+        }
+        Ok(settings)
+    }
+}
+
+fn socket(addr: &str) -> SocketAddr {
+    addr.parse().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use secrecy::ExposeSecret;
+
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let settings = CommonSettings::from_env(
+            &Env::from_pairs::<&str, &str>([]),
+            "0.0.0.0:8080",
+            "0.0.0.0:9090",
+        )
+        .unwrap();
+        assert_eq!(settings.app_env, AppEnv::Other("production".into()));
+        assert_eq!(
+            settings.database_url.expose_secret(),
+            CommonSettings::DEFAULT_DATABASE_URL
+        );
+        assert_eq!(settings.listen_addr.port(), 8080);
+        assert_eq!(settings.metrics_addr.port(), 9090);
+        assert_eq!(settings.log_format, LogFormat::Json);
+        assert_eq!(settings.shutdown_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let env = Env::from_pairs([("LISTEN_ADDR", "not an address")]);
+        let err = CommonSettings::from_env(&env, "0.0.0.0:8080", "0.0.0.0:9090").unwrap_err();
+        assert_eq!(err.name, "LISTEN_ADDR");
+        let env = Env::from_pairs([("LOG_FORMAT", "xml")]);
+        assert_eq!(
+            CommonSettings::from_env(&env, "0.0.0.0:8080", "0.0.0.0:9090")
+                .unwrap_err()
+                .name,
+            "LOG_FORMAT"
+        );
+        let env = Env::from_pairs([
+            ("SHUTDOWN_TIMEOUT_SECONDS", "5"),
+            ("SHUTDOWN_DELAY_SECONDS", "5"),
+        ]);
+        assert_eq!(
+            CommonSettings::from_env(&env, "0.0.0.0:8080", "0.0.0.0:9090")
+                .unwrap_err()
+                .name,
+            "SHUTDOWN_DELAY_SECONDS"
+        );
+    }
+
+    #[test]
+    fn empty_means_unset_and_secrets_stay_hidden() {
+        let env = Env::from_pairs([
+            ("APP_ENV", ""),
+            ("DATABASE_URL", "postgres://u:hunter2@db/x"),
+        ]);
+        let settings = CommonSettings::from_env(&env, "0.0.0.0:8080", "0.0.0.0:9090").unwrap();
+        assert!(!settings.app_env.is_development());
+        assert!(!format!("{settings:?}").contains("hunter2"));
+        assert!(!format!("{env:?}").contains("hunter2"));
+    }
+}
