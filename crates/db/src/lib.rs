@@ -11,11 +11,12 @@
 //! each module run every query against a real PostgreSQL.
 
 pub mod devices;
-mod migrate;
+
 mod pool;
 pub mod sessions;
 pub mod users;
 
+pub mod migrate;
 pub use migrate::{MIGRATOR, migrate};
 pub use pool::{PoolSettings, connect_lazy};
 pub use sqlx::{PgPool, Postgres, Transaction};

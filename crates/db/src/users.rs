@@ -79,6 +79,14 @@ pub async fn find_user(db: impl PgExecutor<'_>, id: UserId) -> Result<Option<Use
     .await
 }
 
+/// Reads a user and locks the row until the transaction ends, for read-compare-write.
+pub async fn find_user_for_update(db: impl PgExecutor<'_>, id: UserId) -> Result<Option<User>, sqlx::Error> {
+    sqlx::query_as("SELECT id, email, display_name, created_at, updated_at FROM users WHERE id = $1 FOR UPDATE")
+        .bind(id.as_uuid())
+        .fetch_optional(db)
+        .await
+}
+
 /// Sets the display name; `updated_at` moves only when the name really changes, so a
 /// no-op PATCH keeps the ETag clients have cached.
 pub async fn update_display_name(

@@ -106,7 +106,7 @@ impl PushToken {
         match platform {
             Platform::Ios => {
                 let token = raw.to_ascii_lowercase();
-                if !(64..=200).contains(&token.len()) || token.len() % 2 != 0 {
+                if !(64..=200).contains(&token.len()) || !token.len().is_multiple_of(2) {
                     return Err(invalid("an APNs token is 64 to 200 hexadecimal digits"));
                 }
                 if !token.bytes().all(|b| b.is_ascii_hexdigit()) {

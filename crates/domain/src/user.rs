@@ -82,7 +82,7 @@ impl Password {
             ));
         }
         let lowered = raw.to_lowercase();
-        let single_char = raw.chars().all(|c| Some(c) == raw.chars().next());
+        let single_char = raw.chars().all(|c| raw.starts_with(c));
         if single_char || COMMON_PASSWORDS.contains(&lowered.as_str()) {
             return Err(ValidationError::new(
                 "weak_password",

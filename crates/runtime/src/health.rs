@@ -97,8 +97,8 @@ impl Health {
         }
     }
 
-    /// `GET /health/live` and `GET /health/ready`.
-    pub fn router(&self) -> Router {
+    /// `GET /health/live` and `GET /health/ready`, to merge into any router.
+    pub fn router<S: Clone + Send + Sync + 'static>(&self) -> Router<S> {
         Router::new()
             .route("/health/live", get(live))
             .route("/health/ready", get(ready))

@@ -1,0 +1,72 @@
+//! The API's metric families. Names are the brief's; every label value comes from a
+//! small fixed set (route templates, methods, status codes).
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::{Registry, Unit},
+};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub method: String,
+    /// The matched route template (`/v1/devices/{device_id}`), never the raw path.
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct FeatureLabel {
+    pub feature: &'static str,
+}
+
+/// Handles on the API's metrics, cloned into the middleware that records them.
+#[derive(Debug, Clone)]
+pub struct ApiMetrics {
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub http_request_duration: Family<HttpLabels, Histogram>,
+    pub rate_limited: Family<RouteLabel, Counter>,
+    /// Requests served without a Redis-backed feature because Redis did not answer
+    /// (the feature fails open): a rising count means Redis is in trouble.
+    pub redis_degraded: Family<FeatureLabel, Counter>,
+}
+
+impl ApiMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            http_requests: Family::default(),
+            http_request_duration: Family::new_with_constructor(|| {
+                Histogram::new(mobile_runtime::metrics::DURATION_BUCKETS)
+            }),
+            rate_limited: Family::default(),
+            redis_degraded: Family::default(),
+        };
+        registry.register(
+            "http_requests",
+            "HTTP requests by method, route template and status",
+            metrics.http_requests.clone(),
+        );
+        registry.register_with_unit(
+            "http_request_duration",
+            "HTTP request latency by method, route template and status",
+            Unit::Seconds,
+            metrics.http_request_duration.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests refused with 429 by route template",
+            metrics.rate_limited.clone(),
+        );
+        registry.register(
+            "redis_degraded",
+            "Requests served without a Redis-backed feature because Redis failed",
+            metrics.redis_degraded.clone(),
+        );
+        metrics
+    }
+}

@@ -1,0 +1,251 @@
+//! `Idempotency-Key` for POST, after the IETF httpapi draft.
+//!
+//! A client that sends `Idempotency-Key: <unique value>` may retry a POST safely:
+//!
+//! - first time: the request runs and its response is stored for
+//!   `IDEMPOTENCY_TTL_SECONDS`;
+//! - same key, same request: the stored response is replayed (with
+//!   `Idempotent-Replayed: true`), nothing runs again;
+//! - same key, different request (method, path or body): 422
+//!   `idempotency_key_reused`;
+//! - same key while the first is still running: 409 `idempotency_request_in_flight`.
+//!
+//! Keys are scoped to the signed-in user (or, on unauthenticated routes, the client IP)
+//! so one client cannot replay another's response. A 5xx or 429 is not stored: the
+//! client is meant to retry those. The records live in Redis; if Redis does not answer
+//! the request runs without the guarantee (and `redis_degraded_total` counts it).
+//! Operations that must never duplicate have a durable guard of their own in PostgreSQL
+//! (a unique email; later, `client_msg_id` for messages).
+
+use axum::{
+    body::{Body, to_bytes},
+    extract::{Request, State},
+    http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use base64::{Engine, engine::general_purpose::STANDARD};
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::{
+    error::ApiError,
+    extract::{Authentication, client_ip},
+    metrics::FeatureLabel,
+    state::AppState,
+};
+
+pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// The largest response body that is stored for replay.
+const MAX_STORED_RESPONSE: usize = 256 * 1024;
+
+/// Response headers worth replaying; the rest (dates, request ids) belong to the replay.
+const REPLAYED_HEADERS: [HeaderName; 3] = [header::CONTENT_TYPE, header::LOCATION, header::ETAG];
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+enum Record {
+    InFlight {
+        fingerprint: String,
+    },
+    Done {
+        fingerprint: String,
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: String,
+    },
+}
+
+impl Record {
+    fn fingerprint(&self) -> &str {
+        match self {
+            Self::InFlight { fingerprint } | Self::Done { fingerprint, .. } => fingerprint,
+        }
+    }
+}
+
+pub async fn idempotency(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if req.method() != Method::POST {
+        return next.run(req).await;
+    }
+    let Some(key) = req.headers().get(&IDEMPOTENCY_KEY).cloned() else {
+        return next.run(req).await;
+    };
+    let key = match key.to_str() {
+        Ok(key) if (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic() || b == b' ') => {
+            key.to_owned()
+        }
+        _ => {
+            return ApiError::bad_request(
+                "invalid_idempotency_key",
+                "Idempotency-Key must be 1 to 255 printable ASCII characters",
+            )
+            .into_response();
+        }
+    };
+
+    // The body is part of the fingerprint, so read it (within the usual limit) first.
+    let (parts, body) = req.into_parts();
+    let body = match to_bytes(body, state.settings.max_body_bytes).await {
+        Ok(body) => body,
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "the request body is too large",
+            )
+            .into_response();
+        }
+    };
+    let scope = match parts.extensions.get::<Authentication>() {
+        Some(Authentication::Valid(claims)) => format!("user:{}", claims.sub),
+        _ => format!(
+            "ip:{}",
+            client_ip(&parts, state.settings.trusted_proxy_hops).map_or_else(|| "unknown".into(), |ip| ip.to_string())
+        ),
+    };
+    let fingerprint = {
+        let mut hasher = Sha256::new();
+        hasher.update(parts.method.as_str());
+        hasher.update([0]);
+        hasher.update(parts.uri.path_and_query().map_or("", |pq| pq.as_str()));
+        hasher.update([0]);
+        hasher.update(&body);
+        hex::encode(hasher.finalize())
+    };
+    let redis_key = state
+        .redis
+        .key(&format!("idem:{scope}:{}", hex::encode(Sha256::digest(key.as_bytes()))));
+    let req = Request::from_parts(parts, Body::from(body));
+
+    match claim(&state, &redis_key, &fingerprint).await {
+        Ok(Claim::Ours) => {}
+        Ok(Claim::Existing(record)) => return answer_existing(record, &fingerprint),
+        Err(e) => {
+            tracing::warn!(error = %e, "idempotency store unavailable; running without it");
+            state
+                .metrics
+                .redis_degraded
+                .get_or_create(&FeatureLabel { feature: "idempotency" })
+                .inc();
+            return next.run(req).await;
+        }
+    }
+
+    let response = next.run(req).await;
+    store(&state, &redis_key, fingerprint, response).await
+}
+
+enum Claim {
+    /// No record existed; an in-flight one is now ours.
+    Ours,
+    Existing(Record),
+}
+
+async fn claim(state: &AppState, redis_key: &str, fingerprint: &str) -> Result<Claim, redis::RedisError> {
+    let mut conn = state.redis.conn();
+    let in_flight = serde_json::to_string(&Record::InFlight {
+        fingerprint: fingerprint.to_owned(),
+    })
+    .map_err(|e| redis::RedisError::from((redis::ErrorKind::Client, "serialize", e.to_string())))?;
+    // The in-flight claim outlives the request timeout a little, so a request that dies
+    // with its process does not lock the key for the whole TTL.
+    let lock_seconds = state.settings.request_timeout.as_secs() + 5;
+    let claimed: bool = redis::cmd("SET")
+        .arg(redis_key)
+        .arg(&in_flight)
+        .arg("NX")
+        .arg("EX")
+        .arg(lock_seconds)
+        .query_async::<Option<String>>(&mut conn)
+        .await?
+        .is_some();
+    if claimed {
+        return Ok(Claim::Ours);
+    }
+    let existing: Option<String> = conn.get(redis_key).await?;
+    match existing.and_then(|raw| serde_json::from_str::<Record>(&raw).ok()) {
+        Some(record) => Ok(Claim::Existing(record)),
+        // Expired between SET and GET, or unreadable: treat as in flight; a retry settles it.
+        None => Ok(Claim::Existing(Record::InFlight {
+            fingerprint: fingerprint.to_owned(),
+        })),
+    }
+}
+
+fn answer_existing(record: Record, fingerprint: &str) -> Response {
+    if record.fingerprint() != fingerprint {
+        return ApiError::unprocessable(
+            "idempotency_key_reused",
+            "this Idempotency-Key was used for a different request",
+        )
+        .into_response();
+    }
+    match record {
+        Record::InFlight { .. } => ApiError::conflict(
+            "idempotency_request_in_flight",
+            "a request with this Idempotency-Key is still being processed; retry later",
+        )
+        .into_response(),
+        Record::Done {
+            status, headers, body, ..
+        } => replay(status, &headers, &body),
+    }
+}
+
+fn replay(status: u16, headers: &[(String, String)], body: &str) -> Response {
+    let body = STANDARD.decode(body).unwrap_or_default();
+    let mut response = (StatusCode::from_u16(status).unwrap_or(StatusCode::OK), body).into_response();
+    let map = response.headers_mut();
+    for (name, value) in headers {
+        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_str(value)) {
+            map.insert(name, value);
+        }
+    }
+    map.insert(IDEMPOTENT_REPLAYED.clone(), HeaderValue::from_static("true"));
+    response
+}
+
+/// Stores a final response for replay, or releases the key for a retryable one.
+async fn store(state: &AppState, redis_key: &str, fingerprint: String, response: Response) -> Response {
+    let status = response.status();
+    let mut conn = state.redis.conn();
+    if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+        let _: Result<(), _> = conn.del(redis_key).await;
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let Ok(body) = to_bytes(body, MAX_STORED_RESPONSE).await else {
+        // Too large to store: the stream is consumed, so the client gets a 500, and the
+        // key is released. No endpoint answers a POST with this much.
+        let _: Result<(), _> = conn.del(redis_key).await;
+        return ApiError::internal(anyhow::anyhow!("response too large to store for idempotency")).into_response();
+    };
+    let record = Record::Done {
+        fingerprint,
+        status: status.as_u16(),
+        headers: replayed_headers(&parts.headers),
+        body: STANDARD.encode(&body),
+    };
+    if let Ok(record) = serde_json::to_string(&record) {
+        let ttl = state.settings.idempotency_ttl.as_secs();
+        let stored: Result<(), _> = conn.set_ex(redis_key, record, ttl).await;
+        if let Err(e) = stored {
+            tracing::warn!(error = %e, "could not store the idempotent response");
+        }
+    }
+    Response::from_parts(parts, Body::from(body))
+}
+
+fn replayed_headers(headers: &HeaderMap) -> Vec<(String, String)> {
+    REPLAYED_HEADERS
+        .iter()
+        .filter_map(|name| {
+            let value = headers.get(name)?.to_str().ok()?;
+            Some((name.as_str().to_owned(), value.to_owned()))
+        })
+        .collect()
+}

@@ -1,0 +1,172 @@
+//! Cross-cutting request handling, outermost first:
+//!
+//! 1. [`observe`]: request id (`x-request-id`), tracing span, access log, and the
+//!    `http_requests_total` / `http_request_duration_seconds` metrics by route template.
+//! 2. [`problem_safety_net`]: any error response not already problem+json (axum's own
+//!    405, say) becomes one, so clients parse one error format.
+//! 3. [`authenticate`]: verifies a bearer token once and records the outcome for the
+//!    extractors and layers below.
+//! 4. [`idempotency`]: `Idempotency-Key` replay / 422 / 409 for POST.
+//! 5. [`timeout`]: a request still running after `REQUEST_TIMEOUT_SECONDS` is cancelled
+//!    and answered 503.
+//! 6. [`rate_limit`]: per IP on auth routes, per user on writes (route layers).
+
+pub mod idempotency;
+pub mod rate_limit;
+
+use std::time::Instant;
+
+use axum::{
+    extract::{MatchedPath, Request, State},
+    http::{HeaderName, HeaderValue, StatusCode, header},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use tracing::Instrument;
+
+use crate::{
+    error::{ApiError, PROBLEM_JSON, REQUEST_ID, problem_response},
+    extract::Authentication,
+    metrics::HttpLabels,
+    state::AppState,
+};
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The route label for requests no route matched: one value, not one per path.
+const UNMATCHED_ROUTE: &str = "unmatched";
+
+pub async fn observe(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let request_id = req
+        .headers()
+        .get(&X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| is_acceptable_request_id(id))
+        .map_or_else(|| uuid::Uuid::now_v7().to_string(), ToOwned::to_owned);
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        req.headers_mut().insert(X_REQUEST_ID.clone(), value);
+    }
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or(UNMATCHED_ROUTE, MatchedPath::as_str)
+        .to_owned();
+    let method = req.method().as_str().to_owned();
+    let span = tracing::info_span!("request", %request_id, %method, %route);
+
+    let mut response = REQUEST_ID
+        .scope(request_id.clone(), next.run(req).instrument(span.clone()))
+        .await;
+
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    let labels = HttpLabels { method, route, status };
+    state.metrics.http_requests.get_or_create(&labels).inc();
+    state
+        .metrics
+        .http_request_duration
+        .get_or_create(&labels)
+        .observe(elapsed.as_secs_f64());
+    span.in_scope(|| tracing::info!(status, latency_ms = elapsed.as_secs_f64() * 1e3, "served"));
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(X_REQUEST_ID.clone(), value);
+    }
+    response
+}
+
+/// A client's own id is kept for correlation if it is short, printable ASCII.
+fn is_acceptable_request_id(id: &str) -> bool {
+    (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
+pub async fn problem_safety_net(req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    let status = response.status();
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(PROBLEM_JSON.as_bytes()));
+    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+        return response;
+    }
+    let (code, detail) = match status {
+        StatusCode::NOT_FOUND => ("not_found", "no such resource"),
+        StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "this method is not allowed on this resource"),
+        StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "the request body is too large"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", "unsupported Content-Type"),
+        s if s.is_server_error() => ("internal", "an internal error occurred"),
+        _ => ("bad_request", "the request could not be handled"),
+    };
+    let mut problem = problem_response(status, code, detail.to_owned());
+    // Keep headers that mean something to the client (Allow on a 405).
+    for (name, value) in response.headers() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            problem.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    problem
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("no such resource")
+}
+
+pub async fn timeout(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let limit = state.settings.request_timeout;
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::warn!(?limit, "request timed out");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                format!("the request did not complete within {} s", limit.as_secs()),
+            )
+            .into_response()
+        }
+    }
+}
+
+pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    if let Some(header) = req.headers().get(header::AUTHORIZATION) {
+        let outcome = match header.to_str().ok().and_then(bearer_token) {
+            None => Authentication::Malformed,
+            Some(token) => match state.tokens.verify(token) {
+                Ok(claims) => Authentication::Valid(claims),
+                Err(e) => Authentication::Invalid(e),
+            },
+        };
+        req.extensions_mut().insert(outcome);
+    }
+    next.run(req).await
+}
+
+/// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
+fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer  abc "), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+    }
+
+    #[test]
+    fn request_ids() {
+        assert!(is_acceptable_request_id("abc-123"));
+        assert!(!is_acceptable_request_id(""));
+        assert!(!is_acceptable_request_id("has space"));
+        assert!(!is_acceptable_request_id(&"x".repeat(129)));
+    }
+}

@@ -1,0 +1,252 @@
+//! `/v1/auth`: register, login, refresh, logout.
+//!
+//! Register and login start a session (a refresh-token family) and return an access
+//! token plus the session's first refresh token. Refresh rotates: the presented token
+//! is spent and a new pair returned; presenting a spent token again revokes the whole
+//! session (see `mobile_db::sessions`). Logout revokes the session.
+
+use axum::{extract::State, http::StatusCode};
+use mobile_auth::{password, refresh};
+use mobile_db::{
+    sessions::{self, RevokeReason, Rotation},
+    users::{self, InsertUser},
+};
+use mobile_domain::{DisplayName, Email, Password, SessionId, UserId};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::User;
+use crate::{
+    error::{ApiError, Problem},
+    extract::Json,
+    middleware::rate_limit::{self, Class},
+    state::AppState,
+};
+
+pub fn router(state: &AppState) -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(register))
+        .routes(routes!(login))
+        .routes(routes!(refresh_tokens))
+        .routes(routes!(logout))
+        .route_layer(axum::middleware::from_fn_with_state(
+            (state.clone(), Class::Auth),
+            rate_limit::limit,
+        ))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    /// Lower-cased; must be unique.
+    #[schema(example = "ann@example.com")]
+    pub email: String,
+    /// 10 to 128 characters, not a commonly breached password.
+    #[schema(example = "correct horse battery staple")]
+    pub password: String,
+    /// 1 to 64 characters.
+    #[schema(example = "Ann")]
+    pub display_name: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    #[schema(example = "ann@example.com")]
+    pub email: String,
+    pub password: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshRequest {
+    pub refresh_token: String,
+}
+
+/// The answer to register and login: the user and a fresh token pair.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuthResponse {
+    pub user: User,
+    #[serde(flatten)]
+    pub tokens: TokenPair,
+}
+
+/// An access token and the refresh token to get the next one with.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenPair {
+    /// EdDSA JWT; send as `Authorization: Bearer <access_token>`.
+    pub access_token: String,
+    /// Opaque; single use: each refresh returns a new one.
+    pub refresh_token: String,
+    #[schema(example = "Bearer")]
+    pub token_type: &'static str,
+    /// Seconds until the access token expires.
+    #[schema(example = 900)]
+    pub expires_in: u64,
+}
+
+/// Create an account and sign in.
+#[utoipa::path(
+    post,
+    path = "/v1/auth/register",
+    tag = "auth",
+    request_body = RegisterRequest,
+    responses(
+        (status = 201, description = "Registered and signed in", body = AuthResponse),
+        (status = 409, description = "`email_taken`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid_email`, `weak_password`, `invalid_display_name`, `validation_failed`", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited`", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+#[tracing::instrument(skip_all)]
+async fn register(
+    State(state): State<AppState>,
+    Json(body): Json<RegisterRequest>,
+) -> Result<(StatusCode, axum::Json<AuthResponse>), ApiError> {
+    let email = Email::parse(&body.email)?;
+    let password = Password::parse(&body.password)?;
+    let display_name = DisplayName::parse(&body.display_name)?;
+    let password_hash = password::hash(password).await?;
+
+    let mut tx = state.db.begin().await?;
+    let user = match users::insert_user(&mut *tx, &email, &password_hash, &display_name).await? {
+        InsertUser::Inserted(user) => user,
+        InsertUser::EmailTaken => {
+            return Err(ApiError::conflict("email_taken", "an account with this email exists"));
+        }
+    };
+    let refresh = refresh::generate();
+    let session = sessions::create_session(&mut tx, user.id, &refresh.hash, refresh_expiry(&state)).await?;
+    tx.commit().await?;
+
+    let tokens = token_pair(&state, user.id, session, refresh.token)?;
+    tracing::info!(user_id = %user.id, "registered");
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(AuthResponse {
+            user: user.into(),
+            tokens,
+        }),
+    ))
+}
+
+/// Sign in with email and password.
+///
+/// Unknown email and wrong password get the same answer, in about the same time.
+#[utoipa::path(
+    post,
+    path = "/v1/auth/login",
+    tag = "auth",
+    request_body = LoginRequest,
+    responses(
+        (status = 200, description = "Signed in", body = AuthResponse),
+        (status = 401, description = "`invalid_credentials`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid_email`, `validation_failed`", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited`", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+#[tracing::instrument(skip_all)]
+async fn login(
+    State(state): State<AppState>,
+    Json(body): Json<LoginRequest>,
+) -> Result<axum::Json<AuthResponse>, ApiError> {
+    let email = Email::parse(&body.email)?;
+    if body.password.len() > 1024 {
+        return Err(ApiError::unprocessable("invalid_password", "password is too long"));
+    }
+    let credentials = users::find_credentials(&state.db, &email).await?;
+    let stored_hash = credentials.as_ref().map(|c| c.password_hash.clone());
+    let matches = password::verify(body.password, stored_hash).await?;
+    let user = match credentials {
+        Some(credentials) if matches => credentials.user,
+        _ => {
+            return Err(ApiError::unauthorized(
+                "invalid_credentials",
+                "the email or password is wrong",
+            ));
+        }
+    };
+
+    let refresh = refresh::generate();
+    let mut conn = state.db.acquire().await?;
+    let session = sessions::create_session(&mut conn, user.id, &refresh.hash, refresh_expiry(&state)).await?;
+    let tokens = token_pair(&state, user.id, session, refresh.token)?;
+    tracing::info!(user_id = %user.id, "signed in");
+    Ok(axum::Json(AuthResponse {
+        user: user.into(),
+        tokens,
+    }))
+}
+
+/// Exchange a refresh token for a new token pair.
+///
+/// The presented token is spent. Presenting a spent token again is treated as theft:
+/// the whole session is revoked and every token of it stops working.
+#[utoipa::path(
+    post,
+    path = "/v1/auth/refresh",
+    tag = "auth",
+    request_body = RefreshRequest,
+    responses(
+        (status = 200, description = "A new token pair", body = TokenPair),
+        (status = 401, description = "`invalid_refresh_token`: unknown, expired, spent or revoked; sign in again", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited`", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+#[tracing::instrument(skip_all)]
+async fn refresh_tokens(
+    State(state): State<AppState>,
+    Json(body): Json<RefreshRequest>,
+) -> Result<axum::Json<TokenPair>, ApiError> {
+    let invalid = || ApiError::unauthorized("invalid_refresh_token", "the refresh token is not valid; sign in again");
+    let presented = refresh::parse(&body.refresh_token).ok_or_else(invalid)?;
+    let successor = refresh::generate();
+    match sessions::rotate_refresh_token(&state.db, &presented, &successor.hash, refresh_expiry(&state)).await? {
+        Rotation::Rotated { user_id, session_id } => {
+            Ok(axum::Json(token_pair(&state, user_id, session_id, successor.token)?))
+        }
+        Rotation::Reused { session_id } => {
+            tracing::warn!(%session_id, "spent refresh token presented again; session revoked");
+            Err(invalid())
+        }
+        Rotation::Invalid => Err(invalid()),
+    }
+}
+
+/// Sign out: revoke the session the refresh token belongs to.
+///
+/// Always 204, also for an unknown token, so logout can be retried blindly. Access
+/// tokens already issued stay valid until they expire (at most 15 minutes).
+#[utoipa::path(
+    post,
+    path = "/v1/auth/logout",
+    tag = "auth",
+    request_body = RefreshRequest,
+    responses(
+        (status = 204, description = "Signed out"),
+        (status = 429, description = "`rate_limited`", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+#[tracing::instrument(skip_all)]
+async fn logout(State(state): State<AppState>, Json(body): Json<RefreshRequest>) -> Result<StatusCode, ApiError> {
+    if let Some(hash) = refresh::parse(&body.refresh_token) {
+        sessions::revoke_session_of_token(&state.db, &hash, RevokeReason::Logout).await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn refresh_expiry(state: &AppState) -> OffsetDateTime {
+    OffsetDateTime::now_utc() + state.settings.refresh_token_ttl
+}
+
+fn token_pair(state: &AppState, user: UserId, session: SessionId, refresh_token: String) -> Result<TokenPair, ApiError> {
+    let access_token = state.tokens.issue(user, session).map_err(ApiError::internal)?;
+    Ok(TokenPair {
+        access_token,
+        refresh_token,
+        token_type: "Bearer",
+        expires_in: state.tokens.ttl().as_secs(),
+    })
+}

@@ -1,0 +1,167 @@
+//! `/v1/me`: the signed-in user, with conditional requests.
+//!
+//! `GET` returns a strong `ETag` (a hash of the representation); a client that sends it
+//! back in `If-None-Match` gets `304 Not Modified` and no body, which saves a phone's
+//! data plan on every app start. `PATCH` honours `If-Match`, so two devices editing the
+//! profile at once cannot silently overwrite each other (412 for the loser).
+
+use axum::{
+    extract::State,
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use mobile_db::users;
+use mobile_domain::DisplayName;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::User;
+use crate::{
+    error::{ApiError, Problem},
+    extract::{AuthUser, Json},
+    middleware::rate_limit::{self, Class},
+    state::AppState,
+};
+
+pub fn router(state: &AppState) -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(get_me, patch_me))
+        .route_layer(axum::middleware::from_fn_with_state(
+            (state.clone(), Class::Write),
+            rate_limit::limit,
+        ))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatchMe {
+    #[schema(example = "Ann Lee")]
+    pub display_name: Option<String>,
+}
+
+/// The signed-in user.
+#[utoipa::path(
+    get,
+    path = "/v1/me",
+    tag = "me",
+    security(("bearer" = [])),
+    params(("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier response")),
+    responses(
+        (status = 200, description = "The user", body = User, headers(("ETag" = String))),
+        (status = 304, description = "Unchanged since the ETag given"),
+        (status = 401, description = "`unauthenticated`, `token_expired`, `invalid_token`", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn get_me(State(state): State<AppState>, auth: AuthUser, headers: HeaderMap) -> Result<Response, ApiError> {
+    let user = users::find_user(&state.db, auth.user_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("the user no longer exists"))?;
+    let (body, etag) = representation(user.into())?;
+    if matches_any(headers.get(header::IF_NONE_MATCH), &etag) {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    Ok(json_with_etag(StatusCode::OK, body, etag))
+}
+
+/// Change the signed-in user's profile.
+#[utoipa::path(
+    patch,
+    path = "/v1/me",
+    tag = "me",
+    security(("bearer" = [])),
+    request_body = PatchMe,
+    params(("If-Match" = Option<String>, Header, description = "Update only if the user still has this ETag")),
+    responses(
+        (status = 200, description = "The updated user", body = User, headers(("ETag" = String))),
+        (status = 401, description = "`unauthenticated`, `token_expired`, `invalid_token`", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`precondition_failed`: changed since the ETag given", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid_display_name`, `validation_failed`", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn patch_me(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    headers: HeaderMap,
+    Json(patch): Json<PatchMe>,
+) -> Result<Response, ApiError> {
+    let display_name = patch.display_name.as_deref().map(DisplayName::parse).transpose()?;
+
+    let mut tx = state.db.begin().await?;
+    // Lock the row so the If-Match comparison and the update see the same version.
+    let current = users::find_user_for_update(&mut *tx, auth.user_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("the user no longer exists"))?;
+    if let Some(if_match) = headers.get(header::IF_MATCH) {
+        let (_, current_etag) = representation(current.clone().into())?;
+        if !matches_any(Some(if_match), &current_etag) {
+            return Err(ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                "precondition_failed",
+                "the user changed since the ETag given; fetch it again",
+            ));
+        }
+    }
+    let updated = match display_name {
+        Some(name) => users::update_display_name(&mut *tx, auth.user_id, &name)
+            .await?
+            .ok_or_else(|| ApiError::not_found("the user no longer exists"))?,
+        None => current,
+    };
+    tx.commit().await?;
+    let (body, etag) = representation(updated.into())?;
+    Ok(json_with_etag(StatusCode::OK, body, etag))
+}
+
+/// The JSON body and its strong ETag: the first 128 bits of its SHA-256, quoted.
+fn representation(user: User) -> Result<(Vec<u8>, HeaderValue), ApiError> {
+    let body = serde_json::to_vec(&user).map_err(ApiError::internal)?;
+    let digest = Sha256::digest(&body);
+    let etag = format!("\"{}\"", hex::encode(&digest[..16]));
+    let etag = HeaderValue::from_str(&etag).map_err(ApiError::internal)?;
+    Ok((body, etag))
+}
+
+fn json_with_etag(status: StatusCode, body: Vec<u8>, etag: HeaderValue) -> Response {
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            (header::ETAG, etag),
+            (header::CACHE_CONTROL, HeaderValue::from_static("private, no-cache")),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// Whether an `If-None-Match` / `If-Match` value names `etag`: `*`, or a comma-separated
+/// list compared weakly (a `W/` prefix is ignored), as RFC 9110 prescribes for GET.
+fn matches_any(header: Option<&HeaderValue>, etag: &HeaderValue) -> bool {
+    let Some(value) = header.and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let ours = etag.to_str().unwrap_or_default();
+    value.split(',').map(str::trim).any(|candidate| {
+        candidate == "*" || candidate.strip_prefix("W/").unwrap_or(candidate) == ours
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etag_matching() {
+        let etag = HeaderValue::from_static("\"abc\"");
+        let check = |v: &'static str| matches_any(Some(&HeaderValue::from_static(v)), &etag);
+        assert!(check("\"abc\""));
+        assert!(check("W/\"abc\""));
+        assert!(check("\"x\", \"abc\""));
+        assert!(check("*"));
+        assert!(!check("\"abd\""));
+        assert!(!check("abc"));
+        assert!(!matches_any(None, &etag));
+    }
+}

@@ -1,0 +1,35 @@
+//! The REST resources. Each module exposes `router()`; [`crate::app`] merges them.
+//! Bodies shared between modules live here.
+
+pub mod auth;
+pub mod devices;
+pub mod me;
+
+use serde::Serialize;
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// A user as the API shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct User {
+    pub id: Uuid,
+    pub email: String,
+    pub display_name: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+impl From<mobile_db::users::User> for User {
+    fn from(user: mobile_db::users::User) -> Self {
+        Self {
+            id: user.id.as_uuid(),
+            email: user.email,
+            display_name: user.display_name,
+            created_at: user.created_at,
+            updated_at: user.updated_at,
+        }
+    }
+}

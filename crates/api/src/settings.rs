@@ -1,0 +1,80 @@
+//! `mobile-api`'s settings: the common ones plus auth, limits and rate limits.
+
+use std::{path::PathBuf, time::Duration};
+
+use mobile_runtime::{CommonSettings, Env, SettingsError};
+
+/// Everything `mobile-api` reads from the environment. README's settings table lists
+/// each variable with its default.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    pub common: CommonSettings,
+    /// `JWT_SIGNING_KEY_FILE`: Ed25519 PKCS#8 PEM. Required unless `APP_ENV=development`.
+    pub jwt_signing_key_file: Option<PathBuf>,
+    /// `JWT_VERIFY_KEYS_FILE`: extra public keys accepted during a rotation (the
+    /// signing key's own public key is always accepted).
+    pub jwt_verify_keys_file: Option<PathBuf>,
+    /// `JWT_ISSUER` (default `mobile-backend`).
+    pub jwt_issuer: String,
+    /// `JWT_AUDIENCE` (default `mobile-app`).
+    pub jwt_audience: String,
+    /// `ACCESS_TOKEN_TTL_SECONDS` (default 900, 15 minutes).
+    pub access_token_ttl: Duration,
+    /// `REFRESH_TOKEN_TTL_DAYS` (default 30): a session unused this long ends.
+    pub refresh_token_ttl: Duration,
+    /// `REQUEST_TIMEOUT_SECONDS` (default 15): a request still running after this gets
+    /// 503 `timeout`, and its work is cancelled.
+    pub request_timeout: Duration,
+    /// `MAX_BODY_BYTES` (default 65536): the largest JSON body accepted.
+    pub max_body_bytes: usize,
+    /// `RATE_LIMIT_AUTH_PER_MINUTE` (default 20): auth requests per client IP.
+    pub rate_limit_auth_per_minute: u32,
+    /// `RATE_LIMIT_WRITE_PER_MINUTE` (default 120): writes per signed-in user.
+    pub rate_limit_write_per_minute: u32,
+    /// `TRUSTED_PROXY_HOPS` (default 0): how many proxies in front of the API append
+    /// to `X-Forwarded-For`. 0 uses the TCP peer address; 1 (behind one ingress) takes
+    /// the right-most entry, which the client cannot forge.
+    pub trusted_proxy_hops: usize,
+    /// `IDEMPOTENCY_TTL_SECONDS` (default 86400): how long a stored response replays.
+    pub idempotency_ttl: Duration,
+}
+
+impl ApiSettings {
+    pub const DEFAULT_LISTEN_ADDR: &'static str = "0.0.0.0:8080";
+    pub const DEFAULT_METRICS_ADDR: &'static str = "0.0.0.0:9090";
+
+    pub fn from_env(env: &Env) -> Result<Self, SettingsError> {
+        let common = CommonSettings::from_env(env, Self::DEFAULT_LISTEN_ADDR, Self::DEFAULT_METRICS_ADDR)?;
+        let settings = Self {
+            common,
+            jwt_signing_key_file: env.optional("JWT_SIGNING_KEY_FILE").map(PathBuf::from),
+            jwt_verify_keys_file: env.optional("JWT_VERIFY_KEYS_FILE").map(PathBuf::from),
+            jwt_issuer: env.string("JWT_ISSUER", "mobile-backend"),
+            jwt_audience: env.string("JWT_AUDIENCE", "mobile-app"),
+            access_token_ttl: env.seconds("ACCESS_TOKEN_TTL_SECONDS", 900)?,
+            refresh_token_ttl: Duration::from_secs(env.parse::<u64>("REFRESH_TOKEN_TTL_DAYS", 30)? * 86_400),
+            request_timeout: env.seconds("REQUEST_TIMEOUT_SECONDS", 15)?,
+            max_body_bytes: env.parse("MAX_BODY_BYTES", 64 * 1024)?,
+            rate_limit_auth_per_minute: env.parse("RATE_LIMIT_AUTH_PER_MINUTE", 20)?,
+            rate_limit_write_per_minute: env.parse("RATE_LIMIT_WRITE_PER_MINUTE", 120)?,
+            trusted_proxy_hops: env.parse("TRUSTED_PROXY_HOPS", 0)?,
+            idempotency_ttl: env.seconds("IDEMPOTENCY_TTL_SECONDS", 86_400)?,
+        };
+        for (name, value) in [
+            ("ACCESS_TOKEN_TTL_SECONDS", settings.access_token_ttl.as_secs()),
+            ("REFRESH_TOKEN_TTL_DAYS", settings.refresh_token_ttl.as_secs()),
+            ("REQUEST_TIMEOUT_SECONDS", settings.request_timeout.as_secs()),
+            ("RATE_LIMIT_AUTH_PER_MINUTE", u64::from(settings.rate_limit_auth_per_minute)),
+            ("RATE_LIMIT_WRITE_PER_MINUTE", u64::from(settings.rate_limit_write_per_minute)),
+            ("IDEMPOTENCY_TTL_SECONDS", settings.idempotency_ttl.as_secs()),
+        ] {
+            if value == 0 {
+                return Err(SettingsError::new(name, "must be at least 1"));
+            }
+        }
+        if settings.max_body_bytes < 1024 {
+            return Err(SettingsError::new("MAX_BODY_BYTES", "must be at least 1024"));
+        }
+        Ok(settings)
+    }
+}
