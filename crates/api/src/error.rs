@@ -170,7 +170,9 @@ impl IntoResponse for ApiError {
         }
         let mut response = problem_response(self.status, self.code, self.detail);
         if let Some(seconds) = self.retry_after {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         if self.bearer_challenge {
             let challenge = if self.code == "unauthenticated" {
@@ -178,7 +180,9 @@ impl IntoResponse for ApiError {
             } else {
                 HeaderValue::from_static("Bearer error=\"invalid_token\"")
             };
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, challenge);
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, challenge);
         }
         response
     }

@@ -43,7 +43,9 @@ where
 
 fn json_rejection(rejection: JsonRejection) -> ApiError {
     match rejection {
-        JsonRejection::JsonDataError(e) => ApiError::unprocessable("validation_failed", e.body_text()),
+        JsonRejection::JsonDataError(e) => {
+            ApiError::unprocessable("validation_failed", e.body_text())
+        }
         JsonRejection::JsonSyntaxError(e) => ApiError::bad_request("malformed_json", e.body_text()),
         JsonRejection::MissingJsonContentType(_) => ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -51,7 +53,11 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
             "expected Content-Type: application/json",
         ),
         JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "the request body is too large")
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "the request body is too large",
+            )
         }
         other => ApiError::bad_request("unreadable_body", other.body_text()),
     }
@@ -72,7 +78,9 @@ where
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|axum::extract::Path(value)| Self(value))
-            .map_err(|rejection: PathRejection| ApiError::bad_request("invalid_path_parameter", rejection.body_text()))
+            .map_err(|rejection: PathRejection| {
+                ApiError::bad_request("invalid_path_parameter", rejection.body_text())
+            })
     }
 }
 
@@ -91,7 +99,9 @@ where
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|axum::extract::Query(value)| Self(value))
-            .map_err(|rejection: QueryRejection| ApiError::bad_request("invalid_query", rejection.body_text()))
+            .map_err(|rejection: QueryRejection| {
+                ApiError::bad_request("invalid_query", rejection.body_text())
+            })
     }
 }
 
@@ -129,9 +139,10 @@ impl<S: Send + Sync> FromRequestParts<S> for AuthUser {
                 "invalid_token",
                 "the access token was signed by a key this server does not know",
             )),
-            Some(Authentication::Invalid(TokenError::Invalid)) => {
-                Err(ApiError::unauthorized("invalid_token", "the access token is invalid"))
-            }
+            Some(Authentication::Invalid(TokenError::Invalid)) => Err(ApiError::unauthorized(
+                "invalid_token",
+                "the access token is invalid",
+            )),
             Some(Authentication::Malformed) => Err(ApiError::unauthorized(
                 "invalid_token",
                 "the Authorization header must be \"Bearer <access token>\"",

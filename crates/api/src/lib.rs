@@ -30,8 +30,7 @@ use axum::{
 };
 use mobile_auth::{AccessTokens, SigningKey, VerifyKeys};
 use mobile_runtime::{
-    Health, Shutdown,
-    health,
+    Health, Shutdown, health,
     metrics::{self as runtime_metrics, PoolCollector},
     redis::Redis,
     server::{self, Drain},
@@ -62,14 +61,25 @@ pub fn app(state: AppState, health: &Health) -> Router {
         "/openapi.json",
         get(move || {
             let document = document.clone();
-            async move { ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], document) }
+            async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    )],
+                    document,
+                )
+            }
         }),
     )
     .merge(health.router())
     .fallback(middleware::not_found)
     // Layers wrap what is above them: the last added runs first.
     .layer(from_fn_with_state(state.clone(), middleware::timeout))
-    .layer(from_fn_with_state(state.clone(), middleware::idempotency::idempotency))
+    .layer(from_fn_with_state(
+        state.clone(),
+        middleware::idempotency::idempotency,
+    ))
     .layer(from_fn_with_state(state.clone(), middleware::authenticate))
     .layer(from_fn(middleware::problem_safety_net))
     .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
@@ -80,7 +90,9 @@ pub fn app(state: AppState, health: &Health) -> Router {
 /// Listens on the configured addresses and serves until SIGTERM.
 pub async fn run(settings: ApiSettings) -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
-    shutdown.listen_for_signals().context("cannot install signal handlers")?;
+    shutdown
+        .listen_for_signals()
+        .context("cannot install signal handlers")?;
     let listener = server::bind(settings.common.listen_addr).await?;
     let metrics_listener = server::bind(settings.common.metrics_addr).await?;
     serve(settings, listener, metrics_listener, shutdown).await
@@ -103,8 +115,11 @@ pub async fn serve(
         },
     )
     .context("DATABASE_URL")?;
-    let redis = Redis::connect_lazy(settings.common.redis_url.expose_secret(), &settings.common.redis_key_prefix)
-        .context("REDIS_URL")?;
+    let redis = Redis::connect_lazy(
+        settings.common.redis_url.expose_secret(),
+        &settings.common.redis_key_prefix,
+    )
+    .context("REDIS_URL")?;
 
     let mut registry = Registry::default();
     runtime_metrics::register_common(&mut registry, VERSION);

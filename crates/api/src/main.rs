@@ -14,7 +14,12 @@ const USAGE: &str = "usage: mobile-api [migrate]\n\n\
 async fn main() -> ExitCode {
     let env = Env::process();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    let result = match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         [] => match ApiSettings::from_env(&env) {
             Ok(settings) => {
                 telemetry::init(settings.common.log_format);
@@ -22,7 +27,11 @@ async fn main() -> ExitCode {
             }
             Err(e) => Err(e.into()),
         },
-        ["migrate"] => match CommonSettings::from_env(&env, ApiSettings::DEFAULT_LISTEN_ADDR, ApiSettings::DEFAULT_METRICS_ADDR) {
+        ["migrate"] => match CommonSettings::from_env(
+            &env,
+            ApiSettings::DEFAULT_LISTEN_ADDR,
+            ApiSettings::DEFAULT_METRICS_ADDR,
+        ) {
             Ok(settings) => {
                 telemetry::init(settings.log_format);
                 mobile_api::migrate(settings.database_url.expose_secret()).await

@@ -37,7 +37,9 @@ impl Modify for BearerAuth {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .bearer_format("JWT")
-                    .description(Some("An access token from /v1/auth/login, /register or /refresh"))
+                    .description(Some(
+                        "An access token from /v1/auth/login, /register or /refresh",
+                    ))
                     .build(),
             ),
         );

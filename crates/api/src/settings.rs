@@ -44,7 +44,8 @@ impl ApiSettings {
     pub const DEFAULT_METRICS_ADDR: &'static str = "0.0.0.0:9090";
 
     pub fn from_env(env: &Env) -> Result<Self, SettingsError> {
-        let common = CommonSettings::from_env(env, Self::DEFAULT_LISTEN_ADDR, Self::DEFAULT_METRICS_ADDR)?;
+        let common =
+            CommonSettings::from_env(env, Self::DEFAULT_LISTEN_ADDR, Self::DEFAULT_METRICS_ADDR)?;
         let settings = Self {
             common,
             jwt_signing_key_file: env.optional("JWT_SIGNING_KEY_FILE").map(PathBuf::from),
@@ -52,7 +53,9 @@ impl ApiSettings {
             jwt_issuer: env.string("JWT_ISSUER", "mobile-backend"),
             jwt_audience: env.string("JWT_AUDIENCE", "mobile-app"),
             access_token_ttl: env.seconds("ACCESS_TOKEN_TTL_SECONDS", 900)?,
-            refresh_token_ttl: Duration::from_secs(env.parse::<u64>("REFRESH_TOKEN_TTL_DAYS", 30)? * 86_400),
+            refresh_token_ttl: Duration::from_secs(
+                env.parse::<u64>("REFRESH_TOKEN_TTL_DAYS", 30)? * 86_400,
+            ),
             request_timeout: env.seconds("REQUEST_TIMEOUT_SECONDS", 15)?,
             max_body_bytes: env.parse("MAX_BODY_BYTES", 64 * 1024)?,
             rate_limit_auth_per_minute: env.parse("RATE_LIMIT_AUTH_PER_MINUTE", 20)?,
@@ -61,19 +64,40 @@ impl ApiSettings {
             idempotency_ttl: env.seconds("IDEMPOTENCY_TTL_SECONDS", 86_400)?,
         };
         for (name, value) in [
-            ("ACCESS_TOKEN_TTL_SECONDS", settings.access_token_ttl.as_secs()),
-            ("REFRESH_TOKEN_TTL_DAYS", settings.refresh_token_ttl.as_secs()),
-            ("REQUEST_TIMEOUT_SECONDS", settings.request_timeout.as_secs()),
-            ("RATE_LIMIT_AUTH_PER_MINUTE", u64::from(settings.rate_limit_auth_per_minute)),
-            ("RATE_LIMIT_WRITE_PER_MINUTE", u64::from(settings.rate_limit_write_per_minute)),
-            ("IDEMPOTENCY_TTL_SECONDS", settings.idempotency_ttl.as_secs()),
+            (
+                "ACCESS_TOKEN_TTL_SECONDS",
+                settings.access_token_ttl.as_secs(),
+            ),
+            (
+                "REFRESH_TOKEN_TTL_DAYS",
+                settings.refresh_token_ttl.as_secs(),
+            ),
+            (
+                "REQUEST_TIMEOUT_SECONDS",
+                settings.request_timeout.as_secs(),
+            ),
+            (
+                "RATE_LIMIT_AUTH_PER_MINUTE",
+                u64::from(settings.rate_limit_auth_per_minute),
+            ),
+            (
+                "RATE_LIMIT_WRITE_PER_MINUTE",
+                u64::from(settings.rate_limit_write_per_minute),
+            ),
+            (
+                "IDEMPOTENCY_TTL_SECONDS",
+                settings.idempotency_ttl.as_secs(),
+            ),
         ] {
             if value == 0 {
                 return Err(SettingsError::new(name, "must be at least 1"));
             }
         }
         if settings.max_body_bytes < 1024 {
-            return Err(SettingsError::new("MAX_BODY_BYTES", "must be at least 1024"));
+            return Err(SettingsError::new(
+                "MAX_BODY_BYTES",
+                "must be at least 1024",
+            ));
         }
         Ok(settings)
     }

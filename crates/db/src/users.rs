@@ -80,7 +80,10 @@ pub async fn find_user(db: impl PgExecutor<'_>, id: UserId) -> Result<Option<Use
 }
 
 /// Reads a user and locks the row until the transaction ends, for read-compare-write.
-pub async fn find_user_for_update(db: impl PgExecutor<'_>, id: UserId) -> Result<Option<User>, sqlx::Error> {
+pub async fn find_user_for_update(
+    db: impl PgExecutor<'_>,
+    id: UserId,
+) -> Result<Option<User>, sqlx::Error> {
     sqlx::query_as("SELECT id, email, display_name, created_at, updated_at FROM users WHERE id = $1 FOR UPDATE")
         .bind(id.as_uuid())
         .fetch_optional(db)

@@ -25,23 +25,29 @@ impl TestDb {
         db
     }
 
-    /// Creates `test_<uuid>` without applying migrations (for testing the migrator).
-    pub async fn empty() -> Self {
-        let server_url = std::env::var("TEST_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+    /// Names a database `test_<uuid>` that does not exist yet (for testing that the
+    /// migrator creates it); it is dropped with the guard all the same.
+    pub fn unborn() -> Self {
+        let server_url = server_url();
         let server: PgConnectOptions = server_url
             .parse()
             .expect("TEST_DATABASE_URL is a postgres URL");
         let name = format!("test_{}", uuid::Uuid::new_v4().simple());
-        let mut conn = PgConnection::connect_with(&server)
+        let url = with_database(&server_url, &name);
+        Self { name, server, url }
+    }
+
+    /// Creates `test_<uuid>` without applying migrations.
+    pub async fn empty() -> Self {
+        let db = Self::unborn();
+        let mut conn = PgConnection::connect_with(&db.server)
             .await
             .expect("connect to the test PostgreSQL server (is it running?)");
-        conn.execute(format!("CREATE DATABASE {name}").as_str())
+        conn.execute(format!("CREATE DATABASE {}", db.name).as_str())
             .await
             .expect("create the test database");
         conn.close().await.ok();
-        let url = with_database(&server_url, &name);
-        Self { name, server, url }
+        db
     }
 
     /// The test database's name, as a migrator would create it.
@@ -82,6 +88,11 @@ impl Drop for TestDb {
         });
         let _ = dropper.join();
     }
+}
+
+fn server_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
 /// Replaces the database name (the URL's path) in a `postgres://` URL.

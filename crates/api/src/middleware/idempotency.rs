@@ -75,7 +75,10 @@ pub async fn idempotency(State(state): State<AppState>, req: Request, next: Next
         return next.run(req).await;
     };
     let key = match key.to_str() {
-        Ok(key) if (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic() || b == b' ') => {
+        Ok(key)
+            if (1..=255).contains(&key.len())
+                && key.bytes().all(|b| b.is_ascii_graphic() || b == b' ') =>
+        {
             key.to_owned()
         }
         _ => {
@@ -104,7 +107,8 @@ pub async fn idempotency(State(state): State<AppState>, req: Request, next: Next
         Some(Authentication::Valid(claims)) => format!("user:{}", claims.sub),
         _ => format!(
             "ip:{}",
-            client_ip(&parts, state.settings.trusted_proxy_hops).map_or_else(|| "unknown".into(), |ip| ip.to_string())
+            client_ip(&parts, state.settings.trusted_proxy_hops)
+                .map_or_else(|| "unknown".into(), |ip| ip.to_string())
         ),
     };
     let fingerprint = {
@@ -116,9 +120,10 @@ pub async fn idempotency(State(state): State<AppState>, req: Request, next: Next
         hasher.update(&body);
         hex::encode(hasher.finalize())
     };
-    let redis_key = state
-        .redis
-        .key(&format!("idem:{scope}:{}", hex::encode(Sha256::digest(key.as_bytes()))));
+    let redis_key = state.redis.key(&format!(
+        "idem:{scope}:{}",
+        hex::encode(Sha256::digest(key.as_bytes()))
+    ));
     let req = Request::from_parts(parts, Body::from(body));
 
     match claim(&state, &redis_key, &fingerprint).await {
@@ -129,7 +134,9 @@ pub async fn idempotency(State(state): State<AppState>, req: Request, next: Next
             state
                 .metrics
                 .redis_degraded
-                .get_or_create(&FeatureLabel { feature: "idempotency" })
+                .get_or_create(&FeatureLabel {
+                    feature: "idempotency",
+                })
                 .inc();
             return next.run(req).await;
         }
@@ -145,7 +152,11 @@ enum Claim {
     Existing(Record),
 }
 
-async fn claim(state: &AppState, redis_key: &str, fingerprint: &str) -> Result<Claim, redis::RedisError> {
+async fn claim(
+    state: &AppState,
+    redis_key: &str,
+    fingerprint: &str,
+) -> Result<Claim, redis::RedisError> {
     let mut conn = state.redis.conn();
     let in_flight = serde_json::to_string(&Record::InFlight {
         fingerprint: fingerprint.to_owned(),
@@ -191,26 +202,41 @@ fn answer_existing(record: Record, fingerprint: &str) -> Response {
         )
         .into_response(),
         Record::Done {
-            status, headers, body, ..
+            status,
+            headers,
+            body,
+            ..
         } => replay(status, &headers, &body),
     }
 }
 
 fn replay(status: u16, headers: &[(String, String)], body: &str) -> Response {
     let body = STANDARD.decode(body).unwrap_or_default();
-    let mut response = (StatusCode::from_u16(status).unwrap_or(StatusCode::OK), body).into_response();
+    let mut response =
+        (StatusCode::from_u16(status).unwrap_or(StatusCode::OK), body).into_response();
     let map = response.headers_mut();
     for (name, value) in headers {
-        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_str(value)) {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::try_from(name.as_str()),
+            HeaderValue::from_str(value),
+        ) {
             map.insert(name, value);
         }
     }
-    map.insert(IDEMPOTENT_REPLAYED.clone(), HeaderValue::from_static("true"));
+    map.insert(
+        IDEMPOTENT_REPLAYED.clone(),
+        HeaderValue::from_static("true"),
+    );
     response
 }
 
 /// Stores a final response for replay, or releases the key for a retryable one.
-async fn store(state: &AppState, redis_key: &str, fingerprint: String, response: Response) -> Response {
+async fn store(
+    state: &AppState,
+    redis_key: &str,
+    fingerprint: String,
+    response: Response,
+) -> Response {
     let status = response.status();
     let mut conn = state.redis.conn();
     if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
@@ -222,7 +248,10 @@ async fn store(state: &AppState, redis_key: &str, fingerprint: String, response:
         // Too large to store: the stream is consumed, so the client gets a 500, and the
         // key is released. No endpoint answers a POST with this much.
         let _: Result<(), _> = conn.del(redis_key).await;
-        return ApiError::internal(anyhow::anyhow!("response too large to store for idempotency")).into_response();
+        return ApiError::internal(anyhow::anyhow!(
+            "response too large to store for idempotency"
+        ))
+        .into_response();
     };
     let record = Record::Done {
         fingerprint,

@@ -2,8 +2,8 @@
 //!
 //! 1. [`observe`]: request id (`x-request-id`), tracing span, access log, and the
 //!    `http_requests_total` / `http_request_duration_seconds` metrics by route template.
-//! 2. [`problem_safety_net`]: any error response not already problem+json (axum's own
-//!    405, say) becomes one, so clients parse one error format.
+//! 2. [`problem_safety_net`]: a bodiless or plain-text error response (axum's own 405,
+//!    say) becomes problem+json, so clients parse one error format.
 //! 3. [`authenticate`]: verifies a bearer token once and records the outcome for the
 //!    extractors and layers below.
 //! 4. [`idempotency`]: `Idempotency-Key` replay / 422 / 409 for POST.
@@ -25,7 +25,7 @@ use axum::{
 use tracing::Instrument;
 
 use crate::{
-    error::{ApiError, PROBLEM_JSON, REQUEST_ID, problem_response},
+    error::{ApiError, REQUEST_ID, problem_response},
     extract::Authentication,
     metrics::HttpLabels,
     state::AppState,
@@ -61,7 +61,11 @@ pub async fn observe(State(state): State<AppState>, mut req: Request, next: Next
 
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    let labels = HttpLabels { method, route, status };
+    let labels = HttpLabels {
+        method,
+        route,
+        status,
+    };
     state.metrics.http_requests.get_or_create(&labels).inc();
     state
         .metrics
@@ -83,18 +87,25 @@ fn is_acceptable_request_id(id: &str) -> bool {
 pub async fn problem_safety_net(req: Request, next: Next) -> Response {
     let response = next.run(req).await;
     let status = response.status();
-    let is_problem = response
+    // Only bodiless and plain-text errors (axum's own rejections) are rewritten; a JSON
+    // error someone chose to send, like readiness's 503, is left alone.
+    let is_plain = response
         .headers()
         .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(PROBLEM_JSON.as_bytes()));
-    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+        .is_none_or(|v| v.as_bytes().starts_with(b"text/plain"));
+    if !(status.is_client_error() || status.is_server_error()) || !is_plain {
         return response;
     }
     let (code, detail) = match status {
         StatusCode::NOT_FOUND => ("not_found", "no such resource"),
-        StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "this method is not allowed on this resource"),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            "this method is not allowed on this resource",
+        ),
         StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "the request body is too large"),
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", "unsupported Content-Type"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+            ("unsupported_media_type", "unsupported Content-Type")
+        }
         s if s.is_server_error() => ("internal", "an internal error occurred"),
         _ => ("bad_request", "the request could not be handled"),
     };

@@ -54,13 +54,20 @@ pub enum Class {
     Write,
 }
 
-pub async fn limit(State((state, class)): State<(AppState, Class)>, req: Request, next: Next) -> Response {
+pub async fn limit(
+    State((state, class)): State<(AppState, Class)>,
+    req: Request,
+    next: Next,
+) -> Response {
     let (parts, body) = req.into_parts();
     let (bucket, per_minute) = match class {
         Class::Auth => {
             let ip = client_ip(&parts, state.settings.trusted_proxy_hops)
                 .map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
-            (format!("rl:auth:{ip}"), state.settings.rate_limit_auth_per_minute)
+            (
+                format!("rl:auth:{ip}"),
+                state.settings.rate_limit_auth_per_minute,
+            )
         }
         Class::Write => {
             let writes = !(parts.method.is_safe());
@@ -82,7 +89,11 @@ pub async fn limit(State((state, class)): State<(AppState, Class)>, req: Request
                 .get::<MatchedPath>()
                 .map_or("unmatched", MatchedPath::as_str)
                 .to_owned();
-            state.metrics.rate_limited.get_or_create(&RouteLabel { route }).inc();
+            state
+                .metrics
+                .rate_limited
+                .get_or_create(&RouteLabel { route })
+                .inc();
             ApiError::rate_limited(wait.as_secs_f64().ceil().max(1.0) as u64).into_response()
         }
         Err(e) => {
@@ -90,7 +101,9 @@ pub async fn limit(State((state, class)): State<(AppState, Class)>, req: Request
             state
                 .metrics
                 .redis_degraded
-                .get_or_create(&FeatureLabel { feature: "rate_limit" })
+                .get_or_create(&FeatureLabel {
+                    feature: "rate_limit",
+                })
                 .inc();
             next.run(Request::from_parts(parts, body)).await
         }
@@ -98,7 +111,11 @@ pub async fn limit(State((state, class)): State<(AppState, Class)>, req: Request
 }
 
 /// `None` when allowed, or how long until the next request would be.
-async fn check(state: &AppState, bucket: &str, per_minute: u32) -> Result<Option<Duration>, redis::RedisError> {
+async fn check(
+    state: &AppState,
+    bucket: &str,
+    per_minute: u32,
+) -> Result<Option<Duration>, redis::RedisError> {
     let interval_ms = 60_000 / u64::from(per_minute.max(1));
     let tolerance_ms = interval_ms * u64::from(per_minute);
     let wait_ms: u64 = GCRA

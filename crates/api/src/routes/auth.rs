@@ -114,11 +114,15 @@ async fn register(
     let user = match users::insert_user(&mut *tx, &email, &password_hash, &display_name).await? {
         InsertUser::Inserted(user) => user,
         InsertUser::EmailTaken => {
-            return Err(ApiError::conflict("email_taken", "an account with this email exists"));
+            return Err(ApiError::conflict(
+                "email_taken",
+                "an account with this email exists",
+            ));
         }
     };
     let refresh = refresh::generate();
-    let session = sessions::create_session(&mut tx, user.id, &refresh.hash, refresh_expiry(&state)).await?;
+    let session =
+        sessions::create_session(&mut tx, user.id, &refresh.hash, refresh_expiry(&state)).await?;
     tx.commit().await?;
 
     let tokens = token_pair(&state, user.id, session, refresh.token)?;
@@ -154,7 +158,10 @@ async fn login(
 ) -> Result<axum::Json<AuthResponse>, ApiError> {
     let email = Email::parse(&body.email)?;
     if body.password.len() > 1024 {
-        return Err(ApiError::unprocessable("invalid_password", "password is too long"));
+        return Err(ApiError::unprocessable(
+            "invalid_password",
+            "password is too long",
+        ));
     }
     let credentials = users::find_credentials(&state.db, &email).await?;
     let stored_hash = credentials.as_ref().map(|c| c.password_hash.clone());
@@ -171,7 +178,8 @@ async fn login(
 
     let refresh = refresh::generate();
     let mut conn = state.db.acquire().await?;
-    let session = sessions::create_session(&mut conn, user.id, &refresh.hash, refresh_expiry(&state)).await?;
+    let session =
+        sessions::create_session(&mut conn, user.id, &refresh.hash, refresh_expiry(&state)).await?;
     let tokens = token_pair(&state, user.id, session, refresh.token)?;
     tracing::info!(user_id = %user.id, "signed in");
     Ok(axum::Json(AuthResponse {
@@ -200,13 +208,31 @@ async fn refresh_tokens(
     State(state): State<AppState>,
     Json(body): Json<RefreshRequest>,
 ) -> Result<axum::Json<TokenPair>, ApiError> {
-    let invalid = || ApiError::unauthorized("invalid_refresh_token", "the refresh token is not valid; sign in again");
+    let invalid = || {
+        ApiError::unauthorized(
+            "invalid_refresh_token",
+            "the refresh token is not valid; sign in again",
+        )
+    };
     let presented = refresh::parse(&body.refresh_token).ok_or_else(invalid)?;
     let successor = refresh::generate();
-    match sessions::rotate_refresh_token(&state.db, &presented, &successor.hash, refresh_expiry(&state)).await? {
-        Rotation::Rotated { user_id, session_id } => {
-            Ok(axum::Json(token_pair(&state, user_id, session_id, successor.token)?))
-        }
+    match sessions::rotate_refresh_token(
+        &state.db,
+        &presented,
+        &successor.hash,
+        refresh_expiry(&state),
+    )
+    .await?
+    {
+        Rotation::Rotated {
+            user_id,
+            session_id,
+        } => Ok(axum::Json(token_pair(
+            &state,
+            user_id,
+            session_id,
+            successor.token,
+        )?)),
         Rotation::Reused { session_id } => {
             tracing::warn!(%session_id, "spent refresh token presented again; session revoked");
             Err(invalid())
@@ -230,7 +256,10 @@ async fn refresh_tokens(
     )
 )]
 #[tracing::instrument(skip_all)]
-async fn logout(State(state): State<AppState>, Json(body): Json<RefreshRequest>) -> Result<StatusCode, ApiError> {
+async fn logout(
+    State(state): State<AppState>,
+    Json(body): Json<RefreshRequest>,
+) -> Result<StatusCode, ApiError> {
     if let Some(hash) = refresh::parse(&body.refresh_token) {
         sessions::revoke_session_of_token(&state.db, &hash, RevokeReason::Logout).await?;
     }
@@ -241,8 +270,16 @@ fn refresh_expiry(state: &AppState) -> OffsetDateTime {
     OffsetDateTime::now_utc() + state.settings.refresh_token_ttl
 }
 
-fn token_pair(state: &AppState, user: UserId, session: SessionId, refresh_token: String) -> Result<TokenPair, ApiError> {
-    let access_token = state.tokens.issue(user, session).map_err(ApiError::internal)?;
+fn token_pair(
+    state: &AppState,
+    user: UserId,
+    session: SessionId,
+    refresh_token: String,
+) -> Result<TokenPair, ApiError> {
+    let access_token = state
+        .tokens
+        .issue(user, session)
+        .map_err(ApiError::internal)?;
     Ok(TokenPair {
         access_token,
         refresh_token,

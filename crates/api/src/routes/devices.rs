@@ -67,7 +67,11 @@ impl PutDevice {
             id: DeviceId::from_uuid(id),
             push_token: PushToken::parse(platform, &self.push_token)?,
             platform,
-            app_version: self.app_version.as_deref().map(AppVersion::parse).transpose()?,
+            app_version: self
+                .app_version
+                .as_deref()
+                .map(AppVersion::parse)
+                .transpose()?,
             locale: self.locale.as_deref().map(Locale::parse).transpose()?,
             apns_environment,
         })
@@ -172,11 +176,15 @@ async fn list_devices(
 ) -> Result<axum::Json<DevicePage>, ApiError> {
     let limit = query.limit.unwrap_or(50);
     if !(1..=100).contains(&limit) {
-        return Err(ApiError::bad_request("invalid_query", "limit must be between 1 and 100"));
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "limit must be between 1 and 100",
+        ));
     }
     let after = query.cursor.as_deref().map(decode_cursor).transpose()?;
     // One extra row tells whether another page exists.
-    let mut rows = devices::list_devices(&state.db, auth.user_id, after, i64::from(limit) + 1).await?;
+    let mut rows =
+        devices::list_devices(&state.db, auth.user_id, after, i64::from(limit) + 1).await?;
     let next_cursor = if rows.len() > limit as usize {
         rows.truncate(limit as usize);
         rows.last().map(|last| encode_cursor(last.id))
@@ -224,5 +232,7 @@ fn decode_cursor(cursor: &str) -> Result<Uuid, ApiError> {
         .decode(cursor)
         .ok()
         .and_then(|bytes| Uuid::from_slice(&bytes).ok())
-        .ok_or_else(|| ApiError::bad_request("invalid_cursor", "the cursor is not one this API issued"))
+        .ok_or_else(|| {
+            ApiError::bad_request("invalid_cursor", "the cursor is not one this API issued")
+        })
 }

@@ -54,7 +54,11 @@ pub struct PatchMe {
         (status = 401, description = "`unauthenticated`, `token_expired`, `invalid_token`", body = Problem, content_type = "application/problem+json"),
     )
 )]
-async fn get_me(State(state): State<AppState>, auth: AuthUser, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn get_me(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let user = users::find_user(&state.db, auth.user_id)
         .await?
         .ok_or_else(|| ApiError::not_found("the user no longer exists"))?;
@@ -86,7 +90,11 @@ async fn patch_me(
     headers: HeaderMap,
     Json(patch): Json<PatchMe>,
 ) -> Result<Response, ApiError> {
-    let display_name = patch.display_name.as_deref().map(DisplayName::parse).transpose()?;
+    let display_name = patch
+        .display_name
+        .as_deref()
+        .map(DisplayName::parse)
+        .transpose()?;
 
     let mut tx = state.db.begin().await?;
     // Lock the row so the If-Match comparison and the update see the same version.
@@ -127,9 +135,15 @@ fn json_with_etag(status: StatusCode, body: Vec<u8>, etag: HeaderValue) -> Respo
     (
         status,
         [
-            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
             (header::ETAG, etag),
-            (header::CACHE_CONTROL, HeaderValue::from_static("private, no-cache")),
+            (
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("private, no-cache"),
+            ),
         ],
         body,
     )

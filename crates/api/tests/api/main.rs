@@ -1,0 +1,18 @@
+//! Integration tests of `mobile-api` against the machine's real PostgreSQL and Redis.
+//!
+//! One test binary (modules, not files under `tests/`) so the suite links once. Each
+//! test spawns its own app on port 0 with its own database and Redis key prefix, so the
+//! tests run in parallel without seeing each other.
+
+mod helpers;
+
+mod auth;
+mod bad_input;
+mod devices;
+mod idempotency;
+mod me;
+mod metrics;
+mod openapi;
+mod process;
+mod rate_limit;
+mod readiness;

@@ -1,0 +1,283 @@
+//! The real binary as a process: migrations, start-up refusals, SIGTERM and drain.
+
+use std::{process::Stdio, time::Duration};
+
+use mobile_testkit::{TestDb, TestKeys, free_port};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    process::{Child, Command},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_mobile-api");
+
+struct ApiProcess {
+    child: Child,
+    port: u16,
+    _db: TestDb,
+    _keys: TestKeys,
+}
+
+impl ApiProcess {
+    async fn start(extra: &[(&str, &str)]) -> Self {
+        let db = TestDb::new().await;
+        let keys = TestKeys::generate(1);
+        let port = free_port();
+        let mut command = Command::new(BIN);
+        command
+            .env_clear()
+            .env("APP_ENV", "test")
+            .env("DATABASE_URL", db.url())
+            .env("REDIS_URL", mobile_testkit::redis_url())
+            .env("REDIS_KEY_PREFIX", mobile_testkit::unique_redis_prefix())
+            .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+            .env("METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
+            .env("JWT_SIGNING_KEY_FILE", keys.signing(0))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        for (name, value) in extra {
+            command.env(name, value);
+        }
+        let child = command.spawn().expect("spawn mobile-api");
+        let process = Self {
+            child,
+            port,
+            _db: db,
+            _keys: keys,
+        };
+        process.wait_until_ready().await;
+        process
+    }
+
+    async fn wait_until_ready(&self) {
+        for _ in 0..100 {
+            if self.get_status("/health/ready").await == Some(200) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("mobile-api did not become ready");
+    }
+
+    /// The status of a GET on a fresh connection, or `None` if nobody accepts.
+    async fn get_status(&self, path: &str) -> Option<u16> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
+        response.get(9..12)?.parse().ok()
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let status = std::process::Command::new("kill")
+            .args([format!("-{name}"), pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    async fn exit_code_within(&mut self, limit: Duration) -> Option<i32> {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .expect("the process exits in time")
+            .expect("wait")
+            .code()
+    }
+}
+
+/// A registration whose body arrives in two halves, the second one later.
+struct SlowRequest {
+    stream: TcpStream,
+    rest: Vec<u8>,
+}
+
+impl SlowRequest {
+    async fn begin(port: u16) -> Self {
+        let body = br#"{"email":"slow@example.com","password":"correct horse battery","display_name":"Slow"}"#;
+        let head = format!(
+            "POST /v1/auth/register HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let mut stream = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let (first, rest) = body.split_at(body.len() / 2);
+        stream.write_all(head.as_bytes()).await.expect("write head");
+        stream.write_all(first).await.expect("write first half");
+        Self {
+            stream,
+            rest: rest.to_vec(),
+        }
+    }
+
+    /// Sends the rest and returns the response's status line.
+    async fn finish(mut self) -> String {
+        self.stream.write_all(&self.rest).await.expect("write rest");
+        let mut response = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !response.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = self.stream.read(&mut buf).await.expect("read");
+            assert!(n > 0, "connection closed before a response");
+            response.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&response)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
+#[tokio::test]
+async fn sigterm_goes_unready_finishes_the_request_in_flight_and_exits_zero() {
+    let mut api = ApiProcess::start(&[
+        ("SHUTDOWN_DELAY_SECONDS", "1"),
+        ("SHUTDOWN_TIMEOUT_SECONDS", "10"),
+    ])
+    .await;
+    let slow = SlowRequest::begin(api.port).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    api.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // During the delay: still accepting, but unready.
+    assert_eq!(api.get_status("/health/ready").await, Some(503));
+    assert_eq!(api.get_status("/health/live").await, Some(200));
+
+    // After the delay: no new connections...
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(
+        api.get_status("/health/live").await,
+        None,
+        "the listener is closed"
+    );
+
+    // ...but the request in flight completes.
+    assert_eq!(slow.finish().await, "HTTP/1.1 201 Created");
+    assert_eq!(api.exit_code_within(Duration::from_secs(5)).await, Some(0));
+}
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let mut api = ApiProcess::start(&[("SHUTDOWN_TIMEOUT_SECONDS", "30")]).await;
+    let _slow = SlowRequest::begin(api.port).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    api.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    api.signal("INT");
+    // Without the second signal it would wait up to 30 s for the stalled request.
+    assert_eq!(
+        api.exit_code_within(Duration::from_secs(3)).await,
+        Some(130)
+    );
+}
+
+#[tokio::test]
+async fn refuses_to_start_without_a_signing_key_outside_development() {
+    let db = TestDb::new().await;
+    let output = Command::new(BIN)
+        .env_clear()
+        .env("APP_ENV", "production")
+        .env("DATABASE_URL", db.url())
+        .env("LISTEN_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
+        .output()
+        .await
+        .expect("run mobile-api");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("JWT_SIGNING_KEY_FILE is required"),
+        "{stderr}"
+    );
+
+    // A bad setting names the variable.
+    let output = Command::new(BIN)
+        .env_clear()
+        .env("LISTEN_ADDR", "nonsense")
+        .output()
+        .await
+        .expect("run mobile-api");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("LISTEN_ADDR"));
+}
+
+#[tokio::test]
+async fn development_falls_back_to_the_published_key_loudly() {
+    let db = TestDb::new().await;
+    let port = free_port();
+    let log = std::env::temp_dir().join(format!("mobile-api-dev-{}.log", uuid::Uuid::new_v4()));
+    let mut child = Command::new(BIN)
+        .env_clear()
+        .env("APP_ENV", "development")
+        .env("DATABASE_URL", db.url())
+        .env("REDIS_KEY_PREFIX", mobile_testkit::unique_redis_prefix())
+        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env("METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
+        .stdout(std::fs::File::create(&log).expect("log file"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    let mut started = false;
+    for _ in 0..100 {
+        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            started = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(started, "development starts without keys");
+    child.kill().await.expect("kill");
+    let output = std::fs::read_to_string(&log).expect("read log");
+    let _ = std::fs::remove_file(&log);
+    assert!(output.contains("PUBLISHED DEVELOPMENT KEY"), "{output}");
+    assert!(
+        output.contains("\"level\":\"WARN\""),
+        "JSON logs by default: {output}"
+    );
+}
+
+#[tokio::test]
+async fn migrate_creates_the_database_and_is_safe_twice_and_concurrently() {
+    let db = TestDb::unborn();
+    let migrate = || {
+        Command::new(BIN)
+            .arg("migrate")
+            .env_clear()
+            .env("DATABASE_URL", db.url())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+    };
+    // Two pods racing on a database that does not exist yet.
+    let (first, second) = tokio::join!(migrate(), migrate());
+    for output in [first.expect("run"), second.expect("run")] {
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let third = migrate().await.expect("run");
+    assert!(third.status.success());
+
+    let pool = db.pool().await;
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(applied as usize, mobile_db::MIGRATOR.iter().count());
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name IN ('users', 'sessions', 'refresh_tokens', 'devices')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(tables, 4);
+    pool.close().await;
+}

@@ -1,0 +1,114 @@
+//! Readiness follows Redis and PostgreSQL, and the API degrades instead of failing when
+//! Redis is gone.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+use crate::helpers::{TestApp, sample};
+
+async fn ready(app: &TestApp) -> (StatusCode, Value) {
+    let response = app
+        .request(Method::GET, "/health/ready")
+        .send()
+        .await
+        .unwrap();
+    (response.status(), response.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn readiness_follows_redis_and_writes_fail_open() {
+    let mut redis = mobile_testkit::RedisServer::start().await;
+    let app = TestApp::builder()
+        .redis_url(redis.url())
+        .env("RATE_LIMIT_AUTH_PER_MINUTE", "1000")
+        .spawn()
+        .await;
+    let (status, body) = ready(&app).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["checks"]["redis"], "ok");
+    assert_eq!(body["checks"]["postgres"], "ok");
+
+    redis.stop().await;
+    let (status, body) = ready(&app).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["status"], "unready");
+    assert!(body["checks"]["redis"]["error"].is_string(), "{body}");
+    assert_eq!(body["checks"]["postgres"], "ok");
+    // Liveness does not care.
+    let live = app
+        .request(Method::GET, "/health/live")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(live.status(), StatusCode::OK);
+
+    // Rate limiting and idempotency fail open: the API keeps serving.
+    let session = app.register("degraded@example.com").await;
+    let response = app
+        .request(Method::POST, "/v1/auth/refresh")
+        .header("idempotency-key", "while-redis-is-down")
+        .json(&serde_json::json!({"refresh_token": session.refresh_token}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let metrics = app.metrics_text().await;
+    assert!(sample(&metrics, "redis_degraded_total{feature=\"rate_limit\"}").unwrap_or(0.0) >= 1.0);
+    assert!(
+        sample(&metrics, "redis_degraded_total{feature=\"idempotency\"}").unwrap_or(0.0) >= 1.0
+    );
+
+    // Redis comes back (empty): ready again, on its own.
+    redis.restart().await;
+    let mut recovered = false;
+    for _ in 0..50 {
+        if ready(&app).await.0 == StatusCode::OK {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "readiness returns once Redis answers");
+}
+
+#[tokio::test]
+async fn readiness_reports_a_missing_database() {
+    let app = TestApp::builder()
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/nothing")
+        .spawn()
+        .await;
+    let (status, body) = ready(&app).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body["checks"]["postgres"]["error"].is_string(), "{body}");
+    // A request that needs the database is a retryable 503, not a 500.
+    let response = app
+        .post_json(
+            "/v1/auth/login",
+            &serde_json::json!({"email": "a@example.com", "password": "x"}),
+        )
+        .await;
+    crate::helpers::assert_problem(
+        response,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "database_unavailable",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn readiness_turns_503_when_shutdown_starts() {
+    let app = TestApp::builder()
+        .env("SHUTDOWN_DELAY_SECONDS", "2")
+        .spawn()
+        .await;
+    assert_eq!(ready(&app).await.0, StatusCode::OK);
+    app.shutdown.trigger();
+    let (status, body) = ready(&app).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["status"], "shutting_down");
+    // Nothing in flight: after the delay the server drains and returns cleanly.
+    let served = tokio::time::timeout(Duration::from_secs(5), app.server).await;
+    assert!(matches!(served, Ok(Ok(Ok(())))), "{served:?}");
+}
