@@ -3,14 +3,25 @@
 //! Parameters are OWASP's first recommendation for argon2id (19 MiB, 2 passes, one
 //! lane): about 20 ms on one core of a 2-core machine. Hashing runs in
 //! `spawn_blocking` so a burst of logins queues there instead of stalling the async
-//! workers that serve every other request.
+//! workers that serve every other request, and at most two hashes per core run at once:
+//! tokio's blocking pool has 512 threads, and 512 concurrent hashes would want 9.5 GiB.
+//! Excess logins wait (asynchronously) for a permit, bounded by the request timeout.
 
 use argon2::{
     Algorithm, Argon2, Params, PasswordHash, PasswordHasher, PasswordVerifier, Version,
     password_hash::{SaltString, rand_core::OsRng},
 };
+use std::sync::LazyLock;
+
 use mobile_domain::Password;
+use tokio::sync::Semaphore;
 use tracing::Instrument;
+
+/// Hashes allowed to run at once: two per core keeps every core busy, memory bounded.
+static HASHING_PERMITS: LazyLock<Semaphore> = LazyLock::new(|| {
+    let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+    Semaphore::new(cores * 2)
+});
 
 #[derive(Debug, thiserror::Error)]
 pub enum PasswordError {
@@ -18,6 +29,8 @@ pub enum PasswordError {
     Hash(String),
     #[error("the blocking pool is gone: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("the hashing semaphore is closed")]
+    Closed(#[from] tokio::sync::AcquireError),
 }
 
 fn argon2() -> Argon2<'static> {
@@ -68,17 +81,18 @@ fn dummy_hash() -> &'static str {
     })
 }
 
-/// `spawn_blocking` that keeps the caller's tracing span, so the hash shows up inside
-/// the request that caused it.
-async fn spawn_blocking_in_span<T, F>(work: F) -> Result<T, tokio::task::JoinError>
+/// `spawn_blocking` under a hashing permit, keeping the caller's tracing span so the
+/// hash shows up inside the request that caused it.
+async fn spawn_blocking_in_span<T, F>(work: F) -> Result<T, PasswordError>
 where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
+    let _permit = HASHING_PERMITS.acquire().await?;
     let span = tracing::Span::current();
-    tokio::task::spawn_blocking(move || span.in_scope(work))
+    Ok(tokio::task::spawn_blocking(move || span.in_scope(work))
         .instrument(tracing::Span::current())
-        .await
+        .await?)
 }
 
 #[cfg(test)]

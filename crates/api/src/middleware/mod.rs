@@ -72,7 +72,15 @@ pub async fn observe(State(state): State<AppState>, mut req: Request, next: Next
         .http_request_duration
         .get_or_create(&labels)
         .observe(elapsed.as_secs_f64());
-    span.in_scope(|| tracing::info!(status, latency_ms = elapsed.as_secs_f64() * 1e3, "served"));
+    let latency_ms = elapsed.as_secs_f64() * 1e3;
+    span.in_scope(|| {
+        // Probes arrive every few seconds from every kubelet: keep them out of info logs.
+        if labels.route.starts_with("/health/") {
+            tracing::debug!(status, latency_ms, "served");
+        } else {
+            tracing::info!(status, latency_ms, "served");
+        }
+    });
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(X_REQUEST_ID.clone(), value);
     }

@@ -206,3 +206,22 @@ async fn every_response_carries_a_request_id_and_a_good_one_is_kept() {
         .unwrap();
     assert_eq!(response.headers()["x-request-id"].len(), 36);
 }
+
+#[tokio::test]
+async fn http2_without_tls_is_served() {
+    let app = TestApp::spawn().await;
+    let h2c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = h2c
+        .get(format!("{}/health/live", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), StatusCode::OK);
+    let response = h2c.get(format!("{}/v1/me", app.base)).send().await.unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_problem(response, StatusCode::UNAUTHORIZED, "unauthenticated").await;
+}

@@ -4,6 +4,8 @@
 //! test spawns its own app on port 0 with its own database and Redis key prefix, so the
 //! tests run in parallel without seeing each other.
 
+#![allow(clippy::unwrap_used)] // a test crate: a panic is a failed test
+
 mod helpers;
 
 mod auth;
