@@ -1,0 +1,260 @@
+//! What travels between the services over Redis, and from the gateway to the apps.
+//!
+//! A publisher (the API after a commit, the worker after a job) writes the **exact
+//! frame** the gateway will send to clients; the gateway parses only its small header
+//! ([`FrameHeader`]: channel, offset, sender) and forwards the same bytes to every local
+//! subscriber. So a payload is encoded once, and the API and the gateway's PostgreSQL
+//! gap filler produce identical frames because both call [`message_created`].
+//!
+//! Channel names are the protocol's (`conversation:<uuid>`, `user:<uuid>`); on Redis
+//! they carry the deployment's key prefix ([`redis_channel`]).
+
+use std::{fmt, str::FromStr};
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// A channel a client can subscribe to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Channel {
+    /// Messages of one conversation, with offsets (the message `seq`).
+    Conversation(Uuid),
+    /// Events for one user (`conversation.created`, `media.ready`, `notification`),
+    /// without offsets.
+    User(Uuid),
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Conversation(id) => write!(f, "conversation:{id}"),
+            Self::User(id) => write!(f, "user:{id}"),
+        }
+    }
+}
+
+/// Why a channel name was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidChannel;
+
+impl fmt::Display for InvalidChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a channel is \"conversation:<uuid>\" or \"user:<uuid>\"")
+    }
+}
+
+impl std::error::Error for InvalidChannel {}
+
+impl FromStr for Channel {
+    type Err = InvalidChannel;
+
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        let (kind, id) = raw.split_once(':').ok_or(InvalidChannel)?;
+        // Only the canonical, hyphenated lower-case form: one spelling per channel.
+        if id.len() != 36 || id.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(InvalidChannel);
+        }
+        let id = Uuid::parse_str(id).map_err(|_| InvalidChannel)?;
+        match kind {
+            "conversation" => Ok(Self::Conversation(id)),
+            "user" => Ok(Self::User(id)),
+            _ => Err(InvalidChannel),
+        }
+    }
+}
+
+/// The Redis Pub/Sub channel for `channel` under a deployment's key prefix.
+pub fn redis_channel(prefix: &str, channel: Channel) -> String {
+    format!("{prefix}{channel}")
+}
+
+/// The Redis sorted set of a user's live connections (member: connection id, score:
+/// expiry in Unix milliseconds), kept by the gateways and read by whoever must decide
+/// between a live event and a push.
+pub fn presence_key(prefix: &str, user: Uuid) -> String {
+    format!("{prefix}presence:{user}")
+}
+
+/// A message as clients see it, in REST responses and in events alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct MessageData {
+    pub id: Uuid,
+    pub conversation_id: Uuid,
+    /// Gap-free, strictly increasing within the conversation; the event offset.
+    pub seq: i64,
+    pub sender_id: Uuid,
+    pub client_msg_id: String,
+    pub body: String,
+    pub media_id: Option<Uuid>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+impl From<mobile_db::conversations::Message> for MessageData {
+    fn from(m: mobile_db::conversations::Message) -> Self {
+        Self {
+            id: m.id,
+            conversation_id: m.conversation_id,
+            seq: m.seq,
+            sender_id: m.sender_id,
+            client_msg_id: m.client_msg_id,
+            body: m.body,
+            media_id: m.media_id,
+            created_at: m.created_at,
+        }
+    }
+}
+
+/// A conversation as clients see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ConversationData {
+    pub id: Uuid,
+    pub title: Option<String>,
+    /// Every member, the creator included.
+    pub member_ids: Vec<Uuid>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+impl From<mobile_db::conversations::Conversation> for ConversationData {
+    fn from(c: mobile_db::conversations::Conversation) -> Self {
+        Self {
+            id: c.id,
+            title: c.title,
+            member_ids: c.member_ids,
+            created_at: c.created_at,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct EventFrame<'a, T: Serialize> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    channel: String,
+    event: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    from: Option<Uuid>,
+    data: &'a T,
+}
+
+fn frame<T: Serialize>(
+    channel: Channel,
+    event: &str,
+    offset: Option<i64>,
+    from: Option<Uuid>,
+    data: &T,
+) -> String {
+    let frame = EventFrame {
+        kind: "event",
+        channel: channel.to_string(),
+        event,
+        offset,
+        from,
+        data,
+    };
+    // Serialising these types cannot fail: no maps with non-string keys, no I/O.
+    serde_json::to_string(&frame).unwrap_or_default()
+}
+
+/// `{"type":"event","channel":"conversation:<id>","event":"message.created","offset":<seq>,"data":<message>}`
+pub fn message_created(message: &MessageData) -> String {
+    frame(
+        Channel::Conversation(message.conversation_id),
+        "message.created",
+        Some(message.seq),
+        None,
+        message,
+    )
+}
+
+/// `{"type":"event","channel":"user:<id>","event":<event>,"data":<data>}`: an event for
+/// one user, without offset.
+pub fn user_event<T: Serialize>(user: Uuid, event: &str, data: &T) -> String {
+    frame(Channel::User(user), event, None, None, data)
+}
+
+/// A client's ephemeral event (typing, ...), fanned out to the channel's other members:
+/// `{"type":"event","channel":…,"event":"ephemeral","from":<user>,"data":…}`.
+pub fn ephemeral(channel: Channel, from: Uuid, data: &serde_json::value::RawValue) -> String {
+    frame(channel, "ephemeral", None, Some(from), &data)
+}
+
+/// The part of a published frame the gateway needs to route it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct FrameHeader {
+    pub channel: String,
+    pub offset: Option<i64>,
+    /// The sender of an ephemeral event, who does not get it back.
+    pub from: Option<Uuid>,
+}
+
+impl FrameHeader {
+    pub fn parse(frame: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(frame)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_names_round_trip_in_one_spelling() {
+        let id = Uuid::new_v4();
+        for channel in [Channel::Conversation(id), Channel::User(id)] {
+            assert_eq!(channel.to_string().parse::<Channel>().unwrap(), channel);
+        }
+        for bad in [
+            "conversation",
+            "room:00000000-0000-0000-0000-000000000000",
+            "user:not-a-uuid",
+            &format!("user:{}", id.simple()),
+            &format!("user:{}", id.to_string().to_uppercase()),
+            &format!("conversation:{id}:extra"),
+        ] {
+            assert!(bad.parse::<Channel>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn frames_carry_what_the_gateway_routes_on() {
+        let message = MessageData {
+            id: Uuid::new_v4(),
+            conversation_id: Uuid::new_v4(),
+            seq: 7,
+            sender_id: Uuid::new_v4(),
+            client_msg_id: "c1".into(),
+            body: "hi \"there\"".into(),
+            media_id: None,
+            created_at: OffsetDateTime::UNIX_EPOCH,
+        };
+        let text = message_created(&message);
+        let header = FrameHeader::parse(text.as_bytes()).unwrap();
+        assert_eq!(
+            header.channel,
+            format!("conversation:{}", message.conversation_id)
+        );
+        assert_eq!(header.offset, Some(7));
+        assert_eq!(header.from, None);
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(value["type"], "event");
+        assert_eq!(value["event"], "message.created");
+        assert_eq!(
+            serde_json::from_value::<MessageData>(value["data"].clone()).unwrap(),
+            message
+        );
+
+        let from = Uuid::new_v4();
+        let data = serde_json::value::RawValue::from_string(r#"{"typing":true}"#.into()).unwrap();
+        let typing = ephemeral(Channel::Conversation(message.conversation_id), from, &data);
+        let header = FrameHeader::parse(typing.as_bytes()).unwrap();
+        assert_eq!((header.offset, header.from), (None, Some(from)));
+        assert!(typing.contains(r#""data":{"typing":true}"#));
+    }
+}
