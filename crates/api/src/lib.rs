@@ -10,6 +10,7 @@
 //! `main.rs` is thin: [`run`] serves, [`migrate`] applies migrations.
 
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod metrics;
 pub mod middleware;
@@ -53,6 +54,7 @@ pub fn app(state: AppState, health: &Health) -> Router {
         .merge(routes::auth::router(&state))
         .merge(routes::me::router(&state))
         .merge(routes::devices::router(&state))
+        .merge(routes::conversations::router(&state))
         .split_for_parts();
     // Serialised once at start; every request for it is a copy of these bytes.
     let document = bytes::Bytes::from(document.to_pretty_json().unwrap_or_default());

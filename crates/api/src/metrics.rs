@@ -21,6 +21,11 @@ pub struct RouteLabel {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct FeatureLabel {
     pub feature: &'static str,
 }
@@ -34,6 +39,8 @@ pub struct ApiMetrics {
     /// Requests served without a Redis-backed feature because Redis did not answer
     /// (the feature fails open): a rising count means Redis is in trouble.
     pub redis_degraded: Family<FeatureLabel, Counter>,
+    /// Frames published to the gateways over Redis, by outcome (`ok`, `failed`).
+    pub events_published: Family<OutcomeLabel, Counter>,
 }
 
 impl ApiMetrics {
@@ -45,6 +52,7 @@ impl ApiMetrics {
             }),
             rate_limited: Family::default(),
             redis_degraded: Family::default(),
+            events_published: Family::default(),
         };
         registry.register(
             "http_requests",
@@ -66,6 +74,11 @@ impl ApiMetrics {
             "redis_degraded",
             "Requests served without a Redis-backed feature because Redis failed",
             metrics.redis_degraded.clone(),
+        );
+        registry.register(
+            "events_published",
+            "Event frames published to the gateways over Redis, by outcome",
+            metrics.events_published.clone(),
         );
         metrics
     }

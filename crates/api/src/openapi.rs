@@ -22,6 +22,7 @@ use crate::error::Problem;
         (name = "auth", description = "Accounts, sessions and tokens"),
         (name = "me", description = "The signed-in user"),
         (name = "devices", description = "Push-notification devices"),
+        (name = "conversations", description = "Conversations and messages"),
     )
 )]
 pub struct ApiDoc;

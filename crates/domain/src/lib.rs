@@ -8,9 +8,11 @@
 mod device;
 mod error;
 mod ids;
+mod message;
 mod user;
 
 pub use device::{ApnsEnvironment, AppVersion, DeviceId, Locale, Platform, PushToken};
 pub use error::ValidationError;
 pub use ids::{SessionId, UserId};
+pub use message::{ClientMsgId, MessageText, Title};
 pub use user::{DisplayName, Email, Password};

@@ -5,15 +5,15 @@
 //! idempotent upsert: 201 the first time, 200 after.
 
 use axum::{extract::State, http::StatusCode};
-use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use mobile_db::devices::{self, DeviceRegistration, Upsert};
 use mobile_domain::{ApnsEnvironment, AppVersion, DeviceId, Locale, Platform, PushToken};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use utoipa::{IntoParams, ToSchema};
+use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
+use super::pagination::{self, PageQuery};
 use crate::{
     error::{ApiError, Problem},
     extract::{AuthUser, Json, Path, Query},
@@ -115,15 +115,6 @@ pub struct DevicePage {
     pub next_cursor: Option<String>,
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-pub struct PageQuery {
-    /// From a previous page's `next_cursor`.
-    pub cursor: Option<String>,
-    /// 1 to 100; default 50.
-    pub limit: Option<u32>,
-}
-
 /// Register or update a device.
 #[utoipa::path(
     put,
@@ -174,23 +165,18 @@ async fn list_devices(
     auth: AuthUser,
     Query(query): Query<PageQuery>,
 ) -> Result<axum::Json<DevicePage>, ApiError> {
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=100).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            "limit must be between 1 and 100",
-        ));
-    }
-    let after = query.cursor.as_deref().map(decode_cursor).transpose()?;
+    let limit = pagination::limit(query.limit)?;
+    let after = query
+        .cursor
+        .as_deref()
+        .map(pagination::decode_id)
+        .transpose()?;
     // One extra row tells whether another page exists.
-    let mut rows =
-        devices::list_devices(&state.db, auth.user_id, after, i64::from(limit) + 1).await?;
-    let next_cursor = if rows.len() > limit as usize {
-        rows.truncate(limit as usize);
-        rows.last().map(|last| encode_cursor(last.id))
-    } else {
-        None
-    };
+    let rows = devices::list_devices(&state.db, auth.user_id, after, i64::from(limit) + 1).await?;
+    let (rows, more) = pagination::split_page(rows, limit);
+    let next_cursor = more
+        .then(|| rows.last().map(|last| pagination::encode_id(last.id)))
+        .flatten();
     Ok(axum::Json(DevicePage {
         items: rows.into_iter().map(Device::from).collect(),
         next_cursor,
@@ -220,19 +206,4 @@ async fn delete_device(
     } else {
         Err(ApiError::not_found("no such device"))
     }
-}
-
-/// Cursors are opaque to clients: today the last id of the page, base64url-encoded.
-fn encode_cursor(last: Uuid) -> String {
-    URL_SAFE_NO_PAD.encode(last.as_bytes())
-}
-
-fn decode_cursor(cursor: &str) -> Result<Uuid, ApiError> {
-    URL_SAFE_NO_PAD
-        .decode(cursor)
-        .ok()
-        .and_then(|bytes| Uuid::from_slice(&bytes).ok())
-        .ok_or_else(|| {
-            ApiError::bad_request("invalid_cursor", "the cursor is not one this API issued")
-        })
 }

@@ -2,8 +2,10 @@
 //! Bodies shared between modules live here.
 
 pub mod auth;
+pub mod conversations;
 pub mod devices;
 pub mod me;
+pub mod pagination;
 
 use serde::Serialize;
 use time::OffsetDateTime;

@@ -17,6 +17,7 @@ pub struct TestApp {
     pub keys: TestKeys,
     pub shutdown: Shutdown,
     pub server: JoinHandle<anyhow::Result<()>>,
+    pub redis_prefix: String,
 }
 
 /// Settings a test may override before the app starts.
@@ -81,6 +82,7 @@ impl Builder {
             keys,
             shutdown,
             server,
+            redis_prefix,
         }
     }
 }

@@ -10,6 +10,7 @@ mod helpers;
 
 mod auth;
 mod bad_input;
+mod conversations;
 mod devices;
 mod idempotency;
 mod me;

@@ -28,6 +28,11 @@ async fn the_document_covers_every_route() {
         ("/v1/devices", "get"),
         ("/v1/devices/{device_id}", "put"),
         ("/v1/devices/{device_id}", "delete"),
+        ("/v1/conversations", "post"),
+        ("/v1/conversations", "get"),
+        ("/v1/conversations/{id}", "get"),
+        ("/v1/conversations/{id}/messages", "post"),
+        ("/v1/conversations/{id}/messages", "get"),
     ];
     for (path, method) in expected {
         assert!(
