@@ -150,6 +150,8 @@ pub async fn serve(
         runtime_metrics::router(Arc::new(registry)),
         shutdown,
         drain,
+        // Every request of the API ends with its response: nothing outlives it.
+        tokio_util::task::TaskTracker::new(),
     )
     .await
 }

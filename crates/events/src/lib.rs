@@ -9,6 +9,8 @@
 //! Channel names are the protocol's (`conversation:<uuid>`, `user:<uuid>`); on Redis
 //! they carry the deployment's key prefix ([`redis_channel`]).
 
+pub mod presence;
+
 use std::{fmt, str::FromStr};
 
 use serde::{Deserialize, Serialize};
@@ -67,13 +69,6 @@ impl FromStr for Channel {
 /// The Redis Pub/Sub channel for `channel` under a deployment's key prefix.
 pub fn redis_channel(prefix: &str, channel: Channel) -> String {
     format!("{prefix}{channel}")
-}
-
-/// The Redis sorted set of a user's live connections (member: connection id, score:
-/// expiry in Unix milliseconds), kept by the gateways and read by whoever must decide
-/// between a live event and a push.
-pub fn presence_key(prefix: &str, user: Uuid) -> String {
-    format!("{prefix}presence:{user}")
 }
 
 /// A message as clients see it, in REST responses and in events alike.

@@ -5,8 +5,10 @@
 //!                              │◄──────────── SHUTDOWN_TIMEOUT_SECONDS ────────────►│
 //! ```
 //!
-//! In-flight requests finish; idle keep-alive connections are closed; the metrics
-//! port stays up until the public one has drained, so the drain itself is observable.
+//! In-flight requests finish; idle keep-alive connections are closed; tasks that
+//! outlive their HTTP request (WebSocket connections, tracked by the caller's
+//! `TaskTracker`) finish too; the metrics port stays up until all that has drained, so
+//! the drain itself is observable.
 //! If draining outlasts the timeout, what is left is abandoned and `serve` returns an
 //! error, so the exit status says the drain was cut short.
 
@@ -15,7 +17,7 @@ use std::{net::SocketAddr, time::Duration};
 use anyhow::Context as _;
 use axum::Router;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::Shutdown;
 
@@ -36,7 +38,9 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// Serves `app` on `listener` and `metrics` on `metrics_listener` until `shutdown`
-/// triggers, then drains as the module documentation describes.
+/// triggers, then drains as the module documentation describes. `detached` holds the
+/// tasks that outlive their request (pass an empty tracker if there are none); they
+/// are expected to end by themselves once shutdown triggers.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -44,6 +48,7 @@ pub async fn serve(
     metrics: Router,
     shutdown: Shutdown,
     drain: Drain,
+    detached: TaskTracker,
 ) -> anyhow::Result<()> {
     tracing::info!(
         addr = %listener.local_addr()?,
@@ -90,7 +95,13 @@ pub async fn serve(
     stop_accepting.cancel();
 
     let remaining = drain.timeout.saturating_sub(started.elapsed());
-    let drained = tokio::time::timeout(remaining, public).await;
+    let drained = tokio::time::timeout(remaining, async {
+        let served = public.await;
+        detached.close();
+        detached.wait().await;
+        served
+    })
+    .await;
     stop_metrics.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), metrics).await;
     match drained {
