@@ -1,0 +1,632 @@
+//! One client connection: a single task that reads the client's frames, writes the
+//! hub's deliveries, pings, and closes with the right code.
+//!
+//! Per conversation channel the connection tracks the next offset its client should
+//! see. Recovery (subscribe with `since`) reads PostgreSQL *after* the hub confirmed the
+//! Redis subscription, so every later event is in the queue; anything at or below what
+//! was recovered is then a duplicate and dropped, and a gap (which the hub normally
+//! fills first) is filled here from PostgreSQL. The client sees each offset once, in
+//! order.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use mobile_auth::{AccessClaims, TokenError};
+use mobile_db::conversations::{self, Window};
+use mobile_domain::UserId;
+use mobile_events::Channel;
+use rand::Rng;
+use serde_json::value::RawValue;
+use tokio::{sync::mpsc, time::Instant};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    Context,
+    hub::{ConnId, Delivery, Subscriber},
+    metrics::OutcomeLabel,
+    protocol::{ClientFrame, ServerFrame, close, frame_id},
+};
+
+/// How long a client marked slow gets to take the frame in flight and the 4008 close.
+const SLOW_CONSUMER_GRACE: Duration = Duration::from_secs(2);
+
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Why a connection ended, for `websocket_disconnects_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    ClientClosed,
+    SlowConsumer,
+    PingTimeout,
+    ProtocolViolation,
+    TooBig,
+    Shutdown,
+    /// The socket failed or a write did not complete in time.
+    Gone,
+}
+
+impl End {
+    const fn reason(self) -> &'static str {
+        match self {
+            Self::ClientClosed => "client_closed",
+            Self::SlowConsumer => "slow_consumer",
+            Self::PingTimeout => "ping_timeout",
+            Self::ProtocolViolation => "protocol_violation",
+            Self::TooBig => "too_big",
+            Self::Shutdown => "shutdown",
+            Self::Gone => "gone",
+        }
+    }
+}
+
+/// What a connection knows about one of its channels.
+#[derive(Debug, Clone, Copy)]
+enum Sub {
+    User,
+    /// The next offset the client should get.
+    Conversation {
+        next: i64,
+    },
+}
+
+/// Serves one upgraded socket. `auth` is the outcome of the token check done before
+/// the upgrade: a bad token is answered with close 4001.
+pub async fn serve(
+    mut socket: WebSocket,
+    auth: Result<AccessClaims, TokenError>,
+    ctx: Arc<Context>,
+) {
+    let claims = match auth {
+        Ok(claims) => claims,
+        Err(error) => {
+            let reason = match error {
+                TokenError::Expired => "token_expired",
+                TokenError::UnknownKey | TokenError::Invalid => "invalid_token",
+            };
+            let frame = CloseFrame {
+                code: close::BAD_TOKEN,
+                reason: Utf8Bytes::from_static(reason),
+            };
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                socket.send(Message::Close(Some(frame))),
+            )
+            .await;
+            ctx.metrics.disconnect("bad_token");
+            return;
+        }
+    };
+    ctx.metrics.connections_active.inc();
+    let (queue, deliveries) = mpsc::channel(ctx.settings.outbound_queue);
+    let mut connection = Connection {
+        id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
+        public_id: Uuid::new_v4().to_string(),
+        user: claims.sub,
+        socket,
+        queue,
+        deliveries,
+        slow: CancellationToken::new(),
+        subs: HashMap::new(),
+        last_pong: Instant::now(),
+        publish_tokens: f64::from(ctx.settings.publish_per_second),
+        publish_refilled: Instant::now(),
+        ctx: ctx.clone(),
+    };
+    let end = connection.run().await;
+    connection.cleanup().await;
+    ctx.metrics.connections_active.dec();
+    ctx.metrics.disconnect(end.reason());
+    tracing::debug!(user_id = %connection.user, reason = end.reason(), "connection closed");
+}
+
+struct Connection {
+    id: ConnId,
+    /// The id the client sees in `welcome`, and presence records.
+    public_id: String,
+    user: Uuid,
+    socket: WebSocket,
+    /// The sending half, cloned into each hub subscription.
+    queue: mpsc::Sender<Delivery>,
+    deliveries: mpsc::Receiver<Delivery>,
+    /// Cancelled by the hub when `deliveries` overflows.
+    slow: CancellationToken,
+    subs: HashMap<Channel, Sub>,
+    last_pong: Instant,
+    /// Token bucket for ephemeral publishes.
+    publish_tokens: f64,
+    publish_refilled: Instant,
+    ctx: Arc<Context>,
+}
+
+impl Connection {
+    async fn run(&mut self) -> End {
+        let interval = self.ctx.settings.ping_interval;
+        let welcome = ServerFrame::Welcome {
+            connection_id: &self.public_id,
+            ping_interval_s: interval.as_secs(),
+        }
+        .to_text();
+        if let Err(end) = self.send_text(welcome).await {
+            return end;
+        }
+        self.ctx
+            .presence
+            .connected(UserId::from_uuid(self.user), &self.public_id)
+            .await;
+        let own = Channel::User(self.user);
+        self.ctx.hub.subscribe(own, self.subscriber()).await;
+        self.subs.insert(own, Sub::User);
+
+        let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
+        let shutdown = self.ctx.shutdown.clone();
+        let mut close_at: Option<Instant> = None;
+        loop {
+            let end = tokio::select! {
+                biased;
+                _ = self.slow.cancelled() => Some(self.close(close::SLOW_CONSUMER, "slow consumer", End::SlowConsumer).await),
+                _ = shutdown.triggered(), if close_at.is_none() => {
+                    close_at = Some(Instant::now() + self.ctx.drain_offset());
+                    None
+                }
+                _ = tokio::time::sleep_until(close_at.unwrap_or_else(Instant::now)), if close_at.is_some() => {
+                    Some(self.restart().await)
+                }
+                incoming = self.socket.recv() => match incoming {
+                    Some(Ok(Message::Text(text))) => self.on_text(&text).await.err(),
+                    Some(Ok(Message::Pong(_))) => {
+                        self.last_pong = Instant::now();
+                        None
+                    }
+                    // Pings are answered by the WebSocket layer itself.
+                    Some(Ok(Message::Ping(_))) => None,
+                    Some(Ok(Message::Binary(_))) => Some(
+                        self.close(close::PROTOCOL_VIOLATION, "binary frames are not part of the protocol", End::ProtocolViolation)
+                            .await,
+                    ),
+                    Some(Ok(Message::Close(_))) => Some(End::ClientClosed),
+                    Some(Err(error)) => Some(self.on_read_error(error).await),
+                    None => Some(End::ClientClosed),
+                },
+                Some(delivery) = self.deliveries.recv() => self.deliver(delivery).await.err(),
+                _ = ping.tick() => {
+                    // Two intervals without a pong: two pings went unanswered.
+                    if self.last_pong.elapsed() > interval * 2 + Duration::from_secs(1) {
+                        Some(self.close(close::PING_TIMEOUT, "ping timeout", End::PingTimeout).await)
+                    } else {
+                        self.send(Message::Ping(Default::default())).await.err()
+                    }
+                }
+            };
+            if let Some(end) = end {
+                return end;
+            }
+        }
+    }
+
+    fn subscriber(&self) -> Subscriber {
+        Subscriber {
+            conn: self.id,
+            user: self.user,
+            queue: self.queue.clone(),
+            slow: self.slow.clone(),
+        }
+    }
+
+    async fn on_text(&mut self, text: &str) -> Result<(), End> {
+        let frame = match ClientFrame::parse(text) {
+            Ok(frame) => frame,
+            Err(why) => {
+                // JSON of another shape is a client bug worth an answer; anything else
+                // is not this protocol.
+                if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() {
+                    return self.error(frame_id(text), "bad_frame", &why).await;
+                }
+                return Err(self
+                    .close(
+                        close::PROTOCOL_VIOLATION,
+                        "frames are JSON text",
+                        End::ProtocolViolation,
+                    )
+                    .await);
+            }
+        };
+        match frame {
+            ClientFrame::Subscribe { id, channel, since } => {
+                self.subscribe(id, &channel, since).await
+            }
+            ClientFrame::Unsubscribe { id, channel } => self.unsubscribe(id, &channel).await,
+            ClientFrame::Publish { id, channel, data } => self.publish(id, &channel, &data).await,
+        }
+    }
+
+    async fn subscribe(
+        &mut self,
+        id: Option<u64>,
+        name: &str,
+        since: Option<i64>,
+    ) -> Result<(), End> {
+        let Ok(channel) = name.parse::<Channel>() else {
+            return self
+                .error(
+                    id,
+                    "invalid_channel",
+                    "a channel is conversation:<uuid> or user:<uuid>",
+                )
+                .await;
+        };
+        if let Channel::User(user) = channel {
+            if user != self.user {
+                return self
+                    .error(id, "forbidden", "only your own user channel")
+                    .await;
+            }
+            // Subscribed since the connection opened.
+            let frame = ServerFrame::Subscribed {
+                id,
+                channel: name,
+                offset: None,
+                recovered: false,
+            };
+            return self.send_text(frame.to_text()).await;
+        }
+        let Channel::Conversation(conversation) = channel else {
+            return Ok(());
+        };
+        if self.subs.contains_key(&channel) {
+            return self
+                .error(
+                    id,
+                    "already_subscribed",
+                    "unsubscribe first to subscribe again",
+                )
+                .await;
+        }
+        if self.subs.len() >= self.ctx.settings.max_channels {
+            return self
+                .error(
+                    id,
+                    "too_many_channels",
+                    "this connection has the most channels allowed",
+                )
+                .await;
+        }
+        let user = UserId::from_uuid(self.user);
+        match conversations::member_last_seq(&self.ctx.db, user, conversation).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return self
+                    .error(id, "forbidden", "not a member of this conversation")
+                    .await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "membership check failed");
+                return self.error(id, "unavailable", "try again shortly").await;
+            }
+        }
+
+        // Subscribe first, then read: whatever is published from here on is queued.
+        self.ctx.hub.subscribe(channel, self.subscriber()).await;
+        let latest = match conversations::member_last_seq(&self.ctx.db, user, conversation).await {
+            Ok(Some(latest)) => latest,
+            other => {
+                if let Err(e) = other {
+                    tracing::warn!(error = %e, "reading the latest offset failed");
+                }
+                self.ctx.hub.unsubscribe(channel, self.id).await;
+                return self.error(id, "unavailable", "try again shortly").await;
+            }
+        };
+        let (recovered, missed) = match since {
+            None => (false, Vec::new()),
+            Some(since) if since >= latest => {
+                self.count_recovery("recovered");
+                (true, Vec::new())
+            }
+            Some(since) if latest - since > self.ctx.settings.recovery_limit => {
+                self.count_recovery("too_far_behind");
+                (false, Vec::new())
+            }
+            Some(since) => {
+                match conversations::list_messages(
+                    &self.ctx.db,
+                    conversation,
+                    Window::After(since.max(0)),
+                    latest - since,
+                )
+                .await
+                {
+                    Ok(missed) => {
+                        self.count_recovery("recovered");
+                        (true, missed)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "recovery read failed");
+                        self.count_recovery("failed");
+                        (false, Vec::new())
+                    }
+                }
+            }
+        };
+        self.subs
+            .insert(channel, Sub::Conversation { next: latest + 1 });
+        let frame = ServerFrame::Subscribed {
+            id,
+            channel: name,
+            offset: Some(latest),
+            recovered,
+        };
+        self.send_text(frame.to_text()).await?;
+        for message in missed {
+            self.send(Message::Text(Delivery::from_message(message).frame))
+                .await?;
+        }
+        self.ctx.hub.observe_offset(channel, latest);
+        Ok(())
+    }
+
+    fn count_recovery(&self, outcome: &'static str) {
+        self.ctx
+            .metrics
+            .recoveries
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+    }
+
+    async fn unsubscribe(&mut self, id: Option<u64>, name: &str) -> Result<(), End> {
+        let Ok(channel) = name.parse::<Channel>() else {
+            return self
+                .error(
+                    id,
+                    "invalid_channel",
+                    "a channel is conversation:<uuid> or user:<uuid>",
+                )
+                .await;
+        };
+        if self.subs.remove(&channel).is_none() {
+            return self
+                .error(
+                    id,
+                    "not_subscribed",
+                    "this connection is not subscribed to that channel",
+                )
+                .await;
+        }
+        self.ctx.hub.unsubscribe(channel, self.id).await;
+        self.send_text(ServerFrame::Unsubscribed { id, channel: name }.to_text())
+            .await
+    }
+
+    async fn publish(&mut self, id: Option<u64>, name: &str, data: &RawValue) -> Result<(), End> {
+        let channel = match name.parse::<Channel>() {
+            Ok(channel @ Channel::Conversation(_)) if self.subs.contains_key(&channel) => channel,
+            Ok(Channel::Conversation(_)) => {
+                return self
+                    .error(
+                        id,
+                        "not_subscribed",
+                        "subscribe to a conversation before publishing to it",
+                    )
+                    .await;
+            }
+            Ok(Channel::User(_)) => {
+                return self
+                    .error(id, "forbidden", "publish to conversations only")
+                    .await;
+            }
+            Err(_) => {
+                return self
+                    .error(
+                        id,
+                        "invalid_channel",
+                        "a channel is conversation:<uuid> or user:<uuid>",
+                    )
+                    .await;
+            }
+        };
+        if !self.take_publish_token() {
+            return self
+                .error(id, "rate_limited", "too many ephemeral events; slow down")
+                .await;
+        }
+        let frame = mobile_events::ephemeral(channel, self.user, data);
+        let redis_channel =
+            mobile_events::redis_channel(&self.ctx.settings.common.redis_key_prefix, channel);
+        let published: Result<(), redis::RedisError> = redis::cmd("PUBLISH")
+            .arg(redis_channel)
+            .arg(frame)
+            .query_async(&mut self.ctx.redis.conn())
+            .await;
+        match published {
+            Ok(()) => {
+                self.send_text(ServerFrame::Published { id, channel: name }.to_text())
+                    .await
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "ephemeral publish failed");
+                self.error(id, "unavailable", "try again shortly").await
+            }
+        }
+    }
+
+    fn take_publish_token(&mut self) -> bool {
+        let rate = f64::from(self.ctx.settings.publish_per_second);
+        let elapsed = self.publish_refilled.elapsed().as_secs_f64();
+        self.publish_refilled = Instant::now();
+        self.publish_tokens = (self.publish_tokens + elapsed * rate).min(rate);
+        if self.publish_tokens >= 1.0 {
+            self.publish_tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Sends a delivery if it is the next one the client should see; fills a gap
+    /// from PostgreSQL first.
+    async fn deliver(&mut self, delivery: Delivery) -> Result<(), End> {
+        let Some(sub) = self.subs.get(&delivery.channel).copied() else {
+            return Ok(());
+        };
+        let (Sub::Conversation { next }, Some(offset)) = (sub, delivery.offset) else {
+            return self.send(Message::Text(delivery.frame)).await;
+        };
+        if offset < next {
+            return Ok(());
+        }
+        if offset > next {
+            self.fill(delivery.channel, next, offset - 1).await?;
+        }
+        self.subs
+            .insert(delivery.channel, Sub::Conversation { next: offset + 1 });
+        self.send(Message::Text(delivery.frame)).await
+    }
+
+    /// Sends offsets `from..=to` of a conversation from PostgreSQL.
+    async fn fill(&mut self, channel: Channel, from: i64, to: i64) -> Result<(), End> {
+        let Channel::Conversation(conversation) = channel else {
+            return Ok(());
+        };
+        match conversations::list_messages(
+            &self.ctx.db,
+            conversation,
+            Window::After(from - 1),
+            to - from + 1,
+        )
+        .await
+        {
+            Ok(messages) => {
+                self.ctx
+                    .metrics
+                    .gap_fills
+                    .get_or_create(&OutcomeLabel { outcome: "filled" })
+                    .inc();
+                for message in messages {
+                    self.send(Message::Text(Delivery::from_message(message).frame))
+                        .await?;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Without the missing events the stream would have a hole: close, so
+                // the client reconnects and recovers with `since`.
+                tracing::warn!(error = %e, "connection gap fill failed");
+                self.ctx
+                    .metrics
+                    .gap_fills
+                    .get_or_create(&OutcomeLabel { outcome: "failed" })
+                    .inc();
+                Err(self
+                    .close(
+                        close::SERVICE_RESTART,
+                        "temporarily unable to deliver in order",
+                        End::Gone,
+                    )
+                    .await)
+            }
+        }
+    }
+
+    async fn error(&mut self, id: Option<u64>, code: &str, message: &str) -> Result<(), End> {
+        self.send_text(ServerFrame::Error { id, code, message }.to_text())
+            .await
+    }
+
+    async fn send_text(&mut self, text: String) -> Result<(), End> {
+        self.send(Message::Text(Utf8Bytes::from(text))).await
+    }
+
+    /// Writes one frame. A client that does not take it within two ping intervals is
+    /// gone. If the hub marks the client slow meanwhile, it gets a short grace to take
+    /// this frame, and then the 4008 close.
+    async fn send(&mut self, message: Message) -> Result<(), End> {
+        enum Sent {
+            Done,
+            Failed,
+            Slow,
+        }
+        let counts = matches!(message, Message::Text(_));
+        let limit = self.ctx.settings.ping_interval * 2;
+        let sent = {
+            let send = self.socket.send(message);
+            tokio::pin!(send);
+            tokio::select! {
+                sent = tokio::time::timeout(limit, &mut send) => {
+                    if matches!(sent, Ok(Ok(()))) { Sent::Done } else { Sent::Failed }
+                }
+                _ = self.slow.cancelled() => {
+                    match tokio::time::timeout(SLOW_CONSUMER_GRACE, &mut send).await {
+                        Ok(Ok(())) => Sent::Slow,
+                        _ => Sent::Failed,
+                    }
+                }
+            }
+        };
+        match sent {
+            Sent::Done => {
+                if counts {
+                    self.ctx.metrics.messages_sent.inc();
+                }
+                Ok(())
+            }
+            Sent::Failed => Err(End::Gone),
+            Sent::Slow => Err(self
+                .close(close::SLOW_CONSUMER, "slow consumer", End::SlowConsumer)
+                .await),
+        }
+    }
+
+    /// Sends a close frame (best effort, briefly) and reports `end`.
+    async fn close(&mut self, code: u16, reason: &'static str, end: End) -> End {
+        let frame = CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        };
+        let _ = tokio::time::timeout(
+            SLOW_CONSUMER_GRACE,
+            self.socket.send(Message::Close(Some(frame))),
+        )
+        .await;
+        end
+    }
+
+    /// Shutdown: tell the client when to come back, then close with 1012.
+    async fn restart(&mut self) -> End {
+        let after_ms = rand::thread_rng().gen_range(0..=1_000);
+        let _ = self
+            .send_text(ServerFrame::Reconnect { after_ms }.to_text())
+            .await;
+        self.close(close::SERVICE_RESTART, "service restart", End::Shutdown)
+            .await
+    }
+
+    async fn on_read_error(&mut self, error: axum::Error) -> End {
+        let too_big = error
+            .into_inner()
+            .downcast_ref::<tokio_tungstenite::tungstenite::Error>()
+            .is_some_and(|e| matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_)));
+        if too_big {
+            self.close(close::TOO_BIG, "frame too large", End::TooBig)
+                .await
+        } else {
+            End::Gone
+        }
+    }
+
+    async fn cleanup(&mut self) {
+        for channel in std::mem::take(&mut self.subs).into_keys() {
+            self.ctx.hub.unsubscribe(channel, self.id).await;
+        }
+        self.ctx
+            .presence
+            .disconnected(UserId::from_uuid(self.user), &self.public_id)
+            .await;
+    }
+}

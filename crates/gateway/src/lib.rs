@@ -1,0 +1,269 @@
+//! `mobile-gateway`: the WebSocket gateway.
+//!
+//! A client connects to `GET /v1/ws` with an access token, is subscribed to its own
+//! `user:` channel, and subscribes to the conversations it follows (with `since` to
+//! recover what it missed). Messages reach it through the [`hub`], which holds this
+//! process's single Redis Pub/Sub connection and fans each frame out to the local
+//! subscribers; each [`connection`] delivers its client's events in order, once. The
+//! wire format is in [`protocol`] and `docs/websocket-protocol.md`.
+//!
+//! Start-up, health, metrics and drain are the shared ones of `mobile-runtime`; on
+//! SIGTERM each connection is told to reconnect (`reconnect`, then close 1012) at a
+//! random moment of the drain window, so its clients do not all land on one pod at once.
+
+pub mod connection;
+pub mod hub;
+pub mod metrics;
+pub mod presence;
+pub mod protocol;
+pub mod settings;
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use axum::{
+    Router,
+    extract::{Query, State, WebSocketUpgrade},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use mobile_auth::{AccessTokens, SigningKey, TokenError, VerifyKeys};
+use mobile_runtime::{
+    Health, Shutdown, health,
+    metrics::{self as runtime_metrics, PoolCollector},
+    redis::Redis,
+    server::{self, Drain},
+};
+use prometheus_client::registry::Registry;
+use rand::Rng;
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use sqlx::PgPool;
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_util::task::TaskTracker;
+
+pub use crate::settings::GatewaySettings;
+use crate::{hub::Hub, metrics::GatewayMetrics, presence::Presence};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What every connection shares.
+#[derive(Debug)]
+pub struct Context {
+    pub settings: GatewaySettings,
+    pub tokens: AccessTokens,
+    pub db: PgPool,
+    pub redis: Redis,
+    pub hub: Hub,
+    pub presence: Presence,
+    pub metrics: GatewayMetrics,
+    pub shutdown: Shutdown,
+    /// Caps connections per process; a permit lives as long as its connection.
+    pub connections: Arc<Semaphore>,
+    /// Every connection task, so the drain waits for them.
+    pub tasks: TaskTracker,
+}
+
+impl Context {
+    /// When, after shutdown starts, one connection should be told to reconnect: after
+    /// the delay (while load balancers still route here, a reconnect could land here
+    /// again), at a uniformly random point of the first three quarters of what remains.
+    pub fn drain_offset(&self) -> Duration {
+        let delay = self.settings.common.shutdown_delay;
+        let window = self
+            .settings
+            .common
+            .shutdown_timeout
+            .saturating_sub(delay)
+            .mul_f64(0.75);
+        let spread = rand::thread_rng().gen_range(0.0..=1.0);
+        delay + window.mul_f64(spread)
+    }
+}
+
+/// Listens on the configured addresses and serves until SIGTERM.
+pub async fn run(settings: GatewaySettings) -> anyhow::Result<()> {
+    let shutdown = Shutdown::new();
+    shutdown
+        .listen_for_signals()
+        .context("cannot install signal handlers")?;
+    let listener = server::bind(settings.common.listen_addr).await?;
+    let metrics_listener = server::bind(settings.common.metrics_addr).await?;
+    serve(settings, listener, metrics_listener, shutdown).await
+}
+
+/// Serves on listeners the caller bound until `shutdown` triggers, then drains.
+pub async fn serve(
+    settings: GatewaySettings,
+    listener: TcpListener,
+    metrics_listener: TcpListener,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let tokens = access_tokens(&settings)?;
+    let db = mobile_db::connect_lazy(
+        settings.common.database_url.expose_secret(),
+        &mobile_db::PoolSettings {
+            max_connections: settings.common.database_max_connections,
+            ..Default::default()
+        },
+    )
+    .context("DATABASE_URL")?;
+    let redis_url = settings.common.redis_url.expose_secret().to_owned();
+    let prefix = settings.common.redis_key_prefix.clone();
+    let redis = Redis::connect_lazy(&redis_url, &prefix).context("REDIS_URL")?;
+
+    let mut registry = Registry::default();
+    runtime_metrics::register_common(&mut registry, VERSION);
+    registry.register_collector(Box::new(PoolCollector::new(db.clone())));
+    let metrics = GatewayMetrics::register(&mut registry);
+
+    // The hub and presence outlive the connections: they stop after the drain.
+    let background = tokio_util::sync::CancellationToken::new();
+    let _stop_background = background.clone().drop_guard();
+    let hub = Hub::start(
+        &redis_url,
+        &prefix,
+        db.clone(),
+        metrics.clone(),
+        background.clone(),
+    )
+    .context("REDIS_URL")?;
+    let presence = Presence::start(redis.clone(), &prefix, background.clone());
+
+    let pubsub_hub = hub.clone();
+    let health = Health::new(shutdown.clone())
+        .with_check("postgres", health::postgres(db.clone()))
+        .with_check("redis", health::redis(redis.clone()))
+        .with_check(
+            "pubsub",
+            Arc::new(move || {
+                let live = pubsub_hub.is_live();
+                Box::pin(async move {
+                    if live {
+                        Ok(())
+                    } else {
+                        Err("the Redis Pub/Sub subscription is down".to_owned())
+                    }
+                })
+            }),
+        );
+    let drain = Drain {
+        delay: settings.common.shutdown_delay,
+        timeout: settings.common.shutdown_timeout,
+    };
+    let tasks = TaskTracker::new();
+    let context = Arc::new(Context {
+        connections: Arc::new(Semaphore::new(settings.max_connections)),
+        settings,
+        tokens,
+        db,
+        redis,
+        hub,
+        presence,
+        metrics,
+        shutdown: shutdown.clone(),
+        tasks: tasks.clone(),
+    });
+    let app = app(context, &health);
+    server::serve(
+        listener,
+        app,
+        metrics_listener,
+        runtime_metrics::router(Arc::new(registry)),
+        shutdown,
+        drain,
+        tasks,
+    )
+    .await
+}
+
+/// `/v1/ws` and health.
+pub fn app(context: Arc<Context>, health: &Health) -> Router {
+    Router::new()
+        .route("/v1/ws", get(upgrade))
+        .merge(health.router())
+        .with_state(context)
+}
+
+#[derive(Debug, Deserialize)]
+struct WsQuery {
+    access_token: Option<String>,
+}
+
+/// Checks the token and capacity, then upgrades. A bad token still upgrades, to be
+/// closed with 4001: mobile WebSocket clients seldom see the HTTP status of a refused
+/// handshake, but always see a close code.
+async fn upgrade(
+    State(context): State<Arc<Context>>,
+    headers: HeaderMap,
+    Query(query): Query<WsQuery>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if context.shutdown.is_triggered() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    let Ok(permit) = context.connections.clone().try_acquire_owned() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "at capacity").into_response();
+    };
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::to_owned)
+        .or(query.access_token);
+    let auth = match token {
+        Some(token) => context.tokens.verify(token.trim()),
+        None => Err(TokenError::Invalid),
+    };
+    let frame_limit = context.settings.max_frame_bytes;
+    let tasks = context.tasks.clone();
+    upgrade
+        .max_frame_size(frame_limit)
+        .max_message_size(frame_limit)
+        // Small buffers: most connections are idle most of the time, and memory per
+        // idle connection is what decides how many a pod holds.
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(frame_limit.max(64 * 1024) * 4)
+        .on_failed_upgrade(|error| tracing::debug!(%error, "WebSocket upgrade failed"))
+        .on_upgrade(move |socket| {
+            tasks.track_future(async move {
+                connection::serve(socket, auth, context).await;
+                drop(permit);
+            })
+        })
+}
+
+/// Verify keys from `JWT_VERIFY_KEYS_FILE` (or, in development only, the published
+/// development key's public half).
+fn access_tokens(settings: &GatewaySettings) -> anyhow::Result<AccessTokens> {
+    let verify = match &settings.jwt_verify_keys_file {
+        Some(path) => VerifyKeys::from_file(path).context("JWT_VERIFY_KEYS_FILE")?,
+        None if settings.common.app_env.is_development() => {
+            tracing::warn!(
+                "JWT_VERIFY_KEYS_FILE is not set: accepting tokens of the PUBLISHED DEVELOPMENT KEY. \
+                 Anyone can forge them. Never run this outside development."
+            );
+            let mut keys = VerifyKeys::default();
+            keys.insert(SigningKey::development()?.verify_key());
+            keys
+        }
+        None => anyhow::bail!(
+            "JWT_VERIFY_KEYS_FILE is required (APP_ENV is {:?}; only APP_ENV=development may fall back to the development key)",
+            settings.common.app_env.to_string()
+        ),
+    };
+    tracing::info!(verify_kids = ?verify.kids(), "access-token verify keys loaded");
+    Ok(AccessTokens::new(
+        None,
+        verify,
+        settings.jwt_issuer.clone(),
+        settings.jwt_audience.clone(),
+        // Verifiers do not issue.
+        Duration::ZERO,
+    ))
+}

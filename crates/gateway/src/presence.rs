@@ -1,0 +1,94 @@
+//! This process's share of presence: which users have a connection here, renewed in
+//! Redis so they count as online (see `mobile_events::presence`).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use mobile_domain::UserId;
+use mobile_events::presence;
+use mobile_runtime::redis::Redis;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone)]
+pub struct Presence {
+    redis: Redis,
+    prefix: Arc<str>,
+    /// connection id → user, for the periodic renewal.
+    local: Arc<Mutex<HashMap<String, UserId>>>,
+}
+
+impl Presence {
+    /// Creates the tracker and its renewal task, which stops with `stop`.
+    pub fn start(redis: Redis, prefix: &str, stop: CancellationToken) -> Self {
+        let presence = Self {
+            redis,
+            prefix: Arc::from(prefix),
+            local: Arc::default(),
+        };
+        let renewer = presence.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(presence::REFRESH_EVERY);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => renewer.renew_all().await,
+                }
+            }
+        });
+        presence
+    }
+
+    fn entries(&self) -> Vec<(uuid::Uuid, String)> {
+        let local = self
+            .local
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        local
+            .iter()
+            .map(|(conn, user)| (user.as_uuid(), conn.clone()))
+            .collect()
+    }
+
+    async fn renew_all(&self) {
+        let entries = self.entries();
+        let refs: Vec<(uuid::Uuid, &str)> = entries.iter().map(|(u, c)| (*u, c.as_str())).collect();
+        if let Err(e) = presence::renew(&mut self.redis.conn(), &self.prefix, &refs).await {
+            tracing::warn!(error = %e, "presence renewal failed");
+        }
+    }
+
+    pub async fn connected(&self, user: UserId, connection: &str) {
+        self.local
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(connection.to_owned(), user);
+        if let Err(e) = presence::renew(
+            &mut self.redis.conn(),
+            &self.prefix,
+            &[(user.as_uuid(), connection)],
+        )
+        .await
+        {
+            tracing::warn!(error = %e, "marking a user online failed");
+        }
+    }
+
+    pub async fn disconnected(&self, user: UserId, connection: &str) {
+        self.local
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(connection);
+        if let Err(e) = presence::remove(
+            &mut self.redis.conn(),
+            &self.prefix,
+            user.as_uuid(),
+            connection,
+        )
+        .await
+        {
+            tracing::warn!(error = %e, "marking a user offline failed");
+        }
+    }
+}

@@ -1,0 +1,330 @@
+//! `Stack`: the API and gateways sharing one database and Redis prefix; `Client`: a
+//! WebSocket client that reads frames as JSON.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use mobile_runtime::{Env, Shutdown};
+use mobile_testkit::{TestDb, TestKeys};
+use serde_json::{Value, json};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream,
+    tungstenite::{Message, client::IntoClientRequest},
+};
+
+pub struct Gateway {
+    pub addr: String,
+    pub metrics: String,
+    pub shutdown: Shutdown,
+    pub server: JoinHandle<anyhow::Result<()>>,
+}
+
+pub struct Stack {
+    pub api: String,
+    pub gateways: Vec<Gateway>,
+    pub http: reqwest::Client,
+    _db: TestDb,
+    pub keys: TestKeys,
+    pub prefix: String,
+    pub redis_url: String,
+    _api_shutdown: Shutdown,
+}
+
+#[derive(Debug, Clone)]
+pub struct User {
+    pub id: String,
+    pub token: String,
+}
+
+async fn listeners() -> (TcpListener, TcpListener) {
+    (
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+}
+
+impl Stack {
+    /// The API and `gateways` gateways, with `extra` settings for the gateways.
+    pub async fn start(gateways: usize, extra: &[(&str, &str)]) -> Self {
+        Self::start_with_redis(gateways, extra, mobile_testkit::redis_url()).await
+    }
+
+    pub async fn start_with_redis(
+        gateways: usize,
+        extra: &[(&str, &str)],
+        redis_url: String,
+    ) -> Self {
+        mobile_runtime::telemetry::init_for_tests();
+        let db = TestDb::new().await;
+        let keys = TestKeys::generate(2);
+        let prefix = mobile_testkit::unique_redis_prefix();
+        let common = |listen: &str| -> Vec<(String, String)> {
+            vec![
+                ("APP_ENV".into(), "test".into()),
+                ("DATABASE_URL".into(), db.url().into()),
+                ("REDIS_URL".into(), redis_url.clone()),
+                ("REDIS_KEY_PREFIX".into(), prefix.clone()),
+                ("LISTEN_ADDR".into(), listen.into()),
+                ("SHUTDOWN_TIMEOUT_SECONDS".into(), "4".into()),
+            ]
+        };
+
+        let mut api_env = common("127.0.0.1:0");
+        api_env.push((
+            "JWT_SIGNING_KEY_FILE".into(),
+            keys.signing(0).display().to_string(),
+        ));
+        api_env.push(("RATE_LIMIT_AUTH_PER_MINUTE".into(), "100000".into()));
+        api_env.push(("RATE_LIMIT_WRITE_PER_MINUTE".into(), "100000".into()));
+        let api_settings = mobile_api::ApiSettings::from_env(&Env::from_pairs(api_env)).unwrap();
+        let (listener, metrics) = listeners().await;
+        let api = format!("http://{}", listener.local_addr().unwrap());
+        let api_shutdown = Shutdown::new();
+        tokio::spawn(mobile_api::serve(
+            api_settings,
+            listener,
+            metrics,
+            api_shutdown.clone(),
+        ));
+
+        let verify = keys.verify_file(&[0]);
+        let mut started = Vec::new();
+        for _ in 0..gateways {
+            let mut env = common("127.0.0.1:0");
+            env.push(("JWT_VERIFY_KEYS_FILE".into(), verify.display().to_string()));
+            env.extend(
+                extra
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+            );
+            let settings =
+                mobile_gateway::GatewaySettings::from_env(&Env::from_pairs(env)).unwrap();
+            let (listener, metrics) = listeners().await;
+            let addr = format!("ws://{}/v1/ws", listener.local_addr().unwrap());
+            let metrics_url = format!("http://{}/metrics", metrics.local_addr().unwrap());
+            let shutdown = Shutdown::new();
+            let server = tokio::spawn(mobile_gateway::serve(
+                settings,
+                listener,
+                metrics,
+                shutdown.clone(),
+            ));
+            started.push(Gateway {
+                addr,
+                metrics: metrics_url,
+                shutdown,
+                server,
+            });
+        }
+        let stack = Self {
+            api,
+            gateways: started,
+            http: reqwest::Client::new(),
+            _db: db,
+            keys,
+            prefix,
+            redis_url,
+            _api_shutdown: api_shutdown,
+        };
+        for gateway in &stack.gateways {
+            stack.wait_ready(gateway).await;
+        }
+        stack
+    }
+
+    pub async fn wait_ready(&self, gateway: &Gateway) {
+        let ready = gateway
+            .addr
+            .replace("ws://", "http://")
+            .replace("/v1/ws", "/health/ready");
+        for _ in 0..100 {
+            if let Ok(response) = self.http.get(&ready).send().await
+                && response.status() == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("gateway {} did not become ready", gateway.addr);
+    }
+
+    pub async fn register(&self, name: &str) -> User {
+        let body: Value = self
+            .http
+            .post(format!("{}/v1/auth/register", self.api))
+            .json(&json!({"email": format!("{name}@example.com"), "password": "correct horse battery", "display_name": name}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        User {
+            id: body["user"]["id"].as_str().unwrap().to_owned(),
+            token: body["access_token"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    pub async fn conversation(&self, creator: &User, members: &[&User]) -> String {
+        let ids: Vec<&str> = members.iter().map(|m| m.id.as_str()).collect();
+        let body: Value = self
+            .http
+            .post(format!("{}/v1/conversations", self.api))
+            .bearer_auth(&creator.token)
+            .json(&json!({"member_ids": ids}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Posts a message; returns its seq.
+    pub async fn post(&self, sender: &User, conversation: &str, body: &str) -> i64 {
+        let response = self
+            .http
+            .post(format!(
+                "{}/v1/conversations/{conversation}/messages",
+                self.api
+            ))
+            .bearer_auth(&sender.token)
+            .json(&json!({"client_msg_id": uuid::Uuid::new_v4().to_string(), "body": body}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        response.json::<Value>().await.unwrap()["seq"]
+            .as_i64()
+            .unwrap()
+    }
+
+    pub async fn metrics(&self, gateway: usize) -> String {
+        self.http
+            .get(&self.gateways[gateway].metrics)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+/// The value of one sample line of a Prometheus exposition.
+pub fn sample(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|line| line.starts_with(prefix))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0.0)
+}
+
+pub type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub struct Client {
+    pub socket: Socket,
+    pub welcome: Value,
+}
+
+/// How a connection ended, as the client saw it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Closed {
+    Code(u16),
+    /// The connection ended without a close frame.
+    Abruptly,
+}
+
+impl Client {
+    pub async fn connect(url: &str, token: &str) -> Self {
+        let mut request = url.into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let (socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        let mut client = Self {
+            socket,
+            welcome: Value::Null,
+        };
+        client.welcome = client.next().await;
+        assert_eq!(client.welcome["type"], "welcome", "{}", client.welcome);
+        client
+    }
+
+    /// Connects without expecting a welcome (for refused tokens).
+    pub async fn connect_raw(url: &str) -> Socket {
+        tokio_tungstenite::connect_async(url).await.unwrap().0
+    }
+
+    pub async fn send(&mut self, frame: Value) {
+        self.socket
+            .send(Message::text(frame.to_string()))
+            .await
+            .unwrap();
+    }
+
+    /// The next JSON frame within 5 s.
+    pub async fn next(&mut self) -> Value {
+        self.next_within(Duration::from_secs(5))
+            .await
+            .expect("a frame within the time limit")
+    }
+
+    pub async fn next_within(&mut self, limit: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let message = tokio::time::timeout_at(deadline, self.socket.next())
+                .await
+                .ok()??;
+            match message.unwrap() {
+                Message::Text(text) => return Some(serde_json::from_str(&text).unwrap()),
+                Message::Close(frame) => panic!("closed: {frame:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    pub async fn subscribe(&mut self, conversation: &str, since: Option<i64>) -> Value {
+        let mut frame = json!({"type": "subscribe", "id": 1, "channel": format!("conversation:{conversation}")});
+        if let Some(since) = since {
+            frame["since"] = json!(since);
+        }
+        self.send(frame).await;
+        let answer = self.next().await;
+        assert_eq!(answer["type"], "subscribed", "{answer}");
+        answer
+    }
+
+    /// The offsets of the next `n` message events.
+    pub async fn offsets(&mut self, n: usize) -> Vec<i64> {
+        let mut offsets = Vec::new();
+        while offsets.len() < n {
+            let frame = self.next().await;
+            if frame["event"] == "message.created" {
+                offsets.push(frame["offset"].as_i64().unwrap());
+            }
+        }
+        offsets
+    }
+
+    /// Reads until the connection ends; returns how (within `limit`).
+    pub async fn closed(&mut self, limit: Duration) -> Closed {
+        closed(&mut self.socket, limit).await
+    }
+}
+
+pub async fn closed(socket: &mut Socket, limit: Duration) -> Closed {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, socket.next()).await {
+            Err(_) => panic!("the connection stayed open"),
+            Ok(None) | Ok(Some(Err(_))) => return Closed::Abruptly,
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                return frame.map_or(Closed::Abruptly, |f| Closed::Code(u16::from(f.code)));
+            }
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+}

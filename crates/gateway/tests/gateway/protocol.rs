@@ -1,0 +1,211 @@
+//! The protocol's refusals: tokens, membership, bad and oversized frames, limits.
+
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::helpers::{Client, Closed, Stack, closed};
+
+fn token(stack: &Stack, key: usize, user: &str, exp_offset: i64) -> String {
+    let signing = mobile_auth::SigningKey::from_file(&stack.keys.signing(key)).unwrap();
+    let mut header = Header::new(Algorithm::EdDSA);
+    header.kid = Some(signing.kid().to_owned());
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let claims = json!({"sub": user, "sid": uuid::Uuid::new_v4(), "iss": "mobile-backend", "aud": "mobile-app",
+                        "iat": now - 120, "exp": now + exp_offset});
+    let pem = std::fs::read(stack.keys.signing(key)).unwrap();
+    jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ed_pem(&pem).unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn bad_tokens_are_closed_with_4001() {
+    let stack = Stack::start(1, &[]).await;
+    let ann = stack.register("ann").await;
+    let url = &stack.gateways[0].addr;
+
+    for (query, why) in [
+        (String::new(), "no token"),
+        ("?access_token=garbage".to_owned(), "garbage"),
+        (
+            format!("?access_token={}", token(&stack, 0, &ann.id, -60)),
+            "expired",
+        ),
+        (
+            format!("?access_token={}", token(&stack, 1, &ann.id, 600)),
+            "unknown key",
+        ),
+    ] {
+        let mut socket = Client::connect_raw(&format!("{url}{query}")).await;
+        assert_eq!(
+            closed(&mut socket, Duration::from_secs(5)).await,
+            Closed::Code(4001),
+            "{why}"
+        );
+    }
+
+    // The same user with a good token, in the query string this time.
+    let mut socket = Client::connect_raw(&format!("{url}?access_token={}", ann.token)).await;
+    let welcome = futures_util::StreamExt::next(&mut socket)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(welcome.to_text().unwrap().contains("\"welcome\""));
+}
+
+#[tokio::test]
+async fn members_only_and_errors_keep_the_connection() {
+    let stack = Stack::start(1, &[("WS_MAX_CHANNELS", "3")]).await;
+    let ann = stack.register("ann").await;
+    let eve = stack.register("eve").await;
+    let conversation = stack.conversation(&ann, &[]).await;
+    let mut eves = Client::connect(&stack.gateways[0].addr, &eve.token).await;
+    assert_eq!(eves.welcome["ping_interval_s"], 25);
+
+    eves.send(
+        json!({"type": "subscribe", "id": 1, "channel": format!("conversation:{conversation}")}),
+    )
+    .await;
+    assert_eq!(
+        eves.next().await,
+        json!({"type": "error", "id": 1, "code": "forbidden", "message": "not a member of this conversation"})
+    );
+    eves.send(json!({"type": "subscribe", "id": 2, "channel": format!("user:{}", ann.id)}))
+        .await;
+    assert_eq!(eves.next().await["code"], "forbidden");
+    eves.send(json!({"type": "subscribe", "id": 3, "channel": "room:lobby"}))
+        .await;
+    assert_eq!(eves.next().await["code"], "invalid_channel");
+    eves.send(json!({"type": "subscribe", "id": 4, "channel": format!("user:{}", eve.id)}))
+        .await;
+    assert_eq!(
+        eves.next().await["type"],
+        "subscribed",
+        "one's own user channel is always allowed"
+    );
+    eves.send(json!({"type": "dance", "id": 5})).await;
+    let answer = eves.next().await;
+    assert_eq!(
+        (answer["code"].as_str(), answer["id"].as_u64()),
+        (Some("bad_frame"), Some(5))
+    );
+    eves.send(json!({"type": "publish", "id": 6, "channel": format!("conversation:{conversation}"), "data": {}})).await;
+    assert_eq!(eves.next().await["code"], "not_subscribed");
+    eves.send(
+        json!({"type": "unsubscribe", "id": 7, "channel": format!("conversation:{conversation}")}),
+    )
+    .await;
+    assert_eq!(eves.next().await["code"], "not_subscribed");
+
+    // The channel limit (3, the user channel included).
+    let mut anns = Client::connect(&stack.gateways[0].addr, &ann.token).await;
+    for _ in 0..2 {
+        let other = stack.conversation(&ann, &[]).await;
+        anns.next().await; // conversation.created
+        anns.subscribe(&other, None).await;
+    }
+    anns.send(
+        json!({"type": "subscribe", "id": 9, "channel": format!("conversation:{conversation}")}),
+    )
+    .await;
+    assert_eq!(anns.next().await["code"], "too_many_channels");
+    anns.send(
+        json!({"type": "subscribe", "id": 10, "channel": format!("conversation:{conversation}")}),
+    )
+    .await;
+    assert_eq!(
+        anns.next().await["code"],
+        "too_many_channels",
+        "still open, still refusing"
+    );
+}
+
+#[tokio::test]
+async fn frames_that_are_not_the_protocol_close_the_connection() {
+    let stack = Stack::start(1, &[("WS_MAX_FRAME_BYTES", "2048")]).await;
+    let ann = stack.register("ann").await;
+    let url = &stack.gateways[0].addr;
+
+    let mut client = Client::connect(url, &ann.token).await;
+    client
+        .socket
+        .send(Message::text("this is not json"))
+        .await
+        .unwrap();
+    assert_eq!(
+        client.closed(Duration::from_secs(5)).await,
+        Closed::Code(1008)
+    );
+
+    let mut client = Client::connect(url, &ann.token).await;
+    client
+        .socket
+        .send(Message::binary(vec![1, 2, 3]))
+        .await
+        .unwrap();
+    assert_eq!(
+        client.closed(Duration::from_secs(5)).await,
+        Closed::Code(1008)
+    );
+
+    let mut client = Client::connect(url, &ann.token).await;
+    let huge = json!({"type": "publish", "channel": "x", "data": "y".repeat(4096)}).to_string();
+    client.socket.send(Message::text(huge)).await.unwrap();
+    assert_eq!(
+        client.closed(Duration::from_secs(5)).await,
+        Closed::Code(1009)
+    );
+
+    let metrics = stack.metrics(0).await;
+    assert_eq!(
+        crate::helpers::sample(
+            &metrics,
+            r#"websocket_disconnects_total{reason="protocol_violation"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        crate::helpers::sample(&metrics, r#"websocket_disconnects_total{reason="too_big"}"#),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_stops_answering_pings_is_dropped() {
+    let stack = Stack::start(1, &[("PING_INTERVAL_SECONDS", "1")]).await;
+    let ann = stack.register("ann").await;
+    let mut quiet = Client::connect(&stack.gateways[0].addr, &ann.token).await;
+    let mut lively = Client::connect(&stack.gateways[0].addr, &ann.token).await;
+    // Reading answers pings (tungstenite replies to them while reading); not reading
+    // does not. Keep one client reading for 4 s and the other silent.
+    let reading = tokio::spawn(async move {
+        let ended = lively.next_within(Duration::from_secs(4)).await;
+        (lively, ended)
+    });
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (mut lively, ended) = reading.await.unwrap();
+    assert!(
+        ended.is_none(),
+        "no frames, and no close, for the lively client"
+    );
+    // The silent one was closed meanwhile.
+    let how = quiet.closed(Duration::from_secs(2)).await;
+    assert!(
+        matches!(how, Closed::Code(1001) | Closed::Abruptly),
+        "{how:?}"
+    );
+    lively
+        .send(json!({"type": "subscribe", "id": 1, "channel": format!("user:{}", ann.id)}))
+        .await;
+    assert_eq!(lively.next().await["type"], "subscribed");
+    let metrics = stack.metrics(0).await;
+    assert_eq!(
+        crate::helpers::sample(
+            &metrics,
+            r#"websocket_disconnects_total{reason="ping_timeout"}"#
+        ),
+        1.0
+    );
+}
