@@ -335,7 +335,7 @@ impl Hub {
         let hub = self.clone();
         tokio::spawn(async move {
             let result = hub.read_range(fill).await;
-            hub.finish_fill(fill.channel, result);
+            hub.finish_fill(fill, result);
         });
     }
 
@@ -365,7 +365,8 @@ impl Hub {
     }
 
     /// Delivers a fill's messages, then whatever waited behind it, in order.
-    fn finish_fill(&self, channel: Channel, result: Result<Vec<Delivery>, sqlx::Error>) {
+    fn finish_fill(&self, fill: Fill, result: Result<Vec<Delivery>, sqlx::Error>) {
+        let channel = fill.channel;
         let next_fill = {
             let mut channels = self.channels();
             let Some(state) = channels.get_mut(&channel) else {
@@ -397,7 +398,20 @@ impl Hub {
             let mut waiting = std::mem::take(&mut state.pending);
             waiting.sort_by_key(|d| d.offset);
             let mut next_fill = None;
-            for delivery in filled.into_iter().chain(waiting) {
+            for delivery in filled {
+                // Within the range by construction: never starts another fill.
+                let _ = self.accept(state, delivery);
+            }
+            if let Some(last) = state.last_offset
+                && last < fill.to
+            {
+                // Seqs are committed before they are published, so PostgreSQL has every
+                // offset below one that was published. If it does not, waiting would
+                // stall the channel for good: move on, and say so.
+                tracing::error!(%channel, last, missing_to = fill.to, "offsets missing from PostgreSQL; skipping them");
+                state.last_offset = Some(fill.to);
+            }
+            for delivery in waiting {
                 if let Some(fill) = self.accept(state, delivery) {
                     next_fill = Some(fill);
                 }
@@ -533,8 +547,9 @@ impl Hub {
                         None => return,
                     },
                     _ = health.tick() => {
-                        // A half-open connection never ends the stream: ask.
-                        let ping = tokio::time::timeout(Duration::from_secs(2), sink.ping::<String>());
+                        // A half-open connection never ends the stream: ask. (A subscribed
+                        // connection answers PING with ["pong", ""], not "PONG".)
+                        let ping = tokio::time::timeout(Duration::from_secs(2), sink.ping::<redis::Value>());
                         if !matches!(ping.await, Ok(Ok(_))) {
                             tracing::warn!("Redis Pub/Sub did not answer PING; reconnecting");
                             break;

@@ -219,3 +219,23 @@ async fn a_redis_restart_loses_nothing() {
     let metrics = stack.metrics(0).await;
     assert!(sample(&metrics, "redis_pubsub_reconnects_total ") >= 1.0);
 }
+
+#[tokio::test]
+async fn the_pubsub_connection_stays_up_while_idle() {
+    // The hub checks its Pub/Sub connection every 5 s; a check that fails on a healthy
+    // connection would reconnect (and catch up from PostgreSQL) over and over.
+    let stack = Stack::start(1, &[]).await;
+    let ann = stack.register("ann").await;
+    let conversation = stack.conversation(&ann, &[]).await;
+    let mut client = Client::connect(&stack.gateways[0].addr, &ann.token).await;
+    client.subscribe(&conversation, None).await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let seq = stack.post(&ann, &conversation, "still here").await;
+    assert_eq!(client.offsets(1).await, vec![seq]);
+    let metrics = stack.metrics(0).await;
+    assert_eq!(
+        sample(&metrics, "redis_pubsub_reconnects_total "),
+        0.0,
+        "{metrics}"
+    );
+}

@@ -1,0 +1,66 @@
+//! `mobile-loadtest`: benchmarks of mobile-backend, run on one machine, loopback only,
+//! bounded in count and time.
+//!
+//! ```text
+//! mobile-loadtest ws [--idle N] [--subscribers N] [--messages N] [--rate R] [--seconds S]
+//! ```
+//!
+//! Each scenario starts the services it measures as child processes (release builds
+//! next to this binary), on a fresh database and a private Redis key prefix, and prints
+//! a summary plus a JSON result (`--out DIR`, default `loadtest/results`).
+
+mod procs;
+mod ws;
+
+use std::{collections::HashMap, path::PathBuf};
+
+use anyhow::{Context as _, bail};
+
+const USAGE: &str = "usage: mobile-loadtest ws [--idle N] [--subscribers N] [--messages N] [--rate R] [--seconds S] [--out DIR]";
+
+/// `--name value` flags.
+#[derive(Debug, Default)]
+pub struct Flags(HashMap<String, String>);
+
+impl Flags {
+    fn parse(args: &[String]) -> anyhow::Result<Self> {
+        let mut flags = HashMap::new();
+        let mut args = args.iter();
+        while let Some(name) = args.next() {
+            let Some(name) = name.strip_prefix("--") else {
+                bail!("unexpected argument {name:?}\n{USAGE}");
+            };
+            let value = args
+                .next()
+                .with_context(|| format!("--{name} needs a value"))?;
+            flags.insert(name.to_owned(), value.clone());
+        }
+        Ok(Self(flags))
+    }
+
+    pub fn number(&self, name: &str, default: u64) -> anyhow::Result<u64> {
+        self.0.get(name).map_or(Ok(default), |v| {
+            v.parse()
+                .with_context(|| format!("--{name} takes a number"))
+        })
+    }
+
+    pub fn out_dir(&self) -> PathBuf {
+        self.0
+            .get("out")
+            .map_or_else(|| PathBuf::from("loadtest/results"), PathBuf::from)
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((scenario, rest)) = args.split_first() else {
+        bail!("{USAGE}");
+    };
+    let flags = Flags::parse(rest)?;
+    match scenario.as_str() {
+        "ws" => ws::run(&flags).await,
+        other => bail!("unknown scenario {other:?}\n{USAGE}"),
+    }
+}

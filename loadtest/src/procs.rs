@@ -1,0 +1,135 @@
+//! Child processes under test, and what /proc says about them.
+
+use std::{path::PathBuf, process::Stdio, time::Duration};
+
+use anyhow::{Context as _, bail};
+use tokio::process::{Child, Command};
+
+/// A service binary built next to this one (`target/release/…`).
+pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let path = me.with_file_name(name);
+    if !path.exists() {
+        bail!(
+            "{} not found: build it first (cargo build --release -p {name})",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+pub struct Service {
+    /// Held so the process is killed when the service is dropped.
+    _child: Child,
+    pub pid: u32,
+    pub port: u16,
+    pub metrics_port: u16,
+}
+
+impl Service {
+    /// Starts `binary` with `env` on a fresh port and waits for `/health/ready`.
+    pub async fn start(binary: &PathBuf, env: &[(&str, String)]) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let metrics_port = free_port()?;
+        let mut command = Command::new(binary);
+        command
+            .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+            .env("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let child = command
+            .spawn()
+            .with_context(|| format!("start {}", binary.display()))?;
+        let pid = child.id().context("pid")?;
+        let service = Self {
+            _child: child,
+            pid,
+            port,
+            metrics_port,
+        };
+        for _ in 0..200 {
+            if ready(port).await {
+                return Ok(service);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("{} did not become ready", binary.display())
+    }
+
+    /// Resident memory in bytes.
+    pub fn rss(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            })
+            .map_or(0, |kib| kib * 1024)
+    }
+
+    /// User plus system CPU time consumed so far, in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
+            .ok()
+            .and_then(|s| {
+                let fields: Vec<String> = s
+                    .rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .map(str::to_owned)
+                    .collect();
+                let utime: f64 = fields.get(11)?.parse().ok()?;
+                let stime: f64 = fields.get(12)?.parse().ok()?;
+                // USER_HZ is 100 on Linux.
+                Some((utime + stime) / 100.0)
+            })
+            .unwrap_or(0.0)
+    }
+}
+
+impl Service {
+    /// The `/metrics` lines starting with `name`, joined, for diagnostics.
+    pub async fn metric_lines(&self, name: &str) -> String {
+        get(self.metrics_port, "/metrics")
+            .await
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.starts_with(name))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+async fn ready(port: u16) -> bool {
+    get(port, "/health/ready")
+        .await
+        .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+}
+
+/// A GET on a fresh connection; the whole response as text.
+async fn get(port: u16, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: bench\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    Some(response)
+}

@@ -1,0 +1,384 @@
+//! The `ws` scenario: the gateway's memory per idle connection, its fan-out
+//! throughput, and publish → deliver latency across two gateways.
+//!
+//! Setup: a fresh database (`mobile_bench`), two `mobile-gateway` processes with
+//! `APP_ENV=development` (so this driver can mint tokens with the published development
+//! key), users and conversations inserted with SQL, and events published straight to
+//! Redis exactly as the API publishes them after a commit.
+//!
+//! 1. **Idle memory**: `--idle` connections (default 5000) open on gateway A; the
+//!    growth of its resident memory divided by their number.
+//! 2. **Fan-out**: `--subscribers` clients (default 1000) of one conversation on gateway A,
+//!    `--messages` events (default 2000, 100-byte body) published as fast as the clients
+//!    take them (at most 100 events ahead of the slowest, so no client is ever closed as
+//!    slow). Deliveries per second of wall time, and per second of gateway CPU time,
+//!    the figure that does not depend on how much CPU the clients took.
+//! 3. **Latency**: 200 clients of another conversation, half on each gateway, `--rate`
+//!    events per second (default 200) for `--seconds` (default 10); each event carries
+//!    its publish time, each client records receive − publish.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, bail};
+use futures_util::{SinkExt, StreamExt, stream};
+use hdrhistogram::Histogram;
+use mobile_auth::{AccessTokens, SigningKey, VerifyKeys};
+use mobile_domain::{SessionId, UserId};
+use serde_json::json;
+use sqlx::{Executor, PgPool};
+use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+use uuid::Uuid;
+
+use crate::{
+    Flags,
+    procs::{Service, sibling},
+};
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Events published ahead of the slowest client, at most.
+const WINDOW: u64 = 100;
+const BODY: &str = "a message of exactly one hundred bytes, which is about what a chat line is, give or take a word....";
+
+pub async fn run(flags: &Flags) -> anyhow::Result<()> {
+    let idle = flags.number("idle", 5_000)?;
+    let subscribers = flags.number("subscribers", 1_000)?;
+    let messages = flags.number("messages", 2_000)?;
+    let rate = flags.number("rate", 200)?;
+    let seconds = flags.number("seconds", 10)?;
+    let latency_clients = 200;
+
+    let database_url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/mobile_bench".to_owned());
+    let redis_url =
+        std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let db = fresh_database(&database_url).await?;
+    let prefix = format!("bench:{}:", Uuid::new_v4().simple());
+    let gateway = sibling("mobile-gateway")?;
+    let env = [
+        ("APP_ENV", "development".to_owned()),
+        ("DATABASE_URL", database_url.clone()),
+        ("REDIS_URL", redis_url.clone()),
+        ("REDIS_KEY_PREFIX", prefix.clone()),
+        ("DATABASE_MAX_CONNECTIONS", "20".to_owned()),
+    ];
+    let a = Service::start(&gateway, &env).await?;
+    let b = Service::start(&gateway, &env).await?;
+    let tokens = AccessTokens::new(
+        Some(SigningKey::development()?),
+        VerifyKeys::default(),
+        "mobile-backend",
+        "mobile-app",
+        Duration::from_secs(3600),
+    );
+    let mint = |user: Uuid| tokens.issue(UserId::from_uuid(user), SessionId::new());
+    let redis = redis::Client::open(redis_url.as_str())?;
+    let mut publisher = redis.get_multiplexed_async_connection().await?;
+
+    // 1. Idle memory.
+    eprintln!("idle: opening {idle} connections");
+    let users = insert_users(&db, idle).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_before = a.rss();
+    let urls: Vec<(String, String)> = users
+        .iter()
+        .map(|&u| Ok((ws_url(&a), mint(u)?)))
+        .collect::<anyhow::Result<_>>()?;
+    let idle_sockets = connect_all(urls).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after = a.rss();
+    let per_connection = rss_after.saturating_sub(rss_before) as f64 / idle as f64;
+    eprintln!("idle: {per_connection:.0} bytes per connection");
+    drop(idle_sockets);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // 2. Fan-out throughput on one gateway.
+    eprintln!("fan-out: {subscribers} subscribers, {messages} events");
+    let members = insert_users(&db, subscribers).await?;
+    let conversation = insert_conversation(&db, &members).await?;
+    let urls: Vec<(String, String)> = members
+        .iter()
+        .map(|&u| Ok((ws_url(&a), mint(u)?)))
+        .collect::<anyhow::Result<_>>()?;
+    let sockets = subscribe_all(connect_all(urls).await?, conversation).await?;
+    let delivered = Arc::new(AtomicU64::new(0));
+    let readers: Vec<_> = sockets
+        .into_iter()
+        .map(|mut socket| {
+            let delivered = delivered.clone();
+            tokio::spawn(async move {
+                while let Some(Ok(message)) = socket.next().await {
+                    if message.is_text() {
+                        delivered.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    let channel = format!("{prefix}conversation:{conversation}");
+    let total = messages * subscribers;
+    let cpu_before = a.cpu_seconds();
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(120);
+    for offset in 1..=messages {
+        while delivered.load(Ordering::Relaxed) + WINDOW * subscribers < offset * subscribers {
+            if Instant::now() > deadline {
+                bail!(
+                    "deliveries stalled at {} of {total}; gateway disconnects: {}",
+                    delivered.load(Ordering::Relaxed),
+                    a.metric_lines("websocket_").await + &a.metric_lines("redis_pubsub").await
+                );
+            }
+            tokio::task::yield_now().await;
+        }
+        let frame = event(conversation, offset, json!({ "body": BODY }));
+        let _: () = redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg(frame)
+            .query_async(&mut publisher)
+            .await?;
+    }
+    while delivered.load(Ordering::Relaxed) < total {
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {total} deliveries arrived",
+                delivered.load(Ordering::Relaxed)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let gateway_cpu = a.cpu_seconds() - cpu_before;
+    for reader in readers {
+        reader.abort();
+    }
+    let per_second = total as f64 / elapsed;
+    let per_cpu_second = total as f64 / gateway_cpu.max(0.01);
+    eprintln!(
+        "fan-out: {per_second:.0} deliveries/s wall, {per_cpu_second:.0} per gateway CPU-second"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // 3. Latency across two gateways at a steady rate.
+    eprintln!(
+        "latency: {latency_clients} clients on two gateways, {rate} events/s for {seconds} s"
+    );
+    let members = insert_users(&db, latency_clients).await?;
+    let conversation = insert_conversation(&db, &members).await?;
+    let urls: Vec<(String, String)> = members
+        .iter()
+        .enumerate()
+        .map(|(i, &u)| Ok((ws_url(if i % 2 == 0 { &a } else { &b }), mint(u)?)))
+        .collect::<anyhow::Result<_>>()?;
+    let sockets = subscribe_all(connect_all(urls).await?, conversation).await?;
+    let readers: Vec<_> = sockets
+        .into_iter()
+        .map(|mut socket| {
+            tokio::spawn(async move {
+                let mut histogram =
+                    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+                while let Ok(Some(Ok(message))) =
+                    tokio::time::timeout(Duration::from_secs(3), socket.next()).await
+                {
+                    if let Message::Text(text) = message
+                        && let Some(sent) = sent_at(&text)
+                    {
+                        let micros = now_nanos().saturating_sub(sent) / 1_000;
+                        let _ = histogram.record(micros.max(1));
+                    }
+                }
+                histogram
+            })
+        })
+        .collect();
+    let channel = format!("{prefix}conversation:{conversation}");
+    let events = rate * seconds;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    for offset in 1..=events {
+        tick.tick().await;
+        let frame = event(
+            conversation,
+            offset,
+            json!({ "t": now_nanos(), "body": BODY }),
+        );
+        let _: () = redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg(frame)
+            .query_async(&mut publisher)
+            .await?;
+    }
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for reader in readers {
+        latency.add(reader.await?)?;
+    }
+    let expected = events * latency_clients;
+    let ms = |q: f64| latency.value_at_quantile(q) as f64 / 1_000.0;
+    eprintln!(
+        "latency: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {} of {expected} delivered",
+        ms(0.5),
+        ms(0.99),
+        latency.max() as f64 / 1_000.0,
+        latency.len()
+    );
+
+    let result = json!({
+        "scenario": "ws",
+        "machine": machine(),
+        "idle": { "connections": idle, "rss_before_bytes": rss_before, "rss_after_bytes": rss_after,
+                  "bytes_per_connection": per_connection.round() },
+        "fanout": { "subscribers": subscribers, "events": messages, "payload_bytes": BODY.len(),
+                    "deliveries": total, "seconds": elapsed, "gateway_cpu_seconds": gateway_cpu,
+                    "deliveries_per_second": per_second.round(),
+                    "deliveries_per_gateway_cpu_second": per_cpu_second.round() },
+        "latency": { "clients": latency_clients, "gateways": 2, "rate_per_second": rate, "seconds": seconds,
+                     "expected_deliveries": expected, "deliveries": latency.len(),
+                     "p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99), "p999_ms": ms(0.999),
+                     "max_ms": latency.max() as f64 / 1_000.0 },
+    });
+    let dir = flags.out_dir();
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("ws.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    eprintln!("written to {}", path.display());
+    Ok(())
+}
+
+fn ws_url(service: &Service) -> String {
+    format!("ws://127.0.0.1:{}/v1/ws", service.port)
+}
+
+/// An event frame as the API publishes it.
+fn event(conversation: Uuid, offset: u64, data: serde_json::Value) -> String {
+    json!({"type": "event", "channel": format!("conversation:{conversation}"), "event": "message.created",
+           "offset": offset, "data": data})
+    .to_string()
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// The publish time carried in a latency event (`"t":<nanos>`), without parsing the rest.
+fn sent_at(frame: &str) -> Option<u64> {
+    let start = frame.find("\"t\":")? + 4;
+    let digits: String = frame[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+async fn fresh_database(url: &str) -> anyhow::Result<PgPool> {
+    let name = url.rsplit('/').next().unwrap_or("mobile_bench").to_owned();
+    let server = format!(
+        "{}/postgres",
+        url.rsplit_once('/').map_or(url, |(base, _)| base)
+    );
+    let admin = PgPool::connect(&server)
+        .await
+        .context("connect to PostgreSQL")?;
+    admin
+        .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
+        .await?;
+    admin.close().await;
+    mobile_db::migrate(url).await?;
+    Ok(PgPool::connect(url).await?)
+}
+
+async fn insert_users(db: &PgPool, count: u64) -> anyhow::Result<Vec<Uuid>> {
+    Ok(sqlx::query_scalar(
+        "INSERT INTO users (id, email, password_hash, display_name)
+         SELECT gen_random_uuid(), 'bench-' || gen_random_uuid() || '@example.com', 'x', 'Bench'
+         FROM generate_series(1, $1)
+         RETURNING id",
+    )
+    .bind(i64::try_from(count)?)
+    .fetch_all(db)
+    .await?)
+}
+
+async fn insert_conversation(db: &PgPool, members: &[Uuid]) -> anyhow::Result<Uuid> {
+    let id = Uuid::now_v7();
+    sqlx::query("INSERT INTO conversations (id, created_by) VALUES ($1, $2)")
+        .bind(id)
+        .bind(members[0])
+        .execute(db)
+        .await?;
+    sqlx::query(
+        "INSERT INTO conversation_members (conversation_id, user_id) SELECT $1, unnest($2::uuid[])",
+    )
+    .bind(id)
+    .bind(members)
+    .execute(db)
+    .await?;
+    Ok(id)
+}
+
+/// Opens every connection (100 at a time) and reads its welcome.
+async fn connect_all(targets: Vec<(String, String)>) -> anyhow::Result<Vec<Socket>> {
+    stream::iter(targets)
+        .map(|(url, token)| async move {
+            let mut request = url.into_client_request()?;
+            request
+                .headers_mut()
+                .insert("authorization", format!("Bearer {token}").parse()?);
+            let (mut socket, _) = tokio_tungstenite::connect_async(request).await?;
+            match socket.next().await {
+                Some(Ok(Message::Text(text))) if text.contains("\"welcome\"") => Ok(socket),
+                other => bail!("expected a welcome, got {other:?}"),
+            }
+        })
+        .buffer_unordered(100)
+        .collect::<Vec<anyhow::Result<Socket>>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+async fn subscribe_all(sockets: Vec<Socket>, conversation: Uuid) -> anyhow::Result<Vec<Socket>> {
+    let frame =
+        json!({"type": "subscribe", "id": 1, "channel": format!("conversation:{conversation}")})
+            .to_string();
+    stream::iter(sockets)
+        .map(|mut socket| {
+            let frame = frame.clone();
+            async move {
+                socket.send(Message::text(frame)).await?;
+                match socket.next().await {
+                    Some(Ok(Message::Text(text))) if text.contains("\"subscribed\"") => Ok(socket),
+                    other => bail!("expected subscribed, got {other:?}"),
+                }
+            }
+        })
+        .buffer_unordered(100)
+        .collect::<Vec<anyhow::Result<Socket>>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")?
+                    .split(':')
+                    .nth(1)
+                    .map(|m| m.trim().to_owned())
+            })
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZeroUsize::get);
+    json!({ "cpu": cpu, "cores": cores })
+}
