@@ -134,8 +134,8 @@ struct Connection {
     user: Uuid,
     socket: WebSocket,
     /// The sending half, cloned into each hub subscription.
-    queue: mpsc::Sender<Delivery>,
-    deliveries: mpsc::Receiver<Delivery>,
+    queue: mpsc::Sender<Arc<Delivery>>,
+    deliveries: mpsc::Receiver<Arc<Delivery>>,
     /// Cancelled by the hub when `deliveries` overflows.
     slow: CancellationToken,
     subs: HashMap<Channel, Sub>,
@@ -179,8 +179,12 @@ impl Connection {
                 _ = tokio::time::sleep_until(close_at.unwrap_or_else(Instant::now)), if close_at.is_some() => {
                     Some(self.restart().await)
                 }
+                // The handlers are boxed: their state (database queries included) lives
+                // on the heap only while they run, so the future an idle connection
+                // parks in stays small. Memory per idle connection is what decides how
+                // many a pod can hold.
                 incoming = self.socket.recv() => match incoming {
-                    Some(Ok(Message::Text(text))) => self.on_text(&text).await.err(),
+                    Some(Ok(Message::Text(text))) => Box::pin(self.on_text(&text)).await.err(),
                     Some(Ok(Message::Pong(_))) => {
                         self.last_pong = Instant::now();
                         None
@@ -195,7 +199,7 @@ impl Connection {
                     Some(Err(error)) => Some(self.on_read_error(error).await),
                     None => Some(End::ClientClosed),
                 },
-                Some(delivery) = self.deliveries.recv() => self.deliver(delivery).await.err(),
+                Some(delivery) = self.deliveries.recv() => Box::pin(self.deliver(delivery)).await.err(),
                 _ = ping.tick() => {
                     // Two intervals without a pong: two pings went unanswered.
                     if self.last_pong.elapsed() > interval * 2 + Duration::from_secs(1) {
@@ -471,12 +475,12 @@ impl Connection {
 
     /// Sends a delivery if it is the next one the client should see; fills a gap
     /// from PostgreSQL first.
-    async fn deliver(&mut self, delivery: Delivery) -> Result<(), End> {
+    async fn deliver(&mut self, delivery: Arc<Delivery>) -> Result<(), End> {
         let Some(sub) = self.subs.get(&delivery.channel).copied() else {
             return Ok(());
         };
         let (Sub::Conversation { next }, Some(offset)) = (sub, delivery.offset) else {
-            return self.send(Message::Text(delivery.frame)).await;
+            return self.send(Message::Text(delivery.frame.clone())).await;
         };
         if offset < next {
             return Ok(());
@@ -486,7 +490,7 @@ impl Connection {
         }
         self.subs
             .insert(delivery.channel, Sub::Conversation { next: offset + 1 });
-        self.send(Message::Text(delivery.frame)).await
+        self.send(Message::Text(delivery.frame.clone())).await
     }
 
     /// Sends offsets `from..=to` of a conversation from PostgreSQL.

@@ -75,7 +75,9 @@ impl Delivery {
 pub struct Subscriber {
     pub conn: ConnId,
     pub user: Uuid,
-    pub queue: mpsc::Sender<Delivery>,
+    /// Shared deliveries: a queue slot is one pointer, however large the frame, so an
+    /// idle connection's queue costs little memory.
+    pub queue: mpsc::Sender<Arc<Delivery>>,
     /// Cancelled when the queue overflows: the connection closes itself with 4008.
     pub slow: CancellationToken,
 }
@@ -87,7 +89,7 @@ struct ChannelState {
     last_offset: Option<i64>,
     /// A gap fill is running; frames that arrive meanwhile wait in `pending`.
     filling: bool,
-    pending: Vec<Delivery>,
+    pending: Vec<Arc<Delivery>>,
     /// Whether Redis has confirmed the SUBSCRIBE on the current connection.
     confirmed: watch::Sender<bool>,
 }
@@ -274,7 +276,7 @@ impl Hub {
                 // Unsubscribed a moment ago.
                 return;
             };
-            self.accept(state, delivery)
+            self.accept(state, Arc::new(delivery))
         };
         if let Some(fill) = fill {
             self.spawn_fill(fill);
@@ -287,7 +289,7 @@ impl Hub {
 
     /// Passes a delivery on in order, or holds it back behind a gap. Returns the fill
     /// to start, if this delivery revealed a gap.
-    fn accept(&self, state: &mut ChannelState, delivery: Delivery) -> Option<Fill> {
+    fn accept(&self, state: &mut ChannelState, delivery: Arc<Delivery>) -> Option<Fill> {
         let Some(offset) = delivery.offset else {
             self.broadcast(state, &delivery);
             return None;
@@ -317,12 +319,12 @@ impl Hub {
     }
 
     /// Queues a delivery for every subscriber, never waiting for one.
-    fn broadcast(&self, state: &ChannelState, delivery: &Delivery) {
+    fn broadcast(&self, state: &ChannelState, delivery: &Arc<Delivery>) {
         for subscriber in &state.subscribers {
             if delivery.from == Some(subscriber.user) {
                 continue;
             }
-            match subscriber.queue.try_send(delivery.clone()) {
+            match subscriber.queue.try_send(Arc::clone(delivery)) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => subscriber.slow.cancel(),
                 // The connection is closing; it unsubscribes itself.
@@ -340,7 +342,7 @@ impl Hub {
     }
 
     /// The messages of a conversation with offsets `from..=to`, from PostgreSQL.
-    async fn read_range(&self, fill: Fill) -> Result<Vec<Delivery>, sqlx::Error> {
+    async fn read_range(&self, fill: Fill) -> Result<Vec<Arc<Delivery>>, sqlx::Error> {
         let Channel::Conversation(conversation) = fill.channel else {
             return Ok(Vec::new());
         };
@@ -359,13 +361,16 @@ impl Hub {
                 break;
             };
             after = last;
-            deliveries.extend(page.into_iter().map(Delivery::from_message));
+            deliveries.extend(
+                page.into_iter()
+                    .map(|m| Arc::new(Delivery::from_message(m))),
+            );
         }
         Ok(deliveries)
     }
 
     /// Delivers a fill's messages, then whatever waited behind it, in order.
-    fn finish_fill(&self, fill: Fill, result: Result<Vec<Delivery>, sqlx::Error>) {
+    fn finish_fill(&self, fill: Fill, result: Result<Vec<Arc<Delivery>>, sqlx::Error>) {
         let channel = fill.channel;
         let next_fill = {
             let mut channels = self.channels();

@@ -226,7 +226,7 @@ async fn upgrade(
         .max_message_size(frame_limit)
         // Small buffers: most connections are idle most of the time, and memory per
         // idle connection is what decides how many a pod holds.
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(512)
         .write_buffer_size(0)
         .max_write_buffer_size(frame_limit.max(64 * 1024) * 4)
         .on_failed_upgrade(|error| tracing::debug!(%error, "WebSocket upgrade failed"))
