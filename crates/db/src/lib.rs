@@ -12,6 +12,7 @@
 
 pub mod conversations;
 pub mod devices;
+pub mod jobs;
 
 mod pool;
 pub mod sessions;

@@ -1,0 +1,473 @@
+//! The durable job queue's SQL.
+//!
+//! - [`enqueue`] takes any executor, so a caller enqueues inside its own transaction:
+//!   the job commits or rolls back with the write that caused it, and a `NOTIFY` (sent
+//!   by a trigger, at commit) wakes the workers.
+//! - [`claim`] hands out due jobs with `FOR UPDATE SKIP LOCKED`: concurrent workers
+//!   never wait for each other and never get the same job. A claim is a lease: the job
+//!   is the claimer's until `locked_until`.
+//! - [`reclaim_expired`] puts jobs whose lease ran out (their worker died) back in the
+//!   queue, or makes them `dead` if that was their last attempt.
+//! - [`complete`] deletes finished jobs; [`fail`] schedules a retry or buries the job
+//!   with its last error; [`release`] hands back claimed jobs that never started
+//!   (shutdown) without using up an attempt.
+//!
+//! Every state change after a claim checks `locked_by`, so a worker whose lease was
+//! reclaimed cannot complete or fail a job another worker now holds.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::{PgExecutor, postgres::types::PgInterval};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// A job to enqueue.
+#[derive(Debug, Clone)]
+pub struct NewJob<'a> {
+    pub kind: &'a str,
+    pub payload: Value,
+    /// At most one queued or running job per (kind, key): enqueueing another is a no-op.
+    pub unique_key: Option<&'a str>,
+    pub max_attempts: i32,
+    /// Not before this moment; now when `None`.
+    pub run_at: Option<OffsetDateTime>,
+}
+
+impl<'a> NewJob<'a> {
+    pub fn new(kind: &'a str, payload: Value) -> Self {
+        Self {
+            kind,
+            payload,
+            unique_key: None,
+            max_attempts: 10,
+            run_at: None,
+        }
+    }
+}
+
+/// The outcome of [`enqueue`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    Enqueued(Uuid),
+    /// A job with the same unique key is already queued or running.
+    Duplicate,
+}
+
+pub async fn enqueue(db: impl PgExecutor<'_>, job: &NewJob<'_>) -> Result<Enqueued, sqlx::Error> {
+    let id: Option<Uuid> = sqlx::query_scalar(
+        "INSERT INTO jobs (id, kind, payload, unique_key, max_attempts, run_at)
+         VALUES ($1, $2, $3, $4, $5, coalesce($6, now()))
+         ON CONFLICT (kind, unique_key) WHERE unique_key IS NOT NULL AND state IN ('queued', 'running')
+         DO NOTHING
+         RETURNING id",
+    )
+    .bind(Uuid::now_v7())
+    .bind(job.kind)
+    .bind(&job.payload)
+    .bind(job.unique_key)
+    .bind(job.max_attempts)
+    .bind(job.run_at)
+    .fetch_optional(db)
+    .await?;
+    Ok(id.map_or(Enqueued::Duplicate, Enqueued::Enqueued))
+}
+
+/// Enqueues many jobs of one kind in one statement (one notification).
+pub async fn enqueue_many(
+    db: impl PgExecutor<'_>,
+    kind: &str,
+    payloads: &[Value],
+    max_attempts: i32,
+) -> Result<u64, sqlx::Error> {
+    let ids: Vec<Uuid> = payloads.iter().map(|_| Uuid::now_v7()).collect();
+    let result = sqlx::query(
+        "INSERT INTO jobs (id, kind, payload, max_attempts)
+         SELECT id, $2, payload, $4 FROM unnest($1::uuid[], $3::jsonb[]) AS j(id, payload)",
+    )
+    .bind(&ids)
+    .bind(kind)
+    .bind(payloads)
+    .bind(max_attempts)
+    .execute(db)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// A claimed job.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Job {
+    pub id: Uuid,
+    pub kind: String,
+    pub payload: Value,
+    /// Including this one.
+    pub attempts: i32,
+    pub max_attempts: i32,
+}
+
+/// Claims up to `limit` due jobs of `kind` for `worker`, leased for `lease`.
+pub async fn claim(
+    db: impl PgExecutor<'_>,
+    kind: &str,
+    worker: &str,
+    lease: Duration,
+    limit: i64,
+) -> Result<Vec<Job>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE jobs SET state = 'running', attempts = attempts + 1, locked_by = $2, locked_until = now() + $3
+         WHERE id IN (
+             SELECT id FROM jobs
+             WHERE kind = $1 AND state = 'queued' AND run_at <= now()
+             ORDER BY run_at
+             LIMIT $4
+             FOR UPDATE SKIP LOCKED
+         )
+         RETURNING id, kind, payload, attempts, max_attempts",
+    )
+    .bind(kind)
+    .bind(worker)
+    .bind(interval(lease))
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// Returns jobs of `kind` whose lease expired to the queue (or buries those that had
+/// used their last attempt). Returns how many were returned or buried.
+pub async fn reclaim_expired(db: impl PgExecutor<'_>, kind: &str) -> Result<u64, sqlx::Error> {
+    let result = sqlx::query(
+        "UPDATE jobs SET
+             state = CASE WHEN attempts >= max_attempts THEN 'dead' ELSE 'queued' END,
+             last_error = 'the lease expired: the worker running it stopped (killed, or over its timeout)',
+             run_at = now(), locked_by = NULL, locked_until = NULL
+         WHERE kind = $1 AND state = 'running' AND locked_until < now()",
+    )
+    .bind(kind)
+    .execute(db)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// Deletes finished jobs this worker holds. Returns how many it still held.
+pub async fn complete(
+    db: impl PgExecutor<'_>,
+    ids: &[Uuid],
+    worker: &str,
+) -> Result<u64, sqlx::Error> {
+    let result = sqlx::query("DELETE FROM jobs WHERE id = ANY($1) AND locked_by = $2")
+        .bind(ids)
+        .bind(worker)
+        .execute(db)
+        .await?;
+    Ok(result.rows_affected())
+}
+
+/// What happened to a failed job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failed {
+    /// Queued again, to run after the delay.
+    Retrying,
+    /// That was its last attempt: it is dead, with the error kept.
+    Dead,
+    /// This worker no longer held it (its lease had expired).
+    NotHeld,
+}
+
+/// Records a failed attempt: a retry after `retry_in`, or `dead` after the last
+/// attempt (or when `permanent`, for errors no retry can fix).
+pub async fn fail(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    worker: &str,
+    error: &str,
+    retry_in: Duration,
+    permanent: bool,
+) -> Result<Failed, sqlx::Error> {
+    let state: Option<String> = sqlx::query_scalar(
+        "UPDATE jobs SET
+             state = CASE WHEN $5 OR attempts >= max_attempts THEN 'dead' ELSE 'queued' END,
+             run_at = now() + $4, last_error = $3, locked_by = NULL, locked_until = NULL
+         WHERE id = $1 AND locked_by = $2
+         RETURNING state",
+    )
+    .bind(id)
+    .bind(worker)
+    .bind(error)
+    .bind(interval(retry_in))
+    .bind(permanent)
+    .fetch_optional(db)
+    .await?;
+    Ok(match state.as_deref() {
+        Some("dead") => Failed::Dead,
+        Some(_) => Failed::Retrying,
+        None => Failed::NotHeld,
+    })
+}
+
+/// Hands back claimed jobs that never started (shutdown): queued again at once, the
+/// attempt not counted.
+pub async fn release(
+    db: impl PgExecutor<'_>,
+    ids: &[Uuid],
+    worker: &str,
+) -> Result<u64, sqlx::Error> {
+    let result = sqlx::query(
+        "UPDATE jobs SET state = 'queued', attempts = attempts - 1, locked_by = NULL, locked_until = NULL
+         WHERE id = ANY($1) AND locked_by = $2 AND state = 'running'",
+    )
+    .bind(ids)
+    .bind(worker)
+    .execute(db)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// Jobs waiting per kind (due or scheduled), for `jobs_queue_depth{kind}` and autoscaling.
+pub async fn queue_depth(db: impl PgExecutor<'_>) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT kind, count(*) FROM jobs WHERE state = 'queued' GROUP BY kind ORDER BY kind",
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// A job as stored, for inspection (tests, operators).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct JobRecord {
+    pub id: Uuid,
+    pub state: String,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub run_at: OffsetDateTime,
+}
+
+pub async fn find(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<JobRecord>, sqlx::Error> {
+    sqlx::query_as("SELECT id, state, attempts, last_error, run_at FROM jobs WHERE id = $1")
+        .bind(id)
+        .fetch_optional(db)
+        .await
+}
+
+fn interval(duration: Duration) -> PgInterval {
+    PgInterval {
+        months: 0,
+        days: 0,
+        microseconds: i64::try_from(duration.as_micros()).unwrap_or(i64::MAX),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const LEASE: Duration = Duration::from_secs(30);
+
+    async fn enqueued(pool: &sqlx::PgPool, job: &NewJob<'_>) -> Uuid {
+        match enqueue(pool, job).await.unwrap() {
+            Enqueued::Enqueued(id) => id,
+            Enqueued::Duplicate => panic!("unexpected duplicate"),
+        }
+    }
+
+    #[tokio::test]
+    async fn enqueue_is_transactional_and_wakes_listeners() {
+        let db = mobile_testkit::TestDb::new().await;
+        let pool = db.pool().await;
+        let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+            .await
+            .unwrap();
+        listener.listen("jobs").await.unwrap();
+
+        let mut tx = pool.begin().await.unwrap();
+        enqueue(&mut *tx, &NewJob::new("image", json!({"n": 1})))
+            .await
+            .unwrap();
+        tx.rollback().await.unwrap();
+        assert!(
+            queue_depth(&pool).await.unwrap().is_empty(),
+            "rolled back with its transaction"
+        );
+
+        let mut tx = pool.begin().await.unwrap();
+        enqueue(&mut *tx, &NewJob::new("image", json!({"n": 2})))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(
+            queue_depth(&pool).await.unwrap(),
+            vec![("image".to_owned(), 1)]
+        );
+        let notification = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+            .await
+            .expect("a notification at commit")
+            .unwrap();
+        assert_eq!(notification.payload(), "image");
+    }
+
+    #[tokio::test]
+    async fn concurrent_claims_never_share_a_job() {
+        let db = mobile_testkit::TestDb::new().await;
+        let pool = db.pool().await;
+        let payloads: Vec<Value> = (0..100).map(|n| json!({ "n": n })).collect();
+        assert_eq!(
+            enqueue_many(&pool, "noop", &payloads, 3).await.unwrap(),
+            100
+        );
+
+        let claimers = (0..4).map(|w| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                loop {
+                    let batch = claim(&pool, "noop", &format!("w{w}"), LEASE, 7)
+                        .await
+                        .unwrap();
+                    if batch.is_empty() {
+                        return mine;
+                    }
+                    mine.extend(batch.into_iter().map(|j| j.id));
+                }
+            })
+        });
+        let mut all = Vec::new();
+        for claimer in claimers {
+            all.extend(claimer.await.unwrap());
+        }
+        let count = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(
+            (count, all.len()),
+            (100, 100),
+            "each job claimed exactly once"
+        );
+    }
+
+    #[tokio::test]
+    async fn failures_retry_later_then_die_with_the_last_error() {
+        let db = mobile_testkit::TestDb::new().await;
+        let pool = db.pool().await;
+        let mut job = NewJob::new("push", json!({}));
+        job.max_attempts = 2;
+        let id = enqueued(&pool, &job).await;
+
+        let claimed = claim(&pool, "push", "w1", LEASE, 10).await.unwrap();
+        assert_eq!(claimed[0].attempts, 1);
+        let outcome = fail(
+            &pool,
+            id,
+            "w1",
+            "503 from FCM",
+            Duration::from_secs(60),
+            false,
+        )
+        .await
+        .unwrap();
+        assert_eq!(outcome, Failed::Retrying);
+        assert!(
+            claim(&pool, "push", "w1", LEASE, 10)
+                .await
+                .unwrap()
+                .is_empty(),
+            "not before run_at"
+        );
+
+        // Make it due now, fail the last attempt.
+        sqlx::query("UPDATE jobs SET run_at = now()")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let claimed = claim(&pool, "push", "w1", LEASE, 10).await.unwrap();
+        assert_eq!(claimed[0].attempts, 2);
+        let outcome = fail(&pool, id, "w1", "503 again", Duration::from_secs(60), false)
+            .await
+            .unwrap();
+        assert_eq!(outcome, Failed::Dead);
+        let record = find(&pool, id).await.unwrap().unwrap();
+        assert_eq!(
+            (record.state.as_str(), record.last_error.as_deref()),
+            ("dead", Some("503 again"))
+        );
+        assert!(queue_depth(&pool).await.unwrap().is_empty());
+
+        // A permanent error buries a job at once.
+        let id = enqueued(&pool, &NewJob::new("push", json!({}))).await;
+        claim(&pool, "push", "w1", LEASE, 10).await.unwrap();
+        let outcome = fail(&pool, id, "w1", "payload too large", Duration::ZERO, true)
+            .await
+            .unwrap();
+        assert_eq!(outcome, Failed::Dead);
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_returns_the_job_and_its_holder_loses_it() {
+        let db = mobile_testkit::TestDb::new().await;
+        let pool = db.pool().await;
+        let id = enqueued(&pool, &NewJob::new("image", json!({}))).await;
+        claim(&pool, "image", "dead-worker", Duration::from_millis(1), 10)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+
+        assert_eq!(reclaim_expired(&pool, "image").await.unwrap(), 1);
+        let claimed = claim(&pool, "image", "w2", LEASE, 10).await.unwrap();
+        assert_eq!(
+            (claimed[0].id, claimed[0].attempts),
+            (id, 2),
+            "the lost attempt counts"
+        );
+
+        // The old holder cannot touch it any more; the new one can.
+        assert_eq!(complete(&pool, &[id], "dead-worker").await.unwrap(), 0);
+        assert_eq!(
+            fail(&pool, id, "dead-worker", "late", Duration::ZERO, false)
+                .await
+                .unwrap(),
+            Failed::NotHeld
+        );
+        assert_eq!(complete(&pool, &[id], "w2").await.unwrap(), 1);
+        assert!(find(&pool, id).await.unwrap().is_none());
+
+        // A job whose last attempt's worker died is buried, not retried forever.
+        let mut job = NewJob::new("image", json!({}));
+        job.max_attempts = 1;
+        let id = enqueued(&pool, &job).await;
+        claim(&pool, "image", "dead-worker", Duration::from_millis(1), 10)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        reclaim_expired(&pool, "image").await.unwrap();
+        assert_eq!(find(&pool, id).await.unwrap().unwrap().state, "dead");
+    }
+
+    #[tokio::test]
+    async fn unique_keys_and_release() {
+        let db = mobile_testkit::TestDb::new().await;
+        let pool = db.pool().await;
+        let mut job = NewJob::new("image", json!({"media": 1}));
+        job.unique_key = Some("media-1");
+        let id = enqueued(&pool, &job).await;
+        assert_eq!(enqueue(&pool, &job).await.unwrap(), Enqueued::Duplicate);
+
+        // Released on shutdown: queued again, the attempt not used up.
+        claim(&pool, "image", "w1", LEASE, 10).await.unwrap();
+        assert_eq!(
+            enqueue(&pool, &job).await.unwrap(),
+            Enqueued::Duplicate,
+            "still unique while running"
+        );
+        assert_eq!(release(&pool, &[id], "w1").await.unwrap(), 1);
+        let record = find(&pool, id).await.unwrap().unwrap();
+        assert_eq!((record.state.as_str(), record.attempts), ("queued", 0));
+
+        // Once done, the key is free again.
+        claim(&pool, "image", "w1", LEASE, 10).await.unwrap();
+        complete(&pool, &[id], "w1").await.unwrap();
+        assert!(matches!(
+            enqueue(&pool, &job).await.unwrap(),
+            Enqueued::Enqueued(_)
+        ));
+    }
+}
