@@ -31,12 +31,9 @@ use axum::{
 };
 use mobile_auth::{AccessTokens, SigningKey, VerifyKeys};
 use mobile_runtime::{
-    Health, Shutdown, health,
-    metrics::{self as runtime_metrics, PoolCollector},
-    redis::Redis,
-    server::{self, Drain},
+    Health, Shutdown, metrics as runtime_metrics, server,
+    service::{self, Foundation},
 };
-use prometheus_client::registry::Registry;
 use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use utoipa::OpenApi as _;
@@ -91,12 +88,8 @@ pub fn app(state: AppState, health: &Health) -> Router {
 
 /// Listens on the configured addresses and serves until SIGTERM.
 pub async fn run(settings: ApiSettings) -> anyhow::Result<()> {
-    let shutdown = Shutdown::new();
-    shutdown
-        .listen_for_signals()
-        .context("cannot install signal handlers")?;
-    let listener = server::bind(settings.common.listen_addr).await?;
-    let metrics_listener = server::bind(settings.common.metrics_addr).await?;
+    let (listener, metrics_listener, shutdown) =
+        service::bind_with_signals(&settings.common).await?;
     serve(settings, listener, metrics_listener, shutdown).await
 }
 
@@ -111,30 +104,17 @@ pub async fn serve(
     let tokens = access_tokens(&settings)?;
     let db = mobile_db::connect_lazy(
         settings.common.database_url.expose_secret(),
-        &mobile_db::PoolSettings {
-            max_connections: settings.common.database_max_connections,
-            ..Default::default()
-        },
+        &mobile_db::PoolSettings::with_max_connections(settings.common.database_max_connections),
     )
     .context("DATABASE_URL")?;
-    let redis = Redis::connect_lazy(
-        settings.common.redis_url.expose_secret(),
-        &settings.common.redis_key_prefix,
-    )
-    .context("REDIS_URL")?;
-
-    let mut registry = Registry::default();
-    runtime_metrics::register_common(&mut registry, VERSION);
-    registry.register_collector(Box::new(PoolCollector::new(db.clone())));
+    let Foundation {
+        db,
+        redis,
+        mut registry,
+        health,
+        drain,
+    } = Foundation::new(&settings.common, VERSION, db, &shutdown)?;
     let metrics = ApiMetrics::register(&mut registry);
-
-    let health = Health::new(shutdown.clone())
-        .with_check("postgres", health::postgres(db.clone()))
-        .with_check("redis", health::redis(redis.clone()));
-    let drain = Drain {
-        delay: settings.common.shutdown_delay,
-        timeout: settings.common.shutdown_timeout,
-    };
     let state = AppState {
         db,
         redis,

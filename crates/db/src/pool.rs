@@ -13,6 +13,16 @@ pub struct PoolSettings {
     pub acquire_timeout: Duration,
 }
 
+impl PoolSettings {
+    /// The defaults with `max_connections` (`DATABASE_MAX_CONNECTIONS`).
+    pub fn with_max_connections(max_connections: u32) -> Self {
+        Self {
+            max_connections,
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for PoolSettings {
     fn default() -> Self {
         Self {

@@ -30,12 +30,11 @@ use axum::{
 };
 use mobile_auth::{AccessTokens, SigningKey, TokenError, VerifyKeys};
 use mobile_runtime::{
-    Health, Shutdown, health,
-    metrics::{self as runtime_metrics, PoolCollector},
+    Health, Shutdown, metrics as runtime_metrics,
     redis::Redis,
-    server::{self, Drain},
+    server,
+    service::{self, Foundation},
 };
-use prometheus_client::registry::Registry;
 use rand::Rng;
 use secrecy::ExposeSecret;
 use serde::Deserialize;
@@ -84,12 +83,8 @@ impl Context {
 
 /// Listens on the configured addresses and serves until SIGTERM.
 pub async fn run(settings: GatewaySettings) -> anyhow::Result<()> {
-    let shutdown = Shutdown::new();
-    shutdown
-        .listen_for_signals()
-        .context("cannot install signal handlers")?;
-    let listener = server::bind(settings.common.listen_addr).await?;
-    let metrics_listener = server::bind(settings.common.metrics_addr).await?;
+    let (listener, metrics_listener, shutdown) =
+        service::bind_with_signals(&settings.common).await?;
     serve(settings, listener, metrics_listener, shutdown).await
 }
 
@@ -103,26 +98,24 @@ pub async fn serve(
     let tokens = access_tokens(&settings)?;
     let db = mobile_db::connect_lazy(
         settings.common.database_url.expose_secret(),
-        &mobile_db::PoolSettings {
-            max_connections: settings.common.database_max_connections,
-            ..Default::default()
-        },
+        &mobile_db::PoolSettings::with_max_connections(settings.common.database_max_connections),
     )
     .context("DATABASE_URL")?;
-    let redis_url = settings.common.redis_url.expose_secret().to_owned();
-    let prefix = settings.common.redis_key_prefix.clone();
-    let redis = Redis::connect_lazy(&redis_url, &prefix).context("REDIS_URL")?;
-
-    let mut registry = Registry::default();
-    runtime_metrics::register_common(&mut registry, VERSION);
-    registry.register_collector(Box::new(PoolCollector::new(db.clone())));
+    let Foundation {
+        db,
+        redis,
+        mut registry,
+        health,
+        drain,
+    } = Foundation::new(&settings.common, VERSION, db, &shutdown)?;
     let metrics = GatewayMetrics::register(&mut registry);
 
     // The hub and presence outlive the connections: they stop after the drain.
     let background = tokio_util::sync::CancellationToken::new();
     let _stop_background = background.clone().drop_guard();
+    let prefix = settings.common.redis_key_prefix.clone();
     let hub = Hub::start(
-        &redis_url,
+        settings.common.redis_url.expose_secret(),
         &prefix,
         db.clone(),
         metrics.clone(),
@@ -132,26 +125,19 @@ pub async fn serve(
     let presence = Presence::start(redis.clone(), &prefix, background.clone());
 
     let pubsub_hub = hub.clone();
-    let health = Health::new(shutdown.clone())
-        .with_check("postgres", health::postgres(db.clone()))
-        .with_check("redis", health::redis(redis.clone()))
-        .with_check(
-            "pubsub",
-            Arc::new(move || {
-                let live = pubsub_hub.is_live();
-                Box::pin(async move {
-                    if live {
-                        Ok(())
-                    } else {
-                        Err("the Redis Pub/Sub subscription is down".to_owned())
-                    }
-                })
-            }),
-        );
-    let drain = Drain {
-        delay: settings.common.shutdown_delay,
-        timeout: settings.common.shutdown_timeout,
-    };
+    let health = health.with_check(
+        "pubsub",
+        Arc::new(move || {
+            let live = pubsub_hub.is_live();
+            Box::pin(async move {
+                if live {
+                    Ok(())
+                } else {
+                    Err("the Redis Pub/Sub subscription is down".to_owned())
+                }
+            })
+        }),
+    );
     let tasks = TaskTracker::new();
     let context = Arc::new(Context {
         connections: Arc::new(Semaphore::new(settings.max_connections)),

@@ -18,6 +18,7 @@ pub mod health;
 pub mod metrics;
 pub mod redis;
 pub mod server;
+pub mod service;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;
