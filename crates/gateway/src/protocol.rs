@@ -9,8 +9,6 @@ pub mod close {
     /// The access token is missing, invalid or expired. Terminal: refresh before
     /// reconnecting.
     pub const BAD_TOKEN: u16 = 4001;
-    /// Not allowed (reserved for channel-level refusals that end the connection).
-    pub const FORBIDDEN: u16 = 4003;
     /// The client did not read fast enough; reconnect and resubscribe with `since`.
     pub const SLOW_CONSUMER: u16 = 4008;
     /// A frame that is not this protocol (not JSON, unknown type, binary).
