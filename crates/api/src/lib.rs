@@ -34,7 +34,6 @@ use mobile_runtime::{
     Health, Shutdown, metrics as runtime_metrics, server,
     service::{self, Foundation},
 };
-use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
@@ -102,18 +101,13 @@ pub async fn serve(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let tokens = access_tokens(&settings)?;
-    let db = mobile_db::connect_lazy(
-        settings.common.database_url.expose_secret(),
-        &mobile_db::PoolSettings::with_max_connections(settings.common.database_max_connections),
-    )
-    .context("DATABASE_URL")?;
     let Foundation {
         db,
         redis,
         mut registry,
         health,
         drain,
-    } = Foundation::new(&settings.common, VERSION, db, &shutdown)?;
+    } = Foundation::connect(&settings.common, VERSION, &shutdown)?;
     let metrics = ApiMetrics::register(&mut registry);
     let state = AppState {
         db,

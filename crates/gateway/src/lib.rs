@@ -96,18 +96,13 @@ pub async fn serve(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let tokens = access_tokens(&settings)?;
-    let db = mobile_db::connect_lazy(
-        settings.common.database_url.expose_secret(),
-        &mobile_db::PoolSettings::with_max_connections(settings.common.database_max_connections),
-    )
-    .context("DATABASE_URL")?;
     let Foundation {
         db,
         redis,
         mut registry,
         health,
         drain,
-    } = Foundation::new(&settings.common, VERSION, db, &shutdown)?;
+    } = Foundation::connect(&settings.common, VERSION, &shutdown)?;
     let metrics = GatewayMetrics::register(&mut registry);
 
     // The hub and presence outlive the connections: they stop after the drain.

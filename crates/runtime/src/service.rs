@@ -26,14 +26,19 @@ pub struct Foundation {
 }
 
 impl Foundation {
-    /// Builds the foundation around a pool (created lazily by the caller, so a service
-    /// starts while PostgreSQL is still coming up). Fails only on a malformed setting.
-    pub fn new(
+    /// Builds the foundation. Both connections are lazy, so a service starts (and says
+    /// it is unready) while PostgreSQL or Redis is still coming up. Fails only on a
+    /// malformed setting.
+    pub fn connect(
         common: &CommonSettings,
         version: &str,
-        db: sqlx::PgPool,
         shutdown: &Shutdown,
     ) -> anyhow::Result<Self> {
+        let db = mobile_db::connect_lazy(
+            common.database_url.expose_secret(),
+            &mobile_db::PoolSettings::with_max_connections(common.database_max_connections),
+        )
+        .context("DATABASE_URL")?;
         let redis = Redis::connect_lazy(common.redis_url.expose_secret(), &common.redis_key_prefix)
             .context("REDIS_URL")?;
         let mut registry = Registry::default();
