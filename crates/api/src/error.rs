@@ -126,14 +126,6 @@ impl ApiError {
         error.source = Some(source.into());
         error
     }
-
-    pub fn status(&self) -> StatusCode {
-        self.status
-    }
-
-    pub fn code(&self) -> &'static str {
-        self.code
-    }
 }
 
 impl From<ValidationError> for ApiError {

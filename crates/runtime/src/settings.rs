@@ -77,11 +77,6 @@ impl Env {
         SecretString::from(self.string(name, default))
     }
 
-    pub fn optional_secret(&self, name: &str) -> Option<SecretString> {
-        self.optional(name)
-            .map(|v| SecretString::from(v.to_owned()))
-    }
-
     /// Parses the value with `FromStr`, or returns `default` when unset.
     pub fn parse<T>(&self, name: &str, default: T) -> Result<T, SettingsError>
     where

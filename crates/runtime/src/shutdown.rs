@@ -31,11 +31,6 @@ impl Shutdown {
         self.token.cancelled().await;
     }
 
-    /// The token itself, for `select!` loops and child tokens.
-    pub fn token(&self) -> &CancellationToken {
-        &self.token
-    }
-
     /// Listens for SIGTERM and SIGINT in a task of its own: the first triggers shutdown,
     /// the second exits the process immediately.
     pub fn listen_for_signals(&self) -> std::io::Result<()> {

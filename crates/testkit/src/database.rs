@@ -50,11 +50,6 @@ impl TestDb {
         db
     }
 
-    /// The test database's name, as a migrator would create it.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// A `postgres://` URL of the test database, for a spawned binary.
     pub fn url(&self) -> &str {
         &self.url

@@ -1,6 +1,6 @@
 //! Ed25519 signing keys generated per test run: no key material lives in the repository.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use ed25519_dalek::{
     SigningKey,
@@ -61,10 +61,6 @@ impl TestKeys {
         let path = self.dir.join(format!("verify-{name}.pem"));
         std::fs::write(&path, pems).expect("write the verify keys");
         path
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 }
 
