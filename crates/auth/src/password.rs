@@ -1,7 +1,7 @@
 //! Password hashing with argon2id, on the blocking pool.
 //!
 //! Parameters are OWASP's first recommendation for argon2id (19 MiB, 2 passes, one
-//! lane): about 20 ms on one core of a 2-core machine. Hashing runs in
+//! lane), tens of milliseconds of one core per hash. Hashing runs in
 //! `spawn_blocking` so a burst of logins queues there instead of stalling the async
 //! workers that serve every other request, and at most two hashes per core run at once:
 //! tokio's blocking pool has 512 threads, and 512 concurrent hashes would want 9.5 GiB.

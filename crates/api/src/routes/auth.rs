@@ -138,7 +138,7 @@ async fn register(
 
 /// Sign in with email and password.
 ///
-/// Unknown email and wrong password get the same answer, in about the same time.
+/// Unknown email and wrong password get the same answer, after the same password-hash work.
 #[utoipa::path(
     post,
     path = "/v1/auth/login",
