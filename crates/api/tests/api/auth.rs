@@ -37,14 +37,7 @@ async fn register_login_me_refresh_and_reuse_revokes_the_family() {
     );
 
     // The access token works.
-    let me: Value = app
-        .authed(Method::GET, "/v1/me", &session)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let me = app.get_json("/v1/me", &session).await;
     assert_eq!(me["id"], session.user_id.as_str());
 
     // Refresh rotates: a new pair, and the new access token works.

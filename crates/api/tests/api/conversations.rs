@@ -93,14 +93,7 @@ async fn members_see_conversations_and_outsiders_get_404() {
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
-        let list: Value = app
-            .authed(Method::GET, "/v1/conversations", session)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let list: Value = app.get_json("/v1/conversations", session).await;
         assert_eq!(list["items"][0]["id"], id);
     }
     let response = app
@@ -121,14 +114,7 @@ async fn members_see_conversations_and_outsiders_get_404() {
         .await
         .unwrap();
     assert_problem(response, StatusCode::NOT_FOUND, "not_found").await;
-    let list: Value = app
-        .authed(Method::GET, "/v1/conversations", &eve)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = app.get_json("/v1/conversations", &eve).await;
     assert!(list["items"].as_array().unwrap().is_empty());
 
     let response = app
@@ -345,13 +331,6 @@ async fn a_group_of_500_members_works() {
             .status(),
         StatusCode::CREATED
     );
-    let fetched: Value = app
-        .authed(Method::GET, &format!("/v1/conversations/{id}"), &ann)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let fetched: Value = app.get_json(&format!("/v1/conversations/{id}"), &ann).await;
     assert_eq!(fetched["member_ids"].as_array().unwrap().len(), 500);
 }

@@ -41,14 +41,7 @@ async fn put_is_an_idempotent_upsert() {
     assert_eq!(updated["push_token"], "cd".repeat(32));
     assert_eq!(updated["created_at"], created["created_at"]);
 
-    let list: Value = app
-        .authed(Method::GET, "/v1/devices", &session)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = app.get_json("/v1/devices", &session).await;
     assert_eq!(list["items"].as_array().unwrap().len(), 1);
     assert!(list["next_cursor"].is_null());
 }
@@ -122,14 +115,7 @@ async fn pages_follow_the_cursor_and_users_see_only_their_own() {
             Some(c) => format!("?limit=2&cursor={c}"),
             None => "?limit=2".to_owned(),
         };
-        let page: Value = app
-            .authed(Method::GET, &format!("/v1/devices{query}"), &ann)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page: Value = app.get_json(&format!("/v1/devices{query}"), &ann).await;
         seen.extend(
             page["items"]
                 .as_array()
@@ -145,14 +131,7 @@ async fn pages_follow_the_cursor_and_users_see_only_their_own() {
     assert_eq!(seen, ids, "every device once, in order");
 
     // Bob sees none of them and cannot delete them.
-    let bobs: Value = app
-        .authed(Method::GET, "/v1/devices", &bob)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let bobs: Value = app.get_json("/v1/devices", &bob).await;
     assert!(bobs["items"].as_array().unwrap().is_empty());
     let response = app
         .authed(Method::DELETE, &format!("/v1/devices/{}", ids[0]), &bob)

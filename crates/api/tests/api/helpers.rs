@@ -125,6 +125,17 @@ impl TestApp {
             .bearer_auth(&session.access_token)
     }
 
+    /// GETs `path` as `session`, asserts 200, and returns the JSON body.
+    pub async fn get_json(&self, path: &str, session: &Session) -> Value {
+        let response = self
+            .authed(Method::GET, path, session)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), StatusCode::OK, "GET {path}");
+        response.json().await.expect("a JSON body")
+    }
+
     pub async fn register(&self, email: &str) -> Session {
         let response = self
             .post_json(

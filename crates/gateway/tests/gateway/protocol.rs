@@ -219,19 +219,37 @@ async fn resubscribing_unsubscribing_and_publish_limits() {
     let mut client = Client::connect(&stack.gateways[0].addr, &ann.token).await;
     client.subscribe(&conversation, None).await;
 
-    client.send(json!({"type": "subscribe", "id": 2, "channel": channel})).await;
+    client
+        .send(json!({"type": "subscribe", "id": 2, "channel": channel}))
+        .await;
     assert_eq!(client.next().await["code"], "already_subscribed");
 
     // Two publishes a second: the third in a row is refused, the connection stays.
     for id in 3..5 {
-        client.send(json!({"type": "publish", "id": id, "channel": channel, "data": {}})).await;
+        client
+            .send(json!({"type": "publish", "id": id, "channel": channel, "data": {}}))
+            .await;
         assert_eq!(client.next().await["type"], "published");
     }
-    client.send(json!({"type": "publish", "id": 5, "channel": channel, "data": {}})).await;
+    client
+        .send(json!({"type": "publish", "id": 5, "channel": channel, "data": {}}))
+        .await;
     assert_eq!(client.next().await["code"], "rate_limited");
 
-    client.send(json!({"type": "unsubscribe", "id": 6, "channel": channel})).await;
-    assert_eq!(client.next().await, json!({"type": "unsubscribed", "id": 6, "channel": channel}));
-    stack.post(&ann, &conversation, "not for this connection any more").await;
-    assert!(client.next_within(Duration::from_millis(300)).await.is_none());
+    client
+        .send(json!({"type": "unsubscribe", "id": 6, "channel": channel}))
+        .await;
+    assert_eq!(
+        client.next().await,
+        json!({"type": "unsubscribed", "id": 6, "channel": channel})
+    );
+    stack
+        .post(&ann, &conversation, "not for this connection any more")
+        .await;
+    assert!(
+        client
+            .next_within(Duration::from_millis(300))
+            .await
+            .is_none()
+    );
 }
