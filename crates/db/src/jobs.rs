@@ -22,6 +22,9 @@ use sqlx::{PgExecutor, postgres::types::PgInterval};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+/// Attempts before a job is dead, unless the enqueuer says otherwise.
+pub const DEFAULT_MAX_ATTEMPTS: i32 = 10;
+
 /// A job to enqueue.
 #[derive(Debug, Clone)]
 pub struct NewJob<'a> {
@@ -40,7 +43,7 @@ impl<'a> NewJob<'a> {
             kind,
             payload,
             unique_key: None,
-            max_attempts: 10,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
             run_at: None,
         }
     }

@@ -13,8 +13,10 @@
 pub mod conversations;
 pub mod devices;
 pub mod jobs;
+pub mod media;
 
 mod pool;
+pub mod push;
 pub mod sessions;
 pub mod users;
 

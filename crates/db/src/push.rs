@@ -1,0 +1,220 @@
+//! Push notifications as jobs, in two stages:
+//!
+//! 1. [`NOTIFY_JOB`]: "tell this user". Enqueued by the API in the transaction of the
+//!    write that caused it (a message post, `POST /internal/v1/notifications`).
+//! 2. [`SEND_JOB`]: "send to this device". The worker turns one notify job into one send
+//!    job per device of the user, in one transaction with completing the notify job
+//!    ([`fan_out`]), so each device gets exactly one send job, and each send job retries
+//!    on its own: a 429 from APNs for one phone does not resend to the user's tablet.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::jobs;
+
+pub const NOTIFY_JOB: &str = "push.notify";
+pub const SEND_JOB: &str = "push.send";
+/// Retries of one send: with the worker's backoff (capped at 5 minutes), about half an
+/// hour of APNs or FCM being unavailable before a notification is given up.
+pub const SEND_MAX_ATTEMPTS: i32 = 12;
+
+/// What to tell a user.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Notification {
+    pub user_id: Uuid,
+    pub title: String,
+    pub body: String,
+    /// Custom key/values for the app (strings, as FCM wants them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+    /// Notifications with the same id replace each other on the device (a chat's
+    /// newest message replaces the previous one's banner).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collapse_id: Option<String>,
+}
+
+/// One notification to one device: everything the sender needs, so sending reads
+/// nothing from the database.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Send {
+    pub device_id: Uuid,
+    pub platform: String,
+    pub push_token: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apns_environment: Option<String>,
+    pub notification: Notification,
+}
+
+/// Enqueues one notify job per notification (one statement, one wake-up), inside the
+/// caller's transaction. Returns how many were enqueued.
+pub async fn enqueue_notifications(
+    conn: &mut PgConnection,
+    notifications: &[Notification],
+) -> Result<u64, sqlx::Error> {
+    if notifications.is_empty() {
+        return Ok(0);
+    }
+    let payloads: Vec<Value> = notifications
+        .iter()
+        .map(serde_json::to_value)
+        .collect::<Result<_, _>>()
+        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    jobs::enqueue_many(conn, NOTIFY_JOB, &payloads, jobs::DEFAULT_MAX_ATTEMPTS).await
+}
+
+/// Stage two: one send job per device of the notified user, and the notify job
+/// completed, in one transaction. Returns the number of send jobs, or `None` if this
+/// worker no longer held the notify job (nothing was enqueued).
+pub async fn fan_out(
+    conn: &mut PgConnection,
+    notify_job: Uuid,
+    worker: &str,
+    notification: &Notification,
+) -> Result<Option<u64>, sqlx::Error> {
+    let mut tx = sqlx::Connection::begin(conn).await?;
+    if jobs::complete(&mut *tx, &[notify_job], worker).await? == 0 {
+        return Ok(None);
+    }
+    let devices: Vec<(Uuid, String, String, Option<String>)> = sqlx::query_as(
+        "SELECT id, platform, push_token, apns_environment FROM devices WHERE user_id = $1 ORDER BY id",
+    )
+    .bind(notification.user_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    let payloads: Vec<Value> = devices
+        .into_iter()
+        .map(|(device_id, platform, push_token, apns_environment)| {
+            serde_json::to_value(Send {
+                device_id,
+                platform,
+                push_token,
+                apns_environment,
+                notification: notification.clone(),
+            })
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let sent = if payloads.is_empty() {
+        0
+    } else {
+        jobs::enqueue_many(&mut *tx, SEND_JOB, &payloads, SEND_MAX_ATTEMPTS).await?
+    };
+    tx.commit().await?;
+    Ok(Some(sent))
+}
+
+/// Forgets a device whose token the platform says is dead, unless the app registered a
+/// new token for it since the job was enqueued. Returns whether a row went.
+pub async fn remove_dead_token(
+    db: impl sqlx::PgExecutor<'_>,
+    device_id: Uuid,
+    push_token: &str,
+) -> Result<bool, sqlx::Error> {
+    let result = sqlx::query("DELETE FROM devices WHERE id = $1 AND push_token = $2")
+        .bind(device_id)
+        .bind(push_token)
+        .execute(db)
+        .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    async fn user_with_devices(pool: &sqlx::PgPool, devices: usize) -> Uuid {
+        let id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO users (id, email, password_hash, display_name) VALUES ($1, $2, 'x', 'U')",
+        )
+        .bind(id)
+        .bind(format!("{id}@example.com"))
+        .execute(pool)
+        .await
+        .unwrap();
+        for n in 0..devices {
+            sqlx::query("INSERT INTO devices (id, user_id, platform, push_token) VALUES ($1, $2, 'android', $3)")
+                .bind(Uuid::now_v7())
+                .bind(id)
+                .bind(format!("token-{id}-{n}"))
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+        id
+    }
+
+    fn notification(user_id: Uuid) -> Notification {
+        Notification {
+            user_id,
+            title: "Ada".into(),
+            body: "hello".into(),
+            data: None,
+            collapse_id: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_notify_job_fans_out_once_per_device() {
+        let db = mobile_testkit::TestDb::new().await;
+        let pool = db.pool().await;
+        let user = user_with_devices(&pool, 3).await;
+        let mut conn = pool.acquire().await.unwrap();
+        enqueue_notifications(&mut conn, &[notification(user)])
+            .await
+            .unwrap();
+
+        let lease = Duration::from_secs(30);
+        let job = jobs::claim(&pool, NOTIFY_JOB, "w1", lease, 10)
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
+        let n: Notification = serde_json::from_value(job.payload.clone()).unwrap();
+        assert_eq!(fan_out(&mut conn, job.id, "w1", &n).await.unwrap(), Some(3));
+        assert_eq!(
+            fan_out(&mut conn, job.id, "w1", &n).await.unwrap(),
+            None,
+            "a second fan-out of the same job enqueues nothing"
+        );
+        let sends = jobs::claim(&pool, SEND_JOB, "w1", lease, 10).await.unwrap();
+        assert_eq!(sends.len(), 3);
+        let send: Send = serde_json::from_value(sends[0].payload.clone()).unwrap();
+        assert_eq!(send.notification, n);
+        assert_eq!(sends[0].max_attempts, SEND_MAX_ATTEMPTS);
+
+        assert!(
+            remove_dead_token(&pool, send.device_id, &send.push_token)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !remove_dead_token(&pool, send.device_id, &send.push_token)
+                .await
+                .unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reregistered_token_survives_a_stale_dead_token_report() {
+        let db = mobile_testkit::TestDb::new().await;
+        let pool = db.pool().await;
+        let user = user_with_devices(&pool, 1).await;
+        let (device, old): (Uuid, String) =
+            sqlx::query_as("SELECT id, push_token FROM devices WHERE user_id = $1")
+                .bind(user)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        sqlx::query("UPDATE devices SET push_token = 'fresh' WHERE id = $1")
+            .bind(device)
+            .execute(&pool)
+            .await
+            .unwrap();
+        assert!(!remove_dead_token(&pool, device, &old).await.unwrap());
+    }
+}
