@@ -9,10 +9,12 @@
 mod database;
 mod keys;
 mod redis_server;
+mod s3_server;
 
 pub use database::TestDb;
 pub use keys::TestKeys;
 pub use redis_server::RedisServer;
+pub use s3_server::S3Server;
 
 /// The shared Redis the tests use unless they start their own.
 pub fn redis_url() -> String {
