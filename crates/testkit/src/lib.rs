@@ -7,11 +7,16 @@
 //! Redis (default `redis://127.0.0.1:6379`).
 
 mod database;
+mod fake_apns;
+mod fake_fcm;
 mod keys;
 mod redis_server;
 mod s3_server;
+mod tls;
 
 pub use database::TestDb;
+pub use fake_apns::{ApnsDelivery, ApnsReply, FakeApns, TEST_APNS_KEY_ID, TEST_APNS_TEAM_ID};
+pub use fake_fcm::{FakeFcm, FcmReply};
 pub use keys::TestKeys;
 pub use redis_server::RedisServer;
 pub use s3_server::S3Server;
