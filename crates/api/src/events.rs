@@ -6,7 +6,7 @@
 //! reconnects resubscribes with `since`. The failure is logged and counted in
 //! `events_published_total{outcome="failed"}`.
 
-use mobile_events::{Channel, redis_channel};
+use mobile_events::Channel;
 
 use crate::{metrics::OutcomeLabel, state::AppState};
 
@@ -15,15 +15,12 @@ pub async fn publish(state: &AppState, frames: &[(Channel, String)]) {
     if frames.is_empty() {
         return;
     }
-    let mut pipe = redis::pipe();
-    for (channel, frame) in frames {
-        pipe.publish(
-            redis_channel(&state.settings.common.redis_key_prefix, *channel),
-            frame,
-        )
-        .ignore();
-    }
-    let result: Result<(), redis::RedisError> = pipe.query_async(&mut state.redis.conn()).await;
+    let result = mobile_events::publish(
+        &mut state.redis.conn(),
+        &state.settings.common.redis_key_prefix,
+        frames,
+    )
+    .await;
     let outcome = match result {
         Ok(()) => "ok",
         Err(e) => {

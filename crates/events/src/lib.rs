@@ -11,7 +11,7 @@
 
 pub mod presence;
 
-use std::{fmt, str::FromStr};
+use std::{collections::BTreeMap, fmt, str::FromStr};
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -125,6 +125,58 @@ impl From<mobile_db::conversations::Conversation> for ConversationData {
     }
 }
 
+/// Processing status and variants of an uploaded image, in REST responses and in the
+/// `media.ready` / `media.failed` events alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct MediaData {
+    pub id: Uuid,
+    /// `processing`, `ready` or `failed`.
+    pub status: String,
+    /// `thumb`, `medium` and `large` once ready; empty before.
+    pub variants: BTreeMap<String, VariantData>,
+    /// Why processing failed, for `failed` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_reason: Option<String>,
+}
+
+/// One rendition of an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct VariantData {
+    /// Where to fetch it: `/v1/media/{id}/{variant}`, with the same bearer token.
+    pub url: String,
+    pub width: u32,
+    pub height: u32,
+    pub content_type: String,
+}
+
+impl From<mobile_db::media::Media> for MediaData {
+    fn from(m: mobile_db::media::Media) -> Self {
+        let variants = m
+            .variants
+            .0
+            .into_iter()
+            .map(|(name, v)| {
+                let url = format!("/v1/media/{}/{name}", m.id);
+                let variant = VariantData {
+                    url,
+                    width: v.width,
+                    height: v.height,
+                    content_type: v.content_type,
+                };
+                (name, variant)
+            })
+            .collect();
+        Self {
+            id: m.id,
+            status: m.status,
+            variants,
+            failure_reason: m.failure_reason,
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct EventFrame<'a, T: Serialize> {
     #[serde(rename = "type")]
@@ -178,6 +230,24 @@ pub fn user_event<T: Serialize>(user: Uuid, event: &str, data: &T) -> String {
 /// `{"type":"event","channel":…,"event":"ephemeral","from":<user>,"data":…}`.
 pub fn ephemeral(channel: Channel, from: Uuid, data: &serde_json::value::RawValue) -> String {
     frame(channel, "ephemeral", None, Some(from), &data)
+}
+
+/// Publishes frames (channel, frame) in one pipelined round trip. Losing a publish
+/// loses no data, only immediacy: the caller logs and counts the error.
+pub async fn publish(
+    conn: &mut impl redis::aio::ConnectionLike,
+    prefix: &str,
+    frames: &[(Channel, String)],
+) -> redis::RedisResult<()> {
+    if frames.is_empty() {
+        return Ok(());
+    }
+    let mut pipe = redis::pipe();
+    for (channel, frame) in frames {
+        pipe.publish(redis_channel(prefix, *channel), frame)
+            .ignore();
+    }
+    pipe.query_async(conn).await
 }
 
 /// The part of a published frame the gateway needs to route it.

@@ -49,6 +49,11 @@ impl Redis {
         self.conn.clone()
     }
 
+    /// This deployment's key prefix (`REDIS_KEY_PREFIX`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// `suffix` under this deployment's prefix: `mb:` + `rl:auth:1.2.3.4`.
     pub fn key(&self, suffix: &str) -> String {
         format!("{}{suffix}", self.prefix)

@@ -69,6 +69,11 @@ impl Env {
             .filter(|v| !v.trim().is_empty())
     }
 
+    /// Every variable, for settings read by prefix (a storage provider's `AWS_*`).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.vars.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
     pub fn string(&self, name: &str, default: &str) -> String {
         self.optional(name).unwrap_or(default).to_owned()
     }

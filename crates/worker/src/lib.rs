@@ -1,0 +1,170 @@
+//! `mobile-worker`: everything slow or remote, as durable jobs.
+//!
+//! The [`queue`] runs jobs from PostgreSQL (`mobile_db::jobs`) with per-kind
+//! concurrency, timeouts, retries and leases. The kinds:
+//!
+//! | kind | handler | what it does |
+//! |---|---|---|
+//! | `media.process` | [`media::ProcessMedia`] | decodes an upload once, stores `thumb`/`medium`/`large`, publishes `media.ready` |
+//! | `push.notify` | [`push::Fanout`] | one `push.send` per device of a user |
+//! | `push.send` | [`push::Deliver`] | one notification to one device over APNs or FCM |
+//!
+//! The process serves only health on `LISTEN_ADDR` and metrics on `METRICS_ADDR`. On
+//! SIGTERM it goes unready, stops claiming, lets in-flight jobs finish within the
+//! drain, releases what is still running, and exits 0.
+
+pub mod images;
+pub mod media;
+pub mod metrics;
+pub mod push;
+pub mod queue;
+pub mod settings;
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use axum::Router;
+use mobile_runtime::{
+    Shutdown, metrics as runtime_metrics, server,
+    service::{self, Foundation},
+};
+use mobile_storage::Storage;
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+pub use crate::settings::WorkerSettings;
+use crate::{
+    metrics::WorkerMetrics,
+    push::{apns::Apns, fcm::Fcm},
+    queue::{Kind, Queue, QueueSettings},
+};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// `push.notify` jobs are one short transaction each: a few at once keep up with any
+/// number of senders.
+const FANOUT_CONCURRENCY: usize = 8;
+/// Stop waiting for in-flight jobs this long before the drain deadline, to release
+/// the rest while the process may still write.
+const RELEASE_MARGIN: Duration = Duration::from_secs(2);
+
+/// Listens on the configured addresses and works until SIGTERM.
+pub async fn run(settings: WorkerSettings) -> anyhow::Result<()> {
+    let (listener, metrics_listener, shutdown) =
+        service::bind_with_signals(&settings.common).await?;
+    serve(settings, listener, metrics_listener, shutdown).await
+}
+
+/// Works on listeners the caller bound until `shutdown` triggers, then drains.
+pub async fn serve(
+    settings: WorkerSettings,
+    listener: TcpListener,
+    metrics_listener: TcpListener,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let Foundation {
+        db,
+        redis,
+        mut registry,
+        health,
+        drain,
+    } = Foundation::connect(&settings.common, VERSION, &shutdown)?;
+    let metrics = WorkerMetrics::register(&mut registry);
+    let storage = Storage::open(&settings.storage_url, settings.storage_options.clone())?;
+    tracing::info!(url = storage.url(), "object storage");
+
+    let extra_root = match &settings.push_ca_file {
+        Some(path) => Some(
+            std::fs::read(path)
+                .with_context(|| format!("PUSH_CA_FILE: cannot read {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let http = push::http_client(extra_root.as_deref()).context("PUSH_CA_FILE")?;
+    let apns = match &settings.apns {
+        Some(apns) => Some(Arc::new(Apns::new(apns, http.clone())?)),
+        None => {
+            tracing::warn!(
+                "APNs is disabled (set APNS_KEY_FILE, APNS_KEY_ID, APNS_TEAM_ID and APNS_TOPIC): iOS devices get no pushes"
+            );
+            None
+        }
+    };
+    let fcm = match &settings.fcm {
+        Some(fcm) => Some(Arc::new(Fcm::new(fcm, http)?)),
+        None => {
+            tracing::warn!(
+                "FCM is disabled (set FCM_SERVICE_ACCOUNT_FILE): Android devices get no pushes"
+            );
+            None
+        }
+    };
+
+    let kinds = vec![
+        Kind {
+            name: mobile_db::media::PROCESS_JOB,
+            concurrency: settings.image_concurrency,
+            timeout: settings.image_timeout,
+            handler: Arc::new(media::ProcessMedia {
+                db: db.clone(),
+                storage,
+                redis: redis.clone(),
+                metrics: metrics.clone(),
+                max_pixels: settings.media_max_pixels,
+                quality: settings.image_quality,
+            }),
+        },
+        Kind {
+            name: mobile_db::push::NOTIFY_JOB,
+            concurrency: FANOUT_CONCURRENCY,
+            timeout: settings.push_timeout,
+            handler: Arc::new(push::Fanout { db: db.clone() }),
+        },
+        Kind {
+            name: mobile_db::push::SEND_JOB,
+            concurrency: settings.push_concurrency,
+            timeout: settings.push_timeout,
+            handler: Arc::new(push::Deliver {
+                db: db.clone(),
+                apns,
+                fcm,
+                metrics: metrics.clone(),
+            }),
+        },
+    ];
+    let queue = Queue::new(
+        db,
+        QueueSettings {
+            worker_id: settings.worker_id.clone(),
+            poll_interval: settings.poll_interval,
+            backoff_base: settings.backoff_base,
+            backoff_cap: settings.backoff_cap,
+        },
+        kinds,
+        metrics,
+    );
+    tracing::info!(worker_id = %settings.worker_id, "job runner starting");
+
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    tasks.spawn({
+        let (shutdown, stop) = (shutdown.clone(), stop.clone());
+        async move {
+            shutdown.triggered().await;
+            stop.cancel();
+        }
+    });
+    tasks.spawn(queue.run(stop, drain.timeout.saturating_sub(RELEASE_MARGIN)));
+
+    let app = Router::new().merge(health.router());
+    server::serve(
+        listener,
+        app,
+        metrics_listener,
+        runtime_metrics::router(Arc::new(registry)),
+        shutdown,
+        drain,
+        tasks,
+    )
+    .await
+}

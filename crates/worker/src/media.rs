@@ -1,0 +1,145 @@
+//! The `media.process` job: original in, variants stored, media row `ready` (or
+//! `failed` with the reason), and the owner told over their `user:` channel.
+
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use mobile_db::{
+    jobs::Job,
+    media::{self, ProcessJob, Variant},
+};
+use mobile_events::{Channel, MediaData};
+use mobile_runtime::redis::Redis;
+use mobile_storage::{Storage, StorageError};
+use sha2::{Digest as _, Sha256};
+use sqlx::PgPool;
+
+use crate::{
+    images::{self, Rendition},
+    metrics::WorkerMetrics,
+    queue::{Done, Handler, JobError, JobFuture, Lease},
+};
+
+/// Processes uploads.
+#[derive(Debug, Clone)]
+pub struct ProcessMedia {
+    pub db: PgPool,
+    pub storage: Storage,
+    pub redis: Redis,
+    pub metrics: WorkerMetrics,
+    pub max_pixels: u64,
+    pub quality: u8,
+}
+
+impl Handler for ProcessMedia {
+    fn run(&self, job: Job, _lease: Lease) -> JobFuture {
+        let this = Arc::new(self.clone());
+        Box::pin(async move { this.process(job).await })
+    }
+}
+
+impl ProcessMedia {
+    async fn process(&self, job: Job) -> Result<Done, JobError> {
+        let ProcessJob { media_id } = serde_json::from_value(job.payload)
+            .map_err(|e| JobError::permanent(format!("bad payload: {e}")))?;
+        let Some(row) = media::find(&self.db, media_id).await? else {
+            // Deleted with its owner meanwhile: nothing to do.
+            return Ok(Done::Complete);
+        };
+        if row.status != media::STATUS_PROCESSING {
+            // An earlier attempt finished but died before deleting the job.
+            return Ok(Done::Complete);
+        }
+        let original = match self
+            .storage
+            .get(&mobile_storage::original_key(media_id))
+            .await
+        {
+            Ok(bytes) => bytes,
+            Err(StorageError::NotFound(_)) => {
+                return self
+                    .finish_failed(row.owner_id, media_id, "the upload is missing from storage")
+                    .await;
+            }
+            Err(e) => return Err(JobError::transient(e.to_string())),
+        };
+
+        let (max_pixels, quality) = (self.max_pixels, self.quality);
+        let started = Instant::now();
+        let rendered =
+            tokio::task::spawn_blocking(move || images::render(&original, max_pixels, quality))
+                .await
+                .map_err(|e| JobError::transient(format!("image task failed: {e}")))?;
+        self.metrics
+            .image_resize_duration
+            .observe(started.elapsed().as_secs_f64());
+        let renditions = match rendered {
+            Ok(renditions) => renditions,
+            Err(reason) => {
+                tracing::info!(%media_id, %reason, "image rejected");
+                return self
+                    .finish_failed(row.owner_id, media_id, &reason.to_string())
+                    .await;
+            }
+        };
+
+        let mut variants = BTreeMap::new();
+        for rendition in renditions {
+            let (name, variant, bytes) = stored_variant(rendition);
+            self.storage
+                .put(&mobile_storage::variant_key(media_id, name), bytes)
+                .await
+                .map_err(|e| JobError::transient(e.to_string()))?;
+            variants.insert(name.to_owned(), variant);
+        }
+        media::mark_ready(&self.db, media_id, &variants).await?;
+        self.announce(row.owner_id, media_id, "media.ready").await;
+        Ok(Done::Complete)
+    }
+
+    async fn finish_failed(
+        &self,
+        owner: uuid::Uuid,
+        media_id: uuid::Uuid,
+        reason: &str,
+    ) -> Result<Done, JobError> {
+        media::mark_failed(&self.db, media_id, reason).await?;
+        self.announce(owner, media_id, "media.failed").await;
+        Ok(Done::Complete)
+    }
+
+    /// Tells the owner's apps. A lost publish costs immediacy only: the app sees the
+    /// status on its next `GET /v1/media/{id}`.
+    async fn announce(&self, owner: uuid::Uuid, media_id: uuid::Uuid, event: &str) {
+        let data = match media::find(&self.db, media_id).await {
+            Ok(Some(row)) => MediaData::from(row),
+            Ok(None) => return,
+            Err(error) => {
+                tracing::warn!(%media_id, %error, "reading the media to announce it failed");
+                return;
+            }
+        };
+        let frame = mobile_events::user_event(owner, event, &data);
+        if let Err(error) = mobile_events::publish(
+            &mut self.redis.conn(),
+            self.redis.prefix(),
+            &[(Channel::User(owner), frame)],
+        )
+        .await
+        {
+            tracing::warn!(%media_id, %error, event, "publishing the media event failed");
+        }
+    }
+}
+
+fn stored_variant(rendition: Rendition) -> (&'static str, Variant, Bytes) {
+    let etag = format!("\"{}\"", hex::encode(Sha256::digest(&rendition.bytes)));
+    let variant = Variant {
+        width: rendition.width,
+        height: rendition.height,
+        content_type: rendition.content_type.to_owned(),
+        byte_size: rendition.bytes.len() as u64,
+        etag,
+    };
+    (rendition.name, variant, Bytes::from(rendition.bytes))
+}

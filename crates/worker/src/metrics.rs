@@ -1,0 +1,95 @@
+//! The worker's metric families: the brief's names, plus jobs in flight.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::{Registry, Unit},
+};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct KindOutcomeLabel {
+    pub kind: String,
+    /// `completed`, `retried`, `dead`, `timed_out`, `lost_lease`, `released`.
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PushLabel {
+    pub platform: &'static str,
+    /// `sent`, `retried`, `device_removed`, `rejected`.
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerMetrics {
+    /// Jobs waiting (due or scheduled) per kind, refreshed every few seconds.
+    pub queue_depth: Family<KindLabel, Gauge>,
+    pub in_flight: Family<KindLabel, Gauge>,
+    pub processed: Family<KindOutcomeLabel, Counter>,
+    pub duration: Family<KindLabel, Histogram>,
+    pub pushes: Family<PushLabel, Counter>,
+    /// Decode, orient, three resizes and encodes of one image.
+    pub image_resize_duration: Histogram,
+}
+
+impl WorkerMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            queue_depth: Family::default(),
+            in_flight: Family::default(),
+            processed: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(mobile_runtime::metrics::DURATION_BUCKETS)
+            }),
+            pushes: Family::default(),
+            image_resize_duration: Histogram::new(mobile_runtime::metrics::DURATION_BUCKETS),
+        };
+        registry.register(
+            "jobs_queue_depth",
+            "Jobs waiting to run, by kind (due or scheduled for a retry)",
+            metrics.queue_depth.clone(),
+        );
+        registry.register(
+            "jobs_in_flight",
+            "Jobs this process is running, by kind",
+            metrics.in_flight.clone(),
+        );
+        registry.register(
+            "jobs_processed",
+            "Job attempts by kind and outcome",
+            metrics.processed.clone(),
+        );
+        registry.register_with_unit(
+            "job_duration",
+            "Time one job attempt ran, by kind",
+            Unit::Seconds,
+            metrics.duration.clone(),
+        );
+        registry.register(
+            "push_notifications",
+            "Push sends by platform and outcome",
+            metrics.pushes.clone(),
+        );
+        registry.register_with_unit(
+            "image_resize_duration",
+            "Time to turn one original into its variants",
+            Unit::Seconds,
+            metrics.image_resize_duration.clone(),
+        );
+        metrics
+    }
+
+    pub fn processed(&self, kind: &str, outcome: &'static str) {
+        self.processed
+            .get_or_create(&KindOutcomeLabel {
+                kind: kind.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
+}

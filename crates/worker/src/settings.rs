@@ -1,0 +1,204 @@
+//! `mobile-worker`'s settings: the common ones plus storage, images, pushes and the
+//! job runner's tuning. README's settings table lists each with its default.
+
+use std::{path::PathBuf, time::Duration};
+
+use mobile_runtime::{CommonSettings, Env, SettingsError};
+
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub common: CommonSettings,
+    /// `STORAGE_URL` (default `file:///var/lib/mobile/media`).
+    pub storage_url: String,
+    /// `AWS_*`, `GOOGLE_*`, `AZURE_*`: the storage provider's own settings.
+    pub storage_options: Vec<(String, String)>,
+    /// `MEDIA_MAX_PIXELS` (default 50,000,000): larger images fail before decoding.
+    pub media_max_pixels: u64,
+    /// `IMAGE_QUALITY` (default 80): JPEG quality of the variants.
+    pub image_quality: u8,
+    /// `WORKER_ID` (default `$HOSTNAME-<random>`): this process in `jobs.locked_by`.
+    pub worker_id: String,
+    /// `WORKER_IMAGE_CONCURRENCY` (default: the number of CPUs): images at once.
+    pub image_concurrency: usize,
+    /// `WORKER_PUSH_CONCURRENCY` (default 256): push sends at once.
+    pub push_concurrency: usize,
+    /// `JOB_POLL_INTERVAL_SECONDS` (default 5): look for due jobs without a
+    /// notification (retries coming due) and reclaim expired leases this often.
+    pub poll_interval: Duration,
+    /// `JOB_BACKOFF_BASE_MS` (default 1000): the first retry's delay; doubles per attempt.
+    pub backoff_base: Duration,
+    /// `JOB_BACKOFF_MAX_SECONDS` (default 300): the longest retry delay.
+    pub backoff_cap: Duration,
+    /// `IMAGE_JOB_TIMEOUT_SECONDS` (default 120).
+    pub image_timeout: Duration,
+    /// `PUSH_JOB_TIMEOUT_SECONDS` (default 30).
+    pub push_timeout: Duration,
+    pub apns: Option<ApnsSettings>,
+    pub fcm: Option<FcmSettings>,
+    /// `PUSH_CA_FILE`: an extra trusted root certificate (PEM) for the push endpoints,
+    /// for a TLS-inspecting proxy or a test server. Unset: the system roots only.
+    pub push_ca_file: Option<PathBuf>,
+}
+
+/// APNs token auth: all of `APNS_KEY_FILE`, `APNS_KEY_ID`, `APNS_TEAM_ID`, `APNS_TOPIC`.
+#[derive(Debug, Clone)]
+pub struct ApnsSettings {
+    /// `APNS_KEY_FILE`: the `.p8` key from the Apple developer account.
+    pub key_file: PathBuf,
+    /// `APNS_KEY_ID`: the key's 10-character id.
+    pub key_id: String,
+    /// `APNS_TEAM_ID`.
+    pub team_id: String,
+    /// `APNS_TOPIC`: the app's bundle id.
+    pub topic: String,
+    /// `APNS_BASE_URL` (default `https://api.push.apple.com`).
+    pub base_url: String,
+    /// `APNS_SANDBOX_BASE_URL` (default `https://api.sandbox.push.apple.com`): for
+    /// devices registered with `apns_environment: "sandbox"` (development builds).
+    pub sandbox_base_url: String,
+}
+
+/// FCM HTTP v1: `FCM_SERVICE_ACCOUNT_FILE`, and `FCM_BASE_URL`.
+#[derive(Debug, Clone)]
+pub struct FcmSettings {
+    /// `FCM_SERVICE_ACCOUNT_FILE`: the service account's JSON key. Its `token_uri` is
+    /// where OAuth tokens come from; its `project_id` is the FCM project.
+    pub service_account_file: PathBuf,
+    /// `FCM_BASE_URL` (default `https://fcm.googleapis.com`).
+    pub base_url: String,
+}
+
+impl WorkerSettings {
+    pub const DEFAULT_LISTEN_ADDR: &'static str = "0.0.0.0:8082";
+    pub const DEFAULT_METRICS_ADDR: &'static str = "0.0.0.0:9092";
+
+    pub fn from_env(env: &Env) -> Result<Self, SettingsError> {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let settings = Self {
+            common: CommonSettings::from_env(
+                env,
+                Self::DEFAULT_LISTEN_ADDR,
+                Self::DEFAULT_METRICS_ADDR,
+            )?,
+            storage_url: env.string("STORAGE_URL", "file:///var/lib/mobile/media"),
+            storage_options: mobile_storage::provider_options(env.iter()),
+            media_max_pixels: env.parse("MEDIA_MAX_PIXELS", 50_000_000)?,
+            image_quality: env.parse("IMAGE_QUALITY", 80)?,
+            worker_id: env
+                .optional("WORKER_ID")
+                .map_or_else(default_worker_id, str::to_owned),
+            image_concurrency: env.parse("WORKER_IMAGE_CONCURRENCY", cpus)?,
+            push_concurrency: env.parse("WORKER_PUSH_CONCURRENCY", 256)?,
+            poll_interval: env.seconds("JOB_POLL_INTERVAL_SECONDS", 5)?,
+            backoff_base: Duration::from_millis(env.parse("JOB_BACKOFF_BASE_MS", 1_000)?),
+            backoff_cap: env.seconds("JOB_BACKOFF_MAX_SECONDS", 300)?,
+            image_timeout: env.seconds("IMAGE_JOB_TIMEOUT_SECONDS", 120)?,
+            push_timeout: env.seconds("PUSH_JOB_TIMEOUT_SECONDS", 30)?,
+            apns: apns(env)?,
+            fcm: env
+                .optional("FCM_SERVICE_ACCOUNT_FILE")
+                .map(|file| FcmSettings {
+                    service_account_file: PathBuf::from(file),
+                    base_url: env.string("FCM_BASE_URL", "https://fcm.googleapis.com"),
+                }),
+            push_ca_file: env.optional("PUSH_CA_FILE").map(PathBuf::from),
+        };
+        for (name, value) in [
+            (
+                "WORKER_IMAGE_CONCURRENCY",
+                settings.image_concurrency as u64,
+            ),
+            ("WORKER_PUSH_CONCURRENCY", settings.push_concurrency as u64),
+            (
+                "JOB_POLL_INTERVAL_SECONDS",
+                settings.poll_interval.as_secs(),
+            ),
+            (
+                "IMAGE_JOB_TIMEOUT_SECONDS",
+                settings.image_timeout.as_secs(),
+            ),
+            ("PUSH_JOB_TIMEOUT_SECONDS", settings.push_timeout.as_secs()),
+            ("MEDIA_MAX_PIXELS", settings.media_max_pixels),
+        ] {
+            if value == 0 {
+                return Err(SettingsError::new(name, "must be at least 1"));
+            }
+        }
+        if !(1..=100).contains(&settings.image_quality) {
+            return Err(SettingsError::new("IMAGE_QUALITY", "must be 1 to 100"));
+        }
+        Ok(settings)
+    }
+}
+
+/// APNs is configured by four variables together; some but not all is a mistake.
+fn apns(env: &Env) -> Result<Option<ApnsSettings>, SettingsError> {
+    const NAMES: [&str; 4] = ["APNS_KEY_FILE", "APNS_KEY_ID", "APNS_TEAM_ID", "APNS_TOPIC"];
+    let values = NAMES.map(|name| env.optional(name));
+    match values {
+        [None, None, None, None] => Ok(None),
+        [Some(key_file), Some(key_id), Some(team_id), Some(topic)] => Ok(Some(ApnsSettings {
+            key_file: PathBuf::from(key_file),
+            key_id: key_id.to_owned(),
+            team_id: team_id.to_owned(),
+            topic: topic.to_owned(),
+            base_url: env.string("APNS_BASE_URL", "https://api.push.apple.com"),
+            sandbox_base_url: env.string(
+                "APNS_SANDBOX_BASE_URL",
+                "https://api.sandbox.push.apple.com",
+            ),
+        })),
+        _ => {
+            let missing: Vec<&str> = NAMES
+                .iter()
+                .zip(values)
+                .filter(|(_, value)| value.is_none())
+                .map(|(name, _)| *name)
+                .collect();
+            Err(SettingsError::new(
+                missing[0],
+                format!("APNs needs all four of {NAMES:?}; missing {missing:?}"),
+            ))
+        }
+    }
+}
+
+fn default_worker_id() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".to_owned());
+    format!("{host}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn defaults_leave_push_platforms_disabled() {
+        let settings =
+            WorkerSettings::from_env(&Env::from_pairs([("APP_ENV", "development")])).unwrap();
+        assert_eq!(settings.common.listen_addr.port(), 8082);
+        assert_eq!(settings.common.metrics_addr.port(), 9092);
+        assert!(settings.apns.is_none() && settings.fcm.is_none());
+        assert_eq!(settings.storage_url, "file:///var/lib/mobile/media");
+    }
+
+    #[test]
+    fn partial_apns_settings_are_refused_naming_what_is_missing() {
+        let error = WorkerSettings::from_env(&Env::from_pairs([
+            ("APNS_KEY_FILE", "/k.p8"),
+            ("APNS_TOPIC", "com.example.app"),
+        ]))
+        .unwrap_err();
+        assert_eq!(error.name, "APNS_KEY_ID");
+        assert!(error.reason.contains("APNS_TEAM_ID"), "{error}");
+    }
+
+    #[test]
+    fn zero_concurrency_is_refused() {
+        let error = WorkerSettings::from_env(&Env::from_pairs([("WORKER_PUSH_CONCURRENCY", "0")]))
+            .unwrap_err();
+        assert_eq!(error.name, "WORKER_PUSH_CONCURRENCY");
+    }
+}
