@@ -80,6 +80,10 @@ pub fn decode(original: &[u8], max_pixels: u64) -> Result<DynamicImage, ImageErr
         return Err(ImageError::Empty);
     }
     let format = sniff(original).ok_or(ImageError::UnsupportedFormat)?;
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(original) {
+        // The JPEG decoder fills a missing tail with grey rather than failing.
+        return Err(ImageError::Corrupt("the JPEG is truncated".to_owned()));
+    }
     let (width, height) = ImageReader::with_format(Cursor::new(original), format)
         .into_dimensions()
         .map_err(|e| ImageError::Corrupt(e.to_string()))?;
@@ -105,6 +109,35 @@ pub fn decode(original: &[u8], max_pixels: u64) -> Result<DynamicImage, ImageErr
         DynamicImage::from_decoder(decoder).map_err(|e| ImageError::Corrupt(e.to_string()))?;
     image.apply_orientation(orientation);
     Ok(image)
+}
+
+/// Whether a JPEG's image data ends with its end-of-image marker: walk the segments
+/// to the first top-level start-of-scan (so an EXIF thumbnail's own markers do not
+/// count), then look for `FF D9` in what follows. Inside entropy-coded data a `FF`
+/// byte is always followed by `00` or a restart marker, so only a real end matches.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let mut i = 2; // after SOI
+    while i + 4 <= bytes.len() {
+        if bytes[i] != 0xff {
+            return false;
+        }
+        let marker = bytes[i + 1];
+        match marker {
+            0xff => i += 1, // fill byte
+            0x01 | 0xd0..=0xd7 => i += 2,
+            _ => {
+                let length = usize::from(u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]));
+                let next = i + 2 + length;
+                if marker == 0xda {
+                    return bytes
+                        .get(next..)
+                        .is_some_and(|data| data.windows(2).any(|w| w == [0xff, 0xd9]));
+                }
+                i = next;
+            }
+        }
+    }
+    false
 }
 
 /// The format the bytes are, whatever they are called.

@@ -5,4 +5,5 @@
 
 #[allow(dead_code)]
 mod helpers;
+mod images;
 mod queue;
