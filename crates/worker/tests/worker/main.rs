@@ -6,4 +6,6 @@
 #[allow(dead_code)]
 mod helpers;
 mod images;
+mod process;
+mod push;
 mod queue;
