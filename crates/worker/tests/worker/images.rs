@@ -228,7 +228,8 @@ fn every_bad_image_fails_with_a_reason() {
     with_thumbnail.extend_from_slice(b"Exif\0\0");
     with_thumbnail.extend_from_slice(&thumbnail);
     with_thumbnail.extend_from_slice(&photo[2..photo.len() / 2]);
-    let cases: Vec<(&str, Vec<u8>, fn(&ImageError) -> bool)> = vec![
+    type Expected = fn(&ImageError) -> bool;
+    let cases: Vec<(&str, Vec<u8>, Expected)> = vec![
         ("zero bytes", Vec::new(), |e| *e == ImageError::Empty),
         ("text", b"hello, this is not an image".to_vec(), |e| {
             *e == ImageError::UnsupportedFormat
