@@ -15,7 +15,9 @@
 //! client is meant to retry those. The records live in Redis; if Redis does not answer
 //! the request runs without the guarantee (and `redis_degraded_total` counts it).
 //! Operations that must never duplicate have a durable guard of their own in PostgreSQL
-//! (a unique email; later, `client_msg_id` for messages).
+//! (a unique email, a message's `client_msg_id`).
+//!
+//! `POST /v1/media` is exempt: an upload is streamed to storage, not buffered here.
 
 use axum::{
     body::{Body, to_bytes},
@@ -68,7 +70,8 @@ impl Record {
 }
 
 pub async fn idempotency(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if req.method() != Method::POST {
+    // Uploads are far larger than the records kept here: not replayed (see routes::media).
+    if req.method() != Method::POST || req.uri().path() == crate::routes::media::UPLOAD_PATH {
         return next.run(req).await;
     }
     let Some(key) = req.headers().get(&IDEMPOTENCY_KEY).cloned() else {
