@@ -51,6 +51,8 @@ pub fn app(state: AppState, health: &Health) -> Router {
         .merge(routes::me::router(&state))
         .merge(routes::devices::router(&state))
         .merge(routes::conversations::router(&state))
+        .merge(routes::media::router(&state))
+        .merge(routes::internal::router())
         .split_for_parts();
     // Serialised once at start; every request for it is a copy of these bytes.
     let document = bytes::Bytes::from(document.to_pretty_json().unwrap_or_default());
@@ -109,7 +111,14 @@ pub async fn serve(
         drain,
     } = Foundation::connect(&settings.common, VERSION, &shutdown)?;
     let metrics = ApiMetrics::register(&mut registry);
+    let storage =
+        mobile_storage::Storage::open(&settings.storage_url, settings.storage_options.clone())?;
+    tracing::info!(url = storage.url(), "object storage");
+    if settings.internal_api_token.is_none() {
+        tracing::info!("INTERNAL_API_TOKEN is not set: /internal/v1/* answers 404");
+    }
     let state = AppState {
+        storage,
         db,
         redis,
         tokens: Arc::new(tokens),

@@ -23,6 +23,8 @@ use crate::error::Problem;
         (name = "me", description = "The signed-in user"),
         (name = "devices", description = "Push-notification devices"),
         (name = "conversations", description = "Conversations and messages"),
+        (name = "media", description = "Image uploads and their variants"),
+        (name = "internal", description = "For the app's other backends (INTERNAL_API_TOKEN)"),
     )
 )]
 pub struct ApiDoc;
@@ -41,6 +43,15 @@ impl Modify for BearerAuth {
                     .description(Some(
                         "An access token from /v1/auth/login, /register or /refresh",
                     ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "internal",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("The deployment's INTERNAL_API_TOKEN"))
                     .build(),
             ),
         );

@@ -3,6 +3,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use mobile_runtime::{CommonSettings, Env, SettingsError};
+use secrecy::{ExposeSecret as _, SecretString};
 
 /// Everything `mobile-api` reads from the environment. README's settings table lists
 /// each variable with its default.
@@ -37,6 +38,19 @@ pub struct ApiSettings {
     pub trusted_proxy_hops: usize,
     /// `IDEMPOTENCY_TTL_SECONDS` (default 86400): how long a stored response replays.
     pub idempotency_ttl: Duration,
+    /// `STORAGE_URL` (default `file:///var/lib/mobile/media`): where uploads go; the
+    /// worker reads them from the same place.
+    pub storage_url: String,
+    /// `AWS_*`, `GOOGLE_*`, `AZURE_*`: the storage provider's own settings.
+    pub storage_options: Vec<(String, String)>,
+    /// `MEDIA_MAX_BYTES` (default 20971520, 20 MiB): the largest upload.
+    pub media_max_bytes: u64,
+    /// `MEDIA_MAX_PIXELS` (default 50,000,000): uploads whose header claims more are
+    /// refused at once (and the worker checks again before decoding).
+    pub media_max_pixels: u64,
+    /// `INTERNAL_API_TOKEN`: the bearer token of `/internal/v1/*` (for the app's other
+    /// backends). Unset: those endpoints answer 404.
+    pub internal_api_token: Option<SecretString>,
 }
 
 impl ApiSettings {
@@ -62,7 +76,23 @@ impl ApiSettings {
             rate_limit_write_per_minute: env.parse("RATE_LIMIT_WRITE_PER_MINUTE", 120)?,
             trusted_proxy_hops: env.parse("TRUSTED_PROXY_HOPS", 0)?,
             idempotency_ttl: env.seconds("IDEMPOTENCY_TTL_SECONDS", 86_400)?,
+            storage_url: env.string("STORAGE_URL", "file:///var/lib/mobile/media"),
+            storage_options: mobile_storage::provider_options(env.iter()),
+            media_max_bytes: env.parse("MEDIA_MAX_BYTES", 20 * 1024 * 1024)?,
+            media_max_pixels: env.parse("MEDIA_MAX_PIXELS", 50_000_000)?,
+            internal_api_token: env
+                .optional("INTERNAL_API_TOKEN")
+                .filter(|t| !t.is_empty())
+                .map(|t| SecretString::from(t.to_owned())),
         };
+        if let Some(token) = &settings.internal_api_token
+            && token.expose_secret().len() < 32
+        {
+            return Err(SettingsError::new(
+                "INTERNAL_API_TOKEN",
+                "must be at least 32 characters (e.g. `openssl rand -hex 32`)",
+            ));
+        }
         for (name, value) in [
             (
                 "ACCESS_TOKEN_TTL_SECONDS",
@@ -88,6 +118,8 @@ impl ApiSettings {
                 "IDEMPOTENCY_TTL_SECONDS",
                 settings.idempotency_ttl.as_secs(),
             ),
+            ("MEDIA_MAX_BYTES", settings.media_max_bytes),
+            ("MEDIA_MAX_PIXELS", settings.media_max_pixels),
         ] {
             if value == 0 {
                 return Err(SettingsError::new(name, "must be at least 1"));

@@ -16,4 +16,5 @@ pub struct AppState {
     pub tokens: Arc<AccessTokens>,
     pub settings: Arc<ApiSettings>,
     pub metrics: ApiMetrics,
+    pub storage: mobile_storage::Storage,
 }

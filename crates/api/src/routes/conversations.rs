@@ -2,12 +2,20 @@
 //!
 //! Only members see a conversation; to anyone else it does not exist (404, not 403, so
 //! ids cannot be probed). Posting a message assigns the next `seq` in the insert's
-//! transaction and, after the commit, publishes the event to the gateways.
+//! transaction, enqueues in the same transaction a push for every member who is not
+//! online, and after the commit publishes the event to the gateways.
 
 use axum::{extract::State, http::StatusCode};
-use mobile_db::conversations::{self, CreateConversation, NewMessage, PostMessage, Window};
-use mobile_domain::{ClientMsgId, MessageText, Title};
-use mobile_events::{Channel, ConversationData, MessageData};
+use std::collections::HashSet;
+
+use mobile_db::{
+    conversations::{self, CreateConversation, NewMessage, PostMessage, Window},
+    media,
+    push::{self, Notification},
+    users,
+};
+use mobile_domain::{ClientMsgId, MessageText, Title, UserId};
+use mobile_events::{Channel, ConversationData, MessageData, presence};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -18,6 +26,7 @@ use crate::{
     error::{ApiError, Problem},
     events,
     extract::{AuthUser, Json, Path, Query},
+    metrics::FeatureLabel,
     middleware::rate_limit::{self, Class},
     state::AppState,
 };
@@ -230,22 +239,63 @@ async fn post_message(
 ) -> Result<(StatusCode, axum::Json<MessageData>), ApiError> {
     let client_msg_id = ClientMsgId::parse(&body.client_msg_id)?;
     let text = MessageText::parse(&body.body)?;
-    if let Some(media_id) = body.media_id {
-        // Media uploads arrive with the worker; until then no media id can be valid.
+    if let Some(media_id) = body.media_id
+        && !media::attachable(&state.db, media_id, auth.user_id.as_uuid()).await?
+    {
         return Err(ApiError::unprocessable(
             "unknown_media",
-            format!("no such media: {media_id}"),
+            format!(
+                "no media {media_id} of yours that can be attached (unknown, or it failed processing)"
+            ),
         ));
     }
+    // Decided before the transaction, so no Redis round trip holds the conversation's lock.
+    let offline = offline_members(&state, id, auth.user_id).await?;
+    let notifications = if offline.is_empty() {
+        Vec::new()
+    } else {
+        let sender = users::find_user(&state.db, auth.user_id)
+            .await?
+            .map_or_else(String::new, |user| user.display_name);
+        offline
+            .iter()
+            .map(|&user_id| Notification {
+                user_id,
+                title: sender.clone(),
+                body: preview(text.as_str()),
+                data: None,
+                collapse_id: None,
+            })
+            .collect()
+    };
     let new = NewMessage {
         conversation_id: id,
         sender_id: auth.user_id,
         client_msg_id: client_msg_id.as_str(),
         body: text.as_str(),
-        media_id: None,
+        media_id: body.media_id,
     };
     let mut tx = state.db.begin().await?;
     let outcome = conversations::insert_message(&mut tx, &new).await?;
+    if let PostMessage::Created(message) = &outcome
+        && !notifications.is_empty()
+    {
+        // In the message's transaction: a committed message always has its pushes.
+        let data = serde_json::json!({
+            "type": "message",
+            "conversation_id": message.conversation_id.to_string(),
+            "message_id": message.id.to_string(),
+            "seq": message.seq.to_string(),
+        });
+        let notifications: Vec<Notification> = notifications
+            .into_iter()
+            .map(|n| Notification {
+                data: Some(data.clone()),
+                ..n
+            })
+            .collect();
+        push::enqueue_notifications(&mut tx, &notifications).await?;
+    }
     tx.commit().await?;
     match outcome {
         PostMessage::Created(message) => {
@@ -257,6 +307,57 @@ async fn post_message(
         PostMessage::Duplicate(first) => Ok((StatusCode::OK, axum::Json(first.into()))),
         PostMessage::NotFound => Err(no_such_conversation()),
     }
+}
+
+/// The conversation's members other than `sender` who have no live WebSocket
+/// connection: they get a push. Empty if `sender` is not a member (the insert then
+/// answers 404). Without Redis nobody counts as online: a push too many beats a
+/// message nobody hears about.
+async fn offline_members(
+    state: &AppState,
+    conversation: Uuid,
+    sender: UserId,
+) -> Result<Vec<Uuid>, ApiError> {
+    let members = conversations::member_ids(&state.db, conversation).await?;
+    if !members.contains(&sender.as_uuid()) {
+        return Ok(Vec::new());
+    }
+    let others: Vec<Uuid> = members
+        .into_iter()
+        .filter(|&m| m != sender.as_uuid())
+        .collect();
+    let online = match presence::online(
+        &mut state.redis.conn(),
+        &state.settings.common.redis_key_prefix,
+        &others,
+    )
+    .await
+    {
+        Ok(online) => online,
+        Err(e) => {
+            tracing::warn!(error = %e, "presence unavailable; pushing to every member");
+            state
+                .metrics
+                .redis_degraded
+                .get_or_create(&FeatureLabel {
+                    feature: "presence",
+                })
+                .inc();
+            HashSet::new()
+        }
+    };
+    Ok(others.into_iter().filter(|m| !online.contains(m)).collect())
+}
+
+/// A push's preview of a message: the first 100 characters.
+fn preview(text: &str) -> String {
+    const PREVIEW_CHARS: usize = 100;
+    let mut chars = text.chars();
+    let mut preview: String = chars.by_ref().take(PREVIEW_CHARS).collect();
+    if chars.next().is_some() {
+        preview.push('…');
+    }
+    preview
 }
 
 /// A page of messages, in `seq` order.

@@ -4,7 +4,9 @@
 pub mod auth;
 pub mod conversations;
 pub mod devices;
+pub mod internal;
 pub mod me;
+pub mod media;
 pub mod pagination;
 
 use serde::Serialize;

@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use crate::helpers::{Session, TestApp, assert_problem};
 
-async fn create(app: &TestApp, session: &Session, members: &[&str]) -> Value {
+pub async fn create(app: &TestApp, session: &Session, members: &[&str]) -> Value {
     let response = app
         .authed(Method::POST, "/v1/conversations", session)
         .json(&json!({"member_ids": members, "title": "Team"}))
@@ -18,7 +18,7 @@ async fn create(app: &TestApp, session: &Session, members: &[&str]) -> Value {
     response.json().await.unwrap()
 }
 
-async fn post(
+pub async fn post(
     app: &TestApp,
     session: &Session,
     conversation: &str,
@@ -37,7 +37,7 @@ async fn post(
 }
 
 /// A Pub/Sub subscription on the app's Redis, to see what the gateways would see.
-async fn subscribe(app: &TestApp, channel: &str) -> redis::aio::PubSub {
+pub async fn subscribe(app: &TestApp, channel: &str) -> redis::aio::PubSub {
     let client = redis::Client::open(mobile_testkit::redis_url()).unwrap();
     let mut pubsub = client.get_async_pubsub().await.unwrap();
     pubsub
@@ -47,7 +47,7 @@ async fn subscribe(app: &TestApp, channel: &str) -> redis::aio::PubSub {
     pubsub
 }
 
-async fn next_frame(pubsub: &mut redis::aio::PubSub) -> Value {
+pub async fn next_frame(pubsub: &mut redis::aio::PubSub) -> Value {
     let message = tokio::time::timeout(
         std::time::Duration::from_secs(5),
         pubsub.on_message().next(),

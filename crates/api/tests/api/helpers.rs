@@ -18,7 +18,12 @@ pub struct TestApp {
     pub shutdown: Shutdown,
     pub server: JoinHandle<anyhow::Result<()>>,
     pub redis_prefix: String,
+    /// `STORAGE_URL`'s directory (unless a test points it elsewhere).
+    pub storage_dir: std::path::PathBuf,
 }
+
+/// `INTERNAL_API_TOKEN` of every test app.
+pub const INTERNAL_TOKEN: &str = "test-only-internal-token-0123456789abcdef";
 
 /// Settings a test may override before the app starts.
 pub struct Builder {
@@ -43,7 +48,14 @@ impl Builder {
         // Key 0 signs; key 1 is "another issuer's" key, known to no one.
         let keys = TestKeys::generate(2);
         let redis_prefix = mobile_testkit::unique_redis_prefix();
+        let storage_dir =
+            std::env::temp_dir().join(format!("api-media-{}", uuid::Uuid::new_v4().simple()));
         let mut vars = vec![
+            (
+                "STORAGE_URL".to_owned(),
+                format!("file://{}", storage_dir.display()),
+            ),
+            ("INTERNAL_API_TOKEN".to_owned(), INTERNAL_TOKEN.to_owned()),
             ("APP_ENV".to_owned(), "test".to_owned()),
             ("DATABASE_URL".to_owned(), db.url().to_owned()),
             ("REDIS_URL".to_owned(), self.redis_url),
@@ -83,6 +95,7 @@ impl Builder {
             shutdown,
             server,
             redis_prefix,
+            storage_dir,
         }
     }
 }

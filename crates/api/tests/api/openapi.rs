@@ -33,6 +33,10 @@ async fn the_document_covers_every_route() {
         ("/v1/conversations/{id}", "get"),
         ("/v1/conversations/{id}/messages", "post"),
         ("/v1/conversations/{id}/messages", "get"),
+        ("/v1/media", "post"),
+        ("/v1/media/{id}", "get"),
+        ("/v1/media/{id}/{variant}", "get"),
+        ("/internal/v1/notifications", "post"),
     ];
     for (path, method) in expected {
         assert!(
