@@ -3,6 +3,9 @@
 //!
 //! ```text
 //! mobile-loadtest ws [--idle N] [--subscribers N] [--messages N] [--rate R] [--seconds S]
+//! mobile-loadtest images [--rounds N]
+//! mobile-loadtest push [--pushes N] [--concurrency C]
+//! mobile-loadtest jobs [--jobs N]
 //! ```
 //!
 //! Each scenario starts the services it measures as child processes (release builds
@@ -10,13 +13,17 @@
 //! a summary plus a JSON result (`--out DIR`, default `loadtest/results`).
 
 mod procs;
+mod worker;
 mod ws;
 
 use std::{collections::HashMap, path::PathBuf};
 
 use anyhow::{Context as _, bail};
 
-const USAGE: &str = "usage: mobile-loadtest ws [--idle N] [--subscribers N] [--messages N] [--rate R] [--seconds S] [--out DIR]";
+const USAGE: &str = "usage: mobile-loadtest ws [--idle N] [--subscribers N] [--messages N] [--rate R] [--seconds S] [--out DIR]
+       mobile-loadtest images [--rounds N] [--out DIR]
+       mobile-loadtest push [--pushes N] [--concurrency C] [--out DIR]
+       mobile-loadtest jobs [--jobs N] [--out DIR]";
 
 /// `--name value` flags.
 #[derive(Debug, Default)]
@@ -61,6 +68,11 @@ async fn main() -> anyhow::Result<()> {
     let flags = Flags::parse(rest)?;
     match scenario.as_str() {
         "ws" => ws::run(&flags).await,
+        "images" => worker::images(&flags).await,
+        "push" => worker::push(&flags).await,
+        "jobs" => worker::jobs(&flags).await,
+        // The fake APNs, as a child process of `push`.
+        "fake-apns" => worker::fake_apns().await,
         other => bail!("unknown scenario {other:?}\n{USAGE}"),
     }
 }

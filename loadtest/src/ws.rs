@@ -305,7 +305,7 @@ fn sent_at(frame: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-async fn fresh_database(url: &str) -> anyhow::Result<PgPool> {
+pub async fn fresh_database(url: &str) -> anyhow::Result<PgPool> {
     let name = url.rsplit('/').next().unwrap_or("mobile_bench").to_owned();
     let server = format!(
         "{}/postgres",

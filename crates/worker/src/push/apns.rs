@@ -17,9 +17,10 @@ use anyhow::Context as _;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use mobile_db::push::Notification;
 use reqwest::StatusCode;
+use reqwest::header::HeaderValue;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 
 use super::{MAX_PAYLOAD_BYTES, SendError, retry_after, string_data};
 use crate::settings::ApnsSettings;
@@ -37,7 +38,9 @@ pub struct Apns {
     topic: String,
     base_url: String,
     sandbox_base_url: String,
-    token: Mutex<Option<(String, Instant)>>,
+    /// The `authorization` header value and when its token was signed. A plain mutex:
+    /// held for a clone (or, once in 50 minutes, one signature), never across an await.
+    token: Mutex<Option<(HeaderValue, Instant)>>,
 }
 
 impl std::fmt::Debug for Apns {
@@ -79,13 +82,13 @@ impl Apns {
         })
     }
 
-    /// The current provider token, signing a new one when it is due.
-    async fn provider_token(&self) -> Result<String, SendError> {
-        let mut cached = self.token.lock().await;
-        if let Some((token, signed)) = cached.as_ref()
+    /// `bearer <provider token>`, signing a new token when it is due.
+    fn authorization(&self) -> Result<HeaderValue, SendError> {
+        let mut cached = self.token.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((header, signed)) = cached.as_ref()
             && signed.elapsed() < TOKEN_RENEW_AFTER
         {
-            return Ok(token.clone());
+            return Ok(header.clone());
         }
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(self.key_id.clone());
@@ -95,12 +98,15 @@ impl Apns {
         };
         let token = jsonwebtoken::encode(&header, &claims, &self.key)
             .map_err(|e| SendError::Rejected(format!("signing the APNs provider token: {e}")))?;
-        *cached = Some((token.clone(), Instant::now()));
-        Ok(token)
+        let mut value = HeaderValue::from_str(&format!("bearer {token}"))
+            .map_err(|e| SendError::Rejected(format!("the APNs provider token: {e}")))?;
+        value.set_sensitive(true);
+        *cached = Some((value.clone(), Instant::now()));
+        Ok(value)
     }
 
-    async fn forget_token(&self) {
-        *self.token.lock().await = None;
+    fn forget_token(&self) {
+        *self.token.lock().unwrap_or_else(PoisonError::into_inner) = None;
     }
 
     /// Sends one alert to one device.
@@ -126,7 +132,7 @@ impl Apns {
         let mut request = self
             .http
             .post(format!("{base}/3/device/{device_token}"))
-            .bearer_auth(self.provider_token().await?)
+            .header(reqwest::header::AUTHORIZATION, self.authorization()?)
             .header("apns-topic", &self.topic)
             .header("apns-push-type", "alert")
             .header("apns-priority", "10")
@@ -155,7 +161,7 @@ impl Apns {
                 SendError::DeadToken(reason)
             }
             (StatusCode::FORBIDDEN, "ExpiredProviderToken" | "InvalidProviderToken") => {
-                self.forget_token().await;
+                self.forget_token();
                 SendError::retry(format!("APNs: {reason}"), None)
             }
             (StatusCode::TOO_MANY_REQUESTS, _) => {
