@@ -6,9 +6,10 @@ use mobile_api::ApiSettings;
 use mobile_runtime::{CommonSettings, Env, telemetry};
 use secrecy::ExposeSecret;
 
-const USAGE: &str = "usage: mobile-api [migrate]\n\n\
+const USAGE: &str = "usage: mobile-api [migrate | health]\n\n\
     mobile-api           serve the REST API (settings from the environment; see README)\n\
-    mobile-api migrate   create the database if missing and apply migrations, then exit";
+    mobile-api migrate   create the database if missing and apply migrations, then exit\n\
+    mobile-api health    exit 0 if the API on LISTEN_ADDR is ready (container health checks)";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -27,6 +28,19 @@ async fn main() -> ExitCode {
             }
             Err(e) => Err(e.into()),
         },
+        ["health"] => {
+            return match CommonSettings::from_env(
+                &env,
+                ApiSettings::DEFAULT_LISTEN_ADDR,
+                ApiSettings::DEFAULT_METRICS_ADDR,
+            ) {
+                Ok(settings) => mobile_runtime::probe::ready(settings.listen_addr),
+                Err(e) => {
+                    eprintln!("mobile-api: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         ["migrate"] => match CommonSettings::from_env(
             &env,
             ApiSettings::DEFAULT_LISTEN_ADDR,

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use mobile_gateway::GatewaySettings;
-use mobile_runtime::{Env, telemetry};
+use mobile_runtime::{CommonSettings, Env, telemetry};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -13,8 +13,25 @@ async fn main() -> ExitCode {
             println!("mobile-gateway {}", mobile_gateway::VERSION);
             return ExitCode::SUCCESS;
         }
+        Some("health") => {
+            // For container health checks: is the service on LISTEN_ADDR ready?
+            let env = Env::process();
+            return match CommonSettings::from_env(
+                &env,
+                GatewaySettings::DEFAULT_LISTEN_ADDR,
+                GatewaySettings::DEFAULT_METRICS_ADDR,
+            ) {
+                Ok(common) => mobile_runtime::probe::ready(common.listen_addr),
+                Err(e) => {
+                    eprintln!("mobile-gateway: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Some(_) => {
-            eprintln!("usage: mobile-gateway   (settings from the environment; see README)");
+            eprintln!(
+                "usage: mobile-gateway [health]   (settings from the environment; see README)"
+            );
             return ExitCode::from(2);
         }
     }

@@ -16,6 +16,7 @@
 
 pub mod health;
 pub mod metrics;
+pub mod probe;
 pub mod redis;
 pub mod server;
 pub mod service;

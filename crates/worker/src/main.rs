@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use mobile_runtime::{Env, telemetry};
+use mobile_runtime::{CommonSettings, Env, telemetry};
 use mobile_worker::WorkerSettings;
 
 #[tokio::main]
@@ -13,8 +13,25 @@ async fn main() -> ExitCode {
             println!("mobile-worker {}", mobile_worker::VERSION);
             return ExitCode::SUCCESS;
         }
+        Some("health") => {
+            // For container health checks: is the service on LISTEN_ADDR ready?
+            let env = Env::process();
+            return match CommonSettings::from_env(
+                &env,
+                WorkerSettings::DEFAULT_LISTEN_ADDR,
+                WorkerSettings::DEFAULT_METRICS_ADDR,
+            ) {
+                Ok(common) => mobile_runtime::probe::ready(common.listen_addr),
+                Err(e) => {
+                    eprintln!("mobile-worker: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Some(_) => {
-            eprintln!("usage: mobile-worker   (settings from the environment; see README)");
+            eprintln!(
+                "usage: mobile-worker [health]   (settings from the environment; see README)"
+            );
             return ExitCode::from(2);
         }
     }

@@ -15,6 +15,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_mobile-worker");
 struct WorkerProcess {
     child: Child,
     health: String,
+    port: u16,
 }
 
 impl WorkerProcess {
@@ -46,6 +47,7 @@ impl WorkerProcess {
         let process = Self {
             child,
             health: format!("http://127.0.0.1:{port}/health/ready"),
+            port,
         };
         eventually(
             Duration::from_secs(10),
@@ -173,4 +175,27 @@ async fn sigterm_releases_a_job_that_outlasts_the_drain() {
         vec![("push.send".to_owned(), "queued".to_owned(), 0)],
         "released for another worker, the attempt not counted"
     );
+}
+
+/// `mobile-worker health` exits 0 while the worker on `LISTEN_ADDR` is ready, 1 when
+/// nothing answers: the container health check of an image without a shell.
+#[tokio::test]
+async fn the_health_subcommand_reports_readiness() {
+    let db = TestDb::new().await;
+    let apns = FakeApns::start(TOPIC).await;
+    let worker = WorkerProcess::start(&db, &apns, &[]).await;
+    let probe = |port: u16| {
+        std::process::Command::new(BIN)
+            .arg("health")
+            .env_clear()
+            .env("LISTEN_ADDR", format!("0.0.0.0:{port}"))
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+    };
+    assert!(probe(worker.port).success());
+    let port = worker.port;
+    worker.sigterm();
+    assert_eq!(worker.exit_code(Duration::from_secs(15)).await, Some(0));
+    assert_eq!(probe(port).code(), Some(1));
 }
