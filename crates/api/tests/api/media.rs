@@ -47,6 +47,29 @@ async fn jobs(app: &TestApp) -> Vec<(String, Value)> {
         .unwrap()
 }
 
+async fn get(app: &TestApp, session: &Session, path: &str) -> reqwest::Response {
+    app.authed(Method::GET, path, session).send().await.unwrap()
+}
+
+async fn post_with_media(
+    app: &TestApp,
+    session: &Session,
+    conversation: &Value,
+    client_msg_id: &str,
+    body: &str,
+    media_id: &str,
+) -> reqwest::Response {
+    let path = format!(
+        "/v1/conversations/{}/messages",
+        conversation["id"].as_str().unwrap()
+    );
+    app.authed(Method::POST, &path, session)
+        .json(&json!({ "client_msg_id": client_msg_id, "body": body, "media_id": media_id }))
+        .send()
+        .await
+        .unwrap()
+}
+
 /// Files under the app's storage directory.
 fn stored_files(app: &TestApp) -> usize {
     fn count(dir: &std::path::Path) -> usize {
@@ -112,11 +135,7 @@ async fn an_upload_is_stored_and_queued_for_processing() {
 
     // Someone else cannot see it.
     let bob = app.register("bob@example.com").await;
-    let response = app
-        .authed(Method::GET, &format!("/v1/media/{id}"), &bob)
-        .send()
-        .await
-        .unwrap();
+    let response = get(&app, &bob, &format!("/v1/media/{id}")).await;
     assert_problem(response, StatusCode::NOT_FOUND, "not_found").await;
 }
 
@@ -301,11 +320,7 @@ async fn the_worker_makes_variants_that_members_can_fetch_and_cache() {
     );
     assert_eq!(media["variants"]["large"]["width"], 2048);
 
-    let response = app
-        .authed(Method::GET, &format!("/v1/media/{id}/medium"), &ada)
-        .send()
-        .await
-        .unwrap();
+    let response = get(&app, &ada, &format!("/v1/media/{id}/medium")).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["content-type"], "image/jpeg");
     assert_eq!(
@@ -324,60 +339,24 @@ async fn the_worker_makes_variants_that_members_can_fetch_and_cache() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::NOT_MODIFIED);
-    let response = app
-        .authed(Method::GET, &format!("/v1/media/{id}/huge"), &ada)
-        .send()
-        .await
-        .unwrap();
+    let response = get(&app, &ada, &format!("/v1/media/{id}/huge")).await;
     assert_problem(response, StatusCode::NOT_FOUND, "not_found").await;
 
     // Bob sees it once Ada posts it to a conversation they share.
-    let response = app
-        .authed(Method::GET, &format!("/v1/media/{id}/thumb"), &bob)
-        .send()
-        .await
-        .unwrap();
+    let response = get(&app, &bob, &format!("/v1/media/{id}/thumb")).await;
     assert_problem(response, StatusCode::NOT_FOUND, "not_found").await;
     let conversation = create(&app, &ada, &[bob.user_id.as_str()]).await;
-    let response = app
-        .authed(
-            Method::POST,
-            &format!(
-                "/v1/conversations/{}/messages",
-                conversation["id"].as_str().unwrap()
-            ),
-            &ada,
-        )
-        .json(&json!({ "client_msg_id": "m1", "body": "look", "media_id": id }))
-        .send()
-        .await
-        .unwrap();
+    let response = post_with_media(&app, &ada, &conversation, "m1", "look", &id).await;
     assert_eq!(response.status(), StatusCode::CREATED);
     assert_eq!(
         response.json::<Value>().await.unwrap()["media_id"],
         id.as_str()
     );
-    let response = app
-        .authed(Method::GET, &format!("/v1/media/{id}/thumb"), &bob)
-        .send()
-        .await
-        .unwrap();
+    let response = get(&app, &bob, &format!("/v1/media/{id}/thumb")).await;
     assert_eq!(response.status(), StatusCode::OK);
 
     // Bob cannot attach Ada's media to a message of his own.
-    let response = app
-        .authed(
-            Method::POST,
-            &format!(
-                "/v1/conversations/{}/messages",
-                conversation["id"].as_str().unwrap()
-            ),
-            &bob,
-        )
-        .json(&json!({ "client_msg_id": "m2", "body": "mine now", "media_id": id }))
-        .send()
-        .await
-        .unwrap();
+    let response = post_with_media(&app, &bob, &conversation, "m2", "mine now", &id).await;
     assert_problem(response, StatusCode::UNPROCESSABLE_ENTITY, "unknown_media").await;
     worker.stop().await;
 }
@@ -406,11 +385,7 @@ async fn a_corrupt_image_ends_failed_with_a_reason() {
             .contains("truncated"),
         "{media}"
     );
-    let response = app
-        .authed(Method::GET, &format!("/v1/media/{id}/thumb"), &ada)
-        .send()
-        .await
-        .unwrap();
+    let response = get(&app, &ada, &format!("/v1/media/{id}/thumb")).await;
     assert_problem(response, StatusCode::CONFLICT, "not_ready").await;
     assert!(jobs(&app).await.is_empty(), "failed for good, not retried");
     worker.stop().await;
@@ -443,11 +418,7 @@ async fn uploads_and_variants_work_on_s3() {
         .to_owned();
     let media = wait_until_ready(&app, &ada, &id).await;
     assert_eq!(media["status"], "ready", "{media}");
-    let response = app
-        .authed(Method::GET, &format!("/v1/media/{id}/thumb"), &ada)
-        .send()
-        .await
-        .unwrap();
+    let response = get(&app, &ada, &format!("/v1/media/{id}/thumb")).await;
     assert_eq!(response.status(), StatusCode::OK);
     let thumb = image::load_from_memory(&response.bytes().await.unwrap()).unwrap();
     assert_eq!((thumb.width(), thumb.height()), (256, 192));
