@@ -3,6 +3,8 @@
 //!
 //! ```text
 //! mobile-loadtest ws [--idle N] [--subscribers N] [--messages N] [--rate R] [--seconds S]
+//! mobile-loadtest rest [--rate R] [--seconds S] [--users N]
+//! mobile-loadtest diurnal [--peak R] [--trough R] [--seconds S] [--users N]
 //! mobile-loadtest images [--rounds N]
 //! mobile-loadtest push [--pushes N] [--concurrency C]
 //! mobile-loadtest jobs [--jobs N]
@@ -12,7 +14,9 @@
 //! next to this binary), on a fresh database and a private Redis key prefix, and prints
 //! a summary plus a JSON result (`--out DIR`, default `loadtest/results`).
 
+mod open_loop;
 mod procs;
+mod rest;
 mod worker;
 mod ws;
 
@@ -21,6 +25,8 @@ use std::{collections::HashMap, path::PathBuf};
 use anyhow::{Context as _, bail};
 
 const USAGE: &str = "usage: mobile-loadtest ws [--idle N] [--subscribers N] [--messages N] [--rate R] [--seconds S] [--out DIR]
+       mobile-loadtest rest [--rate R] [--seconds S] [--users N] [--out DIR]
+       mobile-loadtest diurnal [--peak R] [--trough R] [--seconds S] [--users N] [--out DIR]
        mobile-loadtest images [--rounds N] [--out DIR]
        mobile-loadtest push [--pushes N] [--concurrency C] [--out DIR]
        mobile-loadtest jobs [--jobs N] [--out DIR]";
@@ -68,6 +74,8 @@ async fn main() -> anyhow::Result<()> {
     let flags = Flags::parse(rest)?;
     match scenario.as_str() {
         "ws" => ws::run(&flags).await,
+        "rest" => rest::rest(&flags).await,
+        "diurnal" => rest::diurnal(&flags).await,
         "images" => worker::images(&flags).await,
         "push" => worker::push(&flags).await,
         "jobs" => worker::jobs(&flags).await,
