@@ -4,7 +4,9 @@
 //! ```text
 //! mobile-loadtest ws [--idle N] [--subscribers N] [--messages N] [--rate R] [--seconds S]
 //! mobile-loadtest rest [--rate R] [--seconds S] [--users N]
+//! mobile-loadtest me [--rates R,R,...] [--seconds S] [--p99-ms MS]   (needs loadtest/peers/install.sh)
 //! mobile-loadtest diurnal [--peak R] [--trough R] [--seconds S] [--users N]
+//! mobile-loadtest rollout [--rate R] [--clients N] [--posts R] [--seconds S]   (needs nginx)
 //! mobile-loadtest images [--rounds N]
 //! mobile-loadtest push [--pushes N] [--concurrency C]
 //! mobile-loadtest jobs [--jobs N]
@@ -14,9 +16,11 @@
 //! next to this binary), on a fresh database and a private Redis key prefix, and prints
 //! a summary plus a JSON result (`--out DIR`, default `loadtest/results`).
 
+mod me;
 mod open_loop;
 mod procs;
 mod rest;
+mod rollout;
 mod worker;
 mod ws;
 
@@ -25,8 +29,10 @@ use std::{collections::HashMap, path::PathBuf};
 use anyhow::{Context as _, bail};
 
 const USAGE: &str = "usage: mobile-loadtest ws [--idle N] [--subscribers N] [--messages N] [--rate R] [--seconds S] [--out DIR]
+       mobile-loadtest me [--rates R,R,...] [--seconds S] [--p99-ms MS] [--out DIR]
        mobile-loadtest rest [--rate R] [--seconds S] [--users N] [--out DIR]
        mobile-loadtest diurnal [--peak R] [--trough R] [--seconds S] [--users N] [--out DIR]
+       mobile-loadtest rollout [--rate R] [--clients N] [--posts R] [--seconds S] [--out DIR]
        mobile-loadtest images [--rounds N] [--out DIR]
        mobile-loadtest push [--pushes N] [--concurrency C] [--out DIR]
        mobile-loadtest jobs [--jobs N] [--out DIR]";
@@ -58,6 +64,12 @@ impl Flags {
         })
     }
 
+    pub fn text(&self, name: &str, default: &str) -> String {
+        self.0
+            .get(name)
+            .map_or_else(|| default.to_owned(), Clone::clone)
+    }
+
     pub fn out_dir(&self) -> PathBuf {
         self.0
             .get("out")
@@ -75,6 +87,8 @@ async fn main() -> anyhow::Result<()> {
     match scenario.as_str() {
         "ws" => ws::run(&flags).await,
         "rest" => rest::rest(&flags).await,
+        "me" => me::run(&flags).await,
+        "rollout" => rollout::run(&flags).await,
         "diurnal" => rest::diurnal(&flags).await,
         "images" => worker::images(&flags).await,
         "push" => worker::push(&flags).await,

@@ -36,8 +36,16 @@ pub struct Service {
 impl Service {
     /// Starts `binary` with `env` on a fresh port and waits for `/health/ready`.
     pub async fn start(binary: &PathBuf, env: &[(&str, String)]) -> anyhow::Result<Self> {
-        let port = free_port()?;
-        let metrics_port = free_port()?;
+        Self::start_on(binary, env, free_port()?, free_port()?).await
+    }
+
+    /// Starts `binary` on the given ports (a restart of a replica keeps its address).
+    pub async fn start_on(
+        binary: &PathBuf,
+        env: &[(&str, String)],
+        port: u16,
+        metrics_port: u16,
+    ) -> anyhow::Result<Self> {
         let mut command = Command::new(binary);
         command
             .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
@@ -68,6 +76,17 @@ impl Service {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         bail!("{} did not become ready", binary.display())
+    }
+
+    /// SIGTERM, as Kubernetes sends it; waits for the exit and returns its code.
+    pub async fn terminate(mut self) -> anyhow::Result<Option<i32>> {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM {} failed", self.pid);
+        }
+        Ok(self._child.wait().await?.code())
     }
 
     /// Resident memory in bytes.

@@ -1,0 +1,217 @@
+//! The `me` scenario: `GET /v1/me` (verify an EdDSA access token, read one user by
+//! primary key) on `mobile-api` and on the peer a Node.js team would write instead
+//! (`loadtest/peers/fastify`: Fastify, jose, pg), side by side on the same database,
+//! one server at a time, at the same ladder of open-loop rates.
+//!
+//! The figure is the highest rate each sustains within the latency objective (no
+//! errors, p99 ≤ `--p99-ms`, default 25) and the ratio of the two; each step also
+//! reports p50/p99 at equal rates. Both use a pool of 20 database connections.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{Context as _, bail};
+use ed25519_dalek::pkcs8::{
+    DecodePrivateKey as _, EncodePublicKey as _, spki::der::pem::LineEnding,
+};
+use mobile_auth::{AccessTokens, SigningKey, VerifyKeys, keys::DEVELOPMENT_SIGNING_KEY_PEM};
+use mobile_domain::{SessionId, UserId};
+use reqwest::Client;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::{
+    Flags, open_loop,
+    procs::{Service, free_port, sibling},
+};
+
+pub async fn run(flags: &Flags) -> anyhow::Result<()> {
+    let seconds = flags.number("seconds", 8)?;
+    let p99_objective = flags.number("p99-ms", 25)? as f64;
+    let ladder: Vec<u64> = flags
+        .text("rates", "1000,2000,4000,6000,8000,10000,12000,14000")
+        .split(',')
+        .map(|r| r.trim().parse().context("--rates takes numbers"))
+        .collect::<anyhow::Result<_>>()?;
+    let database_url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/mobile_bench_me".to_owned());
+    let db = crate::ws::fresh_database(&database_url).await?;
+    let users: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO users (id, email, password_hash, display_name)
+         SELECT gen_random_uuid(), 'bench-' || gen_random_uuid() || '@example.com', 'x', 'Bench'
+         FROM generate_series(1, 1000) RETURNING id",
+    )
+    .fetch_all(&db)
+    .await?;
+    let tokens = AccessTokens::new(
+        Some(SigningKey::development()?),
+        VerifyKeys::default(),
+        "mobile-backend",
+        "mobile-app",
+        Duration::from_secs(3600),
+    );
+    let tokens: Arc<Vec<String>> = Arc::new(
+        users
+            .iter()
+            .map(|&u| tokens.issue(UserId::from_uuid(u), SessionId::new()))
+            .collect::<Result<_, _>>()?,
+    );
+
+    // Ours.
+    let api = Service::start(
+        &sibling("mobile-api")?,
+        &[
+            ("APP_ENV", "development".to_owned()),
+            ("DATABASE_URL", database_url.clone()),
+            ("DATABASE_MAX_CONNECTIONS", "20".to_owned()),
+            (
+                "REDIS_KEY_PREFIX",
+                format!("bench:{}:", Uuid::new_v4().simple()),
+            ),
+            (
+                "STORAGE_URL",
+                format!(
+                    "file://{}",
+                    std::env::temp_dir().join("mobile-bench-media").display()
+                ),
+            ),
+        ],
+    )
+    .await?;
+    let ours = ladder_run("mobile-api", api.port, &tokens, &ladder, seconds).await;
+    drop(api);
+
+    // The peer.
+    let peer_dir = PathBuf::from("loadtest/peers/fastify");
+    if !peer_dir.join("node_modules").exists() {
+        bail!("the Fastify peer is not installed: run loadtest/peers/install.sh");
+    }
+    let public_pem = ed25519_dalek::SigningKey::from_pkcs8_pem(DEVELOPMENT_SIGNING_KEY_PEM)
+        .context("the development key")?
+        .verifying_key()
+        .to_public_key_pem(LineEnding::LF)
+        .context("encode the public key")?;
+    let port = free_port()?;
+    let _peer = tokio::process::Command::new("node")
+        .arg("server.js")
+        .current_dir(&peer_dir)
+        .env("PORT", port.to_string())
+        .env("DATABASE_URL", &database_url)
+        .env("POOL_SIZE", "20")
+        .env("JWT_PUBLIC_KEY_PEM", public_pem)
+        .kill_on_drop(true)
+        .spawn()
+        .context("start node (is Node.js installed?)")?;
+    wait_ready(port).await?;
+    let peer = ladder_run("fastify-pg", port, &tokens, &ladder, seconds).await;
+
+    let best = |steps: &[serde_json::Value]| {
+        steps
+            .iter()
+            .filter(|s| {
+                s["errors"] == 0 && s["p99_ms"].as_f64().unwrap_or(f64::MAX) <= p99_objective
+            })
+            .filter_map(|s| s["throughput_per_second"].as_f64())
+            .fold(0.0f64, f64::max)
+    };
+    let (ours_best, peer_best) = (best(&ours), best(&peer));
+    let result = json!({
+        "scenario": "me",
+        "objective": format!("no errors and p99 ≤ {p99_objective} ms"),
+        "seconds_per_step": seconds,
+        "mobile_api": { "best_sustained_per_second": ours_best, "steps": ours },
+        "fastify_pg": { "best_sustained_per_second": peer_best, "steps": peer },
+        "ratio": if peer_best > 0.0 { ours_best / peer_best } else { f64::NAN },
+    });
+    let out = flags.out_dir();
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("me.json"), serde_json::to_string_pretty(&result)?)?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({
+            "mobile_api_best": ours_best,
+            "fastify_pg_best": peer_best,
+            "ratio": result["ratio"],
+        }))?
+    );
+    eprintln!("written to {}/me.json", out.display());
+    Ok(())
+}
+
+async fn wait_ready(port: u16) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        if let Ok(response) = reqwest::get(format!("http://127.0.0.1:{port}/health/ready")).await
+            && response.status().is_success()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the peer did not start on port {port}")
+}
+
+async fn ladder_run(
+    name: &str,
+    port: u16,
+    tokens: &Arc<Vec<String>>,
+    ladder: &[u64],
+    seconds: u64,
+) -> Vec<serde_json::Value> {
+    let client = Client::builder()
+        .pool_max_idle_per_host(4096)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap_or_default();
+    let url = Arc::new(format!("http://127.0.0.1:{port}/v1/me"));
+    let mut steps = Vec::new();
+    for &rate in ladder {
+        eprintln!("{name}: {rate}/s for {seconds} s");
+        let (client, url, tokens) = (client.clone(), url.clone(), tokens.clone());
+        let report = open_loop::run(
+            Box::new(move |_| rate as f64),
+            Duration::from_secs(seconds),
+            8_192,
+            move |n| {
+                let (client, url, tokens) = (client.clone(), url.clone(), tokens.clone());
+                async move {
+                    let token = &tokens[(n % tokens.len() as u64) as usize];
+                    let response = client
+                        .get(url.as_str())
+                        .bearer_auth(token)
+                        .send()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let status = response.status();
+                    let _ = response.bytes().await.map_err(|e| e.to_string())?;
+                    if status.is_success() {
+                        Ok(())
+                    } else {
+                        Err(status.to_string())
+                    }
+                }
+            },
+        )
+        .await;
+        let summary = report.to_json();
+        let p99 = summary["latency_ms"]["p99"].clone();
+        eprintln!(
+            "  → {:.0}/s, p50 {} ms, p99 {p99} ms, errors {}",
+            summary["throughput_per_second"].as_f64().unwrap_or(0.0),
+            summary["latency_ms"]["p50"],
+            summary["errors"]
+        );
+        let overloaded = summary["latency_ms"]["p50"].as_f64().unwrap_or(0.0) > 1000.0;
+        steps.push(json!({
+            "rate": rate,
+            "throughput_per_second": summary["throughput_per_second"],
+            "errors": summary["errors"],
+            "p50_ms": summary["latency_ms"]["p50"],
+            "p99_ms": p99,
+        }));
+        if overloaded {
+            // Far past saturation: higher rates only queue more.
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    steps
+}
