@@ -3,9 +3,12 @@
 //! (`loadtest/peers/fastify`: Fastify, jose, pg), side by side on the same database,
 //! one server at a time, at the same ladder of open-loop rates.
 //!
-//! The figure is the highest rate each sustains within the latency objective (no
-//! errors, p99 ≤ `--p99-ms`, default 25) and the ratio of the two; each step also
-//! reports p50/p99 at equal rates. Both use a pool of 20 database connections.
+//! Two figures: the highest rate each sustains within the latency objective (no
+//! errors, p99 ≤ `--p99-ms`, default 25) and their ratio; and, at each rate both
+//! serve without errors, requests per second of the server's own CPU time (read from
+//! `/proc`), the ratio that holds however much CPU the load generator and PostgreSQL
+//! take on a small machine. Each server gets a 4 s warm-up first (for Node.js, its
+//! JIT). Both use a pool of 20 database connections.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -77,7 +80,7 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
         ],
     )
     .await?;
-    let ours = ladder_run("mobile-api", api.port, &tokens, &ladder, seconds).await;
+    let ours = ladder_run("mobile-api", api.pid, api.port, &tokens, &ladder, seconds).await;
     drop(api);
 
     // The peer.
@@ -91,7 +94,7 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
         .to_public_key_pem(LineEnding::LF)
         .context("encode the public key")?;
     let port = free_port()?;
-    let _peer = tokio::process::Command::new("node")
+    let peer_process = tokio::process::Command::new("node")
         .arg("server.js")
         .current_dir(&peer_dir)
         .env("PORT", port.to_string())
@@ -101,8 +104,10 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
         .kill_on_drop(true)
         .spawn()
         .context("start node (is Node.js installed?)")?;
+    let peer_pid = peer_process.id().context("node pid")?;
     wait_ready(port).await?;
-    let peer = ladder_run("fastify-pg", port, &tokens, &ladder, seconds).await;
+    let peer = ladder_run("fastify-pg", peer_pid, port, &tokens, &ladder, seconds).await;
+    drop(peer_process);
 
     let best = |steps: &[serde_json::Value]| {
         steps
@@ -114,6 +119,20 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
             .fold(0.0f64, f64::max)
     };
     let (ours_best, peer_best) = (best(&ours), best(&peer));
+    // Efficiency at equal load: requests per second of the server's own CPU, at each
+    // rate both served without errors.
+    let efficiency: Vec<serde_json::Value> = ours
+        .iter()
+        .zip(&peer)
+        .filter(|(a, b)| a["errors"] == 0 && b["errors"] == 0)
+        .map(|(a, b)| {
+            let (x, y) = (
+                a["requests_per_server_cpu_second"].as_f64().unwrap_or(0.0),
+                b["requests_per_server_cpu_second"].as_f64().unwrap_or(0.0),
+            );
+            json!({ "rate": a["rate"], "mobile_api": x, "fastify_pg": y, "ratio": x / y.max(1e-9) })
+        })
+        .collect();
     let result = json!({
         "scenario": "me",
         "objective": format!("no errors and p99 ≤ {p99_objective} ms"),
@@ -121,6 +140,7 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
         "mobile_api": { "best_sustained_per_second": ours_best, "steps": ours },
         "fastify_pg": { "best_sustained_per_second": peer_best, "steps": peer },
         "ratio": if peer_best > 0.0 { ours_best / peer_best } else { f64::NAN },
+        "per_server_cpu_second": efficiency,
     });
     let out = flags.out_dir();
     std::fs::create_dir_all(&out)?;
@@ -131,6 +151,7 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
             "mobile_api_best": ours_best,
             "fastify_pg_best": peer_best,
             "ratio": result["ratio"],
+            "per_server_cpu_second": result["per_server_cpu_second"],
         }))?
     );
     eprintln!("written to {}/me.json", out.display());
@@ -149,8 +170,25 @@ async fn wait_ready(port: u16) -> anyhow::Result<()> {
     bail!("the peer did not start on port {port}")
 }
 
+/// User plus system CPU seconds of a process so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let fields: Vec<f64> = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .filter_map(|f| f.parse().ok())
+                .collect();
+            Some((fields.get(10)? + fields.get(11)?) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
 async fn ladder_run(
     name: &str,
+    pid: u32,
     port: u16,
     tokens: &Arc<Vec<String>>,
     ladder: &[u64],
@@ -163,9 +201,34 @@ async fn ladder_run(
         .unwrap_or_default();
     let url = Arc::new(format!("http://127.0.0.1:{port}/v1/me"));
     let mut steps = Vec::new();
+    // Warm-up (connections, caches, and for Node.js the JIT), not recorded.
+    let warm = ladder.first().copied().unwrap_or(500) as f64;
+    {
+        let (client, url, tokens) = (client.clone(), url.clone(), tokens.clone());
+        let _ = open_loop::run(
+            Box::new(move |_| warm),
+            Duration::from_secs(4),
+            8_192,
+            move |n| {
+                let (client, url, tokens) = (client.clone(), url.clone(), tokens.clone());
+                async move {
+                    let token = &tokens[(n % tokens.len() as u64) as usize];
+                    client
+                        .get(url.as_str())
+                        .bearer_auth(token)
+                        .send()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok(())
+                }
+            },
+        )
+        .await;
+    }
     for &rate in ladder {
         eprintln!("{name}: {rate}/s for {seconds} s");
         let (client, url, tokens) = (client.clone(), url.clone(), tokens.clone());
+        let cpu_before = cpu_seconds(pid);
         let report = open_loop::run(
             Box::new(move |_| rate as f64),
             Duration::from_secs(seconds),
@@ -191,6 +254,7 @@ async fn ladder_run(
             },
         )
         .await;
+        let server_cpu = cpu_seconds(pid) - cpu_before;
         let summary = report.to_json();
         let p99 = summary["latency_ms"]["p99"].clone();
         eprintln!(
@@ -206,6 +270,8 @@ async fn ladder_run(
             "errors": summary["errors"],
             "p50_ms": summary["latency_ms"]["p50"],
             "p99_ms": p99,
+            "server_cpu_seconds": server_cpu,
+            "requests_per_server_cpu_second": report.ok as f64 / server_cpu.max(0.01),
         }));
         if overloaded {
             // Far past saturation: higher rates only queue more.
