@@ -209,10 +209,14 @@ async fn store(
     tx.commit().await?;
     tracing::info!(media_id = %id, bytes = size, content_type = stored_type, "upload stored; processing");
 
-    let row = media::find(&state.db, id)
-        .await?
-        .ok_or_else(|| ApiError::internal(anyhow::anyhow!("media {id} vanished after commit")))?;
-    Ok((StatusCode::ACCEPTED, axum::Json(MediaData::from(row))))
+    // What was just committed, without reading it back.
+    let data = MediaData {
+        id,
+        status: media::STATUS_PROCESSING.to_owned(),
+        variants: Default::default(),
+        failure_reason: None,
+    };
+    Ok((StatusCode::ACCEPTED, axum::Json(data)))
 }
 
 fn content_type(headers: &HeaderMap) -> String {
