@@ -4,7 +4,11 @@
 //! claims, which closes the `alg: none` and algorithm-confusion attacks; it picks the
 //! key by `kid` and refuses a token without one or with one it does not know.
 
-use std::time::Duration;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use jsonwebtoken::{Algorithm, Header, Validation, errors::ErrorKind};
 use mobile_domain::{SessionId, UserId};
@@ -58,6 +62,42 @@ pub struct AccessTokens {
     issuer: String,
     audience: String,
     ttl: Duration,
+    verified: Verified,
+}
+
+/// Tokens that passed verification, with their claims. An app sends the same access
+/// token with every request for its 15 minutes, and the Ed25519 check is most of the
+/// CPU a simple request costs (BENCHMARKS.md, `GET /v1/me`), so it is done once per
+/// token and process. Keyed by the whole token: only the exact bytes that verified
+/// hit. A hit is used only before the token's `exp`; after it, the full check runs
+/// again (and says `Expired`). Bounded: when full, it starts over.
+#[derive(Clone, Default)]
+struct Verified(Arc<Mutex<HashMap<String, AccessClaims>>>);
+
+/// Tokens remembered at most (about 0.5 KiB each).
+const VERIFIED_CAPACITY: usize = 20_000;
+
+impl std::fmt::Debug for Verified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The keys are bearer tokens: never print them.
+        let len = self.0.lock().map_or(0, |m| m.len());
+        f.debug_struct("Verified").field("len", &len).finish()
+    }
+}
+
+impl Verified {
+    fn get(&self, token: &str, now: i64) -> Option<AccessClaims> {
+        let cache = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        cache.get(token).filter(|claims| claims.exp > now).cloned()
+    }
+
+    fn insert(&self, token: &str, claims: &AccessClaims) {
+        let mut cache = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.len() >= VERIFIED_CAPACITY {
+            cache.clear();
+        }
+        cache.insert(token.to_owned(), claims.clone());
+    }
 }
 
 impl AccessTokens {
@@ -88,6 +128,7 @@ impl AccessTokens {
             issuer,
             audience,
             ttl,
+            verified: Verified::default(),
         }
     }
 
@@ -119,8 +160,19 @@ impl AccessTokens {
             .map_err(|e| IssueError::Sign(e.to_string()))
     }
 
-    /// Checks signature, algorithm, issuer, audience and expiry.
+    /// Checks signature, algorithm, issuer, audience and expiry (once per token; see
+    /// [`Verified`]).
     pub fn verify(&self, token: &str) -> Result<AccessClaims, TokenError> {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        if let Some(claims) = self.verified.get(token, now) {
+            return Ok(claims);
+        }
+        let claims = self.verify_signature(token)?;
+        self.verified.insert(token, &claims);
+        Ok(claims)
+    }
+
+    fn verify_signature(&self, token: &str) -> Result<AccessClaims, TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid)?;
         if header.alg != Algorithm::EdDSA {
             return Err(TokenError::Invalid);
@@ -192,6 +244,47 @@ mod tests {
         header.kid = Some(key.kid().to_owned());
         let expired = jsonwebtoken::encode(&header, &claims, key.encoding()).unwrap();
         assert_eq!(tokens.verify(&expired), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn a_remembered_verification_serves_only_the_exact_token_and_never_leaks_it() {
+        let tokens = tokens(key(1), Duration::from_secs(900));
+        let token = tokens.issue(UserId::new(), SessionId::new()).unwrap();
+        let first = tokens.verify(&token).unwrap();
+        assert_eq!(tokens.verify(&token).unwrap(), first, "served again");
+        assert!(format!("{tokens:?}").contains("len: 1"));
+        assert!(
+            !format!("{tokens:?}").contains(&token),
+            "Debug never prints a token"
+        );
+
+        // One character of the signature changed: not the token that verified.
+        let mut forged = token.clone();
+        let last = forged.pop().unwrap();
+        forged.push(if last == 'A' { 'B' } else { 'A' });
+        assert_eq!(tokens.verify(&forged), Err(TokenError::Invalid));
+    }
+
+    #[test]
+    fn a_remembered_token_is_checked_again_once_past_its_expiry() {
+        let key = key(1);
+        let tokens = tokens(key.clone(), Duration::from_secs(900));
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(key.kid().to_owned());
+        // Expired 3 s ago: accepted within the 5 s leeway by the full check, never
+        // served from memory (its `exp` has passed).
+        let claims = AccessClaims {
+            sub: Uuid::new_v4(),
+            sid: Uuid::new_v4(),
+            iss: "iss".into(),
+            aud: "aud".into(),
+            iat: now - 100,
+            exp: now - 3,
+        };
+        let token = jsonwebtoken::encode(&header, &claims, key.encoding()).unwrap();
+        assert!(tokens.verify(&token).is_ok());
+        assert!(tokens.verified.get(&token, now).is_none());
     }
 
     #[test]
