@@ -46,7 +46,6 @@ pub struct ProcessJob {
 
 pub const STATUS_PROCESSING: &str = "processing";
 pub const STATUS_READY: &str = "ready";
-pub const STATUS_FAILED: &str = "failed";
 
 /// Records an upload whose original is already in object storage.
 pub async fn insert(

@@ -30,6 +30,8 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use uuid::Uuid;
 
+use prometheus_client::metrics::{gauge::Gauge, histogram::Histogram};
+
 use crate::metrics::{KindLabel, WorkerMetrics};
 
 /// What a handler's future resolves to.
@@ -208,6 +210,8 @@ impl Queue {
                     completions: completions.clone(),
                     jobs: jobs.clone(),
                     abandon: abandon.clone(),
+                    in_flight: self.metrics.in_flight.get_or_create(&label(kind)).clone(),
+                    duration: self.metrics.duration.get_or_create(&label(kind)).clone(),
                 };
                 let wakeup = wakeups[kind.name].clone();
                 tokio::spawn(claimer.run(wakeup, stop.clone()))
@@ -256,6 +260,15 @@ struct Claimer {
     jobs: TaskTracker,
     /// Cancelled when the drain deadline passes: running jobs are released.
     abandon: CancellationToken,
+    /// This kind's series, looked up once rather than per job.
+    in_flight: Gauge,
+    duration: Histogram,
+}
+
+fn label(kind: &Kind) -> KindLabel {
+    KindLabel {
+        kind: kind.name.to_owned(),
+    }
 }
 
 /// At most this many jobs per claim query.
@@ -338,10 +351,7 @@ impl Claimer {
 
     async fn run_one(&self, job: Job) {
         let kind = self.kind.name;
-        let label = KindLabel {
-            kind: kind.to_owned(),
-        };
-        let in_flight = self.metrics.in_flight.get_or_create(&label).clone();
+        let in_flight = &self.in_flight;
         in_flight.inc();
         let started = Instant::now();
         let id = job.id;
@@ -356,10 +366,7 @@ impl Claimer {
                 return;
             }
         };
-        self.metrics
-            .duration
-            .get_or_create(&label)
-            .observe(started.elapsed().as_secs_f64());
+        self.duration.observe(started.elapsed().as_secs_f64());
         let outcome = match result {
             Ok(Ok(Ok(Done::Complete))) => {
                 // The completer deletes it; if this process dies first, it runs again.
