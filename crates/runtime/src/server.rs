@@ -15,7 +15,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Context as _;
-use axum::Router;
+use axum::{Router, serve::ListenerExt};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -61,6 +61,14 @@ pub async fn serve(
     let public = tokio::spawn({
         let stop = stop_accepting.clone();
         let app = app.into_make_service_with_connect_info::<SocketAddr>();
+        // Responses and WebSocket batches are written whole, so Nagle's algorithm
+        // would only hold back the last segment of one until the peer's delayed ACK
+        // (up to 40 ms) for nothing.
+        let listener = listener.tap_io(|stream| {
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY on an accepted connection");
+            }
+        });
         async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(stop.cancelled_owned())
