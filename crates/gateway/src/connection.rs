@@ -18,6 +18,7 @@ use std::{
 };
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::SinkExt;
 use mobile_auth::{AccessClaims, TokenError};
 use mobile_db::conversations::{self, Window};
 use mobile_domain::UserId;
@@ -37,6 +38,17 @@ use crate::{
 
 /// How long a client marked slow gets to take the frame in flight and the 4008 close.
 const SLOW_CONSUMER_GRACE: Duration = Duration::from_secs(2);
+
+/// Queued deliveries written per flush, at most: enough to turn a burst into a few
+/// socket writes, few enough that pings and the client's own frames are not kept
+/// waiting behind a long backlog.
+pub(crate) const MAX_BATCH: usize = 64;
+
+/// One operation on the socket's sending side.
+enum Write {
+    Feed(Message),
+    Flush,
+}
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -199,7 +211,7 @@ impl Connection {
                     Some(Err(error)) => Some(self.on_read_error(error).await),
                     None => Some(End::ClientClosed),
                 },
-                Some(delivery) = self.deliveries.recv() => Box::pin(self.deliver(delivery)).await.err(),
+                Some(delivery) = self.deliveries.recv() => Box::pin(self.deliver_queued(delivery)).await.err(),
                 _ = ping.tick() => {
                     // Two intervals without a pong: two pings went unanswered.
                     if self.last_pong.elapsed() > interval * 2 + Duration::from_secs(1) {
@@ -367,11 +379,13 @@ impl Connection {
             offset: Some(latest),
             recovered,
         };
-        self.send_text(frame.to_text()).await?;
+        self.feed(Message::Text(Utf8Bytes::from(frame.to_text())))
+            .await?;
         for message in missed {
-            self.send(Message::Text(Delivery::from_message(message).frame))
+            self.feed(Message::Text(Delivery::from_message(message).frame))
                 .await?;
         }
+        self.flush().await?;
         self.ctx.hub.observe_offset(channel, latest);
         Ok(())
     }
@@ -473,14 +487,33 @@ impl Connection {
         }
     }
 
-    /// Sends a delivery if it is the next one the client should see; fills a gap
-    /// from PostgreSQL first.
+    /// Writes `first` and whatever else is already queued behind it, then flushes
+    /// once. An idle client's delivery leaves at once, as before; a busy one's
+    /// backlog leaves in one socket write instead of one write per frame, which is
+    /// most of what a delivery costs.
+    async fn deliver_queued(&mut self, first: Arc<Delivery>) -> Result<(), End> {
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(delivery) = next {
+            self.deliver(delivery).await?;
+            taken += 1;
+            next = if taken < MAX_BATCH {
+                self.deliveries.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        self.flush().await
+    }
+
+    /// Buffers a delivery if it is the next one the client should see; fills a gap
+    /// from PostgreSQL first. Nothing reaches the socket before [`Self::flush`].
     async fn deliver(&mut self, delivery: Arc<Delivery>) -> Result<(), End> {
         let Some(sub) = self.subs.get(&delivery.channel).copied() else {
             return Ok(());
         };
         let (Sub::Conversation { next }, Some(offset)) = (sub, delivery.offset) else {
-            return self.send(Message::Text(delivery.frame.clone())).await;
+            return self.feed(Message::Text(delivery.frame.clone())).await;
         };
         if offset < next {
             return Ok(());
@@ -490,7 +523,7 @@ impl Connection {
         }
         self.subs
             .insert(delivery.channel, Sub::Conversation { next: offset + 1 });
-        self.send(Message::Text(delivery.frame.clone())).await
+        self.feed(Message::Text(delivery.frame.clone())).await
     }
 
     /// Sends offsets `from..=to` of a conversation from PostgreSQL.
@@ -513,7 +546,7 @@ impl Connection {
                     .get_or_create(&OutcomeLabel { outcome: "filled" })
                     .inc();
                 for message in messages {
-                    self.send(Message::Text(Delivery::from_message(message).frame))
+                    self.feed(Message::Text(Delivery::from_message(message).frame))
                         .await?;
                 }
                 Ok(())
@@ -547,41 +580,61 @@ impl Connection {
         self.send(Message::Text(Utf8Bytes::from(text))).await
     }
 
-    /// Writes one frame. A client that does not take it within two ping intervals is
-    /// gone. If the hub marks the client slow meanwhile, it gets a short grace to take
-    /// this frame, and then the 4008 close.
+    /// Writes one frame and flushes it.
     async fn send(&mut self, message: Message) -> Result<(), End> {
-        enum Sent {
+        self.feed(message).await?;
+        self.flush().await
+    }
+
+    /// Hands a frame to the socket's write buffer; it goes out with the next flush (or
+    /// once the buffer is full).
+    async fn feed(&mut self, message: Message) -> Result<(), End> {
+        let counts = matches!(message, Message::Text(_));
+        let written = self.guarded(Write::Feed(message)).await;
+        if written.is_ok() && counts {
+            self.ctx.metrics.messages_sent.inc();
+        }
+        written
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        self.guarded(Write::Flush).await
+    }
+
+    /// Runs one write. A client that does not take it within two ping intervals is
+    /// gone. If the hub marks the client slow meanwhile, it gets a short grace to take
+    /// this write, and then the 4008 close.
+    async fn guarded(&mut self, write: Write) -> Result<(), End> {
+        enum Outcome {
             Done,
             Failed,
             Slow,
         }
-        let counts = matches!(message, Message::Text(_));
         let limit = self.ctx.settings.ping_interval * 2;
-        let sent = {
-            let send = self.socket.send(message);
-            tokio::pin!(send);
+        let outcome = {
+            let io = async {
+                match write {
+                    Write::Feed(message) => self.socket.feed(message).await,
+                    Write::Flush => self.socket.flush().await,
+                }
+            };
+            tokio::pin!(io);
             tokio::select! {
-                sent = tokio::time::timeout(limit, &mut send) => {
-                    if matches!(sent, Ok(Ok(()))) { Sent::Done } else { Sent::Failed }
+                written = tokio::time::timeout(limit, &mut io) => {
+                    if matches!(written, Ok(Ok(()))) { Outcome::Done } else { Outcome::Failed }
                 }
                 _ = self.slow.cancelled() => {
-                    match tokio::time::timeout(SLOW_CONSUMER_GRACE, &mut send).await {
-                        Ok(Ok(())) => Sent::Slow,
-                        _ => Sent::Failed,
+                    match tokio::time::timeout(SLOW_CONSUMER_GRACE, &mut io).await {
+                        Ok(Ok(())) => Outcome::Slow,
+                        _ => Outcome::Failed,
                     }
                 }
             }
         };
-        match sent {
-            Sent::Done => {
-                if counts {
-                    self.ctx.metrics.messages_sent.inc();
-                }
-                Ok(())
-            }
-            Sent::Failed => Err(End::Gone),
-            Sent::Slow => Err(self
+        match outcome {
+            Outcome::Done => Ok(()),
+            Outcome::Failed => Err(End::Gone),
+            Outcome::Slow => Err(self
                 .close(close::SLOW_CONSUMER, "slow consumer", End::SlowConsumer)
                 .await),
         }

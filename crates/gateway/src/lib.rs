@@ -47,6 +47,10 @@ use crate::{hub::Hub, metrics::GatewayMetrics, presence::Presence};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// Bytes of outbound frames buffered before they are written without waiting for the
+/// flush: about one batch of chat-sized events.
+const WRITE_BUFFER_BYTES: usize = 16 * 1024;
+
 /// What every connection shares.
 #[derive(Debug)]
 pub struct Context {
@@ -205,10 +209,13 @@ async fn upgrade(
     upgrade
         .max_frame_size(frame_limit)
         .max_message_size(frame_limit)
-        // Small buffers: most connections are idle most of the time, and memory per
-        // idle connection is what decides how many a pod holds.
+        // A small read buffer: most connections are idle most of the time, and memory
+        // per idle connection is what decides how many a pod holds. The write buffer
+        // (a Vec that grows only as far as it is used) lets a backlog of deliveries
+        // leave in one socket write: frames are written out once it holds this much,
+        // or at the flush after each batch (`connection::MAX_BATCH`).
         .read_buffer_size(512)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
         .max_write_buffer_size(frame_limit.max(64 * 1024) * 4)
         .on_failed_upgrade(|error| tracing::debug!(%error, "WebSocket upgrade failed"))
         .on_upgrade(move |socket| {
