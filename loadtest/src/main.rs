@@ -2,7 +2,7 @@
 //! bounded in count and time.
 //!
 //! ```text
-//! mobile-loadtest ws [--idle N] [--subscribers N] [--messages N] [--rate R] [--seconds S]
+//! mobile-loadtest ws [--idle N] [--subscribers N] [--messages N] [--rate R] [--seconds S] [--peer socketio|none]
 //! mobile-loadtest rest [--rate R] [--seconds S] [--users N]
 //! mobile-loadtest me [--rates R,R,...] [--seconds S] [--p99-ms MS]   (needs loadtest/peers/install.sh)
 //! mobile-loadtest diurnal [--peak R] [--trough R] [--seconds S] [--users N]
@@ -28,7 +28,7 @@ use std::{collections::HashMap, path::PathBuf};
 
 use anyhow::{Context as _, bail};
 
-const USAGE: &str = "usage: mobile-loadtest ws [--idle N] [--subscribers N] [--messages N] [--rate R] [--seconds S] [--out DIR]
+const USAGE: &str = "usage: mobile-loadtest ws [--idle N] [--subscribers N] [--messages N] [--rate R] [--seconds S] [--peer socketio|none] [--out DIR]
        mobile-loadtest me [--rates R,R,...] [--seconds S] [--p99-ms MS] [--out DIR]
        mobile-loadtest rest [--rate R] [--seconds S] [--users N] [--out DIR]
        mobile-loadtest diurnal [--peak R] [--trough R] [--seconds S] [--users N] [--out DIR]

@@ -14,6 +14,8 @@
 //!    take them (at most 100 events ahead of the slowest client, so none is closed as
 //!    slow). Deliveries per second of wall time, and per second of gateway CPU time,
 //!    the figure that does not depend on how much CPU the clients took.
+//!    Then the same through Socket.IO with its Redis adapter
+//!    (`loadtest/peers/socketio`, skipped with `--peer none`), for the ratio.
 //! 3. **Latency**: 200 clients of another conversation, half on each gateway, `--rate`
 //!    events per second (default 200) for `--seconds` (default 10); each event carries
 //!    its publish time, each client records receive − publish.
@@ -33,7 +35,9 @@ use mobile_auth::{AccessTokens, SigningKey, VerifyKeys};
 use mobile_domain::{SessionId, UserId};
 use serde_json::json;
 use sqlx::{Executor, PgPool};
-use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+use tokio_tungstenite::tungstenite::{
+    Message, client::IntoClientRequest, protocol::WebSocketConfig,
+};
 use uuid::Uuid;
 
 use crate::{
@@ -192,6 +196,24 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
 
+    // 2b. The same fan-out through the peer a Node.js team would deploy instead, in
+    //     this run, so the ratio compares figures from one machine state.
+    let peer = match flags.text("peer", "socketio").as_str() {
+        "none" => serde_json::Value::Null,
+        _ => {
+            eprintln!("fan-out peer: Socket.IO, {subscribers} subscribers, {messages} events");
+            let peer = socketio_fanout(subscribers, messages).await?;
+            let peer_per_cpu = peer["deliveries_per_server_cpu_second"]
+                .as_f64()
+                .unwrap_or(0.0);
+            eprintln!(
+                "fan-out peer: {peer_per_cpu:.0} per server CPU-second; ratio {:.2}",
+                per_cpu_second / peer_per_cpu.max(1e-9)
+            );
+            json!({ "result": peer, "ratio_per_server_cpu_second": per_cpu_second / peer_per_cpu.max(1e-9) })
+        }
+    };
+
     // 3. Latency across two gateways at a steady rate.
     eprintln!(
         "latency: {latency_clients} clients on two gateways, {rate} events/s for {seconds} s"
@@ -264,6 +286,7 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
                     "deliveries": total, "seconds": elapsed, "gateway_cpu_seconds": gateway_cpu,
                     "deliveries_per_second": per_second.round(),
                     "deliveries_per_gateway_cpu_second": per_cpu_second.round() },
+        "fanout_peer_socketio": peer,
         "latency": { "clients": latency_clients, "gateways": 2, "rate_per_second": rate, "seconds": seconds,
                      "expected_deliveries": expected, "deliveries": latency.len(),
                      "p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99), "p999_ms": ms(0.999),
@@ -276,6 +299,34 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(&result)?);
     eprintln!("written to {}", path.display());
     Ok(())
+}
+
+/// Runs `loadtest/peers/socketio/bench.js` (Socket.IO with its Redis adapter, the same
+/// fan-out shape) and returns the JSON line it prints.
+async fn socketio_fanout(subscribers: u64, messages: u64) -> anyhow::Result<serde_json::Value> {
+    let dir = std::path::Path::new("loadtest/peers/socketio");
+    if !dir.join("node_modules").exists() {
+        bail!(
+            "the Socket.IO peer is not installed: run loadtest/peers/install.sh (or pass --peer none)"
+        );
+    }
+    let output = tokio::process::Command::new("node")
+        .arg("bench.js")
+        .arg(subscribers.to_string())
+        .arg(messages.to_string())
+        .current_dir(dir)
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(300), output)
+        .await
+        .context("the Socket.IO peer did not finish within 300 s")?
+        .context("start node (is Node.js installed?)")?;
+    if !output.status.success() {
+        bail!("the Socket.IO peer failed: {}", output.status);
+    }
+    let line = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(line.trim()).context("the Socket.IO peer's result")
 }
 
 fn ws_url(service: &Service) -> String {
@@ -359,7 +410,12 @@ async fn connect_all(targets: Vec<(String, String)>) -> anyhow::Result<Vec<Socke
             request
                 .headers_mut()
                 .insert("authorization", format!("Bearer {token}").parse()?);
-            let (mut socket, _) = tokio_tungstenite::connect_async(request).await?;
+            // tungstenite zero-fills its whole read buffer (128 KiB by default) before
+            // every read; a thousand clients doing that per event would make the
+            // load generator, not the gateway, the bottleneck.
+            let config = WebSocketConfig::default().read_buffer_size(8 * 1024);
+            let (mut socket, _) =
+                tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?;
             match socket.next().await {
                 Some(Ok(Message::Text(text))) if text.contains("\"welcome\"") => Ok(socket),
                 other => bail!("expected a welcome, got {other:?}"),
