@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{
+    Connection as _,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
 
 /// How the pool is sized and how long a request may wait for a connection.
 #[derive(Debug, Clone)]
@@ -45,5 +48,68 @@ pub fn connect_lazy(
         .min_connections(0)
         .acquire_timeout(settings.acquire_timeout)
         .idle_timeout(Some(Duration::from_secs(300)))
+        // By default sqlx pings every connection it hands out: a round trip before
+        // every query, on top of the query's own and the ping sqlx always makes when a
+        // connection comes back. A connection idle for less than TRUSTED_IDLE answered
+        // that release ping less than TRUSTED_IDLE ago, so it is handed out unchecked,
+        // as HikariCP does (`aliveBypassWindowMs`); one that sat idle longer is still
+        // pinged. What a PostgreSQL restart can cost is the requests that pick up,
+        // within that second, a connection it has just cut: they fail with 503.
+        .test_before_acquire(false)
+        .before_acquire(|connection, meta| {
+            Box::pin(async move {
+                if meta.idle_for < TRUSTED_IDLE {
+                    return Ok(true);
+                }
+                Ok(connection.ping().await.is_ok())
+            })
+        })
         .connect_lazy_with(options))
+}
+
+/// A connection idle for less than this is handed out without a ping.
+const TRUSTED_IDLE: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use mobile_testkit::TestDb;
+
+    use super::*;
+
+    /// The backends serving `pool`'s connections, ended from another session, as a
+    /// PostgreSQL restart or a proxy's idle cut would end them.
+    async fn cut_connections(db: &TestDb) -> u64 {
+        let admin = db.pool().await;
+        let cut: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()
+               AND application_name = $1",
+        )
+        .bind(env!("CARGO_PKG_NAME"))
+        .fetch_all(&admin)
+        .await
+        .unwrap();
+        admin.close().await;
+        cut.len() as u64
+    }
+
+    #[tokio::test]
+    async fn a_connection_cut_while_idle_is_replaced_not_handed_out() {
+        let db = TestDb::new().await;
+        let pool = connect_lazy(db.url(), &PoolSettings::with_max_connections(1)).unwrap();
+        let one: i32 = sqlx::query_scalar("SELECT 1")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(one, 1);
+        assert_eq!(cut_connections(&db).await, 1);
+
+        // Idle past the trusted window: the pool pings it, finds it dead, reconnects.
+        tokio::time::sleep(TRUSTED_IDLE + Duration::from_millis(200)).await;
+        let two: i32 = sqlx::query_scalar("SELECT 2")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(two, 2);
+    }
 }
