@@ -39,7 +39,10 @@ use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
 
 pub use crate::settings::ApiSettings;
-use crate::{metrics::ApiMetrics, state::AppState};
+use crate::{
+    metrics::ApiMetrics,
+    state::{AppState, Shared},
+};
 
 /// The version reported in `build_info` and the OpenAPI document.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -117,14 +120,14 @@ pub async fn serve(
     if settings.internal_api_token.is_none() {
         tracing::info!("INTERNAL_API_TOKEN is not set: /internal/v1/* answers 404");
     }
-    let state = AppState {
+    let state = AppState::new(Shared {
         storage,
         db,
         redis,
-        tokens: Arc::new(tokens),
-        settings: Arc::new(settings),
+        tokens,
+        settings,
         metrics,
-    };
+    });
     let app = app(state, &health);
     server::serve(
         listener,

@@ -1,7 +1,10 @@
-//! The state every handler shares: cheap to clone (everything is behind an `Arc` or is
-//! a pool handle already).
+//! The state every handler shares.
+//!
+//! Every middleware layer and handler takes its own clone of the state for each
+//! request, so a clone is one reference-count increment: the fields live once, behind
+//! one `Arc`, and handlers read them through `Deref` (`state.db`, `state.metrics`).
 
-use std::sync::Arc;
+use std::{ops::Deref, sync::Arc};
 
 use mobile_auth::AccessTokens;
 use mobile_runtime::redis::Redis;
@@ -10,11 +13,29 @@ use sqlx::PgPool;
 use crate::{metrics::ApiMetrics, settings::ApiSettings};
 
 #[derive(Debug, Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+/// What [`AppState`] holds.
+#[derive(Debug)]
+pub struct Shared {
     pub db: PgPool,
     pub redis: Redis,
-    pub tokens: Arc<AccessTokens>,
-    pub settings: Arc<ApiSettings>,
+    pub tokens: AccessTokens,
+    pub settings: ApiSettings,
     pub metrics: ApiMetrics,
     pub storage: mobile_storage::Storage,
+}
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
