@@ -16,6 +16,7 @@
 //! next to this binary), on a fresh database and a private Redis key prefix, and prints
 //! a summary plus a JSON result (`--out DIR`, default `loadtest/results`).
 
+mod ceilings;
 mod me;
 mod open_loop;
 mod procs;
@@ -95,6 +96,8 @@ async fn main() -> anyhow::Result<()> {
         "jobs" => worker::jobs(&flags).await,
         // The fake APNs, as a child process of `push`.
         "fake-apns" => worker::fake_apns().await,
+        // The bare hyper server, as a child process of `me`.
+        "http-ceiling" => ceilings::serve_http(flags.number("port", 0)?.try_into()?).await,
         other => bail!("unknown scenario {other:?}\n{USAGE}"),
     }
 }

@@ -8,7 +8,9 @@
 //! serve without errors, requests per second of the server's own CPU time (read from
 //! `/proc`), the ratio that holds however much CPU the load generator and PostgreSQL
 //! take on a small machine. Each server gets a 4 s warm-up first (for Node.js, its
-//! JIT). Both use a pool of 20 database connections.
+//! JIT). Both use a pool of 20 database connections. Beside them, the same ladder runs
+//! against a bare hyper server and `pgbench` runs the same query: the HTTP and
+//! database ceilings of this machine (see [`crate::ceilings`]).
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -58,6 +60,26 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
             .map(|&u| tokens.issue(UserId::from_uuid(u), SessionId::new()))
             .collect::<Result<_, _>>()?,
     );
+
+    // The HTTP ceiling: bare hyper, the same requests, no work behind them.
+    let ceiling_port = free_port()?;
+    let ceiling_process = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["http-ceiling", "--port", &ceiling_port.to_string()])
+        .kill_on_drop(true)
+        .spawn()
+        .context("start the HTTP ceiling server")?;
+    let ceiling_pid = ceiling_process.id().context("ceiling pid")?;
+    wait_listening(ceiling_port).await?;
+    let ceiling = ladder_run(
+        "hyper-ceiling",
+        ceiling_pid,
+        ceiling_port,
+        &tokens,
+        &ladder,
+        seconds,
+    )
+    .await;
+    drop(ceiling_process);
 
     // Ours.
     let api = Service::start(
@@ -118,6 +140,11 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
             .filter_map(|s| s["throughput_per_second"].as_f64())
             .fold(0.0f64, f64::max)
     };
+    // The database ceiling: the same query straight from pgbench.
+    eprintln!("pgbench: GET /v1/me's query, 20 connections, {seconds} s");
+    let pgbench_tps = crate::ceilings::pgbench(&database_url, users[0], seconds).await?;
+    eprintln!("  → {pgbench_tps:.0} transactions/s");
+
     let (ours_best, peer_best) = (best(&ours), best(&peer));
     // Efficiency at equal load: requests per second of the server's own CPU, at each
     // rate both served without errors.
@@ -139,6 +166,9 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
         "seconds_per_step": seconds,
         "mobile_api": { "best_sustained_per_second": ours_best, "steps": ours },
         "fastify_pg": { "best_sustained_per_second": peer_best, "steps": peer },
+        "hyper_ceiling": { "best_sustained_per_second": best(&ceiling), "steps": ceiling },
+        "pgbench_ceiling": { "query": "SELECT id, email, display_name, created_at, updated_at FROM users WHERE id = $1",
+                             "clients": 20, "transactions_per_second": pgbench_tps },
         "ratio": if peer_best > 0.0 { ours_best / peer_best } else { f64::NAN },
         "per_server_cpu_second": efficiency,
     });
@@ -150,12 +180,27 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
         serde_json::to_string_pretty(&json!({
             "mobile_api_best": ours_best,
             "fastify_pg_best": peer_best,
+            "hyper_ceiling_best": result["hyper_ceiling"]["best_sustained_per_second"],
+            "pgbench_tps": pgbench_tps,
             "ratio": result["ratio"],
             "per_server_cpu_second": result["per_server_cpu_second"],
         }))?
     );
     eprintln!("written to {}/me.json", out.display());
     Ok(())
+}
+
+async fn wait_listening(port: u16) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("nothing listens on port {port}")
 }
 
 async fn wait_ready(port: u16) -> anyhow::Result<()> {
