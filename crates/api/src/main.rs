@@ -11,6 +11,11 @@ const USAGE: &str = "usage: mobile-api [migrate | health]\n\n\
     mobile-api migrate   create the database if missing and apply migrations, then exit\n\
     mobile-api health    exit 0 if the API on LISTEN_ADDR is ready (container health checks)";
 
+/// mimalloc: a request allocates and frees dozens of small buffers across two worker
+/// threads, which glibc's allocator serves with locks and consolidation passes.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let env = Env::process();
