@@ -436,7 +436,10 @@ async fn start_nginx(
             .join("\n        ")
     };
     let config = format!(
-        r#"worker_processes 1;
+        // One process, no master: killing the child (on drop, too) stops all of
+        // nginx. With a master, a SIGKILLed master left its worker serving.
+        r#"master_process off;
+worker_processes 1;
 error_log {dir}/logs/error.log warn;
 pid {dir}/nginx.pid;
 events {{ worker_connections 8192; }}
