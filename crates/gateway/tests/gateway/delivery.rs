@@ -211,3 +211,43 @@ async fn presence_follows_connections() {
     }
     panic!("still online after disconnecting");
 }
+
+#[tokio::test]
+async fn a_burst_larger_than_one_write_batch_arrives_whole_and_in_order() {
+    let stack = Stack::start(1, &[]).await;
+    let ann = stack.register("ann").await;
+    let bob = stack.register("bob").await;
+    let conversation = stack.conversation(&ann, &[&bob]).await;
+    let mut client = Client::connect(&stack.gateways[0].addr, &bob.token).await;
+    client.subscribe(&conversation, None).await;
+
+    // One pipeline: the hub takes the whole burst at once, so the connection finds a
+    // queue several write batches long (a batch is at most 64 frames).
+    let n = 150;
+    let channel = format!("{}conversation:{conversation}", stack.prefix);
+    let mut burst = redis::pipe();
+    for offset in 1..=n {
+        let frame = json!({"type": "event", "channel": format!("conversation:{conversation}"),
+                           "event": "message.created", "offset": offset, "data": {"body": "burst"}});
+        burst
+            .cmd("PUBLISH")
+            .arg(&channel)
+            .arg(frame.to_string())
+            .ignore();
+    }
+    let redis = redis::Client::open(stack.redis_url.as_str()).unwrap();
+    let mut redis = redis.get_multiplexed_async_connection().await.unwrap();
+    let () = burst.query_async(&mut redis).await.unwrap();
+
+    assert_eq!(
+        client.offsets(n as usize).await,
+        (1..=n).collect::<Vec<i64>>()
+    );
+    assert!(
+        client
+            .next_within(Duration::from_millis(300))
+            .await
+            .is_none(),
+        "nothing after the last"
+    );
+}
