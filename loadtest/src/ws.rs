@@ -21,6 +21,7 @@
 //!    its publish time, each client records receive − publish.
 
 use std::{
+    path::Path,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -51,6 +52,8 @@ type Socket =
 /// Events published ahead of the slowest client, at most (well inside the gateway's
 /// outbound queue of 256, so no client is closed as slow).
 const WINDOW: u64 = 100;
+/// Where `loadtest/peers/install.sh` installs the Socket.IO peer.
+const SOCKETIO_PEER: &str = "loadtest/peers/socketio";
 const BODY: &str = "a message of exactly one hundred bytes, which is about what a chat line is, give or take a word....";
 
 pub async fn run(flags: &Flags) -> anyhow::Result<()> {
@@ -60,6 +63,12 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
     let rate = flags.number("rate", 200)?;
     let seconds = flags.number("seconds", 10)?;
     let latency_clients = 200;
+    let with_peer = flags.text("peer", "socketio") != "none";
+    if with_peer && !Path::new(SOCKETIO_PEER).join("node_modules").exists() {
+        bail!(
+            "the Socket.IO peer is not installed: run loadtest/peers/install.sh (or pass --peer none)"
+        );
+    }
 
     let database_url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/mobile_bench".to_owned());
@@ -198,20 +207,17 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
 
     // 2b. The same fan-out through the peer a Node.js team would deploy instead, in
     //     this run, so the ratio compares figures from one machine state.
-    let peer = match flags.text("peer", "socketio").as_str() {
-        "none" => serde_json::Value::Null,
-        _ => {
-            eprintln!("fan-out peer: Socket.IO, {subscribers} subscribers, {messages} events");
-            let peer = socketio_fanout(subscribers, messages).await?;
-            let peer_per_cpu = peer["deliveries_per_server_cpu_second"]
-                .as_f64()
-                .unwrap_or(0.0);
-            eprintln!(
-                "fan-out peer: {peer_per_cpu:.0} per server CPU-second; ratio {:.2}",
-                per_cpu_second / peer_per_cpu.max(1e-9)
-            );
-            json!({ "result": peer, "ratio_per_server_cpu_second": per_cpu_second / peer_per_cpu.max(1e-9) })
-        }
+    let peer = if with_peer {
+        eprintln!("fan-out peer: Socket.IO, {subscribers} subscribers, {messages} events");
+        let peer = socketio_fanout(subscribers, messages).await?;
+        let peer_per_cpu = peer["deliveries_per_server_cpu_second"]
+            .as_f64()
+            .unwrap_or(0.0);
+        let ratio = per_cpu_second / peer_per_cpu.max(1e-9);
+        eprintln!("fan-out peer: {peer_per_cpu:.0} per server CPU-second; ratio {ratio:.2}");
+        json!({ "result": peer, "ratio_per_server_cpu_second": ratio })
+    } else {
+        serde_json::Value::Null
     };
 
     // 3. Latency across two gateways at a steady rate.
@@ -304,17 +310,11 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
 /// Runs `loadtest/peers/socketio/bench.js` (Socket.IO with its Redis adapter, the same
 /// fan-out shape) and returns the JSON line it prints.
 async fn socketio_fanout(subscribers: u64, messages: u64) -> anyhow::Result<serde_json::Value> {
-    let dir = std::path::Path::new("loadtest/peers/socketio");
-    if !dir.join("node_modules").exists() {
-        bail!(
-            "the Socket.IO peer is not installed: run loadtest/peers/install.sh (or pass --peer none)"
-        );
-    }
     let output = tokio::process::Command::new("node")
         .arg("bench.js")
         .arg(subscribers.to_string())
         .arg(messages.to_string())
-        .current_dir(dir)
+        .current_dir(SOCKETIO_PEER)
         .stderr(std::process::Stdio::inherit())
         .kill_on_drop(true)
         .output();
