@@ -160,6 +160,16 @@ struct Connection {
 
 impl Connection {
     async fn run(&mut self) -> End {
+        // Online and subscribed to its own channel before the welcome: a client that
+        // has its welcome gets every `user:` event from then on, and is not sent a
+        // push for a message it can see live.
+        self.ctx
+            .presence
+            .connected(UserId::from_uuid(self.user), &self.public_id)
+            .await;
+        let own = Channel::User(self.user);
+        self.ctx.hub.subscribe(own, self.subscriber()).await;
+        self.subs.insert(own, Sub::User);
         let interval = self.ctx.settings.ping_interval;
         let welcome = ServerFrame::Welcome {
             connection_id: &self.public_id,
@@ -169,13 +179,6 @@ impl Connection {
         if let Err(end) = self.send_text(welcome).await {
             return end;
         }
-        self.ctx
-            .presence
-            .connected(UserId::from_uuid(self.user), &self.public_id)
-            .await;
-        let own = Channel::User(self.user);
-        self.ctx.hub.subscribe(own, self.subscriber()).await;
-        self.subs.insert(own, Sub::User);
 
         let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
         let shutdown = self.ctx.shutdown.clone();
