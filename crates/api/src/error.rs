@@ -142,9 +142,21 @@ impl From<sqlx::Error> for ApiError {
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
                 Self::unavailable("database_unavailable", error)
             }
+            // The server ended the connection (a restart, a failover, an administrator):
+            // the next attempt gets another one.
+            sqlx::Error::Database(ref db) if db.code().is_some_and(|c| connection_lost(&c)) => {
+                Self::unavailable("database_unavailable", error)
+            }
             other => Self::internal(other),
         }
     }
+}
+
+/// SQLSTATEs that say the connection, not the statement, failed: class 08 (connection
+/// exception) and the 57P0x shutdowns (`admin_shutdown`, `crash_shutdown`,
+/// `cannot_connect_now`, `idle_session_timeout`...).
+fn connection_lost(sqlstate: &str) -> bool {
+    sqlstate.starts_with("08") || sqlstate.starts_with("57P0")
 }
 
 impl From<mobile_auth::password::PasswordError> for ApiError {

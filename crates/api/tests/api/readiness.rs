@@ -112,3 +112,36 @@ async fn readiness_turns_503_when_shutdown_starts() {
     let served = tokio::time::timeout(Duration::from_secs(5), app.server).await;
     assert!(matches!(served, Ok(Ok(Ok(())))), "{served:?}");
 }
+
+#[tokio::test]
+async fn a_connection_postgresql_cut_is_a_retryable_503_and_then_replaced() {
+    // One connection, so the request after the cut gets the one that was cut.
+    let app = TestApp::builder()
+        .env("DATABASE_MAX_CONNECTIONS", "1")
+        .spawn()
+        .await;
+    let session = app.register("cut@example.com").await;
+    let me = || app.authed(Method::GET, "/v1/me", &session).send();
+    assert_eq!(me().await.unwrap().status(), StatusCode::OK);
+
+    // As a PostgreSQL restart or failover ends every backend.
+    let admin = app.db.pool().await;
+    let cut: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = 'mobile-db'",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert_eq!(cut.len(), 1);
+
+    // Used a moment ago, the connection is handed out unchecked and fails: the client
+    // is told to retry, not that the server has a bug. The pool then replaces it.
+    crate::helpers::assert_problem(
+        me().await.unwrap(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "database_unavailable",
+    )
+    .await;
+    assert_eq!(me().await.unwrap().status(), StatusCode::OK);
+}
