@@ -128,6 +128,7 @@ pub async fn serve(
         slow: CancellationToken::new(),
         subs: HashMap::new(),
         last_pong: Instant::now(),
+        unflushed: 0,
         publish_tokens: f64::from(ctx.settings.publish_per_second),
         publish_refilled: Instant::now(),
         ctx: ctx.clone(),
@@ -152,6 +153,8 @@ struct Connection {
     slow: CancellationToken,
     subs: HashMap<Channel, Sub>,
     last_pong: Instant,
+    /// Text frames fed since the last flush: counted as sent once they are written.
+    unflushed: u64,
     /// Token bucket for ephemeral publishes.
     publish_tokens: f64,
     publish_refilled: Instant,
@@ -593,15 +596,22 @@ impl Connection {
     /// once the buffer is full).
     async fn feed(&mut self, message: Message) -> Result<(), End> {
         let counts = matches!(message, Message::Text(_));
-        let written = self.guarded(Write::Feed(message)).await;
-        if written.is_ok() && counts {
-            self.ctx.metrics.messages_sent.inc();
+        self.guarded(Write::Feed(message)).await?;
+        if counts {
+            self.unflushed += 1;
         }
-        written
+        Ok(())
     }
 
+    /// Writes out what was fed, and counts its frames as sent (once per batch, not
+    /// once per frame).
     async fn flush(&mut self) -> Result<(), End> {
-        self.guarded(Write::Flush).await
+        self.guarded(Write::Flush).await?;
+        self.ctx
+            .metrics
+            .messages_sent
+            .inc_by(std::mem::take(&mut self.unflushed));
+        Ok(())
     }
 
     /// Runs one write. A client that does not take it within two ping intervals is
