@@ -69,7 +69,8 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
         .spawn()
         .context("start the HTTP ceiling server")?;
     let ceiling_pid = ceiling_process.id().context("ceiling pid")?;
-    wait_listening(ceiling_port).await?;
+    // It answers 200 on every path, /health/ready included.
+    wait_ready(ceiling_port).await?;
     let ceiling = ladder_run(
         "hyper-ceiling",
         ceiling_pid,
@@ -197,19 +198,6 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
     );
     eprintln!("written to {}/me.json", out.display());
     Ok(())
-}
-
-async fn wait_listening(port: u16) -> anyhow::Result<()> {
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("nothing listens on port {port}")
 }
 
 async fn wait_ready(port: u16) -> anyhow::Result<()> {
