@@ -11,8 +11,8 @@ const USAGE: &str = "usage: mobile-api [migrate | health]\n\n\
     mobile-api migrate   create the database if missing and apply migrations, then exit\n\
     mobile-api health    exit 0 if the API on LISTEN_ADDR is ready (container health checks)";
 
-/// mimalloc: a request allocates and frees dozens of small buffers across two worker
-/// threads, which glibc's allocator serves with locks and consolidation passes.
+/// mimalloc: a request allocates and frees dozens of small buffers across the runtime's
+/// worker threads; measured against glibc's allocator in BENCHMARKS.md.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
