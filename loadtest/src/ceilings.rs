@@ -3,7 +3,8 @@
 //!
 //! - **HTTP**: a bare hyper server (`mobile-loadtest http-ceiling`, run as a child
 //!   process) that answers every request with a fixed body the size of `/v1/me`'s: no
-//!   routing, middleware, token or database. Nothing built on hyper here can beat it.
+//!   routing, middleware, token or database: what hyper and the kernel cost per
+//!   request on this machine before any work is done.
 //! - **Database**: `pgbench` running the same indexed read as `GET /v1/me` with 20
 //!   connections (the pools' size), prepared, as fast as PostgreSQL answers it.
 
