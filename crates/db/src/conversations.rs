@@ -6,32 +6,31 @@
 //! a transaction that rolls back gives its number back: the seqs readers see are 1, 2,
 //! 3, ... with no gaps, in commit order.
 
-use mobile_domain::UserId;
+use mobile_domain::{ClientMsgId, ConversationId, MediaId, MessageId, MessageText, Title, UserId};
 use sqlx::{PgConnection, PgExecutor, PgPool};
 use time::OffsetDateTime;
-use uuid::Uuid;
 
 /// The most members a conversation may have.
 pub const MAX_MEMBERS: usize = 1_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Conversation {
-    pub id: Uuid,
+    pub id: ConversationId,
     pub title: Option<String>,
-    pub member_ids: Vec<Uuid>,
+    pub member_ids: Vec<UserId>,
     pub created_at: OffsetDateTime,
     pub last_seq: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Message {
-    pub id: Uuid,
-    pub conversation_id: Uuid,
+    pub id: MessageId,
+    pub conversation_id: ConversationId,
     pub seq: i64,
-    pub sender_id: Uuid,
+    pub sender_id: UserId,
     pub client_msg_id: String,
     pub body: String,
-    pub media_id: Option<Uuid>,
+    pub media_id: Option<MediaId>,
     pub created_at: OffsetDateTime,
 }
 
@@ -40,7 +39,7 @@ pub struct Message {
 pub enum CreateConversation {
     Created(Conversation),
     /// These member ids name no user.
-    UnknownMembers(Vec<Uuid>),
+    UnknownMembers(Vec<UserId>),
 }
 
 /// Creates a conversation whose members are `creator` plus `members` (duplicates
@@ -48,25 +47,25 @@ pub enum CreateConversation {
 pub async fn create_conversation(
     pool: &PgPool,
     creator: UserId,
-    members: &[Uuid],
-    title: Option<&str>,
+    members: &[UserId],
+    title: Option<&Title>,
 ) -> Result<CreateConversation, sqlx::Error> {
-    let mut all: Vec<Uuid> = members.to_vec();
-    all.push(creator.as_uuid());
+    let mut all: Vec<UserId> = members.to_vec();
+    all.push(creator);
     all.sort_unstable();
     all.dedup();
 
     let mut tx = pool.begin().await?;
-    let id = Uuid::now_v7();
+    let id = ConversationId::new();
     let created_at: OffsetDateTime =
         sqlx::query_scalar("INSERT INTO conversations (id, title, created_by) VALUES ($1, $2, $3) RETURNING created_at")
             .bind(id)
-            .bind(title)
-            .bind(creator.as_uuid())
+            .bind(title.map(Title::as_str))
+            .bind(creator)
             .fetch_one(&mut *tx)
             .await?;
     // One statement for every member; only ids that name a user are inserted.
-    let inserted: Vec<Uuid> = sqlx::query_scalar(
+    let inserted: Vec<UserId> = sqlx::query_scalar(
         "INSERT INTO conversation_members (conversation_id, user_id)
          SELECT $1, u.id FROM users u WHERE u.id = ANY($2)
          RETURNING user_id",
@@ -76,14 +75,14 @@ pub async fn create_conversation(
     .fetch_all(&mut *tx)
     .await?;
     if inserted.len() != all.len() {
-        let unknown: Vec<Uuid> = all.into_iter().filter(|m| !inserted.contains(m)).collect();
+        let unknown: Vec<UserId> = all.into_iter().filter(|m| !inserted.contains(m)).collect();
         tx.rollback().await?;
         return Ok(CreateConversation::UnknownMembers(unknown));
     }
     tx.commit().await?;
     Ok(CreateConversation::Created(Conversation {
         id,
-        title: title.map(str::to_owned),
+        title: title.map(|t| t.as_str().to_owned()),
         member_ids: all,
         created_at,
         last_seq: 0,
@@ -97,7 +96,7 @@ const CONVERSATION_COLUMNS: &str = "c.id, c.title, c.created_at, c.last_seq,
 pub async fn find_conversation(
     db: impl PgExecutor<'_>,
     user: UserId,
-    id: Uuid,
+    id: ConversationId,
 ) -> Result<Option<Conversation>, sqlx::Error> {
     sqlx::query_as(&format!(
         "SELECT {CONVERSATION_COLUMNS}
@@ -105,7 +104,7 @@ pub async fn find_conversation(
          JOIN conversation_members me ON me.conversation_id = c.id AND me.user_id = $1
          WHERE c.id = $2"
     ))
-    .bind(user.as_uuid())
+    .bind(user)
     .bind(id)
     .fetch_optional(db)
     .await
@@ -115,7 +114,7 @@ pub async fn find_conversation(
 pub async fn list_conversations(
     db: impl PgExecutor<'_>,
     user: UserId,
-    before: Option<Uuid>,
+    before: Option<ConversationId>,
     limit: i64,
 ) -> Result<Vec<Conversation>, sqlx::Error> {
     sqlx::query_as(&format!(
@@ -126,7 +125,7 @@ pub async fn list_conversations(
          ORDER BY me.conversation_id DESC
          LIMIT $3"
     ))
-    .bind(user.as_uuid())
+    .bind(user)
     .bind(before)
     .bind(limit)
     .fetch_all(db)
@@ -137,14 +136,14 @@ pub async fn list_conversations(
 pub async fn member_last_seq(
     db: impl PgExecutor<'_>,
     user: UserId,
-    conversation: Uuid,
+    conversation: ConversationId,
 ) -> Result<Option<i64>, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT c.last_seq FROM conversations c
          JOIN conversation_members m ON m.conversation_id = c.id AND m.user_id = $1
          WHERE c.id = $2",
     )
-    .bind(user.as_uuid())
+    .bind(user)
     .bind(conversation)
     .fetch_optional(db)
     .await
@@ -154,21 +153,25 @@ pub async fn member_last_seq(
 /// lost its Redis subscription).
 pub async fn last_seqs(
     db: impl PgExecutor<'_>,
-    ids: &[Uuid],
-) -> Result<Vec<(Uuid, i64)>, sqlx::Error> {
+    ids: &[ConversationId],
+) -> Result<Vec<(ConversationId, i64)>, sqlx::Error> {
     sqlx::query_as("SELECT id, last_seq FROM conversations WHERE id = ANY($1)")
         .bind(ids)
         .fetch_all(db)
         .await
 }
 
-/// The member ids of a conversation.
-pub async fn member_ids(
+/// The members of a conversation with their display names: for a post, whom to
+/// notify and what to call the sender, in one round trip.
+pub async fn members_with_names(
     db: impl PgExecutor<'_>,
-    conversation: Uuid,
-) -> Result<Vec<Uuid>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT user_id FROM conversation_members WHERE conversation_id = $1 ORDER BY user_id",
+    conversation: ConversationId,
+) -> Result<Vec<(UserId, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT m.user_id, u.display_name
+         FROM conversation_members m JOIN users u ON u.id = m.user_id
+         WHERE m.conversation_id = $1
+         ORDER BY m.user_id",
     )
     .bind(conversation)
     .fetch_all(db)
@@ -178,11 +181,11 @@ pub async fn member_ids(
 /// A message to post.
 #[derive(Debug, Clone)]
 pub struct NewMessage<'a> {
-    pub conversation_id: Uuid,
+    pub conversation_id: ConversationId,
     pub sender_id: UserId,
-    pub client_msg_id: &'a str,
-    pub body: &'a str,
-    pub media_id: Option<Uuid>,
+    pub client_msg_id: &'a ClientMsgId,
+    pub body: &'a MessageText,
+    pub media_id: Option<MediaId>,
 }
 
 /// The outcome of [`insert_message`].
@@ -211,7 +214,7 @@ pub async fn insert_message(
          RETURNING c.last_seq",
     )
     .bind(message.conversation_id)
-    .bind(message.sender_id.as_uuid())
+    .bind(message.sender_id)
     .fetch_optional(&mut *conn)
     .await?;
     let Some(seq) = seq else {
@@ -226,10 +229,10 @@ pub async fn insert_message(
     ))
     .bind(message.conversation_id)
     .bind(seq)
-    .bind(Uuid::now_v7())
-    .bind(message.sender_id.as_uuid())
-    .bind(message.client_msg_id)
-    .bind(message.body)
+    .bind(MessageId::new())
+    .bind(message.sender_id)
+    .bind(message.client_msg_id.as_str())
+    .bind(message.body.as_str())
     .bind(message.media_id)
     .fetch_optional(&mut *conn)
     .await?;
@@ -248,8 +251,8 @@ pub async fn insert_message(
          WHERE conversation_id = $1 AND sender_id = $2 AND client_msg_id = $3"
     ))
     .bind(message.conversation_id)
-    .bind(message.sender_id.as_uuid())
-    .bind(message.client_msg_id)
+    .bind(message.sender_id)
+    .bind(message.client_msg_id.as_str())
     .fetch_one(&mut *conn)
     .await?;
     Ok(PostMessage::Duplicate(first))
@@ -272,7 +275,7 @@ pub enum Window {
 /// Messages of a conversation in ascending seq order. Membership is the caller's check.
 pub async fn list_messages(
     db: impl PgExecutor<'_>,
-    conversation: Uuid,
+    conversation: ConversationId,
     window: Window,
     limit: i64,
 ) -> Result<Vec<Message>, sqlx::Error> {
@@ -321,7 +324,7 @@ mod tests {
 
     async fn post(
         pool: &PgPool,
-        conversation: Uuid,
+        conversation: ConversationId,
         sender: UserId,
         client_msg_id: &str,
     ) -> PostMessage {
@@ -331,8 +334,8 @@ mod tests {
             &NewMessage {
                 conversation_id: conversation,
                 sender_id: sender,
-                client_msg_id,
-                body: "hi",
+                client_msg_id: &ClientMsgId::parse(client_msg_id).unwrap(),
+                body: &MessageText::parse("hi").unwrap(),
                 media_id: None,
             },
         )
@@ -349,7 +352,7 @@ mod tests {
         let ann = user(&pool, "ann@example.com").await;
         let bob = user(&pool, "bob@example.com").await;
         let CreateConversation::Created(conversation) =
-            create_conversation(&pool, ann, &[bob.as_uuid(), ann.as_uuid()], Some("t"))
+            create_conversation(&pool, ann, &[bob, ann], Some(&Title::parse("t").unwrap()))
                 .await
                 .unwrap()
         else {
@@ -433,7 +436,7 @@ mod tests {
             Some(0)
         );
 
-        let unknown = Uuid::new_v4();
+        let unknown = UserId::new();
         assert!(matches!(
             create_conversation(&pool, ann, &[unknown], None).await.unwrap(),
             CreateConversation::UnknownMembers(ids) if ids == vec![unknown]

@@ -3,18 +3,17 @@
 use mobile_domain::{ApnsEnvironment, AppVersion, DeviceId, Locale, Platform, PushToken, UserId};
 use sqlx::{PgExecutor, PgPool};
 use time::OffsetDateTime;
-use uuid::Uuid;
 
 /// A device as stored.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Device {
-    pub id: Uuid,
-    pub user_id: Uuid,
-    pub platform: String,
+    pub id: DeviceId,
+    pub user_id: UserId,
+    pub platform: Platform,
     pub push_token: String,
     pub app_version: Option<String>,
     pub locale: Option<String>,
-    pub apns_environment: Option<String>,
+    pub apns_environment: Option<ApnsEnvironment>,
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
 }
@@ -50,9 +49,9 @@ pub async fn upsert_device(
 ) -> Result<(Device, Upsert), sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("DELETE FROM devices WHERE platform = $1 AND push_token = $2 AND id <> $3")
-        .bind(device.platform.as_str())
+        .bind(device.platform)
         .bind(device.push_token.as_str())
-        .bind(device.id.as_uuid())
+        .bind(device.id)
         .execute(&mut *tx)
         .await?;
     // `xmax = 0` holds only for a row this statement inserted, not one it updated.
@@ -71,13 +70,13 @@ pub async fn upsert_device(
              RETURNING (xmax = 0) AS inserted, id, user_id, platform, push_token, app_version,
                        locale, apns_environment, created_at, updated_at",
         )
-        .bind(device.id.as_uuid())
-        .bind(user_id.as_uuid())
-        .bind(device.platform.as_str())
+        .bind(device.id)
+        .bind(user_id)
+        .bind(device.platform)
         .bind(device.push_token.as_str())
         .bind(device.app_version.as_ref().map(AppVersion::as_str))
         .bind(device.locale.as_ref().map(Locale::as_str))
-        .bind(device.apns_environment.map(ApnsEnvironment::as_str))
+        .bind(device.apns_environment)
         .fetch_one(&mut *tx)
         .await?;
         (row.inserted, row.device)
@@ -102,7 +101,7 @@ struct DeviceWithFlag {
 pub async fn list_devices(
     db: impl PgExecutor<'_>,
     user_id: UserId,
-    after: Option<Uuid>,
+    after: Option<DeviceId>,
     limit: i64,
 ) -> Result<Vec<Device>, sqlx::Error> {
     sqlx::query_as(
@@ -113,7 +112,7 @@ pub async fn list_devices(
          ORDER BY id
          LIMIT $3",
     )
-    .bind(user_id.as_uuid())
+    .bind(user_id)
     .bind(after)
     .bind(limit)
     .fetch_all(db)
@@ -127,8 +126,8 @@ pub async fn delete_device(
     id: DeviceId,
 ) -> Result<bool, sqlx::Error> {
     let result = sqlx::query("DELETE FROM devices WHERE id = $1 AND user_id = $2")
-        .bind(id.as_uuid())
-        .bind(user_id.as_uuid())
+        .bind(id)
+        .bind(user_id)
         .execute(db)
         .await?;
     Ok(result.rows_affected() == 1)
@@ -150,9 +149,9 @@ mod tests {
         }
     }
 
-    fn registration(id: Uuid, token: &str) -> DeviceRegistration {
+    fn registration(id: DeviceId, token: &str) -> DeviceRegistration {
         DeviceRegistration {
-            id: DeviceId::from_uuid(id),
+            id,
             platform: Platform::Ios,
             push_token: PushToken::parse(Platform::Ios, token).unwrap(),
             app_version: Some(AppVersion::parse("1.0").unwrap()),
@@ -167,7 +166,7 @@ mod tests {
         let pool = db.pool().await;
         let ann = user(&pool, "ann@example.com").await;
         let bob = user(&pool, "bob@example.com").await;
-        let id = Uuid::new_v4();
+        let id = DeviceId::new();
         let token = "ab".repeat(32);
 
         let (first, outcome) = upsert_device(&pool, ann, &registration(id, &token))
@@ -189,7 +188,7 @@ mod tests {
 
         // A reinstall gets a new installation id but APNs hands out the same token:
         // the stale row goes.
-        let reinstall = Uuid::new_v4();
+        let reinstall = DeviceId::new();
         upsert_device(&pool, bob, &registration(reinstall, &token))
             .await
             .unwrap();
@@ -199,15 +198,7 @@ mod tests {
             vec![reinstall]
         );
 
-        assert!(
-            !delete_device(&pool, ann, DeviceId::from_uuid(reinstall))
-                .await
-                .unwrap()
-        );
-        assert!(
-            delete_device(&pool, bob, DeviceId::from_uuid(reinstall))
-                .await
-                .unwrap()
-        );
+        assert!(!delete_device(&pool, ann, reinstall).await.unwrap());
+        assert!(delete_device(&pool, bob, reinstall).await.unwrap());
     }
 }

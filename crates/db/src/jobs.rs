@@ -14,21 +14,42 @@
 //!
 //! Every state change after a claim checks `locked_by`, so a worker whose lease was
 //! reclaimed cannot complete or fail a job another worker now holds.
+//!
+//! A job's payload is typed: each [`Payload`] names its [`JobKind`], so a job of one
+//! kind cannot be enqueued with another kind's payload, and the handler reads it back
+//! with [`Job::payload`].
 
 use std::time::Duration;
 
+use mobile_domain::JobId;
+pub use mobile_domain::JobKind;
+use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 use sqlx::{PgExecutor, postgres::types::PgInterval};
 use time::OffsetDateTime;
-use uuid::Uuid;
 
-/// Attempts before a job is dead, unless the enqueuer says otherwise.
+/// Attempts before a job is dead, unless the payload's kind says otherwise.
 pub const DEFAULT_MAX_ATTEMPTS: i32 = 10;
+
+/// What one kind of job carries.
+pub trait Payload: Serialize + DeserializeOwned {
+    const KIND: JobKind;
+    const MAX_ATTEMPTS: i32 = DEFAULT_MAX_ATTEMPTS;
+
+    /// The payload as a job to enqueue.
+    fn to_job(&self) -> Result<NewJob<'static>, sqlx::Error> {
+        let payload = serde_json::to_value(self).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        Ok(NewJob {
+            max_attempts: Self::MAX_ATTEMPTS,
+            ..NewJob::new(Self::KIND, payload)
+        })
+    }
+}
 
 /// A job to enqueue.
 #[derive(Debug, Clone)]
 pub struct NewJob<'a> {
-    pub kind: &'a str,
+    pub kind: JobKind,
     pub payload: Value,
     /// At most one queued or running job per (kind, key): enqueueing another is a no-op.
     pub unique_key: Option<&'a str>,
@@ -38,7 +59,7 @@ pub struct NewJob<'a> {
 }
 
 impl<'a> NewJob<'a> {
-    pub fn new(kind: &'a str, payload: Value) -> Self {
+    pub fn new(kind: JobKind, payload: Value) -> Self {
         Self {
             kind,
             payload,
@@ -52,20 +73,20 @@ impl<'a> NewJob<'a> {
 /// The outcome of [`enqueue`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Enqueued {
-    Enqueued(Uuid),
+    Enqueued(JobId),
     /// A job with the same unique key is already queued or running.
     Duplicate,
 }
 
 pub async fn enqueue(db: impl PgExecutor<'_>, job: &NewJob<'_>) -> Result<Enqueued, sqlx::Error> {
-    let id: Option<Uuid> = sqlx::query_scalar(
+    let id: Option<JobId> = sqlx::query_scalar(
         "INSERT INTO jobs (id, kind, payload, unique_key, max_attempts, run_at)
          VALUES ($1, $2, $3, $4, $5, coalesce($6, now()))
          ON CONFLICT (kind, unique_key) WHERE unique_key IS NOT NULL AND state IN ('queued', 'running')
          DO NOTHING
          RETURNING id",
     )
-    .bind(Uuid::now_v7())
+    .bind(JobId::new())
     .bind(job.kind)
     .bind(&job.payload)
     .bind(job.unique_key)
@@ -77,13 +98,29 @@ pub async fn enqueue(db: impl PgExecutor<'_>, job: &NewJob<'_>) -> Result<Enqueu
 }
 
 /// Enqueues many jobs of one kind in one statement (one notification).
-pub async fn enqueue_many(
+pub async fn enqueue_many<P: Payload>(
     db: impl PgExecutor<'_>,
-    kind: &str,
+    payloads: &[P],
+) -> Result<u64, sqlx::Error> {
+    let values: Vec<Value> = payloads
+        .iter()
+        .map(serde_json::to_value)
+        .collect::<Result<_, _>>()
+        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    enqueue_values(db, P::KIND, &values, P::MAX_ATTEMPTS).await
+}
+
+/// [`enqueue_many`] for payloads already in JSON (benchmarks, tests).
+pub async fn enqueue_values(
+    db: impl PgExecutor<'_>,
+    kind: JobKind,
     payloads: &[Value],
     max_attempts: i32,
 ) -> Result<u64, sqlx::Error> {
-    let ids: Vec<Uuid> = payloads.iter().map(|_| Uuid::now_v7()).collect();
+    if payloads.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<JobId> = payloads.iter().map(|_| JobId::new()).collect();
     let result = sqlx::query(
         "INSERT INTO jobs (id, kind, payload, max_attempts)
          SELECT id, $2, payload, $4 FROM unnest($1::uuid[], $3::jsonb[]) AS j(id, payload)",
@@ -100,18 +137,28 @@ pub async fn enqueue_many(
 /// A claimed job.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Job {
-    pub id: Uuid,
-    pub kind: String,
+    pub id: JobId,
+    pub kind: JobKind,
     pub payload: Value,
     /// Including this one.
     pub attempts: i32,
     pub max_attempts: i32,
 }
 
+impl Job {
+    /// The payload, as the kind's type; an error if it is of another kind or shape.
+    pub fn payload<P: Payload>(&self) -> Result<P, String> {
+        if self.kind != P::KIND {
+            return Err(format!("a {} job read as a {} payload", self.kind, P::KIND));
+        }
+        P::deserialize(&self.payload).map_err(|e| format!("bad {} payload: {e}", self.kind))
+    }
+}
+
 /// Claims up to `limit` due jobs of `kind` for `worker`, leased for `lease`.
 pub async fn claim(
     db: impl PgExecutor<'_>,
-    kind: &str,
+    kind: JobKind,
     worker: &str,
     lease: Duration,
     limit: i64,
@@ -137,7 +184,7 @@ pub async fn claim(
 
 /// Returns jobs of `kind` whose lease expired to the queue (or buries those that had
 /// used their last attempt). Returns how many were returned or buried.
-pub async fn reclaim_expired(db: impl PgExecutor<'_>, kind: &str) -> Result<u64, sqlx::Error> {
+pub async fn reclaim_expired(db: impl PgExecutor<'_>, kind: JobKind) -> Result<u64, sqlx::Error> {
     let result = sqlx::query(
         "UPDATE jobs SET
              state = CASE WHEN attempts >= max_attempts THEN 'dead' ELSE 'queued' END,
@@ -154,7 +201,7 @@ pub async fn reclaim_expired(db: impl PgExecutor<'_>, kind: &str) -> Result<u64,
 /// Deletes finished jobs this worker holds. Returns how many it still held.
 pub async fn complete(
     db: impl PgExecutor<'_>,
-    ids: &[Uuid],
+    ids: &[JobId],
     worker: &str,
 ) -> Result<u64, sqlx::Error> {
     let result = sqlx::query("DELETE FROM jobs WHERE id = ANY($1) AND locked_by = $2")
@@ -180,7 +227,7 @@ pub enum Failed {
 /// attempt (or when `permanent`, for errors no retry can fix).
 pub async fn fail(
     db: impl PgExecutor<'_>,
-    id: Uuid,
+    id: JobId,
     worker: &str,
     error: &str,
     retry_in: Duration,
@@ -211,7 +258,7 @@ pub async fn fail(
 /// attempt not counted.
 pub async fn release(
     db: impl PgExecutor<'_>,
-    ids: &[Uuid],
+    ids: &[JobId],
     worker: &str,
 ) -> Result<u64, sqlx::Error> {
     let result = sqlx::query(
@@ -226,7 +273,7 @@ pub async fn release(
 }
 
 /// Jobs waiting per kind (due or scheduled), for `jobs_queue_depth{kind}` and autoscaling.
-pub async fn queue_depth(db: impl PgExecutor<'_>) -> Result<Vec<(String, i64)>, sqlx::Error> {
+pub async fn queue_depth(db: impl PgExecutor<'_>) -> Result<Vec<(JobKind, i64)>, sqlx::Error> {
     sqlx::query_as(
         "SELECT kind, count(*) FROM jobs WHERE state = 'queued' GROUP BY kind ORDER BY kind",
     )
@@ -237,14 +284,14 @@ pub async fn queue_depth(db: impl PgExecutor<'_>) -> Result<Vec<(String, i64)>, 
 /// A job as stored, for inspection (tests, operators).
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct JobRecord {
-    pub id: Uuid,
+    pub id: JobId,
     pub state: String,
     pub attempts: i32,
     pub last_error: Option<String>,
     pub run_at: OffsetDateTime,
 }
 
-pub async fn find(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<JobRecord>, sqlx::Error> {
+pub async fn find(db: impl PgExecutor<'_>, id: JobId) -> Result<Option<JobRecord>, sqlx::Error> {
     sqlx::query_as("SELECT id, state, attempts, last_error, run_at FROM jobs WHERE id = $1")
         .bind(id)
         .fetch_optional(db)
@@ -267,7 +314,7 @@ mod tests {
 
     const LEASE: Duration = Duration::from_secs(30);
 
-    async fn enqueued(pool: &sqlx::PgPool, job: &NewJob<'_>) -> Uuid {
+    async fn enqueued(pool: &sqlx::PgPool, job: &NewJob<'_>) -> JobId {
         match enqueue(pool, job).await.unwrap() {
             Enqueued::Enqueued(id) => id,
             Enqueued::Duplicate => panic!("unexpected duplicate"),
@@ -284,9 +331,12 @@ mod tests {
         listener.listen("jobs").await.unwrap();
 
         let mut tx = pool.begin().await.unwrap();
-        enqueue(&mut *tx, &NewJob::new("image", json!({"n": 1})))
-            .await
-            .unwrap();
+        enqueue(
+            &mut *tx,
+            &NewJob::new(JobKind::MediaProcess, json!({"n": 1})),
+        )
+        .await
+        .unwrap();
         tx.rollback().await.unwrap();
         assert!(
             queue_depth(&pool).await.unwrap().is_empty(),
@@ -294,19 +344,22 @@ mod tests {
         );
 
         let mut tx = pool.begin().await.unwrap();
-        enqueue(&mut *tx, &NewJob::new("image", json!({"n": 2})))
-            .await
-            .unwrap();
+        enqueue(
+            &mut *tx,
+            &NewJob::new(JobKind::MediaProcess, json!({"n": 2})),
+        )
+        .await
+        .unwrap();
         tx.commit().await.unwrap();
         assert_eq!(
             queue_depth(&pool).await.unwrap(),
-            vec![("image".to_owned(), 1)]
+            vec![(JobKind::MediaProcess, 1)]
         );
         let notification = tokio::time::timeout(Duration::from_secs(5), listener.recv())
             .await
             .expect("a notification at commit")
             .unwrap();
-        assert_eq!(notification.payload(), "image");
+        assert_eq!(notification.payload(), "media.process");
     }
 
     #[tokio::test]
@@ -315,7 +368,9 @@ mod tests {
         let pool = db.pool().await;
         let payloads: Vec<Value> = (0..100).map(|n| json!({ "n": n })).collect();
         assert_eq!(
-            enqueue_many(&pool, "noop", &payloads, 3).await.unwrap(),
+            enqueue_values(&pool, JobKind::PushSend, &payloads, 3)
+                .await
+                .unwrap(),
             100
         );
 
@@ -324,7 +379,7 @@ mod tests {
             tokio::spawn(async move {
                 let mut mine = Vec::new();
                 loop {
-                    let batch = claim(&pool, "noop", &format!("w{w}"), LEASE, 7)
+                    let batch = claim(&pool, JobKind::PushSend, &format!("w{w}"), LEASE, 7)
                         .await
                         .unwrap();
                     if batch.is_empty() {
@@ -352,11 +407,13 @@ mod tests {
     async fn failures_retry_later_then_die_with_the_last_error() {
         let db = mobile_testkit::TestDb::new().await;
         let pool = db.pool().await;
-        let mut job = NewJob::new("push", json!({}));
+        let mut job = NewJob::new(JobKind::PushSend, json!({}));
         job.max_attempts = 2;
         let id = enqueued(&pool, &job).await;
 
-        let claimed = claim(&pool, "push", "w1", LEASE, 10).await.unwrap();
+        let claimed = claim(&pool, JobKind::PushSend, "w1", LEASE, 10)
+            .await
+            .unwrap();
         assert_eq!(claimed[0].attempts, 1);
         let outcome = fail(
             &pool,
@@ -370,7 +427,7 @@ mod tests {
         .unwrap();
         assert_eq!(outcome, Failed::Retrying);
         assert!(
-            claim(&pool, "push", "w1", LEASE, 10)
+            claim(&pool, JobKind::PushSend, "w1", LEASE, 10)
                 .await
                 .unwrap()
                 .is_empty(),
@@ -382,7 +439,9 @@ mod tests {
             .execute(&pool)
             .await
             .unwrap();
-        let claimed = claim(&pool, "push", "w1", LEASE, 10).await.unwrap();
+        let claimed = claim(&pool, JobKind::PushSend, "w1", LEASE, 10)
+            .await
+            .unwrap();
         assert_eq!(claimed[0].attempts, 2);
         let outcome = fail(&pool, id, "w1", "503 again", Duration::from_secs(60), false)
             .await
@@ -396,8 +455,10 @@ mod tests {
         assert!(queue_depth(&pool).await.unwrap().is_empty());
 
         // A permanent error buries a job at once.
-        let id = enqueued(&pool, &NewJob::new("push", json!({}))).await;
-        claim(&pool, "push", "w1", LEASE, 10).await.unwrap();
+        let id = enqueued(&pool, &NewJob::new(JobKind::PushSend, json!({}))).await;
+        claim(&pool, JobKind::PushSend, "w1", LEASE, 10)
+            .await
+            .unwrap();
         let outcome = fail(&pool, id, "w1", "payload too large", Duration::ZERO, true)
             .await
             .unwrap();
@@ -408,14 +469,25 @@ mod tests {
     async fn an_expired_lease_returns_the_job_and_its_holder_loses_it() {
         let db = mobile_testkit::TestDb::new().await;
         let pool = db.pool().await;
-        let id = enqueued(&pool, &NewJob::new("image", json!({}))).await;
-        claim(&pool, "image", "dead-worker", Duration::from_millis(1), 10)
-            .await
-            .unwrap();
+        let id = enqueued(&pool, &NewJob::new(JobKind::MediaProcess, json!({}))).await;
+        claim(
+            &pool,
+            JobKind::MediaProcess,
+            "dead-worker",
+            Duration::from_millis(1),
+            10,
+        )
+        .await
+        .unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
 
-        assert_eq!(reclaim_expired(&pool, "image").await.unwrap(), 1);
-        let claimed = claim(&pool, "image", "w2", LEASE, 10).await.unwrap();
+        assert_eq!(
+            reclaim_expired(&pool, JobKind::MediaProcess).await.unwrap(),
+            1
+        );
+        let claimed = claim(&pool, JobKind::MediaProcess, "w2", LEASE, 10)
+            .await
+            .unwrap();
         assert_eq!(
             (claimed[0].id, claimed[0].attempts),
             (id, 2),
@@ -434,14 +506,20 @@ mod tests {
         assert!(find(&pool, id).await.unwrap().is_none());
 
         // A job whose last attempt's worker died is buried, not retried forever.
-        let mut job = NewJob::new("image", json!({}));
+        let mut job = NewJob::new(JobKind::MediaProcess, json!({}));
         job.max_attempts = 1;
         let id = enqueued(&pool, &job).await;
-        claim(&pool, "image", "dead-worker", Duration::from_millis(1), 10)
-            .await
-            .unwrap();
+        claim(
+            &pool,
+            JobKind::MediaProcess,
+            "dead-worker",
+            Duration::from_millis(1),
+            10,
+        )
+        .await
+        .unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
-        reclaim_expired(&pool, "image").await.unwrap();
+        reclaim_expired(&pool, JobKind::MediaProcess).await.unwrap();
         assert_eq!(find(&pool, id).await.unwrap().unwrap().state, "dead");
     }
 
@@ -449,13 +527,15 @@ mod tests {
     async fn unique_keys_and_release() {
         let db = mobile_testkit::TestDb::new().await;
         let pool = db.pool().await;
-        let mut job = NewJob::new("image", json!({"media": 1}));
+        let mut job = NewJob::new(JobKind::MediaProcess, json!({"media": 1}));
         job.unique_key = Some("media-1");
         let id = enqueued(&pool, &job).await;
         assert_eq!(enqueue(&pool, &job).await.unwrap(), Enqueued::Duplicate);
 
         // Released on shutdown: queued again, the attempt not used up.
-        claim(&pool, "image", "w1", LEASE, 10).await.unwrap();
+        claim(&pool, JobKind::MediaProcess, "w1", LEASE, 10)
+            .await
+            .unwrap();
         assert_eq!(
             enqueue(&pool, &job).await.unwrap(),
             Enqueued::Duplicate,
@@ -466,7 +546,9 @@ mod tests {
         assert_eq!((record.state.as_str(), record.attempts), ("queued", 0));
 
         // Once done, the key is free again.
-        claim(&pool, "image", "w1", LEASE, 10).await.unwrap();
+        claim(&pool, JobKind::MediaProcess, "w1", LEASE, 10)
+            .await
+            .unwrap();
         complete(&pool, &[id], "w1").await.unwrap();
         assert!(matches!(
             enqueue(&pool, &job).await.unwrap(),

@@ -4,19 +4,22 @@
 //! processes it; the worker marks it [`mark_ready`] with the variants it stored, or
 //! [`mark_failed`] with the reason.
 
+use std::collections::BTreeMap;
+
+use mobile_domain::{JobKind, MediaId, MediaStatus, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::PgExecutor;
-use std::collections::BTreeMap;
 use time::OffsetDateTime;
-use uuid::Uuid;
+
+use crate::jobs::Payload;
 
 /// A media row as stored.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct Media {
-    pub id: Uuid,
-    pub owner_id: Uuid,
-    pub status: String,
+    pub id: MediaId,
+    pub owner_id: UserId,
+    pub status: MediaStatus,
     pub content_type: String,
     pub byte_size: i64,
     pub variants: sqlx::types::Json<BTreeMap<String, Variant>>,
@@ -36,22 +39,21 @@ pub struct Variant {
     pub etag: String,
 }
 
-/// The job that makes the variants; payload [`ProcessJob`].
-pub const PROCESS_JOB: &str = "media.process";
-
+/// The `media.process` job: make the variants of one upload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessJob {
-    pub media_id: Uuid,
+    pub media_id: MediaId,
 }
 
-pub const STATUS_PROCESSING: &str = "processing";
-pub const STATUS_READY: &str = "ready";
+impl Payload for ProcessJob {
+    const KIND: JobKind = JobKind::MediaProcess;
+}
 
 /// Records an upload whose original is already in object storage.
 pub async fn insert(
     db: impl PgExecutor<'_>,
-    id: Uuid,
-    owner_id: Uuid,
+    id: MediaId,
+    owner_id: UserId,
     content_type: &str,
     byte_size: i64,
 ) -> Result<(), sqlx::Error> {
@@ -67,7 +69,7 @@ pub async fn insert(
     Ok(())
 }
 
-pub async fn find(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Media>, sqlx::Error> {
+pub async fn find(db: impl PgExecutor<'_>, id: MediaId) -> Result<Option<Media>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, owner_id, status, content_type, byte_size, variants, failure_reason, created_at, updated_at
          FROM media WHERE id = $1",
@@ -81,8 +83,8 @@ pub async fn find(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Media>, sq
 /// posted to. Anyone else gets `None`, as if it did not exist.
 pub async fn find_visible(
     db: impl PgExecutor<'_>,
-    id: Uuid,
-    user_id: Uuid,
+    id: MediaId,
+    user_id: UserId,
 ) -> Result<Option<Media>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, owner_id, status, content_type, byte_size, variants, failure_reason, created_at, updated_at
@@ -104,8 +106,8 @@ pub async fn find_visible(
 /// Whether `owner_id` may attach the media to a message: it is theirs and did not fail.
 pub async fn attachable(
     db: impl PgExecutor<'_>,
-    id: Uuid,
-    owner_id: Uuid,
+    id: MediaId,
+    owner_id: UserId,
 ) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM media WHERE id = $1 AND owner_id = $2 AND status <> 'failed')",
@@ -120,7 +122,7 @@ pub async fn attachable(
 /// (already done by an earlier attempt).
 pub async fn mark_ready(
     db: impl PgExecutor<'_>,
-    id: Uuid,
+    id: MediaId,
     variants: &BTreeMap<String, Variant>,
 ) -> Result<bool, sqlx::Error> {
     let variants = serde_json::to_value(variants).unwrap_or(Value::Null);
@@ -138,7 +140,7 @@ pub async fn mark_ready(
 /// Marks the media failed with a reason a client can show.
 pub async fn mark_failed(
     db: impl PgExecutor<'_>,
-    id: Uuid,
+    id: MediaId,
     reason: &str,
 ) -> Result<bool, sqlx::Error> {
     let result = sqlx::query(
@@ -156,8 +158,8 @@ pub async fn mark_failed(
 mod tests {
     use super::*;
 
-    async fn user(pool: &sqlx::PgPool) -> Uuid {
-        let id = Uuid::now_v7();
+    async fn user(pool: &sqlx::PgPool) -> UserId {
+        let id = UserId::new();
         sqlx::query(
             "INSERT INTO users (id, email, password_hash, display_name) VALUES ($1, $2, 'x', 'U')",
         )
@@ -174,7 +176,7 @@ mod tests {
         let db = mobile_testkit::TestDb::new().await;
         let pool = db.pool().await;
         let (owner, stranger) = (user(&pool).await, user(&pool).await);
-        let id = Uuid::now_v7();
+        let id = MediaId::new();
         insert(&pool, id, owner, "image/jpeg", 1234).await.unwrap();
         assert!(attachable(&pool, id, owner).await.unwrap());
         assert!(!attachable(&pool, id, stranger).await.unwrap());
@@ -197,7 +199,7 @@ mod tests {
         );
         assert!(!mark_failed(&pool, id, "late").await.unwrap());
         let media = find_visible(&pool, id, owner).await.unwrap().unwrap();
-        assert_eq!(media.status, STATUS_READY);
+        assert_eq!(media.status, MediaStatus::Ready);
         assert_eq!(media.variants.0, variants);
     }
 
@@ -206,7 +208,7 @@ mod tests {
         let db = mobile_testkit::TestDb::new().await;
         let pool = db.pool().await;
         let owner = user(&pool).await;
-        let id = Uuid::now_v7();
+        let id = MediaId::new();
         insert(&pool, id, owner, "image/png", 1).await.unwrap();
         assert!(mark_failed(&pool, id, "not an image").await.unwrap());
         assert!(!attachable(&pool, id, owner).await.unwrap());

@@ -1,29 +1,25 @@
 //! Push notifications as jobs, in two stages:
 //!
-//! 1. [`NOTIFY_JOB`]: "tell this user". Enqueued by the API in the transaction of the
-//!    write that caused it (a message post, `POST /internal/v1/notifications`).
-//! 2. [`SEND_JOB`]: "send to this device". The worker turns one notify job into one send
-//!    job per device of the user, in one transaction with completing the notify job
-//!    ([`fan_out`]), so each device gets exactly one send job, and each send job retries
-//!    on its own: a 429 from APNs for one phone does not resend to the user's tablet.
+//! 1. [`Notification`] (`push.notify`): "tell this user". Enqueued by the API in the
+//!    transaction of the write that caused it (a message post, `POST
+//!    /internal/v1/notifications`).
+//! 2. [`DeviceNotification`] (`push.send`): "send to this device". The worker turns one
+//!    notify job into one send job per device of the user, in one transaction with
+//!    completing the notify job ([`fan_out`]), so each device gets exactly one send
+//!    job, and each send job retries on its own: a 429 from APNs for one phone does not
+//!    resend to the user's tablet.
 
+use mobile_domain::{ApnsEnvironment, DeviceId, JobId, JobKind, Platform, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::PgConnection;
-use uuid::Uuid;
 
-use crate::jobs;
-
-pub const NOTIFY_JOB: &str = "push.notify";
-pub const SEND_JOB: &str = "push.send";
-/// Retries of one send: with the worker's backoff (capped at 5 minutes), about half an
-/// hour of APNs or FCM being unavailable before a notification is given up.
-pub const SEND_MAX_ATTEMPTS: i32 = 12;
+use crate::jobs::{self, Payload};
 
 /// What to tell a user.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Notification {
-    pub user_id: Uuid,
+    pub user_id: UserId,
     pub title: String,
     pub body: String,
     /// Custom key/values for the app (strings, as FCM wants them).
@@ -35,16 +31,27 @@ pub struct Notification {
     pub collapse_id: Option<String>,
 }
 
+impl Payload for Notification {
+    const KIND: JobKind = JobKind::PushNotify;
+}
+
 /// One notification to one device: everything the sender needs, so sending reads
 /// nothing from the database.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Send {
-    pub device_id: Uuid,
-    pub platform: String,
+pub struct DeviceNotification {
+    pub device_id: DeviceId,
+    pub platform: Platform,
     pub push_token: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub apns_environment: Option<String>,
+    pub apns_environment: Option<ApnsEnvironment>,
     pub notification: Notification,
+}
+
+impl Payload for DeviceNotification {
+    const KIND: JobKind = JobKind::PushSend;
+    /// With the worker's backoff (capped at 5 minutes), about half an hour of APNs or
+    /// FCM being unavailable before a notification is given up.
+    const MAX_ATTEMPTS: i32 = 12;
 }
 
 /// Enqueues one notify job per notification (one statement, one wake-up), inside the
@@ -53,15 +60,7 @@ pub async fn enqueue_notifications(
     conn: &mut PgConnection,
     notifications: &[Notification],
 ) -> Result<u64, sqlx::Error> {
-    if notifications.is_empty() {
-        return Ok(0);
-    }
-    let payloads: Vec<Value> = notifications
-        .iter()
-        .map(serde_json::to_value)
-        .collect::<Result<_, _>>()
-        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    jobs::enqueue_many(conn, NOTIFY_JOB, &payloads, jobs::DEFAULT_MAX_ATTEMPTS).await
+    jobs::enqueue_many(conn, notifications).await
 }
 
 /// Stage two: one send job per device of the notified user, and the notify job
@@ -69,7 +68,7 @@ pub async fn enqueue_notifications(
 /// worker no longer held the notify job (nothing was enqueued).
 pub async fn fan_out(
     conn: &mut PgConnection,
-    notify_job: Uuid,
+    notify_job: JobId,
     worker: &str,
     notification: &Notification,
 ) -> Result<Option<u64>, sqlx::Error> {
@@ -77,30 +76,25 @@ pub async fn fan_out(
     if jobs::complete(&mut *tx, &[notify_job], worker).await? == 0 {
         return Ok(None);
     }
-    let devices: Vec<(Uuid, String, String, Option<String>)> = sqlx::query_as(
+    let devices: Vec<(DeviceId, Platform, String, Option<ApnsEnvironment>)> = sqlx::query_as(
         "SELECT id, platform, push_token, apns_environment FROM devices WHERE user_id = $1 ORDER BY id",
     )
     .bind(notification.user_id)
     .fetch_all(&mut *tx)
     .await?;
-    let payloads: Vec<Value> = devices
+    let sends: Vec<DeviceNotification> = devices
         .into_iter()
-        .map(|(device_id, platform, push_token, apns_environment)| {
-            serde_json::to_value(Send {
+        .map(
+            |(device_id, platform, push_token, apns_environment)| DeviceNotification {
                 device_id,
                 platform,
                 push_token,
                 apns_environment,
                 notification: notification.clone(),
-            })
-        })
-        .collect::<Result<_, _>>()
-        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    let sent = if payloads.is_empty() {
-        0
-    } else {
-        jobs::enqueue_many(&mut *tx, SEND_JOB, &payloads, SEND_MAX_ATTEMPTS).await?
-    };
+            },
+        )
+        .collect();
+    let sent = jobs::enqueue_many(&mut *tx, &sends).await?;
     tx.commit().await?;
     Ok(Some(sent))
 }
@@ -109,7 +103,7 @@ pub async fn fan_out(
 /// new token for it since the job was enqueued. Returns whether a row went.
 pub async fn remove_dead_token(
     db: impl sqlx::PgExecutor<'_>,
-    device_id: Uuid,
+    device_id: DeviceId,
     push_token: &str,
 ) -> Result<bool, sqlx::Error> {
     let result = sqlx::query("DELETE FROM devices WHERE id = $1 AND push_token = $2")
@@ -126,8 +120,8 @@ mod tests {
 
     use super::*;
 
-    async fn user_with_devices(pool: &sqlx::PgPool, devices: usize) -> Uuid {
-        let id = Uuid::now_v7();
+    async fn user_with_devices(pool: &sqlx::PgPool, devices: usize) -> UserId {
+        let id = UserId::new();
         sqlx::query(
             "INSERT INTO users (id, email, password_hash, display_name) VALUES ($1, $2, 'x', 'U')",
         )
@@ -138,7 +132,7 @@ mod tests {
         .unwrap();
         for n in 0..devices {
             sqlx::query("INSERT INTO devices (id, user_id, platform, push_token) VALUES ($1, $2, 'android', $3)")
-                .bind(Uuid::now_v7())
+                .bind(DeviceId::new())
                 .bind(id)
                 .bind(format!("token-{id}-{n}"))
                 .execute(pool)
@@ -148,7 +142,7 @@ mod tests {
         id
     }
 
-    fn notification(user_id: Uuid) -> Notification {
+    fn notification(user_id: UserId) -> Notification {
         Notification {
             user_id,
             title: "Ada".into(),
@@ -169,23 +163,30 @@ mod tests {
             .unwrap();
 
         let lease = Duration::from_secs(30);
-        let job = jobs::claim(&pool, NOTIFY_JOB, "w1", lease, 10)
+        let job = jobs::claim(&pool, JobKind::PushNotify, "w1", lease, 10)
             .await
             .unwrap()
             .pop()
             .unwrap();
-        let n: Notification = serde_json::from_value(job.payload.clone()).unwrap();
+        let n: Notification = job.payload().unwrap();
         assert_eq!(fan_out(&mut conn, job.id, "w1", &n).await.unwrap(), Some(3));
         assert_eq!(
             fan_out(&mut conn, job.id, "w1", &n).await.unwrap(),
             None,
             "a second fan-out of the same job enqueues nothing"
         );
-        let sends = jobs::claim(&pool, SEND_JOB, "w1", lease, 10).await.unwrap();
+        let sends = jobs::claim(&pool, JobKind::PushSend, "w1", lease, 10)
+            .await
+            .unwrap();
         assert_eq!(sends.len(), 3);
-        let send: Send = serde_json::from_value(sends[0].payload.clone()).unwrap();
+        let send: DeviceNotification = sends[0].payload().unwrap();
         assert_eq!(send.notification, n);
-        assert_eq!(sends[0].max_attempts, SEND_MAX_ATTEMPTS);
+        assert_eq!(send.platform, Platform::Android);
+        assert_eq!(sends[0].max_attempts, DeviceNotification::MAX_ATTEMPTS);
+        assert!(
+            sends[0].payload::<Notification>().is_err(),
+            "a send job is not read as a notify job"
+        );
 
         assert!(
             remove_dead_token(&pool, send.device_id, &send.push_token)
@@ -204,7 +205,7 @@ mod tests {
         let db = mobile_testkit::TestDb::new().await;
         let pool = db.pool().await;
         let user = user_with_devices(&pool, 1).await;
-        let (device, old): (Uuid, String) =
+        let (device, old): (DeviceId, String) =
             sqlx::query_as("SELECT id, push_token FROM devices WHERE user_id = $1")
                 .bind(user)
                 .fetch_one(&pool)

@@ -10,7 +10,6 @@
 use mobile_domain::{SessionId, UserId};
 use sqlx::{PgConnection, PgExecutor, PgPool};
 use time::OffsetDateTime;
-use uuid::Uuid;
 
 /// SHA-256 of a refresh token: the only form in which one is stored.
 pub type TokenHash = [u8; 32];
@@ -40,8 +39,8 @@ pub async fn create_session(
 ) -> Result<SessionId, sqlx::Error> {
     let session_id = SessionId::new();
     sqlx::query("INSERT INTO sessions (id, user_id) VALUES ($1, $2)")
-        .bind(session_id.as_uuid())
-        .bind(user_id.as_uuid())
+        .bind(session_id)
+        .bind(user_id)
         .execute(&mut *conn)
         .await?;
     insert_refresh_token(&mut *conn, session_id, token_hash, expires_at).await?;
@@ -58,7 +57,7 @@ async fn insert_refresh_token(
         "INSERT INTO refresh_tokens (token_hash, session_id, expires_at) VALUES ($1, $2, $3)",
     )
     .bind(token_hash.as_slice())
-    .bind(session_id.as_uuid())
+    .bind(session_id)
     .bind(expires_at)
     .execute(db)
     .await?;
@@ -87,7 +86,7 @@ pub async fn rotate_refresh_token(
     successor_expires_at: OffsetDateTime,
 ) -> Result<Rotation, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let rotated: Option<(Uuid, Uuid)> = sqlx::query_as(
+    let rotated: Option<(SessionId, UserId)> = sqlx::query_as(
         "UPDATE refresh_tokens AS t
          SET rotated_at = now()
          FROM sessions AS s
@@ -103,28 +102,26 @@ pub async fn rotate_refresh_token(
     .await?;
 
     if let Some((session_id, user_id)) = rotated {
-        let session_id = SessionId::from_uuid(session_id);
         insert_refresh_token(&mut *tx, session_id, successor, successor_expires_at).await?;
         sqlx::query("UPDATE sessions SET last_refreshed_at = now() WHERE id = $1")
-            .bind(session_id.as_uuid())
+            .bind(session_id)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
         return Ok(Rotation::Rotated {
-            user_id: UserId::from_uuid(user_id),
+            user_id,
             session_id,
         });
     }
 
     // Not rotatable. A token that exists and was rotated before is a replay.
-    let previous: Option<(Uuid, Option<OffsetDateTime>)> =
+    let previous: Option<(SessionId, Option<OffsetDateTime>)> =
         sqlx::query_as("SELECT session_id, rotated_at FROM refresh_tokens WHERE token_hash = $1")
             .bind(presented.as_slice())
             .fetch_optional(&mut *tx)
             .await?;
     let outcome = match previous {
         Some((session_id, Some(_))) => {
-            let session_id = SessionId::from_uuid(session_id);
             revoke_session(&mut *tx, session_id, RevokeReason::RefreshTokenReuse).await?;
             Rotation::Reused { session_id }
         }
@@ -144,7 +141,7 @@ pub async fn revoke_session(
         "UPDATE sessions SET revoked_at = now(), revoked_reason = $2
          WHERE id = $1 AND revoked_at IS NULL",
     )
-    .bind(session_id.as_uuid())
+    .bind(session_id)
     .bind(reason.as_str())
     .execute(db)
     .await?;
@@ -176,7 +173,7 @@ pub async fn revoked_reason(
     session_id: SessionId,
 ) -> Result<Option<String>, sqlx::Error> {
     sqlx::query_scalar("SELECT revoked_reason FROM sessions WHERE id = $1")
-        .bind(session_id.as_uuid())
+        .bind(session_id)
         .fetch_one(db)
         .await
 }

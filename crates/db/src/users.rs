@@ -3,12 +3,10 @@
 use mobile_domain::{DisplayName, Email, UserId};
 use sqlx::PgExecutor;
 use time::OffsetDateTime;
-use uuid::Uuid;
 
 /// A user as stored, without the password hash.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct User {
-    #[sqlx(try_from = "Uuid")]
     pub id: UserId,
     pub email: String,
     pub display_name: String,
@@ -42,7 +40,7 @@ pub async fn insert_user(
          VALUES ($1, $2, $3, $4)
          RETURNING id, email, display_name, created_at, updated_at",
     )
-    .bind(UserId::new().as_uuid())
+    .bind(UserId::new())
     .bind(email.as_str())
     .bind(password_hash)
     .bind(display_name.as_str())
@@ -74,7 +72,7 @@ pub async fn find_user(db: impl PgExecutor<'_>, id: UserId) -> Result<Option<Use
     sqlx::query_as(
         "SELECT id, email, display_name, created_at, updated_at FROM users WHERE id = $1",
     )
-    .bind(id.as_uuid())
+    .bind(id)
     .fetch_optional(db)
     .await
 }
@@ -85,7 +83,7 @@ pub async fn find_user_for_update(
     id: UserId,
 ) -> Result<Option<User>, sqlx::Error> {
     sqlx::query_as("SELECT id, email, display_name, created_at, updated_at FROM users WHERE id = $1 FOR UPDATE")
-        .bind(id.as_uuid())
+        .bind(id)
         .fetch_optional(db)
         .await
 }
@@ -104,7 +102,7 @@ pub async fn update_display_name(
          WHERE id = $1
          RETURNING id, email, display_name, created_at, updated_at",
     )
-    .bind(id.as_uuid())
+    .bind(id)
     .bind(display_name.as_str())
     .fetch_optional(db)
     .await

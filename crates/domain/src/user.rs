@@ -2,33 +2,42 @@
 
 use std::fmt;
 
-use crate::ValidationError;
+use crate::{
+    ValidationCode, ValidationError,
+    text::{self, CONTROL, SPACE, WHITE_SPACE},
+};
 
 /// An email address, trimmed and lower-cased so that `Ann@Example.com` and
 /// `ann@example.com` are one account.
 ///
-/// The check is deliberately modest (one `@`, a dotted domain, no spaces, at most 254
-/// bytes as RFC 5321 allows): the only real proof of an address is a mail that arrives.
+/// The check is deliberately modest (one `@`, a local part of 1 to 64 characters, a
+/// dotted domain whose labels do not start or end with `-`, no white space or control
+/// characters inside, at most 254 characters as sent): the only real proof of an
+/// address is a mail that arrives.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Email(String);
 
 impl Email {
+    pub const MAX_CHARS: usize = 254;
+    pub const MAX_LOCAL_CHARS: usize = 64;
+
     pub fn parse(raw: &str) -> Result<Self, ValidationError> {
-        let email = raw.trim().to_lowercase();
-        let invalid = |why: &str| ValidationError::new("invalid_email", format!("email {why}"));
+        let invalid =
+            |why: &str| ValidationError::new(ValidationCode::InvalidEmail, format!("email {why}"));
+        if raw.chars().count() > Self::MAX_CHARS {
+            return Err(invalid("is longer than 254 characters"));
+        }
+        let email = raw.trim();
         if email.is_empty() {
             return Err(invalid("is empty"));
         }
-        if email.len() > 254 {
-            return Err(invalid("is longer than 254 bytes"));
-        }
         if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(invalid("contains white space"));
+            return Err(invalid("contains white space or control characters"));
         }
         let Some((local, domain)) = email.split_once('@') else {
             return Err(invalid("has no @"));
         };
-        if local.is_empty() || local.len() > 64 {
+        if local.is_empty() || local.chars().count() > Self::MAX_LOCAL_CHARS {
             return Err(invalid("has an empty or over-long local part"));
         }
         if domain.contains('@') {
@@ -40,7 +49,17 @@ impl Email {
         if !domain.contains('.') || !labels_ok {
             return Err(invalid("has no valid domain"));
         }
-        Ok(Self(email))
+        Ok(Self(email.to_lowercase()))
+    }
+
+    /// The pattern [`Email::parse`] accepts (length: `maxLength` 254).
+    pub fn pattern() -> String {
+        let not_part = format!("{CONTROL}{SPACE}@");
+        let label = format!(r"[^{not_part}.\-](?:[^{not_part}.]*[^{not_part}.\-])?");
+        format!(
+            r"[{WHITE_SPACE}]*[^{not_part}]{{1,{local}}}@{label}(?:\.{label})+[{WHITE_SPACE}]*",
+            local = Self::MAX_LOCAL_CHARS
+        )
     }
 
     pub fn as_str(&self) -> &str {
@@ -58,38 +77,63 @@ impl fmt::Display for Email {
 ///
 /// The policy follows NIST SP 800-63B: length matters, composition rules do not. At
 /// least 10 characters, at most 128 (argon2 would take more, but a cap stops
-/// megabyte "passwords" from being a denial of service), and not one of the passwords
-/// every credential-stuffing list starts with.
+/// megabyte "passwords" from being a denial of service), not one character repeated,
+/// and not one of the passwords every credential-stuffing list starts with (compared
+/// without regard to ASCII case).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Password(String);
 
 impl Password {
     pub const MIN_CHARS: usize = 10;
     pub const MAX_CHARS: usize = 128;
+    /// What a sign-in may present: longer is refused before any hashing.
+    pub const MAX_PRESENTED_CHARS: usize = 1024;
 
     pub fn parse(raw: &str) -> Result<Self, ValidationError> {
         let chars = raw.chars().count();
         if chars < Self::MIN_CHARS {
             return Err(ValidationError::new(
-                "weak_password",
+                ValidationCode::WeakPassword,
                 format!("password must have at least {} characters", Self::MIN_CHARS),
             ));
         }
         if chars > Self::MAX_CHARS {
             return Err(ValidationError::new(
-                "invalid_password",
+                ValidationCode::InvalidPassword,
                 format!("password must have at most {} characters", Self::MAX_CHARS),
             ));
         }
-        let lowered = raw.to_lowercase();
         let single_char = raw.chars().all(|c| raw.starts_with(c));
+        let lowered = raw.to_ascii_lowercase();
         if single_char || COMMON_PASSWORDS.contains(&lowered.as_str()) {
             return Err(ValidationError::new(
-                "weak_password",
+                ValidationCode::WeakPassword,
                 "password is too easy to guess",
             ));
         }
         Ok(Self(raw.to_owned()))
+    }
+
+    /// The pattern of what is not too easy to guess (lengths: `minLength`,
+    /// `maxLength`): a negative lookahead over one repeated character and the common
+    /// passwords, each letter as `[xX]`.
+    pub fn pattern() -> String {
+        let common: Vec<String> = COMMON_PASSWORDS
+            .iter()
+            .map(|password| {
+                password
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphabetic() {
+                            format!("[{}{}]", c.to_ascii_lowercase(), c.to_ascii_uppercase())
+                        } else {
+                            c.to_string()
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        format!(r"^(?!(?:([\s\S])\1*|{})(?![\s\S]))", common.join("|"))
     }
 
     pub fn expose(&self) -> &str {
@@ -122,7 +166,8 @@ const COMMON_PASSWORDS: &[&str] = &[
     "administrator",
 ];
 
-/// The name other users see: 1 to 64 characters after trimming, no control characters.
+/// The name other users see: one line of 1 to 64 characters as sent, no control
+/// characters, not blank; kept trimmed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DisplayName(String);
 
@@ -130,29 +175,17 @@ impl DisplayName {
     pub const MAX_CHARS: usize = 64;
 
     pub fn parse(raw: &str) -> Result<Self, ValidationError> {
-        let name = raw.trim();
-        if name.is_empty() {
-            return Err(ValidationError::new(
-                "invalid_display_name",
-                "display_name must not be empty",
-            ));
-        }
-        if name.chars().count() > Self::MAX_CHARS {
-            return Err(ValidationError::new(
-                "invalid_display_name",
-                format!(
-                    "display_name must have at most {} characters",
-                    Self::MAX_CHARS
-                ),
-            ));
-        }
-        if name.chars().any(char::is_control) {
-            return Err(ValidationError::new(
-                "invalid_display_name",
-                "display_name must not contain control characters",
-            ));
-        }
-        Ok(Self(name.to_owned()))
+        text::printable_line(raw, Self::MAX_CHARS)
+            .map(|name| Self(name.to_owned()))
+            .ok_or_else(|| {
+                ValidationError::new(
+                    ValidationCode::InvalidDisplayName,
+                    format!(
+                        "display_name must be 1 to {} printable characters, not blank",
+                        Self::MAX_CHARS
+                    ),
+                )
+            })
     }
 
     pub fn as_str(&self) -> &str {
@@ -162,7 +195,10 @@ impl DisplayName {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+    use crate::text::tests::{edgy_string, matcher};
 
     #[test]
     fn emails_are_normalised() {
@@ -182,9 +218,14 @@ mod tests {
             "ann@exa mple.com",
             "ann@-example.com",
             "ann@example..com",
+            "ann\0@example.com",
         ] {
             let err = Email::parse(raw).unwrap_err();
-            assert_eq!(err.code, "invalid_email", "{raw:?} was accepted");
+            assert_eq!(
+                err.code,
+                ValidationCode::InvalidEmail,
+                "{raw:?} was accepted"
+            );
         }
         let long = format!("{}@example.com", "a".repeat(250));
         assert!(Email::parse(&long).is_err());
@@ -192,19 +233,11 @@ mod tests {
 
     #[test]
     fn password_policy() {
-        assert_eq!(Password::parse("short").unwrap_err().code, "weak_password");
-        assert_eq!(
-            Password::parse("aaaaaaaaaaaa").unwrap_err().code,
-            "weak_password"
-        );
-        assert_eq!(
-            Password::parse("Password123").unwrap_err().code,
-            "weak_password"
-        );
-        assert_eq!(
-            Password::parse(&"x".repeat(129)).unwrap_err().code,
-            "invalid_password"
-        );
+        let code = |raw: &str| Password::parse(raw).unwrap_err().code;
+        assert_eq!(code("short"), ValidationCode::WeakPassword);
+        assert_eq!(code("aaaaaaaaaaaa"), ValidationCode::WeakPassword);
+        assert_eq!(code("Password123"), ValidationCode::WeakPassword);
+        assert_eq!(code(&"x".repeat(129)), ValidationCode::InvalidPassword);
         assert!(Password::parse("correct horse battery").is_ok());
         // Ten characters, counted as characters, not bytes.
         assert!(Password::parse("ééééééééé").is_err());
@@ -224,5 +257,47 @@ mod tests {
         assert!(DisplayName::parse("a\u{0007}b").is_err());
         assert!(DisplayName::parse(&"é".repeat(64)).is_ok());
         assert!(DisplayName::parse(&"é".repeat(65)).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn the_email_pattern_is_the_parser(raw in edgy_string(24), local in "[a-zA-Z0-9.!#$%&'*+/=?^_`{|}~-]{1,12}", domain in "[a-z0-9-]{1,8}(\\.[a-z0-9-]{1,8}){0,2}") {
+            let pattern = matcher(&Email::pattern());
+            let fits = |s: &str| s.chars().count() <= Email::MAX_CHARS && pattern.is_match(s);
+            for candidate in [raw.clone(), format!("{local}@{domain}"), format!(" {local}@{domain}\t"), format!("{raw}@{domain}")] {
+                prop_assert_eq!(Email::parse(&candidate).is_ok(), fits(&candidate), "{:?}", candidate);
+            }
+        }
+
+        #[test]
+        fn the_display_name_pattern_is_the_parser(raw in edgy_string(70)) {
+            let pattern = matcher(&text::printable_line_pattern());
+            let fits = raw.chars().count() <= DisplayName::MAX_CHARS && pattern.is_match(&raw);
+            prop_assert_eq!(DisplayName::parse(&raw).is_ok(), fits, "{:?}", raw);
+        }
+    }
+
+    #[test]
+    fn the_password_pattern_names_what_the_parser_calls_weak() {
+        // Rust's regex has no lookahead or backreferences: check the pattern's parts.
+        let pattern = Password::pattern();
+        assert!(pattern.starts_with(r"^(?!(?:([\s\S])\1*|"));
+        for common in COMMON_PASSWORDS {
+            let letters: String = common
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphabetic() {
+                        format!("[{}{}]", c, c.to_ascii_uppercase())
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect();
+            assert!(pattern.contains(&letters), "{common}");
+            let shouting = common.to_ascii_uppercase();
+            if shouting.chars().count() >= Password::MIN_CHARS {
+                assert!(Password::parse(&shouting).is_err(), "{shouting}");
+            }
+        }
     }
 }

@@ -7,12 +7,15 @@
 //! gap filler produce identical frames because both call [`message_created`].
 //!
 //! Channel names are the protocol's (`conversation:<uuid>`, `user:<uuid>`); on Redis
-//! they carry the deployment's key prefix ([`redis_channel`]).
+//! they carry the deployment's key prefix (`Redis::key`). Every publish, the API's,
+//! the worker's and the gateway's own ephemeral events, goes through [`publish`].
 
 pub mod presence;
 
 use std::{collections::BTreeMap, fmt, str::FromStr};
 
+use mobile_domain::{ConversationId, MediaId, MediaStatus, MessageId, UserId};
+use mobile_runtime::redis::Redis;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -21,10 +24,10 @@ use uuid::Uuid;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Channel {
     /// Messages of one conversation, with offsets (the message `seq`).
-    Conversation(Uuid),
+    Conversation(ConversationId),
     /// Events for one user (`conversation.created`, `media.ready`, `notification`),
     /// without offsets.
-    User(Uuid),
+    User(UserId),
 }
 
 impl fmt::Display for Channel {
@@ -59,30 +62,25 @@ impl FromStr for Channel {
         }
         let id = Uuid::parse_str(id).map_err(|_| InvalidChannel)?;
         match kind {
-            "conversation" => Ok(Self::Conversation(id)),
-            "user" => Ok(Self::User(id)),
+            "conversation" => Ok(Self::Conversation(ConversationId::from_uuid(id))),
+            "user" => Ok(Self::User(UserId::from_uuid(id))),
             _ => Err(InvalidChannel),
         }
     }
-}
-
-/// The Redis Pub/Sub channel for `channel` under a deployment's key prefix.
-pub fn redis_channel(prefix: &str, channel: Channel) -> String {
-    format!("{prefix}{channel}")
 }
 
 /// A message as clients see it, in REST responses and in events alike.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MessageData {
-    pub id: Uuid,
-    pub conversation_id: Uuid,
+    pub id: MessageId,
+    pub conversation_id: ConversationId,
     /// Gap-free, strictly increasing within the conversation; the event offset.
     pub seq: i64,
-    pub sender_id: Uuid,
+    pub sender_id: UserId,
     pub client_msg_id: String,
     pub body: String,
-    pub media_id: Option<Uuid>,
+    pub media_id: Option<MediaId>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
 }
@@ -106,10 +104,10 @@ impl From<mobile_db::conversations::Message> for MessageData {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConversationData {
-    pub id: Uuid,
+    pub id: ConversationId,
     pub title: Option<String>,
     /// Every member, the creator included.
-    pub member_ids: Vec<Uuid>,
+    pub member_ids: Vec<UserId>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
 }
@@ -130,9 +128,8 @@ impl From<mobile_db::conversations::Conversation> for ConversationData {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MediaData {
-    pub id: Uuid,
-    /// `processing`, `ready` or `failed`.
-    pub status: String,
+    pub id: MediaId,
+    pub status: MediaStatus,
     /// `thumb`, `medium` and `large` once ready; empty before.
     pub variants: BTreeMap<String, VariantData>,
     /// Why processing failed, for `failed` only.
@@ -186,7 +183,7 @@ struct EventFrame<'a, T: Serialize> {
     #[serde(skip_serializing_if = "Option::is_none")]
     offset: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    from: Option<Uuid>,
+    from: Option<UserId>,
     data: &'a T,
 }
 
@@ -194,7 +191,7 @@ fn frame<T: Serialize>(
     channel: Channel,
     event: &str,
     offset: Option<i64>,
-    from: Option<Uuid>,
+    from: Option<UserId>,
     data: &T,
 ) -> String {
     let frame = EventFrame {
@@ -222,32 +219,27 @@ pub fn message_created(message: &MessageData) -> String {
 
 /// `{"type":"event","channel":"user:<id>","event":<event>,"data":<data>}`: an event for
 /// one user, without offset.
-pub fn user_event<T: Serialize>(user: Uuid, event: &str, data: &T) -> String {
+pub fn user_event<T: Serialize>(user: UserId, event: &str, data: &T) -> String {
     frame(Channel::User(user), event, None, None, data)
 }
 
 /// A client's ephemeral event (typing, ...), fanned out to the channel's other members:
 /// `{"type":"event","channel":…,"event":"ephemeral","from":<user>,"data":…}`.
-pub fn ephemeral(channel: Channel, from: Uuid, data: &serde_json::value::RawValue) -> String {
+pub fn ephemeral(channel: Channel, from: UserId, data: &serde_json::value::RawValue) -> String {
     frame(channel, "ephemeral", None, Some(from), &data)
 }
 
 /// Publishes frames (channel, frame) in one pipelined round trip. Losing a publish
 /// loses no data, only immediacy: the caller logs and counts the error.
-pub async fn publish(
-    conn: &mut impl redis::aio::ConnectionLike,
-    prefix: &str,
-    frames: &[(Channel, String)],
-) -> redis::RedisResult<()> {
+pub async fn publish(redis: &Redis, frames: &[(Channel, String)]) -> redis::RedisResult<()> {
     if frames.is_empty() {
         return Ok(());
     }
     let mut pipe = redis::pipe();
     for (channel, frame) in frames {
-        pipe.publish(redis_channel(prefix, *channel), frame)
-            .ignore();
+        pipe.publish(redis.key(channel), frame).ignore();
     }
-    pipe.query_async(conn).await
+    pipe.query_async(&mut redis.conn()).await
 }
 
 /// The part of a published frame the gateway needs to route it.
@@ -256,7 +248,7 @@ pub struct FrameHeader {
     pub channel: String,
     pub offset: Option<i64>,
     /// The sender of an ephemeral event, who does not get it back.
-    pub from: Option<Uuid>,
+    pub from: Option<UserId>,
 }
 
 impl FrameHeader {
@@ -272,7 +264,10 @@ mod tests {
     #[test]
     fn channel_names_round_trip_in_one_spelling() {
         let id = Uuid::new_v4();
-        for channel in [Channel::Conversation(id), Channel::User(id)] {
+        for channel in [
+            Channel::Conversation(ConversationId::from_uuid(id)),
+            Channel::User(UserId::from_uuid(id)),
+        ] {
             assert_eq!(channel.to_string().parse::<Channel>().unwrap(), channel);
         }
         for bad in [
@@ -290,10 +285,10 @@ mod tests {
     #[test]
     fn frames_carry_what_the_gateway_routes_on() {
         let message = MessageData {
-            id: Uuid::new_v4(),
-            conversation_id: Uuid::new_v4(),
+            id: MessageId::new(),
+            conversation_id: ConversationId::new(),
             seq: 7,
-            sender_id: Uuid::new_v4(),
+            sender_id: UserId::new(),
             client_msg_id: "c1".into(),
             body: "hi \"there\"".into(),
             media_id: None,
@@ -315,7 +310,7 @@ mod tests {
             message
         );
 
-        let from = Uuid::new_v4();
+        let from = UserId::new();
         let data = serde_json::value::RawValue::from_string(r#"{"typing":true}"#.into()).unwrap();
         let typing = ephemeral(Channel::Conversation(message.conversation_id), from, &data);
         let header = FrameHeader::parse(typing.as_bytes()).unwrap();

@@ -13,16 +13,17 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use redis::{RedisResult, aio::ConnectionLike};
-use uuid::Uuid;
+use mobile_domain::UserId;
+use mobile_runtime::redis::Redis;
+use redis::RedisResult;
 
 /// How long an entry lives without renewal.
 pub const TTL: Duration = Duration::from_secs(60);
 /// How often a gateway renews its entries: well inside the TTL.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(20);
 
-pub fn key(prefix: &str, user: Uuid) -> String {
-    format!("{prefix}presence:{user}")
+fn key(redis: &Redis, user: UserId) -> String {
+    redis.key(format_args!("presence:{user}"))
 }
 
 fn now_ms() -> u64 {
@@ -32,11 +33,7 @@ fn now_ms() -> u64 {
 }
 
 /// Marks (or keeps) these connections online for another [`TTL`], in one round trip.
-pub async fn renew(
-    conn: &mut impl ConnectionLike,
-    prefix: &str,
-    entries: &[(Uuid, &str)],
-) -> RedisResult<()> {
+pub async fn renew(redis: &Redis, entries: &[(UserId, &str)]) -> RedisResult<()> {
     if entries.is_empty() {
         return Ok(());
     }
@@ -44,45 +41,36 @@ pub async fn renew(
     let expires = now + u64::try_from(TTL.as_millis()).unwrap_or(u64::MAX);
     let mut pipe = redis::pipe();
     for (user, connection) in entries {
-        let key = key(prefix, *user);
+        let key = key(redis, *user);
         pipe.zadd(&key, *connection, expires).ignore();
         // Drop entries of connections that died without saying so.
         pipe.zrembyscore(&key, "-inf", now).ignore();
         pipe.expire(&key, i64::try_from(TTL.as_secs()).unwrap_or(60))
             .ignore();
     }
-    pipe.query_async(conn).await
+    pipe.query_async(&mut redis.conn()).await
 }
 
 /// Marks one connection offline.
-pub async fn remove(
-    conn: &mut impl ConnectionLike,
-    prefix: &str,
-    user: Uuid,
-    connection: &str,
-) -> RedisResult<()> {
+pub async fn remove(redis: &Redis, user: UserId, connection: &str) -> RedisResult<()> {
     redis::cmd("ZREM")
-        .arg(key(prefix, user))
+        .arg(key(redis, user))
         .arg(connection)
-        .query_async(conn)
+        .query_async(&mut redis.conn())
         .await
 }
 
 /// Which of `users` have at least one live connection, in one round trip.
-pub async fn online(
-    conn: &mut impl ConnectionLike,
-    prefix: &str,
-    users: &[Uuid],
-) -> RedisResult<HashSet<Uuid>> {
+pub async fn online(redis: &Redis, users: &[UserId]) -> RedisResult<HashSet<UserId>> {
     if users.is_empty() {
         return Ok(HashSet::new());
     }
     let now = now_ms();
     let mut pipe = redis::pipe();
     for user in users {
-        pipe.zcount(key(prefix, *user), format!("({now}"), "+inf");
+        pipe.zcount(key(redis, *user), format!("({now}"), "+inf");
     }
-    let counts: Vec<u64> = pipe.query_async(conn).await?;
+    let counts: Vec<u64> = pipe.query_async(&mut redis.conn()).await?;
     Ok(users
         .iter()
         .zip(counts)
@@ -97,36 +85,35 @@ mod tests {
 
     #[tokio::test]
     async fn renew_remove_and_query() {
-        let client = redis::Client::open(mobile_testkit::redis_url()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let prefix = mobile_testkit::unique_redis_prefix();
-        let (ann, bob, eve) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let redis = Redis::connect_lazy(
+            &mobile_testkit::redis_url(),
+            &mobile_testkit::unique_redis_prefix(),
+        )
+        .unwrap();
+        let (ann, bob, eve) = (UserId::new(), UserId::new(), UserId::new());
 
-        renew(&mut conn, &prefix, &[(ann, "c1"), (ann, "c2"), (bob, "c3")])
+        renew(&redis, &[(ann, "c1"), (ann, "c2"), (bob, "c3")])
             .await
             .unwrap();
-        let online_now = online(&mut conn, &prefix, &[ann, bob, eve]).await.unwrap();
+        let online_now = online(&redis, &[ann, bob, eve]).await.unwrap();
         assert_eq!(online_now, HashSet::from([ann, bob]));
 
-        remove(&mut conn, &prefix, ann, "c1").await.unwrap();
+        remove(&redis, ann, "c1").await.unwrap();
         assert!(
-            online(&mut conn, &prefix, &[ann])
-                .await
-                .unwrap()
-                .contains(&ann),
+            online(&redis, &[ann]).await.unwrap().contains(&ann),
             "c2 is still there"
         );
-        remove(&mut conn, &prefix, ann, "c2").await.unwrap();
-        assert!(online(&mut conn, &prefix, &[ann]).await.unwrap().is_empty());
+        remove(&redis, ann, "c2").await.unwrap();
+        assert!(online(&redis, &[ann]).await.unwrap().is_empty());
 
         // An entry whose expiry passed counts as offline even before Redis drops the key.
         let _: () = redis::cmd("ZADD")
-            .arg(key(&prefix, eve))
+            .arg(key(&redis, eve))
             .arg(now_ms() - 1)
             .arg("stale")
-            .query_async(&mut conn)
+            .query_async(&mut redis.conn())
             .await
             .unwrap();
-        assert!(online(&mut conn, &prefix, &[eve]).await.unwrap().is_empty());
+        assert!(online(&redis, &[eve]).await.unwrap().is_empty());
     }
 }
