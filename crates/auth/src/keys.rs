@@ -8,13 +8,23 @@
 //! Rotation: publish the new public key in every verifier's file, roll out, switch the
 //! signing key, roll out, and drop the old public key once the last token signed with
 //! it has expired (15 minutes later).
+//!
+//! A binary loads its keys once, through [`TokenConfig`]: the API as an issuer, the
+//! gateway as a verifier.
 
-use std::{collections::HashMap, fmt, path::Path};
+use std::{
+    collections::HashMap,
+    fmt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey};
 use jsonwebtoken::{DecodingKey, EncodingKey};
 use sha2::{Digest, Sha256};
+
+use crate::AccessTokens;
 
 /// The development signing key: publicly known, so any token it signs is forgeable.
 /// Used only when `APP_ENV=development` and no key file is configured, with a warning.
@@ -38,6 +48,85 @@ pub enum KeyError {
     },
     #[error("{0} holds no public key")]
     Empty(String),
+    #[error(
+        "{0} is required (only APP_ENV=development may fall back to the published development key)"
+    )]
+    Missing(&'static str),
+}
+
+/// Where a binary's access-token keys come from and what its tokens say: the `JWT_*`
+/// settings.
+#[derive(Debug, Clone)]
+pub struct TokenConfig {
+    /// `JWT_SIGNING_KEY_FILE`: Ed25519 PKCS#8 PEM (issuers only).
+    pub signing_key_file: Option<PathBuf>,
+    /// `JWT_VERIFY_KEYS_FILE`: one or more SPKI PEMs.
+    pub verify_keys_file: Option<PathBuf>,
+    /// `JWT_ISSUER`.
+    pub issuer: String,
+    /// `JWT_AUDIENCE`.
+    pub audience: String,
+    /// How long issued tokens live (`ACCESS_TOKEN_TTL_SECONDS`); zero for a verifier.
+    pub ttl: Duration,
+    /// `APP_ENV=development`: a missing key falls back to the published development
+    /// key, with a loud warning.
+    pub development: bool,
+}
+
+impl TokenConfig {
+    pub const DEFAULT_ISSUER: &'static str = "mobile-backend";
+    pub const DEFAULT_AUDIENCE: &'static str = "mobile-app";
+
+    /// For the API: signs with `JWT_SIGNING_KEY_FILE` and accepts its public half plus
+    /// any keys in `JWT_VERIFY_KEYS_FILE` (a rotation's).
+    pub fn issuer(&self) -> Result<AccessTokens, KeyError> {
+        let signing = match &self.signing_key_file {
+            Some(path) => SigningKey::from_file(path)?,
+            None if self.development => {
+                tracing::warn!(
+                    "JWT_SIGNING_KEY_FILE is not set: signing with the PUBLISHED DEVELOPMENT KEY. \
+                     Anyone can forge tokens for this server. Never run this outside development."
+                );
+                SigningKey::development()?
+            }
+            None => return Err(KeyError::Missing("JWT_SIGNING_KEY_FILE")),
+        };
+        let verify = match &self.verify_keys_file {
+            Some(path) => VerifyKeys::from_file(path)?,
+            None => VerifyKeys::default(),
+        };
+        Ok(self.tokens(Some(signing), verify))
+    }
+
+    /// For the gateway: accepts the keys in `JWT_VERIFY_KEYS_FILE`, signs nothing.
+    pub fn verifier(&self) -> Result<AccessTokens, KeyError> {
+        let verify = match &self.verify_keys_file {
+            Some(path) => VerifyKeys::from_file(path)?,
+            None if self.development => {
+                tracing::warn!(
+                    "JWT_VERIFY_KEYS_FILE is not set: accepting tokens of the PUBLISHED DEVELOPMENT KEY. \
+                     Anyone can forge them. Never run this outside development."
+                );
+                let mut keys = VerifyKeys::default();
+                keys.insert(SigningKey::development()?.verify_key());
+                keys
+            }
+            None => return Err(KeyError::Missing("JWT_VERIFY_KEYS_FILE")),
+        };
+        Ok(self.tokens(None, verify))
+    }
+
+    fn tokens(&self, signing: Option<SigningKey>, verify: VerifyKeys) -> AccessTokens {
+        let tokens = AccessTokens::new(
+            signing,
+            verify,
+            self.issuer.clone(),
+            self.audience.clone(),
+            self.ttl,
+        );
+        tracing::info!(verify_kids = ?tokens.verify_keys().kids(), "access-token keys loaded");
+        tokens
+    }
 }
 
 /// The key access tokens are signed with.
@@ -255,6 +344,41 @@ mod tests {
             .is_err()
         );
         assert!(SigningKey::from_pem("", "x").is_err());
+    }
+
+    #[test]
+    fn a_production_binary_refuses_to_start_without_keys() {
+        let config = TokenConfig {
+            signing_key_file: None,
+            verify_keys_file: None,
+            issuer: TokenConfig::DEFAULT_ISSUER.into(),
+            audience: TokenConfig::DEFAULT_AUDIENCE.into(),
+            ttl: Duration::from_secs(900),
+            development: false,
+        };
+        assert!(matches!(
+            config.issuer(),
+            Err(KeyError::Missing("JWT_SIGNING_KEY_FILE"))
+        ));
+        assert!(matches!(
+            config.verifier(),
+            Err(KeyError::Missing("JWT_VERIFY_KEYS_FILE"))
+        ));
+
+        // Development falls back to the published key, on both sides alike.
+        let development = TokenConfig {
+            development: true,
+            ..config
+        };
+        let issuer = development.issuer().unwrap();
+        let verifier = development.verifier().unwrap();
+        let token = issuer
+            .issue(
+                mobile_domain::UserId::new(),
+                mobile_domain::SessionId::new(),
+            )
+            .unwrap();
+        assert!(verifier.verify(&token).is_ok());
     }
 
     #[test]

@@ -1,20 +1,26 @@
-//! The Redis handle every binary uses for commands (not Pub/Sub).
+//! The Redis handle every binary uses: commands on one shared connection, dedicated
+//! Pub/Sub connections, and the deployment's key prefix, which lives here and nowhere
+//! else (every key and channel name is made by [`Redis::key`]).
 //!
 //! Redis holds only what may be lost (rate-limit buckets, idempotency records,
 //! presence, live fan-out), so the handle is built to degrade, not to block: it
 //! connects lazily (a process starts while Redis is down), reconnects by itself, and
 //! gives up on a command within about a second, so callers can fail open.
 
-use std::{sync::Arc, time::Duration};
+use std::{fmt::Display, sync::Arc, time::Duration};
 
 use redis::{
     AsyncCommands, RedisError,
-    aio::{ConnectionManager, ConnectionManagerConfig},
+    aio::{ConnectionManager, ConnectionManagerConfig, PubSub},
 };
+
+/// How long connecting (a command connection or a Pub/Sub one) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// A cloneable, self-reconnecting Redis connection with this deployment's key prefix.
 #[derive(Clone)]
 pub struct Redis {
+    client: redis::Client,
     conn: ConnectionManager,
     prefix: Arc<str>,
 }
@@ -32,12 +38,13 @@ impl Redis {
     pub fn connect_lazy(url: &str, prefix: &str) -> Result<Self, RedisError> {
         let client = redis::Client::open(url)?;
         let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(Duration::from_secs(1)))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(200));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
         Ok(Self {
+            client,
             conn,
             prefix: Arc::from(prefix),
         })
@@ -49,14 +56,22 @@ impl Redis {
         self.conn.clone()
     }
 
-    /// This deployment's key prefix (`REDIS_KEY_PREFIX`).
-    pub fn prefix(&self) -> &str {
-        &self.prefix
+    /// A new connection of its own for Pub/Sub (a subscribed connection can run no
+    /// other command), within the connect timeout.
+    pub async fn pubsub(&self) -> Result<PubSub, RedisError> {
+        match tokio::time::timeout(CONNECT_TIMEOUT * 4, self.client.get_async_pubsub()).await {
+            Ok(connected) => connected,
+            Err(_) => Err(RedisError::from((
+                redis::ErrorKind::Io,
+                "connecting for Pub/Sub timed out",
+            ))),
+        }
     }
 
-    /// `suffix` under this deployment's prefix: `mb:` + `rl:auth:1.2.3.4`.
-    pub fn key(&self, suffix: &str) -> String {
-        format!("{}{suffix}", self.prefix)
+    /// A key or channel name under this deployment's prefix (`REDIS_KEY_PREFIX`):
+    /// `mb:` + `rl:auth:1.2.3.4`, `mb:` + `conversation:<id>`.
+    pub fn key(&self, name: impl Display) -> String {
+        format!("{}{name}", self.prefix)
     }
 
     pub async fn ping(&self) -> Result<(), RedisError> {

@@ -19,7 +19,7 @@ use axum::{Router, serve::ListenerExt};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::Shutdown;
+use crate::{Shutdown, service::Listeners};
 
 /// When to stop accepting and how long to drain.
 #[derive(Debug, Clone, Copy)]
@@ -37,19 +37,22 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {addr}"))
 }
 
-/// Serves `app` on `listener` and `metrics` on `metrics_listener` until `shutdown`
-/// triggers, then drains as the module documentation describes. `detached` holds the
-/// tasks that outlive their request (pass an empty tracker if there are none); they
-/// are expected to end by themselves once shutdown triggers.
+/// Serves `app` on the public listener and `metrics` on the metrics one until
+/// `shutdown` triggers, then drains as the module documentation describes. `detached`
+/// holds the tasks that outlive their request (pass an empty tracker if there are
+/// none); they are expected to end by themselves once shutdown triggers.
 pub async fn serve(
-    listener: TcpListener,
+    listeners: Listeners,
     app: Router,
-    metrics_listener: TcpListener,
     metrics: Router,
     shutdown: Shutdown,
     drain: Drain,
     detached: TaskTracker,
 ) -> anyhow::Result<()> {
+    let Listeners {
+        public: listener,
+        metrics: metrics_listener,
+    } = listeners;
     tracing::info!(
         addr = %listener.local_addr()?,
         metrics_addr = %metrics_listener.local_addr()?,

@@ -1,5 +1,11 @@
-//! The start-up every service shares, so each binary's `serve` holds only what is its
-//! own: routes, state, extra metrics and checks.
+//! What a service binary is, and the start-up every one of them shares, so each binary
+//! holds only what is its own: its settings, routes, state, extra metrics and checks.
+//!
+//! A binary implements [`Service`]; its `main` is [`crate::cli::main`], which reads the
+//! arguments, and [`run`] binds, installs the signal handlers and hands over to the
+//! service's `serve`, which starts from a [`Foundation`].
+
+use std::future::Future;
 
 use anyhow::Context as _;
 use prometheus_client::registry::Registry;
@@ -7,11 +13,80 @@ use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 
 use crate::{
-    CommonSettings, Health, Shutdown, health,
+    CommonSettings, Env, Health, SettingsError, Shutdown, health,
     metrics::{self, PoolCollector},
     redis::Redis,
     server::{self, Drain},
 };
+
+/// One of the service binaries.
+pub trait Service: 'static {
+    /// The binary's name (`mobile-api`), for usage and errors.
+    const NAME: &'static str;
+    const VERSION: &'static str;
+    /// Defaults of `LISTEN_ADDR` and `METRICS_ADDR`.
+    const DEFAULT_LISTEN_ADDR: &'static str;
+    const DEFAULT_METRICS_ADDR: &'static str;
+    /// What the binary does, for the usage text's first line.
+    const ABOUT: &'static str;
+    /// Subcommands besides serving and `health`: (name, what it does).
+    const COMMANDS: &'static [(&'static str, &'static str)] = &[];
+
+    type Settings: Send + 'static;
+
+    fn settings(env: &Env) -> Result<Self::Settings, SettingsError>;
+
+    fn common(settings: &Self::Settings) -> &CommonSettings;
+
+    /// Serves on listeners the caller bound (tests bind port 0) until `shutdown`
+    /// triggers, then drains.
+    fn serve(
+        settings: Self::Settings,
+        listeners: Listeners,
+        shutdown: Shutdown,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// Runs one of [`Service::COMMANDS`] (on the thread that runs `main`).
+    fn command(name: &str, env: &Env) -> impl Future<Output = anyhow::Result<()>> {
+        let _ = env;
+        async move { anyhow::bail!("{} has no command {name:?}", Self::NAME) }
+    }
+
+    /// The settings every binary shares, with this binary's default addresses.
+    fn common_settings(env: &Env) -> Result<CommonSettings, SettingsError> {
+        CommonSettings::from_env(env, Self::DEFAULT_LISTEN_ADDR, Self::DEFAULT_METRICS_ADDR)
+    }
+}
+
+/// The two ports a service listens on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// `LISTEN_ADDR`: the service itself, and health.
+    pub public: TcpListener,
+    /// `METRICS_ADDR`: `/metrics` only.
+    pub metrics: TcpListener,
+}
+
+impl Listeners {
+    /// Binds both addresses of `common`.
+    pub async fn bind(common: &CommonSettings) -> anyhow::Result<Self> {
+        Ok(Self {
+            public: server::bind(common.listen_addr).await?,
+            metrics: server::bind(common.metrics_addr).await?,
+        })
+    }
+}
+
+/// Binds `LISTEN_ADDR` and `METRICS_ADDR`, installs the signal handlers, and serves
+/// until SIGTERM.
+pub async fn run<S: Service>(settings: S::Settings) -> anyhow::Result<()> {
+    let shutdown = Shutdown::new();
+    shutdown
+        .listen_for_signals()
+        .context("cannot install signal handlers")?;
+    let listeners = Listeners::bind(S::common(&settings)).await?;
+    S::serve(settings, listeners, shutdown).await
+}
 
 /// What a service has once started: its connections, its metrics registry (with
 /// `build_info`, `process_*` and `db_pool_connections` registered), its health (checking
@@ -58,18 +133,4 @@ impl Foundation {
             },
         })
     }
-}
-
-/// Binds `LISTEN_ADDR` and `METRICS_ADDR` and installs the signal handlers: what a
-/// binary's `run` needs before it hands over to its `serve`.
-pub async fn bind_with_signals(
-    common: &CommonSettings,
-) -> anyhow::Result<(TcpListener, TcpListener, Shutdown)> {
-    let shutdown = Shutdown::new();
-    shutdown
-        .listen_for_signals()
-        .context("cannot install signal handlers")?;
-    let listener = server::bind(common.listen_addr).await?;
-    let metrics_listener = server::bind(common.metrics_addr).await?;
-    Ok((listener, metrics_listener, shutdown))
 }

@@ -1,15 +1,23 @@
 //! Test helpers shared by every crate's tests. Nothing here fakes PostgreSQL or Redis:
 //! a test gets its own real database on the machine's PostgreSQL, and a test that needs
-//! to kill Redis gets its own real `redis-server` process.
+//! to kill Redis gets its own real `redis-server` process. The fakes stand in only for
+//! what lives outside (APNs, FCM, S3), and speak the real protocols.
+//!
+//! - [`TestDb`], [`RedisServer`], [`S3Server`], [`TestKeys`]: what a test runs on.
+//! - [`ServiceProcess`]: a service binary as a process (signals, exit codes).
+//! - [`api`]: an account through the API, and reading `/metrics`.
+//! - [`FakeApns`], [`FakeFcm`]: the push services.
 //!
 //! Settings: `TEST_DATABASE_URL` names the server to create test databases on
 //! (default `postgres://postgres@127.0.0.1:5432/postgres`); `TEST_REDIS_URL` the shared
 //! Redis (default `redis://127.0.0.1:6379`).
 
+pub mod api;
 mod database;
 mod fake_apns;
 mod fake_fcm;
 mod keys;
+mod process;
 mod redis_server;
 mod s3_server;
 mod tls;
@@ -18,6 +26,7 @@ pub use database::TestDb;
 pub use fake_apns::{ApnsDelivery, ApnsReply, FakeApns, TEST_APNS_KEY_ID, TEST_APNS_TEAM_ID};
 pub use fake_fcm::{FakeFcm, FcmReply};
 pub use keys::TestKeys;
+pub use process::ServiceProcess;
 pub use redis_server::RedisServer;
 pub use s3_server::S3Server;
 
