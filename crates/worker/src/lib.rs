@@ -5,7 +5,7 @@
 //!
 //! | kind | handler | what it does |
 //! |---|---|---|
-//! | `media.process` | [`media::ProcessMedia`] | decodes an upload once, stores `thumb`/`medium`/`large`, publishes `media.ready` |
+//! | `media.process` | [`media::ProcessMedia`] | decodes an upload once (`mobile_media`), stores `thumb`/`medium`/`large`, publishes `media.ready` |
 //! | `push.notify` | [`push::Fanout`] | one `push.send` per device of a user |
 //! | `push.send` | [`push::Deliver`] | one notification to one device over APNs or FCM |
 //!
@@ -13,7 +13,6 @@
 //! SIGTERM it goes unready, stops claiming, lets in-flight jobs finish within the
 //! drain, releases what is still running, and exits 0.
 
-pub mod images;
 pub mod media;
 pub mod metrics;
 pub mod push;
@@ -24,12 +23,12 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use axum::Router;
+use mobile_domain::JobKind;
 use mobile_runtime::{
-    Shutdown, metrics as runtime_metrics, server,
-    service::{self, Foundation},
+    CommonSettings, Env, SettingsError, Shutdown, metrics as runtime_metrics, server,
+    service::{Foundation, Listeners, Service},
 };
 use mobile_storage::Storage;
-use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use crate::settings::WorkerSettings;
@@ -48,18 +47,40 @@ const FANOUT_CONCURRENCY: usize = 8;
 /// the rest while the process may still write.
 const RELEASE_MARGIN: Duration = Duration::from_secs(2);
 
-/// Listens on the configured addresses and works until SIGTERM.
-pub async fn run(settings: WorkerSettings) -> anyhow::Result<()> {
-    let (listener, metrics_listener, shutdown) =
-        service::bind_with_signals(&settings.common).await?;
-    serve(settings, listener, metrics_listener, shutdown).await
+/// The `mobile-worker` binary.
+#[derive(Debug)]
+pub struct Worker;
+
+impl Service for Worker {
+    const NAME: &'static str = "mobile-worker";
+    const VERSION: &'static str = VERSION;
+    const DEFAULT_LISTEN_ADDR: &'static str = WorkerSettings::DEFAULT_LISTEN_ADDR;
+    const DEFAULT_METRICS_ADDR: &'static str = WorkerSettings::DEFAULT_METRICS_ADDR;
+    const ABOUT: &'static str = "run the durable jobs (health on LISTEN_ADDR)";
+
+    type Settings = WorkerSettings;
+
+    fn settings(env: &Env) -> Result<WorkerSettings, SettingsError> {
+        WorkerSettings::from_env(env)
+    }
+
+    fn common(settings: &WorkerSettings) -> &CommonSettings {
+        &settings.common
+    }
+
+    async fn serve(
+        settings: WorkerSettings,
+        listeners: Listeners,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<()> {
+        serve(settings, listeners, shutdown).await
+    }
 }
 
 /// Works on listeners the caller bound until `shutdown` triggers, then drains.
 pub async fn serve(
     settings: WorkerSettings,
-    listener: TcpListener,
-    metrics_listener: TcpListener,
+    listeners: Listeners,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let Foundation {
@@ -102,7 +123,7 @@ pub async fn serve(
 
     let kinds = vec![
         Kind {
-            name: mobile_db::media::PROCESS_JOB,
+            kind: JobKind::MediaProcess,
             concurrency: settings.image_concurrency,
             timeout: settings.image_timeout,
             handler: Arc::new(media::ProcessMedia {
@@ -115,13 +136,13 @@ pub async fn serve(
             }),
         },
         Kind {
-            name: mobile_db::push::NOTIFY_JOB,
+            kind: JobKind::PushNotify,
             concurrency: FANOUT_CONCURRENCY,
             timeout: settings.push_timeout,
             handler: Arc::new(push::Fanout { db: db.clone() }),
         },
         Kind {
-            name: mobile_db::push::SEND_JOB,
+            kind: JobKind::PushSend,
             concurrency: settings.push_concurrency,
             timeout: settings.push_timeout,
             handler: Arc::new(push::Deliver {
@@ -158,9 +179,8 @@ pub async fn serve(
 
     let app = Router::new().merge(health.router());
     server::serve(
-        listener,
+        listeners,
         app,
-        metrics_listener,
         runtime_metrics::router(Arc::new(registry)),
         shutdown,
         drain,

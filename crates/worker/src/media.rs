@@ -8,14 +8,15 @@ use mobile_db::{
     jobs::Job,
     media::{self, ProcessJob, Variant},
 };
+use mobile_domain::{MediaId, MediaStatus, UserId};
 use mobile_events::{Channel, MediaData};
+use mobile_media::Rendition;
 use mobile_runtime::redis::Redis;
 use mobile_storage::{Storage, StorageError};
 use sha2::{Digest as _, Sha256};
 use sqlx::PgPool;
 
 use crate::{
-    images::{self, Rendition},
     metrics::WorkerMetrics,
     queue::{Done, Handler, JobError, JobFuture, Lease},
 };
@@ -40,13 +41,12 @@ impl Handler for ProcessMedia {
 
 impl ProcessMedia {
     async fn process(&self, job: Job) -> Result<Done, JobError> {
-        let ProcessJob { media_id } = serde_json::from_value(job.payload)
-            .map_err(|e| JobError::permanent(format!("bad payload: {e}")))?;
+        let ProcessJob { media_id } = job.payload().map_err(JobError::permanent)?;
         let Some(row) = media::find(&self.db, media_id).await? else {
             // Deleted with its owner meanwhile: nothing to do.
             return Ok(Done::Complete);
         };
-        if row.status != media::STATUS_PROCESSING {
+        if row.status != MediaStatus::Processing {
             // An earlier attempt finished but died before deleting the job.
             return Ok(Done::Complete);
         }
@@ -66,10 +66,11 @@ impl ProcessMedia {
 
         let (max_pixels, quality) = (self.max_pixels, self.quality);
         let started = Instant::now();
-        let rendered =
-            tokio::task::spawn_blocking(move || images::render(&original, max_pixels, quality))
-                .await
-                .map_err(|e| JobError::transient(format!("image task failed: {e}")))?;
+        let rendered = tokio::task::spawn_blocking(move || {
+            mobile_media::render(&original, max_pixels, quality)
+        })
+        .await
+        .map_err(|e| JobError::transient(format!("image task failed: {e}")))?;
         self.metrics
             .image_resize_duration
             .observe(started.elapsed().as_secs_f64());
@@ -99,8 +100,8 @@ impl ProcessMedia {
 
     async fn finish_failed(
         &self,
-        owner: uuid::Uuid,
-        media_id: uuid::Uuid,
+        owner: UserId,
+        media_id: MediaId,
         reason: &str,
     ) -> Result<Done, JobError> {
         media::mark_failed(&self.db, media_id, reason).await?;
@@ -110,7 +111,7 @@ impl ProcessMedia {
 
     /// Tells the owner's apps. A lost publish costs immediacy only: the app sees the
     /// status on its next `GET /v1/media/{id}`.
-    async fn announce(&self, owner: uuid::Uuid, media_id: uuid::Uuid, event: &str) {
+    async fn announce(&self, owner: UserId, media_id: MediaId, event: &str) {
         let data = match media::find(&self.db, media_id).await {
             Ok(Some(row)) => MediaData::from(row),
             Ok(None) => return,
@@ -120,12 +121,8 @@ impl ProcessMedia {
             }
         };
         let frame = mobile_events::user_event(owner, event, &data);
-        if let Err(error) = mobile_events::publish(
-            &mut self.redis.conn(),
-            self.redis.prefix(),
-            &[(Channel::User(owner), frame)],
-        )
-        .await
+        if let Err(error) =
+            mobile_events::publish(&self.redis, &[(Channel::User(owner), frame)]).await
         {
             tracing::warn!(%media_id, %error, event, "publishing the media event failed");
         }

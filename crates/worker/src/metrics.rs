@@ -1,5 +1,6 @@
 //! The worker's metric families: the brief's names, plus jobs in flight.
 
+use mobile_domain::JobKind;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -8,12 +9,12 @@ use prometheus_client::{
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct KindLabel {
-    pub kind: String,
+    pub kind: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct KindOutcomeLabel {
-    pub kind: String,
+    pub kind: &'static str,
     /// `completed`, `retried`, `dead`, `timed_out`, `lost_lease`, `released`.
     pub outcome: &'static str,
 }
@@ -84,10 +85,10 @@ impl WorkerMetrics {
         metrics
     }
 
-    pub fn processed(&self, kind: &str, outcome: &'static str) {
+    pub fn processed(&self, kind: JobKind, outcome: &'static str) {
         self.processed
             .get_or_create(&KindOutcomeLabel {
-                kind: kind.to_owned(),
+                kind: kind.as_str(),
                 outcome,
             })
             .inc();

@@ -23,12 +23,12 @@ use std::{
 };
 
 use futures_util::FutureExt as _;
-use mobile_db::jobs::{self, Job};
+use mobile_db::jobs::{self, Job, JobKind};
+use mobile_domain::JobId;
 use rand::Rng as _;
 use sqlx::PgPool;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use uuid::Uuid;
 
 use prometheus_client::metrics::{gauge::Gauge, histogram::Histogram};
 
@@ -111,7 +111,7 @@ impl From<sqlx::Error> for JobError {
 /// How one kind of job runs.
 #[derive(Clone)]
 pub struct Kind {
-    pub name: &'static str,
+    pub kind: JobKind,
     /// Attempts of this kind running at once in this process.
     pub concurrency: usize,
     /// An attempt still running after this is cancelled and retried.
@@ -122,7 +122,7 @@ pub struct Kind {
 impl std::fmt::Debug for Kind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Kind")
-            .field("name", &self.name)
+            .field("kind", &self.kind)
             .field("concurrency", &self.concurrency)
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
@@ -171,17 +171,17 @@ impl Queue {
     /// finish; those still running then are released.
     pub async fn run(self, stop: CancellationToken, drain: Duration) {
         let worker: Arc<str> = Arc::from(self.settings.worker_id.as_str());
-        let wakeups: HashMap<&'static str, Arc<Notify>> = self
+        let wakeups: HashMap<JobKind, Arc<Notify>> = self
             .kinds
             .iter()
-            .map(|k| (k.name, Arc::new(Notify::new())))
+            .map(|k| (k.kind, Arc::new(Notify::new())))
             .collect();
         let background = CancellationToken::new();
         let _stop_background = background.clone().drop_guard();
         tokio::spawn(listen(self.db.clone(), wakeups.clone(), background.clone()));
         tokio::spawn(housekeeping(
             self.db.clone(),
-            self.kinds.iter().map(|k| k.name).collect(),
+            self.kinds.iter().map(|k| k.kind).collect(),
             self.settings.poll_interval,
             self.metrics.clone(),
             background.clone(),
@@ -213,7 +213,7 @@ impl Queue {
                     in_flight: self.metrics.in_flight.get_or_create(&label(kind)).clone(),
                     duration: self.metrics.duration.get_or_create(&label(kind)).clone(),
                 };
-                let wakeup = wakeups[kind.name].clone();
+                let wakeup = wakeups[&kind.kind].clone();
                 tokio::spawn(claimer.run(wakeup, stop.clone()))
             })
             .collect();
@@ -256,7 +256,7 @@ struct Claimer {
     lease: Lease,
     settings: QueueSettings,
     metrics: WorkerMetrics,
-    completions: mpsc::UnboundedSender<Uuid>,
+    completions: mpsc::UnboundedSender<JobId>,
     jobs: TaskTracker,
     /// Cancelled when the drain deadline passes: running jobs are released.
     abandon: CancellationToken,
@@ -267,7 +267,7 @@ struct Claimer {
 
 fn label(kind: &Kind) -> KindLabel {
     KindLabel {
-        kind: kind.name.to_owned(),
+        kind: kind.kind.as_str(),
     }
 }
 
@@ -294,7 +294,7 @@ impl Claimer {
             let free = (slots.available_permits() + 1).min(CLAIM_BATCH);
             let claimed = jobs::claim(
                 &this.db,
-                this.kind.name,
+                this.kind.kind,
                 &this.lease.worker,
                 lease,
                 i64::try_from(free).unwrap_or(1),
@@ -303,7 +303,7 @@ impl Claimer {
             let batch = match claimed {
                 Ok(batch) => batch,
                 Err(error) => {
-                    tracing::warn!(kind = this.kind.name, %error, "claiming jobs failed; retrying");
+                    tracing::warn!(kind = %this.kind.kind, %error, "claiming jobs failed; retrying");
                     drop(first);
                     tokio::select! {
                         () = tokio::time::sleep(this.settings.poll_interval) => continue,
@@ -350,7 +350,7 @@ impl Claimer {
     }
 
     async fn run_one(&self, job: Job) {
-        let kind = self.kind.name;
+        let kind = self.kind.kind;
         let in_flight = &self.in_flight;
         in_flight.inc();
         let started = Instant::now();
@@ -401,13 +401,13 @@ impl Claimer {
     }
 
     /// Records a failed attempt; returns the outcome label.
-    async fn fail(&self, id: Uuid, attempts: i32, error: &JobError) -> &'static str {
+    async fn fail(&self, id: JobId, attempts: i32, error: &JobError) -> &'static str {
         let (retry_in, permanent) = match error.retry {
             Retry::Backoff => (backoff(&self.settings, attempts), false),
             Retry::After(after) => (after + jitter(after / 10), false),
             Retry::Never => (Duration::ZERO, true),
         };
-        let kind = self.kind.name;
+        let kind = self.kind.kind.as_str();
         match jobs::fail(
             &self.db,
             id,
@@ -438,9 +438,9 @@ impl Claimer {
         }
     }
 
-    async fn release(&self, id: Uuid) {
+    async fn release(&self, id: JobId) {
         match jobs::release(&self.db, &[id], &self.lease.worker).await {
-            Ok(_) => self.metrics.processed(self.kind.name, "released"),
+            Ok(_) => self.metrics.processed(self.kind.kind, "released"),
             Err(error) => {
                 tracing::warn!(job_id = %id, %error, "releasing a job failed; its lease will expire")
             }
@@ -470,7 +470,7 @@ fn jitter(max: Duration) -> Duration {
 async fn complete_in_batches(
     db: PgPool,
     worker: Arc<str>,
-    mut completed: mpsc::UnboundedReceiver<Uuid>,
+    mut completed: mpsc::UnboundedReceiver<JobId>,
 ) {
     let mut batch = Vec::with_capacity(1024);
     while completed.recv_many(&mut batch, 1024).await > 0 {
@@ -490,7 +490,7 @@ async fn complete_in_batches(
 }
 
 /// Wakes a kind's claim loop when `NOTIFY jobs, '<kind>'` arrives.
-async fn listen(db: PgPool, wakeups: HashMap<&'static str, Arc<Notify>>, stop: CancellationToken) {
+async fn listen(db: PgPool, wakeups: HashMap<JobKind, Arc<Notify>>, stop: CancellationToken) {
     loop {
         let listening = async {
             let mut listener = sqlx::postgres::PgListener::connect_with(&db).await?;
@@ -499,7 +499,8 @@ async fn listen(db: PgPool, wakeups: HashMap<&'static str, Arc<Notify>>, stop: C
             wakeups.values().for_each(|w| w.notify_one());
             loop {
                 let notification = listener.recv().await?;
-                if let Some(wakeup) = wakeups.get(notification.payload()) {
+                let kind = notification.payload().parse::<JobKind>().ok();
+                if let Some(wakeup) = kind.and_then(|kind| wakeups.get(&kind)) {
                     wakeup.notify_one();
                 }
             }
@@ -524,7 +525,7 @@ async fn listen(db: PgPool, wakeups: HashMap<&'static str, Arc<Notify>>, stop: C
 /// Every poll interval: reclaims expired leases and refreshes `jobs_queue_depth`.
 async fn housekeeping(
     db: PgPool,
-    kinds: Vec<&'static str>,
+    kinds: Vec<JobKind>,
     every: Duration,
     metrics: WorkerMetrics,
     stop: CancellationToken,
@@ -537,22 +538,22 @@ async fn housekeeping(
             () = stop.cancelled() => return,
         }
         for kind in &kinds {
-            match jobs::reclaim_expired(&db, kind).await {
+            match jobs::reclaim_expired(&db, *kind).await {
                 Ok(0) => {}
-                Ok(n) => tracing::warn!(kind, count = n, "reclaimed jobs whose worker stopped"),
-                Err(error) => tracing::warn!(kind, %error, "reclaiming expired leases failed"),
+                Ok(n) => tracing::warn!(%kind, count = n, "reclaimed jobs whose worker stopped"),
+                Err(error) => tracing::warn!(%kind, %error, "reclaiming expired leases failed"),
             }
         }
         match jobs::queue_depth(&db).await {
             Ok(depths) => {
-                let depths: HashMap<String, i64> = depths.into_iter().collect();
+                let depths: HashMap<JobKind, i64> = depths.into_iter().collect();
                 for kind in &kinds {
                     metrics
                         .queue_depth
                         .get_or_create(&KindLabel {
-                            kind: (*kind).to_owned(),
+                            kind: kind.as_str(),
                         })
-                        .set(depths.get(*kind).copied().unwrap_or(0));
+                        .set(depths.get(kind).copied().unwrap_or(0));
                 }
             }
             Err(error) => tracing::warn!(%error, "reading the queue depth failed"),

@@ -14,8 +14,9 @@ use std::{sync::Arc, time::Duration};
 
 use mobile_db::{
     jobs::Job,
-    push::{self, Notification, Send},
+    push::{self, DeviceNotification, Notification},
 };
+use mobile_domain::{ApnsEnvironment, Platform};
 use serde_json::{Map, Value};
 use sqlx::PgPool;
 
@@ -63,8 +64,7 @@ impl Handler for Fanout {
     fn run(&self, job: Job, lease: Lease) -> JobFuture {
         let db = self.db.clone();
         Box::pin(async move {
-            let notification: Notification = serde_json::from_value(job.payload)
-                .map_err(|e| JobError::permanent(format!("bad payload: {e}")))?;
+            let notification: Notification = job.payload().map_err(JobError::permanent)?;
             let mut conn = db.acquire().await?;
             let sent = push::fan_out(&mut conn, job.id, &lease.worker, &notification).await?;
             tracing::debug!(job_id = %job.id, devices = ?sent, "fanned out");
@@ -86,40 +86,38 @@ impl Handler for Deliver {
     fn run(&self, job: Job, _lease: Lease) -> JobFuture {
         let this = self.clone();
         Box::pin(async move {
-            let send: Send = serde_json::from_value(job.payload)
-                .map_err(|e| JobError::permanent(format!("bad payload: {e}")))?;
+            let send: DeviceNotification = job.payload().map_err(JobError::permanent)?;
             this.deliver(send).await
         })
     }
 }
 
 impl Deliver {
-    async fn deliver(&self, send: Send) -> Result<Done, JobError> {
-        let (platform, result) = match send.platform.as_str() {
-            "ios" => match &self.apns {
-                Some(apns) => {
-                    let sandbox = send.apns_environment.as_deref() == Some("sandbox");
-                    (
-                        "ios",
-                        apns.send(&send.push_token, sandbox, &send.notification)
-                            .await,
-                    )
-                }
-                None => return Ok(self.disabled("ios")),
-            },
-            "android" => match &self.fcm {
-                Some(fcm) => (
-                    "android",
-                    fcm.send(&send.push_token, &send.notification).await,
-                ),
-                None => return Ok(self.disabled("android")),
-            },
-            other => return Err(JobError::permanent(format!("unknown platform {other:?}"))),
+    async fn deliver(&self, send: DeviceNotification) -> Result<Done, JobError> {
+        let platform = send.platform;
+        let result = match platform {
+            Platform::Ios => {
+                let Some(apns) = &self.apns else {
+                    return Ok(self.disabled(platform));
+                };
+                let sandbox = send.apns_environment == Some(ApnsEnvironment::Sandbox);
+                apns.send(&send.push_token, sandbox, &send.notification)
+                    .await
+            }
+            Platform::Android => {
+                let Some(fcm) = &self.fcm else {
+                    return Ok(self.disabled(platform));
+                };
+                fcm.send(&send.push_token, &send.notification).await
+            }
         };
         let count = |outcome| {
             self.metrics
                 .pushes
-                .get_or_create(&PushLabel { platform, outcome })
+                .get_or_create(&PushLabel {
+                    platform: platform.as_str(),
+                    outcome,
+                })
                 .inc();
         };
         match result {
@@ -130,7 +128,7 @@ impl Deliver {
             Err(SendError::DeadToken(reason)) => {
                 let removed =
                     push::remove_dead_token(&self.db, send.device_id, &send.push_token).await?;
-                tracing::info!(device_id = %send.device_id, platform, %reason, removed, "dead push token; device removed");
+                tracing::info!(device_id = %send.device_id, %platform, %reason, removed, "dead push token; device removed");
                 count("device_removed");
                 Ok(Done::Complete)
             }
@@ -148,15 +146,15 @@ impl Deliver {
         }
     }
 
-    fn disabled(&self, platform: &'static str) -> Done {
+    fn disabled(&self, platform: Platform) -> Done {
         tracing::debug!(
-            platform,
+            %platform,
             "push platform not configured; notification dropped"
         );
         self.metrics
             .pushes
             .get_or_create(&PushLabel {
-                platform,
+                platform: platform.as_str(),
                 outcome: "disabled",
             })
             .inc();

@@ -2,7 +2,8 @@
 
 use std::{future::Future, time::Duration};
 
-use mobile_runtime::{Env, Shutdown};
+use mobile_domain::{DeviceId, Platform, UserId};
+use mobile_runtime::{Env, Shutdown, service::Listeners};
 use mobile_testkit::TestDb;
 use mobile_worker::WorkerSettings;
 use sqlx::PgPool;
@@ -53,12 +54,11 @@ impl TestWorker {
         let health = format!("http://{}/health/ready", listener.local_addr().unwrap());
         let metrics = format!("http://{}/metrics", metrics_listener.local_addr().unwrap());
         let shutdown = Shutdown::new();
-        let server = tokio::spawn(mobile_worker::serve(
-            settings,
-            listener,
-            metrics_listener,
-            shutdown.clone(),
-        ));
+        let listeners = Listeners {
+            public: listener,
+            metrics: metrics_listener,
+        };
+        let server = tokio::spawn(mobile_worker::serve(settings, listeners, shutdown.clone()));
         Self {
             metrics,
             health,
@@ -87,8 +87,8 @@ impl TestWorker {
     }
 }
 
-pub async fn user(pool: &PgPool, name: &str) -> Uuid {
-    let id = Uuid::now_v7();
+pub async fn user(pool: &PgPool, name: &str) -> UserId {
+    let id = UserId::new();
     sqlx::query(
         "INSERT INTO users (id, email, password_hash, display_name) VALUES ($1, $2, 'x', $3)",
     )
@@ -102,8 +102,8 @@ pub async fn user(pool: &PgPool, name: &str) -> Uuid {
 }
 
 /// Registers a device; returns its id.
-pub async fn device(pool: &PgPool, user: Uuid, platform: &str, token: &str) -> Uuid {
-    let id = Uuid::now_v7();
+pub async fn device(pool: &PgPool, user: UserId, platform: Platform, token: &str) -> DeviceId {
+    let id = DeviceId::new();
     sqlx::query("INSERT INTO devices (id, user_id, platform, push_token) VALUES ($1, $2, $3, $4)")
         .bind(id)
         .bind(user)

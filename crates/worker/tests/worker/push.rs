@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use axum::http::Version;
 use mobile_db::push::{self, Notification};
+use mobile_domain::{DeviceId, Platform, UserId};
 use mobile_testkit::{ApnsReply, FakeApns, FakeFcm, FcmReply, TestDb};
 use serde_json::json;
 use sqlx::PgPool;
-use uuid::Uuid;
 
 use crate::helpers::{TestWorker, apns_token, device, eventually, jobs_left, user};
 
@@ -34,7 +34,7 @@ impl Fakes {
     }
 }
 
-fn notification(user_id: Uuid, body: &str) -> Notification {
+fn notification(user_id: UserId, body: &str) -> Notification {
     Notification {
         user_id,
         title: "Ada".into(),
@@ -60,7 +60,7 @@ async fn drained(pool: &PgPool) {
     .await;
 }
 
-async fn device_count(pool: &PgPool, user: Uuid) -> i64 {
+async fn device_count(pool: &PgPool, user: UserId) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM devices WHERE user_id = $1")
         .bind(user)
         .fetch_one(pool)
@@ -75,8 +75,8 @@ async fn a_notification_reaches_every_device_of_the_user() {
     let fakes = Fakes::start().await;
     let worker = TestWorker::spawn(&db, &fakes.env()).await;
     let ada = user(&pool, "Ada").await;
-    device(&pool, ada, "ios", &apns_token(1)).await;
-    device(&pool, ada, "android", "fcm-token-1").await;
+    device(&pool, ada, Platform::Ios, &apns_token(1)).await;
+    device(&pool, ada, Platform::Android, "fcm-token-1").await;
 
     notify(&pool, &[notification(ada, "hello")]).await;
     drained(&pool).await;
@@ -129,8 +129,8 @@ async fn one_provider_token_and_one_oauth_exchange_serve_many_sends() {
     let fakes = Fakes::start().await;
     let worker = TestWorker::spawn(&db, &fakes.env()).await;
     let ada = user(&pool, "Ada").await;
-    device(&pool, ada, "ios", &apns_token(2)).await;
-    device(&pool, ada, "android", "fcm-token-2").await;
+    device(&pool, ada, Platform::Ios, &apns_token(2)).await;
+    device(&pool, ada, Platform::Android, "fcm-token-2").await;
 
     let many: Vec<_> = (0..30)
         .map(|n| notification(ada, &format!("message {n}")))
@@ -156,10 +156,10 @@ async fn dead_tokens_remove_their_devices() {
     let fakes = Fakes::start().await;
     let worker = TestWorker::spawn(&db, &fakes.env()).await;
     let ada = user(&pool, "Ada").await;
-    device(&pool, ada, "ios", &apns_token(3)).await;
-    device(&pool, ada, "ios", &apns_token(4)).await;
-    device(&pool, ada, "android", "fcm-uninstalled").await;
-    let alive = device(&pool, ada, "android", "fcm-alive").await;
+    device(&pool, ada, Platform::Ios, &apns_token(3)).await;
+    device(&pool, ada, Platform::Ios, &apns_token(4)).await;
+    device(&pool, ada, Platform::Android, "fcm-uninstalled").await;
+    let alive = device(&pool, ada, Platform::Android, "fcm-alive").await;
     fakes.apns.script(&apns_token(3), [ApnsReply::UNREGISTERED]);
     fakes
         .apns
@@ -171,7 +171,7 @@ async fn dead_tokens_remove_their_devices() {
     notify(&pool, &[notification(ada, "hello")]).await;
     drained(&pool).await;
 
-    let left: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM devices WHERE user_id = $1")
+    let left: Vec<DeviceId> = sqlx::query_scalar("SELECT id FROM devices WHERE user_id = $1")
         .bind(ada)
         .fetch_all(&pool)
         .await
@@ -197,8 +197,8 @@ async fn throttling_and_outages_are_retried_until_delivered() {
     let fakes = Fakes::start().await;
     let worker = TestWorker::spawn(&db, &fakes.env()).await;
     let ada = user(&pool, "Ada").await;
-    device(&pool, ada, "ios", &apns_token(5)).await;
-    device(&pool, ada, "android", "fcm-busy").await;
+    device(&pool, ada, Platform::Ios, &apns_token(5)).await;
+    device(&pool, ada, Platform::Android, "fcm-busy").await;
     fakes.apns.script(
         &apns_token(5),
         [
@@ -240,7 +240,7 @@ async fn an_oversized_notification_fails_without_a_retry() {
     let fakes = Fakes::start().await;
     let worker = TestWorker::spawn(&db, &fakes.env()).await;
     let ada = user(&pool, "Ada").await;
-    device(&pool, ada, "ios", &apns_token(6)).await;
+    device(&pool, ada, Platform::Ios, &apns_token(6)).await;
 
     notify(&pool, &[notification(ada, &"x".repeat(5000))]).await;
     let dead = eventually(Duration::from_secs(20), "the send job to die", || async {
@@ -261,8 +261,8 @@ async fn without_credentials_a_platform_is_disabled_not_failing() {
     let pool = db.pool().await;
     let worker = TestWorker::spawn(&db, &[]).await;
     let ada = user(&pool, "Ada").await;
-    device(&pool, ada, "ios", &apns_token(7)).await;
-    device(&pool, ada, "android", "fcm-token-7").await;
+    device(&pool, ada, Platform::Ios, &apns_token(7)).await;
+    device(&pool, ada, Platform::Android, "fcm-token-7").await;
 
     notify(&pool, &[notification(ada, "hello")]).await;
     drained(&pool).await;

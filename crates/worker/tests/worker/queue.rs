@@ -10,7 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mobile_db::jobs::{self, Job, NewJob};
+use mobile_db::jobs::{self, Job, JobKind, NewJob};
+use mobile_domain::JobId;
 use mobile_testkit::TestDb;
 use mobile_worker::{
     metrics::WorkerMetrics,
@@ -108,7 +109,7 @@ fn start(
             backoff_cap: Duration::from_secs(1),
         },
         vec![Kind {
-            name: "test",
+            kind: KIND,
             concurrency,
             timeout,
             handler: Arc::new(Handle(handler.clone())),
@@ -124,8 +125,12 @@ fn start(
     }
 }
 
-async fn enqueue(pool: &PgPool, max_attempts: i32) -> uuid::Uuid {
-    let mut job = NewJob::new("test", json!({}));
+/// The runner does not care which kind a handler serves: the tests script one under a
+/// real kind, on a database of their own.
+const KIND: JobKind = JobKind::PushSend;
+
+async fn enqueue(pool: &PgPool, max_attempts: i32) -> JobId {
+    let mut job = NewJob::new(KIND, json!({}));
     job.max_attempts = max_attempts;
     match jobs::enqueue(pool, &job).await.unwrap() {
         jobs::Enqueued::Enqueued(id) => id,
@@ -224,11 +229,11 @@ async fn an_attempt_over_its_timeout_is_cancelled_and_retried() {
     registry.register("jobs_processed", "", runner.metrics.processed.clone());
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     assert!(
-        text.contains(r#"jobs_processed_total{kind="test",outcome="timed_out"} 1"#),
+        text.contains(r#"jobs_processed_total{kind="push.send",outcome="timed_out"} 1"#),
         "{text}"
     );
     assert!(
-        text.contains(r#"jobs_processed_total{kind="test",outcome="completed"} 1"#),
+        text.contains(r#"jobs_processed_total{kind="push.send",outcome="completed"} 1"#),
         "{text}"
     );
     runner.stop.cancel();
@@ -264,7 +269,7 @@ async fn concurrency_per_kind_is_bounded() {
     let handler = Scripted::new([]);
     *handler.pause.lock().unwrap() = Some(Duration::from_millis(100));
     let payloads: Vec<_> = (0..20).map(|n| json!({ "n": n })).collect();
-    jobs::enqueue_many(&pool, "test", &payloads, 3)
+    jobs::enqueue_values(&pool, KIND, &payloads, 3)
         .await
         .unwrap();
     let runner = start(&pool, &handler, 3, 10 * SECOND, SECOND);
@@ -318,8 +323,8 @@ async fn drain_finishes_in_flight_jobs_and_releases_the_rest() {
     assert_eq!(
         left,
         vec![
-            ("test".to_owned(), "queued".to_owned(), 0),
-            ("test".to_owned(), "queued".to_owned(), 0)
+            ("push.send".to_owned(), "queued".to_owned(), 0),
+            ("push.send".to_owned(), "queued".to_owned(), 0)
         ]
     );
     assert_eq!(handler.runs(), 2);

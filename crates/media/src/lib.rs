@@ -1,8 +1,10 @@
 //! The image pipeline: one original in, three variants out.
 //!
-//! 1. Sniff the format from the bytes (never the declared type): JPEG, PNG or WebP.
-//! 2. Read the dimensions from the header and refuse more than the pixel limit, before
-//!    a single pixel is decoded: a 50 KB PNG can claim 100,000 × 100,000 pixels.
+//! 1. [`inspect`]: sniff the format from the bytes (never the declared type): JPEG,
+//!    PNG or WebP; read the dimensions from the header and refuse more than the pixel
+//!    limit, before a single pixel is decoded: a 50 KB PNG can claim 100,000 × 100,000
+//!    pixels. The API runs this on an upload's first bytes before storing anything;
+//!    the worker runs it again on the whole original.
 //! 3. Decode once, under the same limit as an allocation cap, and only the first frame.
 //! 4. Apply the EXIF orientation, so a portrait photo is portrait.
 //! 5. Resize in a cascade with `fast_image_resize` (SIMD): `large` from the original,
@@ -11,7 +13,8 @@
 //!    original's metadata (EXIF, GPS position, camera serial) survives.
 //!
 //! Everything here is synchronous CPU work: the worker runs it on the blocking pool,
-//! bounded by `WORKER_IMAGE_CONCURRENCY`.
+//! bounded by `WORKER_IMAGE_CONCURRENCY`. No I/O: the tests and the benchmark call it
+//! directly.
 
 use std::io::Cursor;
 
@@ -26,6 +29,81 @@ use image::{
 
 /// The variants, largest first (the order of the cascade), with their long edge.
 pub const VARIANTS: [(&str, u32); 3] = [("large", 2048), ("medium", 1024), ("thumb", 256)];
+
+/// Whether `name` is one of the [`VARIANTS`].
+pub fn is_variant(name: &str) -> bool {
+    VARIANTS.iter().any(|(variant, _)| *variant == name)
+}
+
+/// The formats accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Jpeg,
+    Png,
+    WebP,
+}
+
+impl Format {
+    pub const ALL: [Self; 3] = [Self::Jpeg, Self::Png, Self::WebP];
+
+    /// The format a declared media type stands for (`image/jpeg`; parameters and
+    /// case ignored), if it is one accepted.
+    pub fn from_media_type(media_type: &str) -> Option<Self> {
+        let essence = media_type.split(';').next().unwrap_or_default().trim();
+        Self::ALL
+            .into_iter()
+            .find(|format| essence.eq_ignore_ascii_case(format.media_type()))
+    }
+
+    pub const fn media_type(self) -> &'static str {
+        match self {
+            Self::Jpeg => "image/jpeg",
+            Self::Png => "image/png",
+            Self::WebP => "image/webp",
+        }
+    }
+
+    const fn image_format(self) -> ImageFormat {
+        match self {
+            Self::Jpeg => ImageFormat::Jpeg,
+            Self::Png => ImageFormat::Png,
+            Self::WebP => ImageFormat::WebP,
+        }
+    }
+}
+
+/// What an image's first bytes say about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inspection {
+    /// The format its magic bytes are.
+    pub format: Format,
+    /// Its size, if its header lies within the bytes inspected (within the limit).
+    pub dimensions: Option<(u32, u32)>,
+}
+
+/// Inspects an image before anything is decoded: its format from its magic bytes, and
+/// its dimensions from its header, refused when they exceed `max_pixels`. `bytes` may
+/// be only the image's beginning: a header that does not fit in it gives no
+/// dimensions.
+pub fn inspect(bytes: &[u8], max_pixels: u64) -> Result<Inspection, ImageError> {
+    if bytes.is_empty() {
+        return Err(ImageError::Empty);
+    }
+    let format = sniff(bytes).ok_or(ImageError::UnsupportedFormat)?;
+    let dimensions = ImageReader::with_format(Cursor::new(bytes), format.image_format())
+        .into_dimensions()
+        .ok();
+    if let Some((width, height)) = dimensions
+        && u64::from(width) * u64::from(height) > max_pixels
+    {
+        return Err(ImageError::TooManyPixels {
+            width,
+            height,
+            limit: max_pixels,
+        });
+    }
+    Ok(Inspection { format, dimensions })
+}
 
 /// One encoded variant.
 #[derive(Debug, Clone)]
@@ -74,27 +152,19 @@ pub fn render(original: &[u8], max_pixels: u64, quality: u8) -> Result<Vec<Rendi
     Ok(renditions)
 }
 
-/// Checks and decodes, returning the image upright.
+/// Checks and decodes a whole original, returning the image upright.
 pub fn decode(original: &[u8], max_pixels: u64) -> Result<DynamicImage, ImageError> {
-    if original.is_empty() {
-        return Err(ImageError::Empty);
+    let Inspection { format, dimensions } = inspect(original, max_pixels)?;
+    if dimensions.is_none() {
+        return Err(ImageError::Corrupt(
+            "the image's header cannot be read".to_owned(),
+        ));
     }
-    let format = sniff(original).ok_or(ImageError::UnsupportedFormat)?;
-    if format == ImageFormat::Jpeg && !jpeg_is_complete(original) {
+    if format == Format::Jpeg && !jpeg_is_complete(original) {
         // The JPEG decoder fills a missing tail with grey rather than failing.
         return Err(ImageError::Corrupt("the JPEG is truncated".to_owned()));
     }
-    let (width, height) = ImageReader::with_format(Cursor::new(original), format)
-        .into_dimensions()
-        .map_err(|e| ImageError::Corrupt(e.to_string()))?;
-    if u64::from(width) * u64::from(height) > max_pixels {
-        return Err(ImageError::TooManyPixels {
-            width,
-            height,
-            limit: max_pixels,
-        });
-    }
-    let mut reader = ImageReader::with_format(Cursor::new(original), format);
+    let mut reader = ImageReader::with_format(Cursor::new(original), format.image_format());
     let mut limits = Limits::default();
     // RGBA at 8 bits per channel, plus the decoder's working memory.
     limits.max_alloc = Some(max_pixels.saturating_mul(4).saturating_add(64 << 20));
@@ -141,9 +211,11 @@ fn jpeg_is_complete(bytes: &[u8]) -> bool {
 }
 
 /// The format the bytes are, whatever they are called.
-pub fn sniff(bytes: &[u8]) -> Option<ImageFormat> {
+pub fn sniff(bytes: &[u8]) -> Option<Format> {
     match image::guess_format(bytes).ok()? {
-        format @ (ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP) => Some(format),
+        ImageFormat::Jpeg => Some(Format::Jpeg),
+        ImageFormat::Png => Some(Format::Png),
+        ImageFormat::WebP => Some(Format::WebP),
         _ => None,
     }
 }
@@ -274,6 +346,17 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn declared_media_types() {
+        assert_eq!(Format::from_media_type("image/jpeg"), Some(Format::Jpeg));
+        assert_eq!(
+            Format::from_media_type("Image/PNG; charset=binary"),
+            Some(Format::Png)
+        );
+        assert_eq!(Format::from_media_type("image/gif"), None);
+        assert!(is_variant("thumb") && !is_variant("huge"));
+    }
 
     #[test]
     fn fit_keeps_the_aspect_ratio_and_never_upscales() {

@@ -1,8 +1,10 @@
 //! The image pipeline on generated images: sizes, orientation, metadata, and every
 //! kind of bad input.
 
+#![allow(clippy::unwrap_used)] // a test crate: a panic is a failed test
+
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage, Rgba, RgbaImage, codecs::jpeg::JpegEncoder};
-use mobile_worker::images::{ImageError, Rendition, render};
+use mobile_media::{ImageError, Rendition, render};
 
 const LIMIT: u64 = 50_000_000;
 
