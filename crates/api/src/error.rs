@@ -1,8 +1,11 @@
-//! Errors as RFC 9457 problem documents.
+//! Errors as RFC 9457 problem documents, and the one list of their codes.
 //!
-//! Every error a client can see is an [`ApiError`]: an HTTP status, a stable
-//! machine-readable `code` clients may branch on, and a human `detail`. The cause of a
-//! 5xx is logged with the request id and never shown to the client.
+//! Every error a client can see is an [`ApiError`]: an [`ErrorCode`] (its HTTP status,
+//! the stable machine-readable `code` clients may branch on, and what it means) and a
+//! human `detail`. The cause of a 5xx is logged with the request id and never shown to
+//! the client. The OpenAPI document's error responses are generated from the same
+//! table (`crate::openapi`), and in debug builds every problem a route answers is
+//! checked against what its operation documents (`crate::middleware::contract`).
 //!
 //! ```json
 //! {"type":"urn:mobile-backend:problem:weak_password","title":"Unprocessable Entity",
@@ -15,7 +18,7 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use mobile_domain::ValidationError;
+use mobile_domain::{ValidationCode, ValidationError};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -28,6 +31,94 @@ tokio::task_local! {
     pub static REQUEST_ID: String;
 }
 
+/// Declares [`ErrorCode`]: one line per code, with its status and meaning.
+macro_rules! error_codes {
+    ($($variant:ident = ($status:ident, $code:literal, $meaning:literal)),+ $(,)?) => {
+        /// Every `code` the API answers with. Adding one here is the whole of adding it:
+        /// its status, its spelling and its documentation come from this line.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum ErrorCode {
+            $($variant,)+
+            /// A value in the request that its domain type refused (always 422).
+            Invalid(ValidationCode),
+        }
+
+        impl ErrorCode {
+            /// Every code but the validation ones ([`ValidationCode::ALL`] has those).
+            pub const ALL: &'static [Self] = &[$(Self::$variant),+];
+
+            pub const fn status(self) -> StatusCode {
+                match self {
+                    $(Self::$variant => StatusCode::$status,)+
+                    Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                }
+            }
+
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $code,)+
+                    Self::Invalid(code) => code.as_str(),
+                }
+            }
+
+            /// What it means: the default `detail`, and its line in the OpenAPI document.
+            pub const fn meaning(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $meaning,)+
+                    Self::Invalid(code) => code.meaning(),
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    MalformedJson = (BAD_REQUEST, "malformed_json", "the body is not valid JSON"),
+    UnreadableBody = (BAD_REQUEST, "unreadable_body", "the body could not be read"),
+    InvalidPathParameter = (BAD_REQUEST, "invalid_path_parameter", "a path parameter is malformed (not a UUID)"),
+    InvalidQuery = (BAD_REQUEST, "invalid_query", "a query parameter is unknown, malformed or out of range"),
+    InvalidCursor = (BAD_REQUEST, "invalid_cursor", "the cursor is not one this API issued"),
+    InvalidIdempotencyKey = (BAD_REQUEST, "invalid_idempotency_key", "the Idempotency-Key is not 1 to 255 printable ASCII characters"),
+    InvalidMultipart = (BAD_REQUEST, "invalid_multipart", "the multipart form is malformed"),
+    UploadInterrupted = (BAD_REQUEST, "upload_interrupted", "the upload ended before its end"),
+    BadRequest = (BAD_REQUEST, "bad_request", "the request could not be handled"),
+    Unauthenticated = (UNAUTHORIZED, "unauthenticated", "no credentials were sent, or not the ones this endpoint needs"),
+    TokenExpired = (UNAUTHORIZED, "token_expired", "the access token has expired; refresh it"),
+    InvalidToken = (UNAUTHORIZED, "invalid_token", "the access token is malformed, forged, or signed by a key this server does not know"),
+    InvalidCredentials = (UNAUTHORIZED, "invalid_credentials", "the email or password is wrong"),
+    InvalidRefreshToken = (UNAUTHORIZED, "invalid_refresh_token", "the refresh token is unknown, expired, spent or revoked; sign in again"),
+    NotFound = (NOT_FOUND, "not_found", "no such resource, or not one the caller may see"),
+    MethodNotAllowed = (METHOD_NOT_ALLOWED, "method_not_allowed", "this method is not allowed on this resource"),
+    EmailTaken = (CONFLICT, "email_taken", "an account with this email exists"),
+    IdempotencyRequestInFlight = (CONFLICT, "idempotency_request_in_flight", "a request with this Idempotency-Key is still being processed; retry later"),
+    NotReady = (CONFLICT, "not_ready", "the media is still processing, or its processing failed"),
+    PreconditionFailed = (PRECONDITION_FAILED, "precondition_failed", "the resource changed since the ETag given; fetch it again"),
+    PayloadTooLarge = (PAYLOAD_TOO_LARGE, "payload_too_large", "the request body is too large"),
+    UnsupportedMediaType = (UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "the Content-Type is not one this operation takes"),
+    ContentTypeMismatch = (UNSUPPORTED_MEDIA_TYPE, "content_type_mismatch", "the bytes are not the format the Content-Type declares"),
+    ValidationFailed = (UNPROCESSABLE_ENTITY, "validation_failed", "the body is JSON of the wrong shape: a field missing, unknown or of the wrong type"),
+    IdempotencyKeyReused = (UNPROCESSABLE_ENTITY, "idempotency_key_reused", "this Idempotency-Key was used for a different request"),
+    UnknownMembers = (UNPROCESSABLE_ENTITY, "unknown_members", "some member ids name no user"),
+    TooManyMembers = (UNPROCESSABLE_ENTITY, "too_many_members", "a conversation has at most 1000 members"),
+    UnknownMedia = (UNPROCESSABLE_ENTITY, "unknown_media", "no media of the sender's that can be attached (unknown, or its processing failed)"),
+    InvalidData = (UNPROCESSABLE_ENTITY, "invalid_data", "data is not a JSON object of at most 2048 bytes without NUL"),
+    EmptyUpload = (UNPROCESSABLE_ENTITY, "empty_upload", "the upload is empty"),
+    InvalidImage = (UNPROCESSABLE_ENTITY, "invalid_image", "the upload is not a JPEG, PNG or WebP image"),
+    ImageTooLarge = (UNPROCESSABLE_ENTITY, "image_too_large", "the image has more pixels than MEDIA_MAX_PIXELS"),
+    MissingFile = (UNPROCESSABLE_ENTITY, "missing_file", "the form has no part named `file`"),
+    RateLimited = (TOO_MANY_REQUESTS, "rate_limited", "too many requests; retry after the Retry-After seconds"),
+    Internal = (INTERNAL_SERVER_ERROR, "internal", "an internal error occurred; quote the request_id when reporting it"),
+    DatabaseUnavailable = (SERVICE_UNAVAILABLE, "database_unavailable", "the database did not answer; retry shortly"),
+    StorageUnavailable = (SERVICE_UNAVAILABLE, "storage_unavailable", "object storage did not answer; retry shortly"),
+    Timeout = (SERVICE_UNAVAILABLE, "timeout", "the request did not complete in time; retry shortly"),
+}
+
+impl From<ValidationCode> for ErrorCode {
+    fn from(code: ValidationCode) -> Self {
+        Self::Invalid(code)
+    }
+}
+
 /// An RFC 9457 problem document with this API's `code` and `request_id` extensions.
 #[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
 pub struct Problem {
@@ -37,7 +128,8 @@ pub struct Problem {
     /// The status code's reason phrase.
     pub title: String,
     pub status: u16,
-    /// A stable, machine-readable error code.
+    /// A stable, machine-readable error code; each operation documents the codes it
+    /// can answer with.
     pub code: String,
     /// What went wrong, for humans; may change between versions.
     pub detail: String,
@@ -46,91 +138,71 @@ pub struct Problem {
     pub request_id: Option<String>,
 }
 
-/// An error response. Build one with the constructors; `?` converts database and
+/// An error response. Build one from its [`ErrorCode`]; `?` converts database and
 /// validation errors.
 #[derive(Debug)]
 pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    detail: String,
+    code: ErrorCode,
+    detail: Option<String>,
     retry_after: Option<u64>,
-    /// For a 401: send `WWW-Authenticate: Bearer` as RFC 6750 asks.
-    bearer_challenge: bool,
     /// For a 5xx: the cause, logged, never sent.
     source: Option<anyhow::Error>,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+    /// The error `code`, its meaning as the detail.
+    pub fn new(code: ErrorCode) -> Self {
         Self {
-            status,
             code,
-            detail: detail.into(),
+            detail: None,
             retry_after: None,
-            bearer_challenge: false,
             source: None,
         }
     }
 
-    pub fn bad_request(code: &'static str, detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, detail)
+    /// A more specific detail than the code's meaning.
+    pub fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
     }
 
-    pub fn unauthorized(code: &'static str, detail: impl Into<String>) -> Self {
-        let mut error = Self::new(StatusCode::UNAUTHORIZED, code, detail);
-        error.bearer_challenge = true;
-        error
-    }
-
-    pub fn not_found(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", detail)
-    }
-
-    pub fn conflict(code: &'static str, detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::CONFLICT, code, detail)
-    }
-
-    pub fn unprocessable(code: &'static str, detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, detail)
+    pub fn code(&self) -> ErrorCode {
+        self.code
     }
 
     pub fn rate_limited(retry_after_seconds: u64) -> Self {
-        let mut error = Self::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            format!("too many requests; retry after {retry_after_seconds} s"),
-        );
+        let mut error = Self::new(ErrorCode::RateLimited).detail(format!(
+            "too many requests; retry after {retry_after_seconds} s"
+        ));
         error.retry_after = Some(retry_after_seconds);
         error
     }
 
     /// A 500 whose cause is logged and hidden.
     pub fn internal(source: impl Into<anyhow::Error>) -> Self {
-        let mut error = Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "an internal error occurred; quote the request_id when reporting it",
-        );
+        let mut error = Self::new(ErrorCode::Internal);
         error.source = Some(source.into());
         error
     }
 
     /// A 503 for a dependency that did not answer in time; safe to retry.
-    pub fn unavailable(code: &'static str, source: impl Into<anyhow::Error>) -> Self {
-        let mut error = Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            code,
-            "the service is temporarily unavailable; retry shortly",
-        );
+    pub fn unavailable(code: ErrorCode, source: impl Into<anyhow::Error>) -> Self {
+        let mut error = Self::new(code);
         error.retry_after = Some(1);
         error.source = Some(source.into());
         error
     }
 }
 
+impl From<ErrorCode> for ApiError {
+    fn from(code: ErrorCode) -> Self {
+        Self::new(code)
+    }
+}
+
 impl From<ValidationError> for ApiError {
     fn from(error: ValidationError) -> Self {
-        Self::unprocessable(error.code, error.message)
+        Self::new(error.code.into()).detail(error.message)
     }
 }
 
@@ -140,12 +212,12 @@ impl From<sqlx::Error> for ApiError {
             // The pool could not hand out a connection in time: PostgreSQL is down or
             // saturated. Tell the client to come back rather than calling it a bug.
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                Self::unavailable("database_unavailable", error)
+                Self::unavailable(ErrorCode::DatabaseUnavailable, error)
             }
             // The server ended the connection (a restart, a failover, an administrator):
             // the next attempt gets another one.
             sqlx::Error::Database(ref db) if db.code().is_some_and(|c| connection_lost(&c)) => {
-                Self::unavailable("database_unavailable", error)
+                Self::unavailable(ErrorCode::DatabaseUnavailable, error)
             }
             other => Self::internal(other),
         }
@@ -167,22 +239,28 @@ impl From<mobile_auth::password::PasswordError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let status = self.code.status();
         if let Some(source) = &self.source
-            && self.status.is_server_error()
+            && status.is_server_error()
         {
-            tracing::error!(code = self.code, error = ?source, "request failed");
+            tracing::error!(code = self.code.as_str(), error = ?source, "request failed");
         }
-        let mut response = problem_response(self.status, self.code, self.detail);
+        let detail = self
+            .detail
+            .unwrap_or_else(|| self.code.meaning().to_owned());
+        let mut response = problem_response(self.code, detail);
         if let Some(seconds) = self.retry_after {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
-        if self.bearer_challenge {
-            let challenge = if self.code == "unauthenticated" {
-                HeaderValue::from_static("Bearer")
-            } else {
-                HeaderValue::from_static("Bearer error=\"invalid_token\"")
+        if status == StatusCode::UNAUTHORIZED {
+            // RFC 6750: say which scheme, and whether the token was the problem.
+            let challenge = match self.code {
+                ErrorCode::TokenExpired | ErrorCode::InvalidToken => {
+                    HeaderValue::from_static("Bearer error=\"invalid_token\"")
+                }
+                _ => HeaderValue::from_static("Bearer"),
             };
             response
                 .headers_mut()
@@ -192,13 +270,14 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// A problem+json response for `status` with `code` and `detail`.
-pub fn problem_response(status: StatusCode, code: &str, detail: String) -> Response {
+/// A problem+json response for `code` with `detail`.
+pub fn problem_response(code: ErrorCode, detail: String) -> Response {
+    let status = code.status();
     let problem = Problem {
-        kind: format!("urn:mobile-backend:problem:{code}"),
+        kind: format!("urn:mobile-backend:problem:{}", code.as_str()),
         title: status.canonical_reason().unwrap_or("Error").to_owned(),
         status: status.as_u16(),
-        code: code.to_owned(),
+        code: code.as_str().to_owned(),
         detail,
         request_id: REQUEST_ID.try_with(Clone::clone).ok(),
     };
@@ -207,4 +286,34 @@ pub fn problem_response(status: StatusCode, code: &str, detail: String) -> Respo
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn every_code_is_spelled_once_and_is_an_error_status() {
+        let all: Vec<ErrorCode> = ErrorCode::ALL
+            .iter()
+            .copied()
+            .chain(ValidationCode::ALL.into_iter().map(ErrorCode::Invalid))
+            .collect();
+        let spellings: HashSet<&str> = all.iter().map(|code| code.as_str()).collect();
+        assert_eq!(spellings.len(), all.len(), "two codes share a spelling");
+        for code in all {
+            assert!(
+                code.status().is_client_error() || code.status().is_server_error(),
+                "{code:?}"
+            );
+            assert!(
+                code.as_str()
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{code:?}"
+            );
+        }
+    }
 }

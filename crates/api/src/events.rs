@@ -15,12 +15,7 @@ pub async fn publish(state: &AppState, frames: &[(Channel, String)]) {
     if frames.is_empty() {
         return;
     }
-    let result = mobile_events::publish(
-        &mut state.redis.conn(),
-        &state.settings.common.redis_key_prefix,
-        frames,
-    )
-    .await;
+    let result = mobile_events::publish(&state.redis, frames).await;
     let outcome = match result {
         Ok(()) => "ok",
         Err(e) => {

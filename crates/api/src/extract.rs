@@ -17,7 +17,7 @@ use mobile_auth::{AccessClaims, TokenError};
 use mobile_domain::{SessionId, UserId};
 use serde::de::DeserializeOwned;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 
 /// A JSON body. Malformed JSON is 400 `malformed_json`; a body that is JSON but of the
 /// wrong shape (wrong types, missing or unknown fields) is 422 `validation_failed`; a
@@ -44,22 +44,17 @@ where
 fn json_rejection(rejection: JsonRejection) -> ApiError {
     match rejection {
         JsonRejection::JsonDataError(e) => {
-            ApiError::unprocessable("validation_failed", e.body_text())
+            ApiError::new(ErrorCode::ValidationFailed).detail(e.body_text())
         }
-        JsonRejection::JsonSyntaxError(e) => ApiError::bad_request("malformed_json", e.body_text()),
-        JsonRejection::MissingJsonContentType(_) => ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "expected Content-Type: application/json",
-        ),
+        JsonRejection::JsonSyntaxError(e) => {
+            ApiError::new(ErrorCode::MalformedJson).detail(e.body_text())
+        }
+        JsonRejection::MissingJsonContentType(_) => ApiError::new(ErrorCode::UnsupportedMediaType)
+            .detail("expected Content-Type: application/json"),
         JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                "the request body is too large",
-            )
+            ApiError::new(ErrorCode::PayloadTooLarge)
         }
-        other => ApiError::bad_request("unreadable_body", other.body_text()),
+        other => ApiError::new(ErrorCode::UnreadableBody).detail(other.body_text()),
     }
 }
 
@@ -79,7 +74,7 @@ where
             .await
             .map(|axum::extract::Path(value)| Self(value))
             .map_err(|rejection: PathRejection| {
-                ApiError::bad_request("invalid_path_parameter", rejection.body_text())
+                ApiError::new(ErrorCode::InvalidPathParameter).detail(rejection.body_text())
             })
     }
 }
@@ -100,7 +95,7 @@ where
             .await
             .map(|axum::extract::Query(value)| Self(value))
             .map_err(|rejection: QueryRejection| {
-                ApiError::bad_request("invalid_query", rejection.body_text())
+                ApiError::new(ErrorCode::InvalidQuery).detail(rejection.body_text())
             })
     }
 }
@@ -128,29 +123,23 @@ impl<S: Send + Sync> FromRequestParts<S> for AuthUser {
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         match parts.extensions.get::<Authentication>() {
             Some(Authentication::Valid(claims)) => Ok(Self {
-                user_id: claims.user_id(),
-                session_id: claims.session_id(),
+                user_id: claims.sub,
+                session_id: claims.sid,
             }),
-            Some(Authentication::Invalid(TokenError::Expired)) => Err(ApiError::unauthorized(
-                "token_expired",
-                "the access token has expired; refresh it",
-            )),
-            Some(Authentication::Invalid(TokenError::UnknownKey)) => Err(ApiError::unauthorized(
-                "invalid_token",
-                "the access token was signed by a key this server does not know",
-            )),
-            Some(Authentication::Invalid(TokenError::Invalid)) => Err(ApiError::unauthorized(
-                "invalid_token",
-                "the access token is invalid",
-            )),
-            Some(Authentication::Malformed) => Err(ApiError::unauthorized(
-                "invalid_token",
-                "the Authorization header must be \"Bearer <access token>\"",
-            )),
-            None => Err(ApiError::unauthorized(
-                "unauthenticated",
-                "this endpoint needs an access token (Authorization: Bearer ...)",
-            )),
+            Some(Authentication::Invalid(TokenError::Expired)) => {
+                Err(ApiError::new(ErrorCode::TokenExpired))
+            }
+            Some(Authentication::Invalid(TokenError::UnknownKey)) => {
+                Err(ApiError::new(ErrorCode::InvalidToken)
+                    .detail("the access token was signed by a key this server does not know"))
+            }
+            Some(Authentication::Invalid(TokenError::Invalid)) => {
+                Err(ApiError::new(ErrorCode::InvalidToken).detail("the access token is invalid"))
+            }
+            Some(Authentication::Malformed) => Err(ApiError::new(ErrorCode::InvalidToken)
+                .detail("the Authorization header must be \"Bearer <access token>\"")),
+            None => Err(ApiError::new(ErrorCode::Unauthenticated)
+                .detail("this endpoint needs an access token (Authorization: Bearer ...)")),
         }
     }
 }

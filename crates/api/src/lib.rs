@@ -3,18 +3,21 @@
 //! A request passes through the [`middleware`] stack (request id, metrics, problem
 //! safety net, authentication, idempotency, timeout, rate limits), reaches a handler in
 //! [`routes`] that parses its input into domain types ([`mobile_domain`]), calls plain
-//! query functions ([`mobile_db`]) and answers JSON, or an [`error::ApiError`] as
-//! problem+json. The OpenAPI document is generated from the handlers' annotations, so
-//! it cannot drift from them.
+//! query functions ([`mobile_db`]) or, for a message post, [`messaging`], and answers
+//! JSON, or an [`error::ApiError`] as problem+json. The OpenAPI document is generated
+//! from the handlers' annotations and the [`error::ErrorCode`] table ([`openapi`]),
+//! so it cannot drift from them; debug builds check every problem against it.
 //!
-//! `main.rs` is thin: [`run`] serves, [`migrate`] applies migrations.
+//! `main.rs` is one line: [`Api`] is a [`Service`] and `mobile_runtime::cli::main`
+//! does the rest (`mobile-api`, `mobile-api migrate`, `mobile-api health`).
 
 pub mod error;
 pub mod events;
 pub mod extract;
+pub mod messaging;
 pub mod metrics;
 pub mod middleware;
-mod openapi;
+pub mod openapi;
 pub mod routes;
 pub mod settings;
 pub mod state;
@@ -29,12 +32,11 @@ use axum::{
     middleware::{from_fn, from_fn_with_state},
     routing::get,
 };
-use mobile_auth::{AccessTokens, SigningKey, VerifyKeys};
 use mobile_runtime::{
-    Health, Shutdown, metrics as runtime_metrics, server,
-    service::{self, Foundation},
+    CommonSettings, Env, Health, SettingsError, Shutdown, metrics as runtime_metrics, server,
+    service::{Foundation, Listeners, Service},
 };
-use tokio::net::TcpListener;
+use secrecy::ExposeSecret as _;
 use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
 
@@ -47,6 +49,47 @@ use crate::{
 /// The version reported in `build_info` and the OpenAPI document.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The `mobile-api` binary.
+#[derive(Debug)]
+pub struct Api;
+
+impl Service for Api {
+    const NAME: &'static str = "mobile-api";
+    const VERSION: &'static str = VERSION;
+    const DEFAULT_LISTEN_ADDR: &'static str = ApiSettings::DEFAULT_LISTEN_ADDR;
+    const DEFAULT_METRICS_ADDR: &'static str = ApiSettings::DEFAULT_METRICS_ADDR;
+    const ABOUT: &'static str = "serve the REST API";
+    const COMMANDS: &'static [(&'static str, &'static str)] = &[(
+        "migrate",
+        "create the database if missing and apply migrations, then exit",
+    )];
+
+    type Settings = ApiSettings;
+
+    fn settings(env: &Env) -> Result<ApiSettings, SettingsError> {
+        ApiSettings::from_env(env)
+    }
+
+    fn common(settings: &ApiSettings) -> &CommonSettings {
+        &settings.common
+    }
+
+    async fn serve(
+        settings: ApiSettings,
+        listeners: Listeners,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<()> {
+        serve(settings, listeners, shutdown).await
+    }
+
+    async fn command(name: &str, env: &Env) -> anyhow::Result<()> {
+        match name {
+            "migrate" => migrate(Self::common_settings(env)?.database_url.expose_secret()).await,
+            other => anyhow::bail!("mobile-api has no command {other:?}"),
+        }
+    }
+}
+
 /// The public router: every route, the OpenAPI document, health, and the middleware.
 pub fn app(state: AppState, health: &Health) -> Router {
     let (api, document) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
@@ -57,55 +100,53 @@ pub fn app(state: AppState, health: &Health) -> Router {
         .merge(routes::media::router(&state))
         .merge(routes::internal::router())
         .split_for_parts();
+    let document = openapi::finish(&document);
+    let contract = Arc::new(openapi::contract(&document));
     // Serialised once at start; every request for it is a copy of these bytes.
-    let document = bytes::Bytes::from(document.to_pretty_json().unwrap_or_default());
+    let document = bytes::Bytes::from(serde_json::to_vec_pretty(&document).unwrap_or_default());
 
-    api.route(
-        "/openapi.json",
-        get(move || {
-            let document = document.clone();
-            async move {
-                (
-                    [(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static("application/json"),
-                    )],
-                    document,
-                )
-            }
-        }),
-    )
-    .merge(health.router())
-    .fallback(middleware::not_found)
-    // Layers wrap what is above them: the last added runs first.
-    .layer(from_fn_with_state(state.clone(), middleware::timeout))
-    .layer(from_fn_with_state(
-        state.clone(),
-        middleware::idempotency::idempotency,
-    ))
-    .layer(from_fn_with_state(state.clone(), middleware::authenticate))
-    .layer(from_fn(middleware::problem_safety_net))
-    .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
-    .layer(from_fn_with_state(state.clone(), middleware::observe))
-    .with_state(state)
-}
-
-/// Listens on the configured addresses and serves until SIGTERM.
-pub async fn run(settings: ApiSettings) -> anyhow::Result<()> {
-    let (listener, metrics_listener, shutdown) =
-        service::bind_with_signals(&settings.common).await?;
-    serve(settings, listener, metrics_listener, shutdown).await
+    let mut app = api
+        .route(
+            "/openapi.json",
+            get(move || {
+                let document = document.clone();
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            HeaderValue::from_static("application/json"),
+                        )],
+                        document,
+                    )
+                }
+            }),
+        )
+        .merge(health.router())
+        .fallback(middleware::not_found)
+        // Layers wrap what is above them: the last added runs first.
+        .layer(from_fn_with_state(state.clone(), middleware::timeout))
+        .layer(from_fn_with_state(
+            state.clone(),
+            middleware::idempotency::idempotency,
+        ))
+        .layer(from_fn_with_state(state.clone(), middleware::authenticate))
+        .layer(from_fn(middleware::problem_safety_net));
+    if cfg!(debug_assertions) {
+        app = app.layer(from_fn_with_state(contract, middleware::contract::check));
+    }
+    app.layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
+        .layer(from_fn_with_state(state.clone(), middleware::observe))
+        .with_state(state)
 }
 
 /// Serves on listeners the caller bound (tests bind port 0) until `shutdown` triggers,
 /// then drains.
 pub async fn serve(
     settings: ApiSettings,
-    listener: TcpListener,
-    metrics_listener: TcpListener,
+    listeners: Listeners,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let tokens = access_tokens(&settings)?;
+    let tokens = settings.tokens.issuer()?;
     let Foundation {
         db,
         redis,
@@ -130,9 +171,8 @@ pub async fn serve(
     });
     let app = app(state, &health);
     server::serve(
-        listener,
+        listeners,
         app,
-        metrics_listener,
         runtime_metrics::router(Arc::new(registry)),
         shutdown,
         drain,
@@ -140,41 +180,6 @@ pub async fn serve(
         tokio_util::task::TaskTracker::new(),
     )
     .await
-}
-
-/// The signing key from `JWT_SIGNING_KEY_FILE` (or, in development only, the published
-/// development key) and any extra verify keys from `JWT_VERIFY_KEYS_FILE`.
-fn access_tokens(settings: &ApiSettings) -> anyhow::Result<AccessTokens> {
-    let signing = match &settings.jwt_signing_key_file {
-        Some(path) => SigningKey::from_file(path).context("JWT_SIGNING_KEY_FILE")?,
-        None if settings.common.app_env.is_development() => {
-            tracing::warn!(
-                "JWT_SIGNING_KEY_FILE is not set: signing with the PUBLISHED DEVELOPMENT KEY. \
-                 Anyone can forge tokens for this server. Never run this outside development."
-            );
-            SigningKey::development()?
-        }
-        None => anyhow::bail!(
-            "JWT_SIGNING_KEY_FILE is required (APP_ENV is {:?}; only APP_ENV=development may fall back to the development key)",
-            settings.common.app_env.to_string()
-        ),
-    };
-    let verify = match &settings.jwt_verify_keys_file {
-        Some(path) => VerifyKeys::from_file(path).context("JWT_VERIFY_KEYS_FILE")?,
-        None => VerifyKeys::default(),
-    };
-    let tokens = AccessTokens::new(
-        Some(signing),
-        verify,
-        settings.jwt_issuer.clone(),
-        settings.jwt_audience.clone(),
-        settings.access_token_ttl,
-    );
-    tracing::info!(
-        verify_kids = ?tokens.verify_keys().kids(),
-        "access-token keys loaded"
-    );
-    Ok(tokens)
 }
 
 /// `mobile-api migrate`: creates the database if needed and applies migrations,

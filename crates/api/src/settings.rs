@@ -2,6 +2,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
+use mobile_auth::TokenConfig;
 use mobile_runtime::{CommonSettings, Env, SettingsError};
 use secrecy::{ExposeSecret as _, SecretString};
 
@@ -10,17 +11,12 @@ use secrecy::{ExposeSecret as _, SecretString};
 #[derive(Debug, Clone)]
 pub struct ApiSettings {
     pub common: CommonSettings,
-    /// `JWT_SIGNING_KEY_FILE`: Ed25519 PKCS#8 PEM. Required unless `APP_ENV=development`.
-    pub jwt_signing_key_file: Option<PathBuf>,
-    /// `JWT_VERIFY_KEYS_FILE`: extra public keys accepted during a rotation (the
-    /// signing key's own public key is always accepted).
-    pub jwt_verify_keys_file: Option<PathBuf>,
-    /// `JWT_ISSUER` (default `mobile-backend`).
-    pub jwt_issuer: String,
-    /// `JWT_AUDIENCE` (default `mobile-app`).
-    pub jwt_audience: String,
-    /// `ACCESS_TOKEN_TTL_SECONDS` (default 900, 15 minutes).
-    pub access_token_ttl: Duration,
+    /// `JWT_SIGNING_KEY_FILE` (Ed25519 PKCS#8 PEM, required unless
+    /// `APP_ENV=development`), `JWT_VERIFY_KEYS_FILE` (extra public keys accepted
+    /// during a rotation; the signing key's own is always accepted), `JWT_ISSUER`,
+    /// `JWT_AUDIENCE`, and `ACCESS_TOKEN_TTL_SECONDS` (default 900, 15 minutes) as
+    /// the tokens' lifetime.
+    pub tokens: TokenConfig,
     /// `REFRESH_TOKEN_TTL_DAYS` (default 30): a session unused this long ends.
     pub refresh_token_ttl: Duration,
     /// `REQUEST_TIMEOUT_SECONDS` (default 15): a request still running after this gets
@@ -61,12 +57,15 @@ impl ApiSettings {
         let common =
             CommonSettings::from_env(env, Self::DEFAULT_LISTEN_ADDR, Self::DEFAULT_METRICS_ADDR)?;
         let settings = Self {
+            tokens: TokenConfig {
+                signing_key_file: env.optional("JWT_SIGNING_KEY_FILE").map(PathBuf::from),
+                verify_keys_file: env.optional("JWT_VERIFY_KEYS_FILE").map(PathBuf::from),
+                issuer: env.string("JWT_ISSUER", TokenConfig::DEFAULT_ISSUER),
+                audience: env.string("JWT_AUDIENCE", TokenConfig::DEFAULT_AUDIENCE),
+                ttl: env.seconds("ACCESS_TOKEN_TTL_SECONDS", 900)?,
+                development: common.app_env.is_development(),
+            },
             common,
-            jwt_signing_key_file: env.optional("JWT_SIGNING_KEY_FILE").map(PathBuf::from),
-            jwt_verify_keys_file: env.optional("JWT_VERIFY_KEYS_FILE").map(PathBuf::from),
-            jwt_issuer: env.string("JWT_ISSUER", "mobile-backend"),
-            jwt_audience: env.string("JWT_AUDIENCE", "mobile-app"),
-            access_token_ttl: env.seconds("ACCESS_TOKEN_TTL_SECONDS", 900)?,
             refresh_token_ttl: Duration::from_secs(
                 env.parse::<u64>("REFRESH_TOKEN_TTL_DAYS", 30)? * 86_400,
             ),
@@ -94,10 +93,7 @@ impl ApiSettings {
             ));
         }
         for (name, value) in [
-            (
-                "ACCESS_TOKEN_TTL_SECONDS",
-                settings.access_token_ttl.as_secs(),
-            ),
+            ("ACCESS_TOKEN_TTL_SECONDS", settings.tokens.ttl.as_secs()),
             (
                 "REFRESH_TOKEN_TTL_DAYS",
                 settings.refresh_token_ttl.as_secs(),

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::{
-    error::ApiError,
+    error::{ApiError, ErrorCode},
     extract::{Authentication, client_ip},
     metrics::FeatureLabel,
     state::AppState,
@@ -85,11 +85,7 @@ pub async fn idempotency(State(state): State<AppState>, req: Request, next: Next
             key.to_owned()
         }
         _ => {
-            return ApiError::bad_request(
-                "invalid_idempotency_key",
-                "Idempotency-Key must be 1 to 255 printable ASCII characters",
-            )
-            .into_response();
+            return ApiError::new(ErrorCode::InvalidIdempotencyKey).into_response();
         }
     };
 
@@ -97,14 +93,7 @@ pub async fn idempotency(State(state): State<AppState>, req: Request, next: Next
     let (parts, body) = req.into_parts();
     let body = match to_bytes(body, state.settings.max_body_bytes).await {
         Ok(body) => body,
-        Err(_) => {
-            return ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                "the request body is too large",
-            )
-            .into_response();
-        }
+        Err(_) => return ApiError::new(ErrorCode::PayloadTooLarge).into_response(),
     };
     let scope = match parts.extensions.get::<Authentication>() {
         Some(Authentication::Valid(claims)) => format!("user:{}", claims.sub),
@@ -123,7 +112,7 @@ pub async fn idempotency(State(state): State<AppState>, req: Request, next: Next
         hasher.update(&body);
         hex::encode(hasher.finalize())
     };
-    let redis_key = state.redis.key(&format!(
+    let redis_key = state.redis.key(format_args!(
         "idem:{scope}:{}",
         hex::encode(Sha256::digest(key.as_bytes()))
     ));
@@ -192,18 +181,12 @@ async fn claim(
 
 fn answer_existing(record: Record, fingerprint: &str) -> Response {
     if record.fingerprint() != fingerprint {
-        return ApiError::unprocessable(
-            "idempotency_key_reused",
-            "this Idempotency-Key was used for a different request",
-        )
-        .into_response();
+        return ApiError::new(ErrorCode::IdempotencyKeyReused).into_response();
     }
     match record {
-        Record::InFlight { .. } => ApiError::conflict(
-            "idempotency_request_in_flight",
-            "a request with this Idempotency-Key is still being processed; retry later",
-        )
-        .into_response(),
+        Record::InFlight { .. } => {
+            ApiError::new(ErrorCode::IdempotencyRequestInFlight).into_response()
+        }
         Record::Done {
             status,
             headers,

@@ -10,7 +10,11 @@
 //! 5. [`timeout`]: a request still running after `REQUEST_TIMEOUT_SECONDS` is cancelled
 //!    and answered 503.
 //! 6. [`rate_limit`]: per IP on auth routes, per user on writes (route layers).
+//!
+//! In debug builds, [`contract`] sits inside `observe` and holds each route's problems
+//! to what its OpenAPI operation documents.
 
+pub mod contract;
 pub mod idempotency;
 pub mod rate_limit;
 
@@ -25,7 +29,7 @@ use axum::{
 use tracing::Instrument;
 
 use crate::{
-    error::{ApiError, REQUEST_ID, problem_response},
+    error::{ApiError, ErrorCode, REQUEST_ID, problem_response},
     extract::Authentication,
     metrics::HttpLabels,
     state::AppState,
@@ -104,20 +108,15 @@ pub async fn problem_safety_net(req: Request, next: Next) -> Response {
     if !(status.is_client_error() || status.is_server_error()) || !is_plain {
         return response;
     }
-    let (code, detail) = match status {
-        StatusCode::NOT_FOUND => ("not_found", "no such resource"),
-        StatusCode::METHOD_NOT_ALLOWED => (
-            "method_not_allowed",
-            "this method is not allowed on this resource",
-        ),
-        StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "the request body is too large"),
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
-            ("unsupported_media_type", "unsupported Content-Type")
-        }
-        s if s.is_server_error() => ("internal", "an internal error occurred"),
-        _ => ("bad_request", "the request could not be handled"),
+    let code = match status {
+        StatusCode::NOT_FOUND => ErrorCode::NotFound,
+        StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
+        s if s.is_server_error() => ErrorCode::Internal,
+        _ => ErrorCode::BadRequest,
     };
-    let mut problem = problem_response(status, code, detail.to_owned());
+    let mut problem = problem_response(code, code.meaning().to_owned());
     // Keep headers that mean something to the client (Allow on a 405).
     for (name, value) in response.headers() {
         if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
@@ -128,7 +127,7 @@ pub async fn problem_safety_net(req: Request, next: Next) -> Response {
 }
 
 pub async fn not_found() -> ApiError {
-    ApiError::not_found("no such resource")
+    ApiError::new(ErrorCode::NotFound)
 }
 
 pub async fn timeout(State(state): State<AppState>, req: Request, next: Next) -> Response {
@@ -137,19 +136,19 @@ pub async fn timeout(State(state): State<AppState>, req: Request, next: Next) ->
         Ok(response) => response,
         Err(_) => {
             tracing::warn!(?limit, "request timed out");
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "timeout",
-                format!("the request did not complete within {} s", limit.as_secs()),
-            )
-            .into_response()
+            ApiError::new(ErrorCode::Timeout)
+                .detail(format!(
+                    "the request did not complete within {} s",
+                    limit.as_secs()
+                ))
+                .into_response()
         }
     }
 }
 
 pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     if let Some(header) = req.headers().get(header::AUTHORIZATION) {
-        let outcome = match header.to_str().ok().and_then(bearer_token) {
+        let outcome = match header.to_str().ok().and_then(mobile_auth::bearer_token) {
             None => Authentication::Malformed,
             Some(token) => match state.tokens.verify(token) {
                 Ok(claims) => Authentication::Valid(claims),
@@ -161,25 +160,9 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
     next.run(req).await
 }
 
-/// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
-fn bearer_token(header: &str) -> Option<&str> {
-    let (scheme, token) = header.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bearer_tokens() {
-        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
-        assert_eq!(bearer_token("bearer  abc "), Some("abc"));
-        assert_eq!(bearer_token("Basic abc"), None);
-        assert_eq!(bearer_token("Bearer"), None);
-        assert_eq!(bearer_token("Bearer "), None);
-    }
 
     #[test]
     fn request_ids() {

@@ -11,7 +11,7 @@ use mobile_db::{
     sessions::{self, RevokeReason, Rotation},
     users::{self, InsertUser},
 };
-use mobile_domain::{DisplayName, Email, Password, SessionId, UserId};
+use mobile_domain::{DisplayName, Email, Password, SessionId, UserId, ValidationCode};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
@@ -19,9 +19,10 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::User;
 use crate::{
-    error::{ApiError, Problem},
+    error::{ApiError, ErrorCode},
     extract::Json,
     middleware::rate_limit::{self, Class},
+    problems,
     state::AppState,
 };
 
@@ -41,27 +42,28 @@ pub fn router(state: &AppState) -> OpenApiRouter<AppState> {
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
     /// Lower-cased; must be unique.
-    #[schema(example = "ann@example.com")]
+    #[schema(schema_with = mobile_domain::schema::email)]
     pub email: String,
-    /// 10 to 128 characters, not a commonly breached password.
-    #[schema(example = "correct horse battery staple")]
+    #[schema(schema_with = mobile_domain::schema::new_password)]
     pub password: String,
-    /// 1 to 64 characters.
-    #[schema(example = "Ann")]
+    #[schema(schema_with = mobile_domain::schema::display_name)]
     pub display_name: String,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
-    #[schema(example = "ann@example.com")]
+    #[schema(schema_with = mobile_domain::schema::email)]
     pub email: String,
+    #[schema(schema_with = mobile_domain::schema::presented_password)]
     pub password: String,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshRequest {
+    /// The refresh token of the last pair.
+    #[schema(example = "rt_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")]
     pub refresh_token: String,
 }
 
@@ -87,6 +89,8 @@ pub struct TokenPair {
     pub expires_in: u64,
 }
 
+problems!(RegisterProblems: EmailTaken, Invalid(InvalidEmail), Invalid(WeakPassword), Invalid(InvalidPassword), Invalid(InvalidDisplayName));
+
 /// Create an account and sign in.
 #[utoipa::path(
     post,
@@ -95,9 +99,7 @@ pub struct TokenPair {
     request_body = RegisterRequest,
     responses(
         (status = 201, description = "Registered and signed in", body = AuthResponse),
-        (status = 409, description = "`email_taken`", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`invalid_email`, `weak_password`, `invalid_display_name`, `validation_failed`", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited`", body = Problem, content_type = "application/problem+json"),
+        RegisterProblems,
     )
 )]
 #[tracing::instrument(skip_all)]
@@ -113,12 +115,7 @@ async fn register(
     let mut tx = state.db.begin().await?;
     let user = match users::insert_user(&mut *tx, &email, &password_hash, &display_name).await? {
         InsertUser::Inserted(user) => user,
-        InsertUser::EmailTaken => {
-            return Err(ApiError::conflict(
-                "email_taken",
-                "an account with this email exists",
-            ));
-        }
+        InsertUser::EmailTaken => return Err(ErrorCode::EmailTaken.into()),
     };
     let refresh = refresh::generate();
     let session =
@@ -136,6 +133,8 @@ async fn register(
     ))
 }
 
+problems!(LoginProblems: InvalidCredentials, Invalid(InvalidEmail), Invalid(InvalidPassword));
+
 /// Sign in with email and password.
 ///
 /// Unknown email and wrong password get the same answer, after the same password-hash work.
@@ -146,9 +145,7 @@ async fn register(
     request_body = LoginRequest,
     responses(
         (status = 200, description = "Signed in", body = AuthResponse),
-        (status = 401, description = "`invalid_credentials`", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`invalid_email`, `validation_failed`", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited`", body = Problem, content_type = "application/problem+json"),
+        LoginProblems,
     )
 )]
 #[tracing::instrument(skip_all)]
@@ -157,23 +154,17 @@ async fn login(
     Json(body): Json<LoginRequest>,
 ) -> Result<axum::Json<AuthResponse>, ApiError> {
     let email = Email::parse(&body.email)?;
-    if body.password.len() > 1024 {
-        return Err(ApiError::unprocessable(
-            "invalid_password",
-            "password is too long",
-        ));
+    if body.password.chars().count() > Password::MAX_PRESENTED_CHARS {
+        return Err(
+            ApiError::new(ValidationCode::InvalidPassword.into()).detail("password is too long")
+        );
     }
     let credentials = users::find_credentials(&state.db, &email).await?;
     let stored_hash = credentials.as_ref().map(|c| c.password_hash.clone());
     let matches = password::verify(body.password, stored_hash).await?;
     let user = match credentials {
         Some(credentials) if matches => credentials.user,
-        _ => {
-            return Err(ApiError::unauthorized(
-                "invalid_credentials",
-                "the email or password is wrong",
-            ));
-        }
+        _ => return Err(ErrorCode::InvalidCredentials.into()),
     };
 
     let refresh = refresh::generate();
@@ -188,10 +179,13 @@ async fn login(
     }))
 }
 
+problems!(RefreshProblems: InvalidRefreshToken);
+
 /// Exchange a refresh token for a new token pair.
 ///
 /// The presented token is spent. Presenting a spent token again is treated as theft:
 /// the whole session is revoked and every token of it stops working.
+
 #[utoipa::path(
     post,
     path = "/v1/auth/refresh",
@@ -199,8 +193,7 @@ async fn login(
     request_body = RefreshRequest,
     responses(
         (status = 200, description = "A new token pair", body = TokenPair),
-        (status = 401, description = "`invalid_refresh_token`: unknown, expired, spent or revoked; sign in again", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited`", body = Problem, content_type = "application/problem+json"),
+        RefreshProblems,
     )
 )]
 #[tracing::instrument(skip_all)]
@@ -208,12 +201,7 @@ async fn refresh_tokens(
     State(state): State<AppState>,
     Json(body): Json<RefreshRequest>,
 ) -> Result<axum::Json<TokenPair>, ApiError> {
-    let invalid = || {
-        ApiError::unauthorized(
-            "invalid_refresh_token",
-            "the refresh token is not valid; sign in again",
-        )
-    };
+    let invalid = || ApiError::new(ErrorCode::InvalidRefreshToken);
     let presented = refresh::parse(&body.refresh_token).ok_or_else(invalid)?;
     let successor = refresh::generate();
     match sessions::rotate_refresh_token(
@@ -252,7 +240,6 @@ async fn refresh_tokens(
     request_body = RefreshRequest,
     responses(
         (status = 204, description = "Signed out"),
-        (status = 429, description = "`rate_limited`", body = Problem, content_type = "application/problem+json"),
     )
 )]
 #[tracing::instrument(skip_all)]

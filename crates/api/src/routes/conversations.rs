@@ -6,28 +6,21 @@
 //! online, and after the commit publishes the event to the gateways.
 
 use axum::{extract::State, http::StatusCode};
-use std::collections::HashSet;
-
-use mobile_db::{
-    conversations::{self, CreateConversation, NewMessage, PostMessage, Window},
-    media,
-    push::{self, Notification},
-    users,
-};
-use mobile_domain::{ClientMsgId, MessageText, Title, UserId};
-use mobile_events::{Channel, ConversationData, MessageData, presence};
+use mobile_db::conversations::{self, CreateConversation, Window};
+use mobile_domain::{ClientMsgId, ConversationId, MediaId, MessageText, Title, UserId};
+use mobile_events::{Channel, ConversationData, MessageData};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
-use uuid::Uuid;
 
 use super::pagination::{self, PageQuery};
 use crate::{
-    error::{ApiError, Problem},
+    error::{ApiError, ErrorCode},
     events,
     extract::{AuthUser, Json, Path, Query},
-    metrics::FeatureLabel,
+    messaging::{self, Draft, Posted},
     middleware::rate_limit::{self, Class},
+    problems,
     state::AppState,
 };
 
@@ -45,9 +38,11 @@ pub fn router(state: &AppState) -> OpenApiRouter<AppState> {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateConversationRequest {
-    /// The other members; the creator is always a member. Up to 999.
-    pub member_ids: Vec<Uuid>,
-    #[schema(example = "Weekend trip")]
+    /// The other members; the creator is always a member (and may be listed too).
+    #[schema(max_items = 999)]
+    pub member_ids: Vec<UserId>,
+    /// Left out (or `null`): untitled.
+    #[schema(schema_with = mobile_domain::schema::title_or_null)]
     pub title: Option<String>,
 }
 
@@ -61,27 +56,30 @@ pub struct ConversationPage {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PostMessageRequest {
-    /// The client's own id for this message; a retry with the same one returns the
-    /// first message instead of posting twice.
-    #[schema(example = "6f1c1c0e-4d2a-4d0b-9a57-2f1c2d3e4f50")]
+    #[schema(schema_with = mobile_domain::schema::client_msg_id)]
     pub client_msg_id: String,
-    /// Not blank; at most 4000 characters.
-    #[schema(example = "See you at 8!")]
+    #[schema(schema_with = mobile_domain::schema::message_body)]
     pub body: String,
-    /// Media to attach (from `POST /v1/media`).
-    pub media_id: Option<Uuid>,
+    /// Media to attach (from `POST /v1/media`), the sender's own.
+    pub media_id: Option<MediaId>,
 }
 
+/// At most one of `after_seq`, `before_seq` and `cursor`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct MessagesQuery {
     /// Messages with `seq` greater than this, oldest first (catching up).
+    #[param(minimum = 0)]
     pub after_seq: Option<i64>,
     /// Messages with `seq` less than this, the newest of them (scrolling back).
+    #[param(minimum = 1)]
     pub before_seq: Option<i64>,
     /// From a previous page's `next_cursor`; continues in the same direction.
+    #[param(max_length = 256)]
     pub cursor: Option<String>,
     /// 1 to 100; default 50.
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<u32>,
 }
 
@@ -93,6 +91,8 @@ pub struct MessagePage {
     pub next_cursor: Option<String>,
 }
 
+problems!(CreateConversationProblems: UnknownMembers, TooManyMembers, Invalid(InvalidTitle));
+
 /// Start a conversation.
 #[utoipa::path(
     post,
@@ -102,9 +102,7 @@ pub struct MessagePage {
     request_body = CreateConversationRequest,
     responses(
         (status = 201, description = "Created; `conversation.created` goes to every member's `user:` channel", body = ConversationData),
-        (status = 401, description = "`unauthenticated`, `token_expired`, `invalid_token`", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`unknown_members`, `too_many_members`, `invalid_title`, `validation_failed`", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited`", body = Problem, content_type = "application/problem+json"),
+        CreateConversationProblems,
     )
 )]
 #[tracing::instrument(skip_all, fields(user_id = %auth.user_id))]
@@ -115,29 +113,21 @@ async fn create_conversation(
 ) -> Result<(StatusCode, axum::Json<ConversationData>), ApiError> {
     let title = body.title.as_deref().map(Title::parse).transpose()?;
     if body.member_ids.len() >= conversations::MAX_MEMBERS {
-        return Err(ApiError::unprocessable(
-            "too_many_members",
-            format!(
-                "a conversation has at most {} members",
-                conversations::MAX_MEMBERS
-            ),
-        ));
+        return Err(ErrorCode::TooManyMembers.into());
     }
     let created = conversations::create_conversation(
         &state.db,
         auth.user_id,
         &body.member_ids,
-        title.as_ref().map(Title::as_str),
+        title.as_ref(),
     )
     .await?;
     let conversation: ConversationData = match created {
         CreateConversation::Created(conversation) => conversation.into(),
         CreateConversation::UnknownMembers(unknown) => {
-            let unknown: Vec<String> = unknown.iter().map(Uuid::to_string).collect();
-            return Err(ApiError::unprocessable(
-                "unknown_members",
-                format!("no such users: {}", unknown.join(", ")),
-            ));
+            let unknown: Vec<String> = unknown.iter().map(UserId::to_string).collect();
+            return Err(ApiError::new(ErrorCode::UnknownMembers)
+                .detail(format!("no such users: {}", unknown.join(", "))));
         }
     };
     let frames: Vec<(Channel, String)> = conversation
@@ -152,6 +142,8 @@ async fn create_conversation(
     Ok((StatusCode::CREATED, axum::Json(conversation)))
 }
 
+problems!(CursorProblems: InvalidCursor);
+
 /// The signed-in user's conversations, newest first.
 #[utoipa::path(
     get,
@@ -161,8 +153,7 @@ async fn create_conversation(
     params(PageQuery),
     responses(
         (status = 200, description = "One page", body = ConversationPage),
-        (status = 400, description = "`invalid_query`, `invalid_cursor`", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthenticated`, `token_expired`, `invalid_token`", body = Problem, content_type = "application/problem+json"),
+        CursorProblems,
     )
 )]
 async fn list_conversations(
@@ -174,7 +165,7 @@ async fn list_conversations(
     let before = query
         .cursor
         .as_deref()
-        .map(pagination::decode_id)
+        .map(pagination::decode_id::<ConversationId>)
         .transpose()?;
     let rows =
         conversations::list_conversations(&state.db, auth.user_id, before, i64::from(limit) + 1)
@@ -189,23 +180,24 @@ async fn list_conversations(
     }))
 }
 
+problems!(ConversationProblems: NotFound);
+
 /// One conversation of the signed-in user.
 #[utoipa::path(
     get,
     path = "/v1/conversations/{id}",
     tag = "conversations",
     security(("bearer" = [])),
-    params(("id" = Uuid, Path, description = "The conversation")),
+    params(("id" = ConversationId, Path, description = "The conversation")),
     responses(
         (status = 200, description = "The conversation", body = ConversationData),
-        (status = 401, description = "`unauthenticated`, `token_expired`, `invalid_token`", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`not_found`: no such conversation, or not a member", body = Problem, content_type = "application/problem+json"),
+        ConversationProblems,
     )
 )]
 async fn get_conversation(
     State(state): State<AppState>,
     auth: AuthUser,
-    Path(id): Path<Uuid>,
+    Path(id): Path<ConversationId>,
 ) -> Result<axum::Json<ConversationData>, ApiError> {
     let conversation = conversations::find_conversation(&state.db, auth.user_id, id)
         .await?
@@ -213,152 +205,43 @@ async fn get_conversation(
     Ok(axum::Json(conversation.into()))
 }
 
+problems!(PostMessageProblems: NotFound, UnknownMedia, Invalid(InvalidBody), Invalid(InvalidClientMsgId));
+
 /// Post a message.
 #[utoipa::path(
     post,
     path = "/v1/conversations/{id}/messages",
     tag = "conversations",
     security(("bearer" = [])),
-    params(("id" = Uuid, Path, description = "The conversation")),
+    params(("id" = ConversationId, Path, description = "The conversation")),
     request_body = PostMessageRequest,
     responses(
         (status = 201, description = "Posted, with the next `seq`; the event goes to the `conversation:` channel", body = MessageData),
         (status = 200, description = "This `client_msg_id` was posted before: the first message", body = MessageData),
-        (status = 401, description = "`unauthenticated`, `token_expired`, `invalid_token`", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`not_found`: no such conversation, or not a member", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`invalid_body`, `invalid_client_msg_id`, `unknown_media`, `validation_failed`", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited`", body = Problem, content_type = "application/problem+json"),
+        PostMessageProblems,
     )
 )]
 #[tracing::instrument(skip_all, fields(user_id = %auth.user_id, conversation_id = %id))]
 async fn post_message(
     State(state): State<AppState>,
     auth: AuthUser,
-    Path(id): Path<Uuid>,
+    Path(id): Path<ConversationId>,
     Json(body): Json<PostMessageRequest>,
 ) -> Result<(StatusCode, axum::Json<MessageData>), ApiError> {
-    let client_msg_id = ClientMsgId::parse(&body.client_msg_id)?;
-    let text = MessageText::parse(&body.body)?;
-    if let Some(media_id) = body.media_id
-        && !media::attachable(&state.db, media_id, auth.user_id.as_uuid()).await?
-    {
-        return Err(ApiError::unprocessable(
-            "unknown_media",
-            format!(
-                "no media {media_id} of yours that can be attached (unknown, or it failed processing)"
-            ),
-        ));
-    }
-    // Decided before the transaction, so no Redis round trip holds the conversation's lock.
-    let offline = offline_members(&state, id, auth.user_id).await?;
-    let notifications = if offline.is_empty() {
-        Vec::new()
-    } else {
-        let sender = users::find_user(&state.db, auth.user_id)
-            .await?
-            .map_or_else(String::new, |user| user.display_name);
-        offline
-            .iter()
-            .map(|&user_id| Notification {
-                user_id,
-                title: sender.clone(),
-                body: preview(text.as_str()),
-                data: None,
-                collapse_id: None,
-            })
-            .collect()
-    };
-    let new = NewMessage {
-        conversation_id: id,
-        sender_id: auth.user_id,
-        client_msg_id: client_msg_id.as_str(),
-        body: text.as_str(),
+    let draft = Draft {
+        client_msg_id: ClientMsgId::parse(&body.client_msg_id)?,
+        text: MessageText::parse(&body.body)?,
         media_id: body.media_id,
     };
-    let mut tx = state.db.begin().await?;
-    let outcome = conversations::insert_message(&mut tx, &new).await?;
-    if let PostMessage::Created(message) = &outcome
-        && !notifications.is_empty()
-    {
-        // In the message's transaction: a committed message always has its pushes.
-        let data = serde_json::json!({
-            "type": "message",
-            "conversation_id": message.conversation_id.to_string(),
-            "message_id": message.id.to_string(),
-            "seq": message.seq.to_string(),
-        });
-        let notifications: Vec<Notification> = notifications
-            .into_iter()
-            .map(|n| Notification {
-                data: Some(data.clone()),
-                ..n
-            })
-            .collect();
-        push::enqueue_notifications(&mut tx, &notifications).await?;
-    }
-    tx.commit().await?;
-    match outcome {
-        PostMessage::Created(message) => {
-            let message = MessageData::from(message);
-            let frame = mobile_events::message_created(&message);
-            events::publish(&state, &[(Channel::Conversation(id), frame)]).await;
-            Ok((StatusCode::CREATED, axum::Json(message)))
-        }
-        PostMessage::Duplicate(first) => Ok((StatusCode::OK, axum::Json(first.into()))),
-        PostMessage::NotFound => Err(no_such_conversation()),
-    }
-}
-
-/// The conversation's members other than `sender` who have no live WebSocket
-/// connection: they get a push. Empty if `sender` is not a member (the insert then
-/// answers 404). Without Redis nobody counts as online: a push too many beats a
-/// message nobody hears about.
-async fn offline_members(
-    state: &AppState,
-    conversation: Uuid,
-    sender: UserId,
-) -> Result<Vec<Uuid>, ApiError> {
-    let members = conversations::member_ids(&state.db, conversation).await?;
-    if !members.contains(&sender.as_uuid()) {
-        return Ok(Vec::new());
-    }
-    let others: Vec<Uuid> = members
-        .into_iter()
-        .filter(|&m| m != sender.as_uuid())
-        .collect();
-    let online = match presence::online(
-        &mut state.redis.conn(),
-        &state.settings.common.redis_key_prefix,
-        &others,
+    Ok(
+        match messaging::post(&state, auth.user_id, id, draft).await? {
+            Posted::Created(message) => (StatusCode::CREATED, axum::Json(message)),
+            Posted::Duplicate(first) => (StatusCode::OK, axum::Json(first)),
+        },
     )
-    .await
-    {
-        Ok(online) => online,
-        Err(e) => {
-            tracing::warn!(error = %e, "presence unavailable; pushing to every member");
-            state
-                .metrics
-                .redis_degraded
-                .get_or_create(&FeatureLabel {
-                    feature: "presence",
-                })
-                .inc();
-            HashSet::new()
-        }
-    };
-    Ok(others.into_iter().filter(|m| !online.contains(m)).collect())
 }
 
-/// A push's preview of a message: the first 100 characters.
-fn preview(text: &str) -> String {
-    const PREVIEW_CHARS: usize = 100;
-    let mut chars = text.chars();
-    let mut preview: String = chars.by_ref().take(PREVIEW_CHARS).collect();
-    if chars.next().is_some() {
-        preview.push('…');
-    }
-    preview
-}
+problems!(ListMessagesProblems: NotFound, InvalidCursor);
 
 /// A page of messages, in `seq` order.
 ///
@@ -370,18 +253,16 @@ fn preview(text: &str) -> String {
     path = "/v1/conversations/{id}/messages",
     tag = "conversations",
     security(("bearer" = [])),
-    params(("id" = Uuid, Path, description = "The conversation"), MessagesQuery),
+    params(("id" = ConversationId, Path, description = "The conversation"), MessagesQuery),
     responses(
         (status = 200, description = "One page, ascending by `seq`", body = MessagePage),
-        (status = 400, description = "`invalid_query`, `invalid_cursor`", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthenticated`, `token_expired`, `invalid_token`", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`not_found`: no such conversation, or not a member", body = Problem, content_type = "application/problem+json"),
+        ListMessagesProblems,
     )
 )]
 async fn list_messages(
     State(state): State<AppState>,
     auth: AuthUser,
-    Path(id): Path<Uuid>,
+    Path(id): Path<ConversationId>,
     Query(query): Query<MessagesQuery>,
 ) -> Result<axum::Json<MessagePage>, ApiError> {
     let limit = pagination::limit(query.limit)?;
@@ -420,10 +301,8 @@ fn window(query: &MessagesQuery) -> Result<Window, ApiError> {
         (None, Some(before), None) if before >= 1 => Window::Before(before),
         (None, None, Some(cursor)) => decode_window(cursor)?,
         _ => {
-            return Err(ApiError::bad_request(
-                "invalid_query",
-                "give at most one of after_seq (>= 0), before_seq (>= 1) and cursor",
-            ));
+            return Err(ApiError::new(ErrorCode::InvalidQuery)
+                .detail("give at most one of after_seq (>= 0), before_seq (>= 1) and cursor"));
         }
     };
     Ok(window)
@@ -448,6 +327,6 @@ fn decode_window(cursor: &str) -> Result<Window, ApiError> {
     parsed.ok_or_else(pagination::invalid)
 }
 
-fn no_such_conversation() -> ApiError {
-    ApiError::not_found("no such conversation")
+pub(crate) fn no_such_conversation() -> ApiError {
+    ApiError::new(ErrorCode::NotFound).detail("no such conversation")
 }

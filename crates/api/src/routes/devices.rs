@@ -6,18 +6,28 @@
 
 use axum::{extract::State, http::StatusCode};
 use mobile_db::devices::{self, DeviceRegistration, Upsert};
-use mobile_domain::{ApnsEnvironment, AppVersion, DeviceId, Locale, Platform, PushToken};
+use mobile_domain::{
+    ApnsEnvironment, AppVersion, DeviceId, Locale, Platform, PushToken, ValidationCode,
+};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use utoipa::ToSchema;
+use utoipa::{
+    PartialSchema, ToSchema,
+    openapi::{
+        RefOr,
+        schema::{
+            AdditionalProperties, Discriminator, ObjectBuilder, OneOfBuilder, Ref, Schema, Type,
+        },
+    },
+};
 use utoipa_axum::{router::OpenApiRouter, routes};
-use uuid::Uuid;
 
 use super::pagination::{self, PageQuery};
 use crate::{
-    error::{ApiError, Problem},
+    error::{ApiError, ErrorCode},
     extract::{AuthUser, Json, Path, Query},
     middleware::rate_limit::{self, Class},
+    problems,
     state::AppState,
 };
 
@@ -31,40 +41,33 @@ pub fn router(state: &AppState) -> OpenApiRouter<AppState> {
         ))
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+/// The body of `PUT /v1/devices/{device_id}` as read: each field as sent, parsed by
+/// [`PutDevice::parse`] so that every refusal names its field's code. What it accepts
+/// is documented by [`DeviceBody`].
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PutDevice {
-    /// `ios` or `android`.
-    #[schema(example = "ios")]
     pub platform: String,
-    /// The APNs device token (hex) or FCM registration token.
     pub push_token: String,
-    #[schema(example = "2.14.0 (311)")]
     pub app_version: Option<String>,
-    /// BCP 47 language tag, used to localise pushes.
-    #[schema(example = "pt-BR")]
     pub locale: Option<String>,
-    /// iOS only: `production` or `sandbox` (development builds).
-    #[schema(example = "production")]
     pub apns_environment: Option<String>,
 }
 
 impl PutDevice {
-    fn parse(self, id: Uuid) -> Result<DeviceRegistration, ApiError> {
-        let platform: Platform = self.platform.parse()?;
+    fn parse(self, id: DeviceId) -> Result<DeviceRegistration, ApiError> {
+        let platform = Platform::parse(&self.platform)?;
         let apns_environment = self
             .apns_environment
             .as_deref()
-            .map(str::parse::<ApnsEnvironment>)
+            .map(ApnsEnvironment::parse)
             .transpose()?;
         if apns_environment.is_some() && platform != Platform::Ios {
-            return Err(ApiError::unprocessable(
-                "invalid_apns_environment",
-                "apns_environment applies to ios devices only",
-            ));
+            return Err(ApiError::new(ValidationCode::InvalidApnsEnvironment.into())
+                .detail("apns_environment applies to ios devices only"));
         }
         Ok(DeviceRegistration {
-            id: DeviceId::from_uuid(id),
+            id,
             push_token: PushToken::parse(platform, &self.push_token)?,
             platform,
             app_version: self
@@ -78,15 +81,81 @@ impl PutDevice {
     }
 }
 
+/// What `PUT /v1/devices/{device_id}` takes, as the contract says it: an iOS device or
+/// an Android device, told apart by `platform`. They take different push tokens, and
+/// only iOS has an APNs environment.
+#[derive(Debug)]
+pub struct DeviceBody;
+
+impl PartialSchema for DeviceBody {
+    fn schema() -> RefOr<Schema> {
+        let schema_ref = |name: &str| format!("#/components/schemas/{name}");
+        OneOfBuilder::new()
+            .item(Ref::from_schema_name("IosDevice"))
+            .item(Ref::from_schema_name("AndroidDevice"))
+            .discriminator(Some(Discriminator::with_mapping(
+                "platform",
+                [
+                    ("ios", schema_ref("IosDevice")),
+                    ("android", schema_ref("AndroidDevice")),
+                ],
+            )))
+            .into()
+    }
+}
+
+impl ToSchema for DeviceBody {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        schemas.push(("IosDevice".to_owned(), device_schema(Platform::Ios)));
+        schemas.push((
+            "ApnsEnvironment".to_owned(),
+            <ApnsEnvironment as PartialSchema>::schema(),
+        ));
+        schemas.push(("AndroidDevice".to_owned(), device_schema(Platform::Android)));
+    }
+}
+
+/// One platform's device registration.
+fn device_schema(platform: Platform) -> RefOr<Schema> {
+    let tag = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some([platform.as_str()]));
+    let mut object = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property("platform", tag)
+        .required("platform")
+        .required("push_token")
+        .property("app_version", mobile_domain::schema::app_version_or_null())
+        .property("locale", mobile_domain::schema::locale_or_null())
+        .additional_properties(Some(AdditionalProperties::FreeForm(false)));
+    object = match platform {
+        Platform::Ios => object
+            .description(Some("An iOS app installation, reached through APNs"))
+            .property("push_token", mobile_domain::schema::ios_push_token())
+            .property(
+                "apns_environment",
+                OneOfBuilder::new()
+                    .item(ObjectBuilder::new().schema_type(Type::Null))
+                    .item(Ref::from_schema_name("ApnsEnvironment"))
+                    .description(Some(
+                        "`sandbox` for development builds; `production` (the default) otherwise",
+                    )),
+            ),
+        Platform::Android => object
+            .description(Some("An Android app installation, reached through FCM"))
+            .property("push_token", mobile_domain::schema::android_push_token()),
+    };
+    object.into()
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Device {
-    pub device_id: Uuid,
-    #[schema(example = "ios")]
-    pub platform: String,
+    pub device_id: DeviceId,
+    pub platform: Platform,
     pub push_token: String,
     pub app_version: Option<String>,
     pub locale: Option<String>,
-    pub apns_environment: Option<String>,
+    pub apns_environment: Option<ApnsEnvironment>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -115,27 +184,32 @@ pub struct DevicePage {
     pub next_cursor: Option<String>,
 }
 
+problems!(PutDeviceProblems:
+    Invalid(InvalidPlatform),
+    Invalid(InvalidPushToken),
+    Invalid(InvalidLocale),
+    Invalid(InvalidAppVersion),
+    Invalid(InvalidApnsEnvironment),
+);
+
 /// Register or update a device.
 #[utoipa::path(
     put,
     path = "/v1/devices/{device_id}",
     tag = "devices",
     security(("bearer" = [])),
-    params(("device_id" = Uuid, Path, description = "The app installation's own UUID")),
-    request_body = PutDevice,
+    params(("device_id" = DeviceId, Path, description = "The app installation's own UUID")),
+    request_body = DeviceBody,
     responses(
         (status = 201, description = "Registered", body = Device),
         (status = 200, description = "Updated", body = Device),
-        (status = 400, description = "`invalid_path_parameter`", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthenticated`, `token_expired`, `invalid_token`", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`invalid_platform`, `invalid_push_token`, `invalid_locale`, `invalid_app_version`, `invalid_apns_environment`, `validation_failed`", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited`", body = Problem, content_type = "application/problem+json"),
+        PutDeviceProblems,
     )
 )]
 async fn put_device(
     State(state): State<AppState>,
     auth: AuthUser,
-    Path(device_id): Path<Uuid>,
+    Path(device_id): Path<DeviceId>,
     Json(body): Json<PutDevice>,
 ) -> Result<(StatusCode, axum::Json<Device>), ApiError> {
     let registration = body.parse(device_id)?;
@@ -156,8 +230,7 @@ async fn put_device(
     params(PageQuery),
     responses(
         (status = 200, description = "One page of devices", body = DevicePage),
-        (status = 400, description = "`invalid_query`, `invalid_cursor`", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthenticated`, `token_expired`, `invalid_token`", body = Problem, content_type = "application/problem+json"),
+        CursorProblems,
     )
 )]
 async fn list_devices(
@@ -169,7 +242,7 @@ async fn list_devices(
     let after = query
         .cursor
         .as_deref()
-        .map(pagination::decode_id)
+        .map(pagination::decode_id::<DeviceId>)
         .transpose()?;
     // One extra row tells whether another page exists.
     let rows = devices::list_devices(&state.db, auth.user_id, after, i64::from(limit) + 1).await?;
@@ -183,27 +256,29 @@ async fn list_devices(
     }))
 }
 
+problems!(CursorProblems: InvalidCursor);
+problems!(DeleteDeviceProblems: NotFound);
+
 /// Unregister a device (the app signs out, or the user disables pushes).
 #[utoipa::path(
     delete,
     path = "/v1/devices/{device_id}",
     tag = "devices",
     security(("bearer" = [])),
-    params(("device_id" = Uuid, Path, description = "The app installation's own UUID")),
+    params(("device_id" = DeviceId, Path, description = "The app installation's own UUID")),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 401, description = "`unauthenticated`, `token_expired`, `invalid_token`", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`not_found`: no such device of this user", body = Problem, content_type = "application/problem+json"),
+        DeleteDeviceProblems,
     )
 )]
 async fn delete_device(
     State(state): State<AppState>,
     auth: AuthUser,
-    Path(device_id): Path<Uuid>,
+    Path(device_id): Path<DeviceId>,
 ) -> Result<StatusCode, ApiError> {
-    if devices::delete_device(&state.db, auth.user_id, DeviceId::from_uuid(device_id)).await? {
+    if devices::delete_device(&state.db, auth.user_id, device_id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
-        Err(ApiError::not_found("no such device"))
+        Err(ApiError::new(ErrorCode::NotFound).detail("no such device"))
     }
 }

@@ -8,23 +8,23 @@ use axum::{
     http::{HeaderMap, StatusCode, header},
 };
 use mobile_db::{
-    jobs::{self, Enqueued, NewJob},
-    push::{self, Notification},
+    jobs::{self, Enqueued, Payload as _},
+    push::Notification,
     users,
 };
-use mobile_domain::{MessageText, Title, UserId};
+use mobile_domain::{JobId, NotificationText, Title, UserId};
 use mobile_events::Channel;
 use secrecy::ExposeSecret as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
-use uuid::Uuid;
 
 use crate::{
-    error::{ApiError, Problem},
+    error::{ApiError, ErrorCode},
     events,
     extract::Json,
+    problems,
     state::AppState,
 };
 
@@ -35,18 +35,17 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// The most a notification's custom data may take once serialized: APNs and FCM
 /// payloads are limited to 4 KB, and the title and body need room too.
 const MAX_DATA_BYTES: usize = 2048;
-/// The longest notification body: what a lock screen shows, and then some.
-const MAX_BODY_CHARS: usize = 1000;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NotifyRequest {
-    pub user_id: Uuid,
-    #[schema(example = "Your order shipped")]
+    pub user_id: UserId,
+    #[schema(schema_with = mobile_domain::schema::title)]
     pub title: String,
-    #[schema(example = "It arrives on Thursday.")]
+    #[schema(schema_with = mobile_domain::schema::notification_body)]
     pub body: String,
-    /// String key/values for the app (non-string values are sent as JSON text).
+    /// Key/values for the app, at most 2048 bytes as JSON (strings are sent as they
+    /// are, other values as JSON text).
     #[schema(value_type = Option<Object>)]
     pub data: Option<serde_json::Value>,
 }
@@ -54,8 +53,10 @@ pub struct NotifyRequest {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct NotifyResponse {
     /// The push job; it fans out to every device of the user.
-    pub job_id: Uuid,
+    pub job_id: JobId,
 }
+
+problems!(NotifyProblems: NotFound, InvalidData, Invalid(InvalidTitle), Invalid(InvalidBody));
 
 /// Notify a user on all their devices.
 ///
@@ -69,9 +70,7 @@ pub struct NotifyResponse {
     request_body = NotifyRequest,
     responses(
         (status = 202, description = "Enqueued", body = NotifyResponse),
-        (status = 401, description = "`unauthenticated`: not the internal token", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`not_found`: no such user, or internal endpoints are disabled", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`invalid_body`, `invalid_title`, `invalid_data`, `validation_failed`", body = Problem, content_type = "application/problem+json"),
+        NotifyProblems,
     )
 )]
 #[tracing::instrument(skip_all)]
@@ -82,26 +81,18 @@ async fn notify(
 ) -> Result<(StatusCode, axum::Json<NotifyResponse>), ApiError> {
     authorize(&state, &headers)?;
     let title = Title::parse(&request.title)?;
-    let body = MessageText::parse(&request.body)?;
-    if body.as_str().chars().count() > MAX_BODY_CHARS {
-        return Err(ApiError::unprocessable(
-            "invalid_body",
-            format!("body must have at most {MAX_BODY_CHARS} characters"),
-        ));
-    }
+    let body = NotificationText::parse(&request.body)?;
     match &request.data {
         None => {}
-        Some(data @ serde_json::Value::Object(_)) if data.to_string().len() <= MAX_DATA_BYTES => {}
-        Some(_) => {
-            return Err(ApiError::unprocessable(
-                "invalid_data",
-                format!("data must be a JSON object of at most {MAX_DATA_BYTES} bytes"),
-            ));
-        }
+        Some(data @ serde_json::Value::Object(_))
+            if data.to_string().len() <= MAX_DATA_BYTES && !has_nul(data) => {}
+        Some(_) => return Err(ErrorCode::InvalidData.into()),
     }
-    let user = UserId::from_uuid(request.user_id);
-    if users::find_user(&state.db, user).await?.is_none() {
-        return Err(ApiError::not_found("no such user"));
+    if users::find_user(&state.db, request.user_id)
+        .await?
+        .is_none()
+    {
+        return Err(ApiError::new(ErrorCode::NotFound).detail("no such user"));
     }
     let notification = Notification {
         user_id: request.user_id,
@@ -110,9 +101,7 @@ async fn notify(
         data: request.data,
         collapse_id: None,
     };
-    let payload = serde_json::to_value(&notification).map_err(ApiError::internal)?;
-    let Enqueued::Enqueued(job_id) =
-        jobs::enqueue(&state.db, &NewJob::new(push::NOTIFY_JOB, payload)).await?
+    let Enqueued::Enqueued(job_id) = jobs::enqueue(&state.db, &notification.to_job()?).await?
     else {
         return Err(ApiError::internal(anyhow::anyhow!(
             "a job without a unique key was a duplicate"
@@ -123,27 +112,35 @@ async fn notify(
     Ok((StatusCode::ACCEPTED, axum::Json(NotifyResponse { job_id })))
 }
 
+/// Whether a NUL hides anywhere in a JSON value: PostgreSQL's `jsonb` cannot hold one.
+fn has_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(text) => text.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(has_nul),
+        serde_json::Value::Object(fields) => fields
+            .iter()
+            .any(|(key, value)| key.contains('\0') || has_nul(value)),
+        _ => false,
+    }
+}
+
 /// Checks `Authorization: Bearer <INTERNAL_API_TOKEN>`, comparing digests so the time
 /// taken says nothing about how much of a guess was right.
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = &state.settings.internal_api_token else {
-        return Err(ApiError::not_found("no route for this path"));
+        return Err(ApiError::new(ErrorCode::NotFound).detail("no route for this path"));
     };
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim())
+        .and_then(mobile_auth::bearer_token)
         .unwrap_or_default();
     let same =
         Sha256::digest(presented.as_bytes()) == Sha256::digest(expected.expose_secret().as_bytes());
     if same {
         Ok(())
     } else {
-        Err(ApiError::unauthorized(
-            "unauthenticated",
-            "this endpoint needs the internal API token",
-        ))
+        Err(ApiError::new(ErrorCode::Unauthenticated)
+            .detail("this endpoint needs the internal API token"))
     }
 }

@@ -19,9 +19,10 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::User;
 use crate::{
-    error::{ApiError, Problem},
+    error::{ApiError, ErrorCode},
     extract::{AuthUser, Json},
     middleware::rate_limit::{self, Class},
+    problems,
     state::AppState,
 };
 
@@ -37,9 +38,13 @@ pub fn router(state: &AppState) -> OpenApiRouter<AppState> {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchMe {
-    #[schema(example = "Ann Lee")]
+    /// Left out (or `null`): unchanged.
+    #[schema(schema_with = mobile_domain::schema::display_name_or_null)]
     pub display_name: Option<String>,
 }
+
+problems!(GetMeProblems: NotFound);
+problems!(PatchMeProblems: NotFound, PreconditionFailed, Invalid(InvalidDisplayName));
 
 /// The signed-in user.
 #[utoipa::path(
@@ -50,8 +55,8 @@ pub struct PatchMe {
     params(("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier response")),
     responses(
         (status = 200, description = "The user", body = User, headers(("ETag" = String))),
-        (status = 304, description = "Unchanged since the ETag given"),
-        (status = 401, description = "`unauthenticated`, `token_expired`, `invalid_token`", body = Problem, content_type = "application/problem+json"),
+        (status = 304, description = "Unchanged since the ETag given", headers(("ETag" = String))),
+        GetMeProblems,
     )
 )]
 async fn get_me(
@@ -61,7 +66,7 @@ async fn get_me(
 ) -> Result<Response, ApiError> {
     let user = users::find_user(&state.db, auth.user_id)
         .await?
-        .ok_or_else(|| ApiError::not_found("the user no longer exists"))?;
+        .ok_or_else(no_user)?;
     let (body, etag) = representation(user.into())?;
     if matches_any(headers.get(header::IF_NONE_MATCH), &etag) {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
@@ -79,9 +84,7 @@ async fn get_me(
     params(("If-Match" = Option<String>, Header, description = "Update only if the user still has this ETag")),
     responses(
         (status = 200, description = "The updated user", body = User, headers(("ETag" = String))),
-        (status = 401, description = "`unauthenticated`, `token_expired`, `invalid_token`", body = Problem, content_type = "application/problem+json"),
-        (status = 412, description = "`precondition_failed`: changed since the ETag given", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`invalid_display_name`, `validation_failed`", body = Problem, content_type = "application/problem+json"),
+        PatchMeProblems,
     )
 )]
 async fn patch_me(
@@ -100,26 +103,26 @@ async fn patch_me(
     // Lock the row so the If-Match comparison and the update see the same version.
     let current = users::find_user_for_update(&mut *tx, auth.user_id)
         .await?
-        .ok_or_else(|| ApiError::not_found("the user no longer exists"))?;
+        .ok_or_else(no_user)?;
     if let Some(if_match) = headers.get(header::IF_MATCH) {
         let (_, current_etag) = representation(current.clone().into())?;
         if !matches_any(Some(if_match), &current_etag) {
-            return Err(ApiError::new(
-                StatusCode::PRECONDITION_FAILED,
-                "precondition_failed",
-                "the user changed since the ETag given; fetch it again",
-            ));
+            return Err(ErrorCode::PreconditionFailed.into());
         }
     }
     let updated = match display_name {
         Some(name) => users::update_display_name(&mut *tx, auth.user_id, &name)
             .await?
-            .ok_or_else(|| ApiError::not_found("the user no longer exists"))?,
+            .ok_or_else(no_user)?,
         None => current,
     };
     tx.commit().await?;
     let (body, etag) = representation(updated.into())?;
     Ok(json_with_etag(StatusCode::OK, body, etag))
+}
+
+fn no_user() -> ApiError {
+    ApiError::new(ErrorCode::NotFound).detail("the user no longer exists")
 }
 
 /// The JSON body and its strong ETag: the first 128 bits of its SHA-256, quoted.

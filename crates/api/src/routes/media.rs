@@ -11,8 +11,6 @@
 //! what the idempotency store keeps): a retried upload makes a second media, which
 //! costs storage, never correctness.
 
-use std::io::Cursor;
-
 use axum::{
     body::Body,
     extract::{DefaultBodyLimit, FromRequest, Multipart, Request, State},
@@ -21,20 +19,21 @@ use axum::{
 };
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt as _, TryStreamExt as _, stream};
-use image::ImageFormat;
 use mobile_db::{
-    jobs::{self, NewJob},
+    jobs::{self, Payload as _},
     media::{self, ProcessJob},
 };
+use mobile_domain::{MediaId, MediaStatus};
 use mobile_events::MediaData;
+use mobile_media::{Format, ImageError};
 use mobile_storage::PutStreamError;
 use utoipa_axum::{router::OpenApiRouter, routes};
-use uuid::Uuid;
 
 use crate::{
-    error::{ApiError, Problem},
+    error::{ApiError, ErrorCode},
     extract::{AuthUser, Path},
     middleware::rate_limit::{self, Class},
+    problems,
     state::AppState,
 };
 
@@ -59,17 +58,9 @@ pub fn router(state: &AppState) -> OpenApiRouter<AppState> {
         ))
 }
 
-/// The content types accepted, and the format their bytes must be.
-const ACCEPTED: [(&str, ImageFormat); 3] = [
-    ("image/jpeg", ImageFormat::Jpeg),
-    ("image/png", ImageFormat::Png),
-    ("image/webp", ImageFormat::WebP),
-];
 /// How much of an upload is read before deciding on it: enough for any format's
 /// header, including a JPEG's EXIF segment (at most 64 KiB).
 const SNIFF_BYTES: usize = 64 * 1024 + 1024;
-/// The variants the worker renders.
-const VARIANTS: [&str; 3] = ["thumb", "medium", "large"];
 
 type ByteStream<'a> = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, UploadError>> + Send + 'a>>;
 
@@ -80,12 +71,42 @@ enum UploadError {
     Read(String),
 }
 
+/// An image's bytes, as a body or a form part.
+#[derive(Debug)]
+pub struct ImageBytes;
+
+impl utoipa::PartialSchema for ImageBytes {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                utoipa::openapi::KnownFormat::Binary,
+            )))
+            .description(Some(
+                "A JPEG, PNG or WebP image; its bytes must be the format declared",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for ImageBytes {}
+
+/// The multipart form of an upload.
+#[derive(Debug, utoipa::ToSchema)]
+pub struct UploadForm {
+    /// The image; the part's `Content-Type` declares its format (`application/octet-stream`
+    /// or none: taken from the bytes).
+    #[schema(value_type = ImageBytes)]
+    pub file: Vec<u8>,
+}
+
 /// Upload an image.
 ///
 /// Send the bytes as the body with `Content-Type: image/jpeg`, `image/png` or
-/// `image/webp`, or as `multipart/form-data` with the image in a part named `file`
-/// (that part's `Content-Type` says the format). The answer comes before processing:
-/// watch for `media.ready` (or `media.failed`) on the WebSocket, or poll
+/// `image/webp` (or `application/octet-stream`: the format is then taken from the
+/// bytes), or as `multipart/form-data` with the image in a part named `file` (that
+/// part's `Content-Type` declares the format the same way). The answer comes before
+/// processing: watch for `media.ready` (or `media.failed`) on the WebSocket, or poll
 /// `GET /v1/media/{id}`.
 #[utoipa::path(
     post,
@@ -93,16 +114,13 @@ enum UploadError {
     tag = "media",
     security(("bearer" = [])),
     request_body(content(
-        (Vec<u8> = "image/jpeg"), (Vec<u8> = "image/png"), (Vec<u8> = "image/webp"),
-        (Vec<u8> = "multipart/form-data"),
+        (ImageBytes = "image/jpeg"), (ImageBytes = "image/png"), (ImageBytes = "image/webp"),
+        (ImageBytes = "application/octet-stream"),
+        (UploadForm = "multipart/form-data"),
     )),
     responses(
         (status = 202, description = "Stored; processing", body = MediaData),
-        (status = 401, description = "`unauthenticated`, `token_expired`, `invalid_token`", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "`payload_too_large`: over `MEDIA_MAX_BYTES`", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "`unsupported_media_type`, or `content_type_mismatch` when the bytes are not the format declared", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`empty_upload`, `invalid_image`, `image_too_large` (over `MEDIA_MAX_PIXELS`), `missing_file`", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited`", body = Problem, content_type = "application/problem+json"),
+        UploadProblems,
     )
 )]
 #[tracing::instrument(skip_all, fields(user_id = %auth.user_id))]
@@ -131,11 +149,11 @@ async fn upload(
     // The image is the part named `file`; its own Content-Type says the format.
     let mut form = Multipart::from_request(request, &state)
         .await
-        .map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))?;
+        .map_err(|e| ApiError::new(ErrorCode::InvalidMultipart).detail(e.body_text()))?;
     while let Some(field) = form
         .next_field()
         .await
-        .map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))?
+        .map_err(|e| ApiError::new(ErrorCode::InvalidMultipart).detail(e.body_text()))?
     {
         if field.name() == Some("file") {
             let content_type = field
@@ -146,10 +164,7 @@ async fn upload(
             return store(&state, auth, &content_type, Box::pin(body)).await;
         }
     }
-    Err(ApiError::unprocessable(
-        "missing_file",
-        "the form has no part named `file`",
-    ))
+    Err(ErrorCode::MissingFile.into())
 }
 
 /// Checks the head of an image stream, stores the whole of it, and records the media
@@ -161,49 +176,37 @@ async fn store(
     body: ByteStream<'_>,
 ) -> Result<(StatusCode, axum::Json<MediaData>), ApiError> {
     let max = state.settings.media_max_bytes;
-    let format = accepted_format(content_type).ok_or_else(|| unsupported(content_type))?;
+    let declared = declared_format(content_type)?;
     let mut body = limited(body, max);
 
     // Read the head and judge it before storing anything.
     let head = read_head(&mut body, max).await?;
-    if head.is_empty() {
-        return Err(ApiError::unprocessable(
-            "empty_upload",
-            "the upload is empty",
-        ));
-    }
-    check_head(&head, format, state.settings.media_max_pixels)?;
+    let format = check_head(&head, declared, state.settings.media_max_pixels)?;
 
-    let id = Uuid::now_v7();
+    let id = MediaId::new();
     let key = mobile_storage::original_key(id);
     let whole = stream::once(async move { Ok::<_, UploadError>(head.freeze()) }).chain(body);
     let size = match state.storage.put_stream(&key, whole).await {
         Ok(size) => size,
         Err(PutStreamError::Source(UploadError::TooLarge)) => return Err(too_large(max)),
-        Err(PutStreamError::Source(UploadError::Read(e))) => {
-            return Err(ApiError::bad_request(
-                "upload_interrupted",
-                format!("reading the upload failed: {e}"),
-            ));
-        }
+        Err(PutStreamError::Source(UploadError::Read(e))) => return Err(interrupted(&e)),
         Err(PutStreamError::Storage(e)) => {
-            return Err(ApiError::unavailable("storage_unavailable", e));
+            return Err(ApiError::unavailable(ErrorCode::StorageUnavailable, e));
         }
     };
 
-    let stored_type = format.to_mime_type();
+    let stored_type = format.media_type();
     let mut tx = state.db.begin().await?;
     media::insert(
         &mut *tx,
         id,
-        auth.user_id.as_uuid(),
+        auth.user_id,
         stored_type,
         i64::try_from(size).unwrap_or(i64::MAX),
     )
     .await?;
-    let payload = serde_json::to_value(ProcessJob { media_id: id }).map_err(ApiError::internal)?;
     let unique = id.to_string();
-    let mut job = NewJob::new(media::PROCESS_JOB, payload);
+    let mut job = ProcessJob { media_id: id }.to_job()?;
     job.unique_key = Some(&unique);
     jobs::enqueue(&mut *tx, &job).await?;
     tx.commit().await?;
@@ -212,7 +215,7 @@ async fn store(
     // What was just committed, without reading it back.
     let data = MediaData {
         id,
-        status: media::STATUS_PROCESSING.to_owned(),
+        status: MediaStatus::Processing,
         variants: Default::default(),
         failure_reason: None,
     };
@@ -228,31 +231,28 @@ fn content_type(headers: &HeaderMap) -> String {
         .to_ascii_lowercase()
 }
 
-/// The format a declared content type stands for (parameters ignored), if accepted.
-fn accepted_format(content_type: &str) -> Option<ImageFormat> {
+/// The format a declared content type stands for; `None` (take it from the bytes)
+/// for `application/octet-stream` or no type at all.
+fn declared_format(content_type: &str) -> Result<Option<Format>, ApiError> {
     let essence = content_type.split(';').next().unwrap_or_default().trim();
-    ACCEPTED
-        .iter()
-        .find(|(name, _)| *name == essence)
-        .map(|(_, format)| *format)
-}
-
-fn unsupported(content_type: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        "unsupported_media_type",
-        format!(
-            "{content_type:?} is not accepted: send image/jpeg, image/png or image/webp, raw or as the `file` part of multipart/form-data"
-        ),
-    )
+    if essence.is_empty() || essence.eq_ignore_ascii_case("application/octet-stream") {
+        return Ok(None);
+    }
+    Format::from_media_type(essence)
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::new(ErrorCode::UnsupportedMediaType).detail(format!(
+                "{content_type:?} is not accepted: send image/jpeg, image/png or image/webp (or application/octet-stream), raw or as the `file` part of multipart/form-data"
+            ))
+        })
 }
 
 fn too_large(max: u64) -> ApiError {
-    ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "payload_too_large",
-        format!("uploads are limited to {max} bytes"),
-    )
+    ApiError::new(ErrorCode::PayloadTooLarge).detail(format!("uploads are limited to {max} bytes"))
+}
+
+fn interrupted(why: &str) -> ApiError {
+    ApiError::new(ErrorCode::UploadInterrupted).detail(format!("reading the upload failed: {why}"))
 }
 
 /// Counts bytes and ends the stream with `TooLarge` past `max`.
@@ -274,55 +274,55 @@ async fn read_head(body: &mut ByteStream<'_>, max: u64) -> Result<BytesMut, ApiE
         match body.next().await {
             Some(Ok(chunk)) => head.extend_from_slice(&chunk),
             Some(Err(UploadError::TooLarge)) => return Err(too_large(max)),
-            Some(Err(UploadError::Read(e))) => {
-                return Err(ApiError::bad_request(
-                    "upload_interrupted",
-                    format!("reading the upload failed: {e}"),
-                ));
-            }
+            Some(Err(UploadError::Read(e))) => return Err(interrupted(&e)),
             None => break,
         }
     }
     Ok(head)
 }
 
-/// The bytes must be the declared format, and their header must not claim more pixels
-/// than allowed. A header too long to fit the head is left to the worker.
-fn check_head(head: &[u8], declared: ImageFormat, max_pixels: u64) -> Result<(), ApiError> {
-    let actual = image::guess_format(head)
-        .ok()
-        .filter(|format| ACCEPTED.iter().any(|(_, accepted)| accepted == format));
-    match actual {
-        None => {
-            return Err(ApiError::unprocessable(
-                "invalid_image",
-                "the upload is not a JPEG, PNG or WebP image",
-            ));
+/// The head must be an image of the declared format (if one was declared) whose
+/// header, if it lies within the head, claims no more pixels than allowed (one that
+/// does not fit is left to the worker, which inspects the whole original the same
+/// way). Returns the format.
+fn check_head(head: &[u8], declared: Option<Format>, max_pixels: u64) -> Result<Format, ApiError> {
+    let inspection = mobile_media::inspect(head, max_pixels).map_err(|error| match error {
+        ImageError::Empty => ApiError::new(ErrorCode::EmptyUpload),
+        ImageError::TooManyPixels { .. } => {
+            ApiError::new(ErrorCode::ImageTooLarge).detail(error.to_string())
         }
-        Some(actual) if actual != declared => {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "content_type_mismatch",
-                format!(
-                    "the Content-Type says {} but the bytes are {}",
-                    declared.to_mime_type(),
-                    actual.to_mime_type()
-                ),
-            ));
+        ImageError::UnsupportedFormat | ImageError::Corrupt(_) => {
+            ApiError::new(ErrorCode::InvalidImage)
         }
-        Some(_) => {}
-    }
-    if let Ok((width, height)) =
-        image::ImageReader::with_format(Cursor::new(head), declared).into_dimensions()
-        && u64::from(width) * u64::from(height) > max_pixels
+    })?;
+    if let Some(declared) = declared
+        && inspection.format != declared
     {
-        return Err(ApiError::unprocessable(
-            "image_too_large",
-            format!("the image is {width}×{height} pixels; the limit is {max_pixels}"),
-        ));
+        return Err(
+            ApiError::new(ErrorCode::ContentTypeMismatch).detail(format!(
+                "the Content-Type says {} but the bytes are {}",
+                declared.media_type(),
+                inspection.format.media_type()
+            )),
+        );
     }
-    Ok(())
+    Ok(inspection.format)
 }
+
+problems!(UploadProblems:
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    ContentTypeMismatch,
+    EmptyUpload,
+    InvalidImage,
+    ImageTooLarge,
+    MissingFile,
+    InvalidMultipart,
+    UploadInterrupted,
+    StorageUnavailable,
+);
+problems!(MediaProblems: NotFound);
+problems!(VariantProblems: NotFound, NotReady, StorageUnavailable);
 
 /// An upload's status and variants.
 #[utoipa::path(
@@ -330,19 +330,18 @@ fn check_head(head: &[u8], declared: ImageFormat, max_pixels: u64) -> Result<(),
     path = "/v1/media/{id}",
     tag = "media",
     security(("bearer" = [])),
-    params(("id" = Uuid, Path, description = "The media")),
+    params(("id" = MediaId, Path, description = "The media")),
     responses(
         (status = 200, description = "Status and, once ready, the variants", body = MediaData),
-        (status = 401, description = "`unauthenticated`, `token_expired`, `invalid_token`", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`not_found`: no such media, or not the owner's nor posted to a conversation of the caller", body = Problem, content_type = "application/problem+json"),
+        MediaProblems,
     )
 )]
 async fn get_media(
     State(state): State<AppState>,
     auth: AuthUser,
-    Path(id): Path<Uuid>,
+    Path(id): Path<MediaId>,
 ) -> Result<axum::Json<MediaData>, ApiError> {
-    let row = media::find_visible(&state.db, id, auth.user_id.as_uuid())
+    let row = media::find_visible(&state.db, id, auth.user_id)
         .await?
         .ok_or_else(no_such_media)?;
     Ok(axum::Json(MediaData::from(row)))
@@ -358,40 +357,35 @@ async fn get_media(
     tag = "media",
     security(("bearer" = [])),
     params(
-        ("id" = Uuid, Path, description = "The media"),
+        ("id" = MediaId, Path, description = "The media"),
         ("variant" = String, Path, description = "`thumb` (256 px), `medium` (1024 px) or `large` (2048 px) on the long edge"),
         ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier response"),
     ),
     responses(
-        (status = 200, description = "The image", content_type = "image/jpeg", headers(("ETag" = String), ("Cache-Control" = String))),
-        (status = 304, description = "Unchanged since the ETag given"),
-        (status = 401, description = "`unauthenticated`, `token_expired`, `invalid_token`", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`not_found`: no such media or variant", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`not_ready`: still processing, or processing failed", body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The image", content(("image/jpeg"), ("image/png")), headers(("ETag" = String), ("Cache-Control" = String))),
+        (status = 304, description = "Unchanged since the ETag given", headers(("ETag" = String), ("Cache-Control" = String))),
+        VariantProblems,
     )
 )]
 async fn get_variant(
     State(state): State<AppState>,
     auth: AuthUser,
-    Path((id, variant)): Path<(Uuid, String)>,
+    Path((id, variant)): Path<(MediaId, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    if !VARIANTS.contains(&variant.as_str()) {
-        return Err(ApiError::not_found(format!(
+    if !mobile_media::is_variant(&variant) {
+        return Err(ApiError::new(ErrorCode::NotFound).detail(format!(
             "no variant {variant:?}: use thumb, medium or large"
         )));
     }
-    let row = media::find_visible(&state.db, id, auth.user_id.as_uuid())
+    let row = media::find_visible(&state.db, id, auth.user_id)
         .await?
         .ok_or_else(no_such_media)?;
     let Some(stored) = row.variants.0.get(&variant) else {
-        return Err(ApiError::conflict(
-            "not_ready",
-            format!(
-                "the media is {}; variants exist once it is ready",
-                row.status
-            ),
-        ));
+        return Err(ApiError::new(ErrorCode::NotReady).detail(format!(
+            "the media is {}; variants exist once it is ready",
+            row.status
+        )));
     };
     let etag = HeaderValue::from_str(&stored.etag).map_err(ApiError::internal)?;
     let cache = HeaderValue::from_static("private, max-age=31536000, immutable");
@@ -413,7 +407,7 @@ async fn get_variant(
         .storage
         .get_stream(&mobile_storage::variant_key(id, &variant))
         .await
-        .map_err(|e| ApiError::unavailable("storage_unavailable", e))?;
+        .map_err(|e| ApiError::unavailable(ErrorCode::StorageUnavailable, e))?;
     let content_type = HeaderValue::from_str(&stored.content_type).map_err(ApiError::internal)?;
     Ok((
         [
@@ -428,5 +422,5 @@ async fn get_variant(
 }
 
 fn no_such_media() -> ApiError {
-    ApiError::not_found("no such media")
+    ApiError::new(ErrorCode::NotFound).detail("no such media")
 }

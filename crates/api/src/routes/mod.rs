@@ -9,15 +9,15 @@ pub mod me;
 pub mod media;
 pub mod pagination;
 
+use mobile_domain::UserId;
 use serde::Serialize;
 use time::OffsetDateTime;
 use utoipa::ToSchema;
-use uuid::Uuid;
 
 /// A user as the API shows it.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct User {
-    pub id: Uuid,
+    pub id: UserId,
     pub email: String,
     pub display_name: String,
     #[serde(with = "time::serde::rfc3339")]
@@ -29,7 +29,7 @@ pub struct User {
 impl From<mobile_db::users::User> for User {
     fn from(user: mobile_db::users::User) -> Self {
         Self {
-            id: user.id.as_uuid(),
+            id: user.id,
             email: user.email,
             display_name: user.display_name,
             created_at: user.created_at,

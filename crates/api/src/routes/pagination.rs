@@ -3,20 +3,24 @@
 //! Cursors are opaque to clients: base64url of whatever the list needs to resume (a
 //! last id, a seq with a direction). Only this module knows their inside.
 
+use std::str::FromStr;
+
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use serde::Deserialize;
 use utoipa::IntoParams;
-use uuid::Uuid;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 
 /// `?cursor=&limit=`, for lists ordered by id.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
     /// From a previous page's `next_cursor`.
+    #[param(max_length = 256)]
     pub cursor: Option<String>,
     /// 1 to 100; default 50.
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<u32>,
 }
 
@@ -29,10 +33,8 @@ pub fn limit(requested: Option<u32>) -> Result<u32, ApiError> {
     if (1..=MAX_LIMIT).contains(&limit) {
         Ok(limit)
     } else {
-        Err(ApiError::bad_request(
-            "invalid_query",
-            format!("limit must be between 1 and {MAX_LIMIT}"),
-        ))
+        Err(ApiError::new(ErrorCode::InvalidQuery)
+            .detail(format!("limit must be between 1 and {MAX_LIMIT}")))
     }
 }
 
@@ -49,16 +51,17 @@ pub fn decode(cursor: &str) -> Result<String, ApiError> {
         .ok_or_else(invalid)
 }
 
-pub fn encode_id(id: Uuid) -> String {
+/// A cursor that resumes after the id `id`.
+pub fn encode_id(id: impl std::fmt::Display) -> String {
     encode(&id.to_string())
 }
 
-pub fn decode_id(cursor: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(&decode(cursor)?).map_err(|_| invalid())
+pub fn decode_id<Id: FromStr>(cursor: &str) -> Result<Id, ApiError> {
+    decode(cursor)?.parse().map_err(|_| invalid())
 }
 
 pub fn invalid() -> ApiError {
-    ApiError::bad_request("invalid_cursor", "the cursor is not one this API issued")
+    ApiError::new(ErrorCode::InvalidCursor)
 }
 
 /// Splits `limit + 1` fetched rows into a page and whether more follow.

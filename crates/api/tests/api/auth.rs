@@ -6,7 +6,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, assert_problem, session_from};
+use crate::helpers::{Session, TestApp, assert_problem};
 
 #[tokio::test]
 async fn register_login_me_refresh_and_reuse_revokes_the_family() {
@@ -24,12 +24,12 @@ async fn register_login_me_refresh_and_reuse_revokes_the_family() {
     assert_eq!(body["user"]["email"], "ann@example.com");
     assert_eq!(body["token_type"], "Bearer");
     assert_eq!(body["expires_in"], 900);
-    let registered = session_from(body);
+    let registered = Session::from_body(&body);
 
     // Login with the email in another case.
     let response = app.login("ANN@example.com", "correct horse battery").await;
     assert_eq!(response.status(), StatusCode::OK);
-    let session = session_from(response.json().await.unwrap());
+    let session = Session::from_body(&response.json::<Value>().await.unwrap());
     assert_eq!(session.user_id, registered.user_id);
     assert_ne!(
         session.refresh_token, registered.refresh_token,

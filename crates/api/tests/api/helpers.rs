@@ -3,7 +3,8 @@
 use std::{net::SocketAddr, time::Duration};
 
 use mobile_api::ApiSettings;
-use mobile_runtime::{Env, Shutdown};
+use mobile_runtime::{Env, Shutdown, service::Listeners};
+pub use mobile_testkit::api::{Account as Session, sample};
 use mobile_testkit::{TestDb, TestKeys};
 use reqwest::{Client, Method, RequestBuilder, Response, StatusCode};
 use serde_json::{Value, json};
@@ -77,12 +78,11 @@ impl Builder {
         let addr: SocketAddr = listener.local_addr().expect("addr");
         let metrics_addr: SocketAddr = metrics_listener.local_addr().expect("addr");
         let shutdown = Shutdown::new();
-        let server = tokio::spawn(mobile_api::serve(
-            settings,
-            listener,
-            metrics_listener,
-            shutdown.clone(),
-        ));
+        let listeners = Listeners {
+            public: listener,
+            metrics: metrics_listener,
+        };
+        let server = tokio::spawn(mobile_api::serve(settings, listeners, shutdown.clone()));
         TestApp {
             base: format!("http://{addr}"),
             metrics: format!("http://{metrics_addr}/metrics"),
@@ -98,14 +98,6 @@ impl Builder {
             storage_dir,
         }
     }
-}
-
-/// A registered user's credentials.
-#[derive(Debug, Clone)]
-pub struct Session {
-    pub user_id: String,
-    pub access_token: String,
-    pub refresh_token: String,
 }
 
 impl TestApp {
@@ -150,14 +142,7 @@ impl TestApp {
     }
 
     pub async fn register(&self, email: &str) -> Session {
-        let response = self
-            .post_json(
-                "/v1/auth/register",
-                &json!({"email": email, "password": "correct horse battery", "display_name": "Tester"}),
-            )
-            .await;
-        assert_eq!(response.status(), StatusCode::CREATED, "register {email}");
-        session_from(response.json().await.expect("json"))
+        mobile_testkit::api::register(&self.client, &self.base, email, "Tester").await
     }
 
     pub async fn login(&self, email: &str, password: &str) -> Response {
@@ -182,20 +167,6 @@ impl TestApp {
             .text()
             .await
             .expect("text")
-    }
-}
-
-pub fn session_from(body: Value) -> Session {
-    Session {
-        user_id: body["user"]["id"].as_str().expect("user.id").to_owned(),
-        access_token: body["access_token"]
-            .as_str()
-            .expect("access_token")
-            .to_owned(),
-        refresh_token: body["refresh_token"]
-            .as_str()
-            .expect("refresh_token")
-            .to_owned(),
     }
 }
 
@@ -230,12 +201,4 @@ pub async fn assert_problem(response: Response, status: StatusCode, code: &str) 
         assert_eq!(body["request_id"].as_str(), request_id.to_str().ok());
     }
     body
-}
-
-/// The value of one sample line of a Prometheus text exposition, if present.
-pub fn sample(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .find(|line| line.starts_with(prefix))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
 }

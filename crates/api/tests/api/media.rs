@@ -262,12 +262,11 @@ impl Worker {
         vars.extend(storage.iter().cloned());
         let settings = mobile_worker::WorkerSettings::from_env(&Env::from_pairs(vars)).unwrap();
         let shutdown = Shutdown::new();
-        let task = tokio::spawn(mobile_worker::serve(
-            settings,
-            TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            shutdown.clone(),
-        ));
+        let listeners = mobile_runtime::service::Listeners {
+            public: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            metrics: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        };
+        let task = tokio::spawn(mobile_worker::serve(settings, listeners, shutdown.clone()));
         Self { shutdown, task }
     }
 

@@ -143,10 +143,11 @@ async fn a_message_enqueues_pushes_for_offline_members_only_once() {
     let conversation_id = conversation["id"].as_str().unwrap();
 
     // Cat has the app open (a gateway keeps her presence); Bob does not.
-    let client = redis::Client::open(mobile_testkit::redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let cat_id = Uuid::parse_str(&cat.user_id).unwrap();
-    mobile_events::presence::renew(&mut conn, &app.redis_prefix, &[(cat_id, "conn-1")])
+    let redis =
+        mobile_runtime::redis::Redis::connect_lazy(&mobile_testkit::redis_url(), &app.redis_prefix)
+            .unwrap();
+    let cat_id: mobile_domain::UserId = cat.user_id.parse().unwrap();
+    mobile_events::presence::renew(&redis, &[(cat_id, "conn-1")])
         .await
         .unwrap();
 

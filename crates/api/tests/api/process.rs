@@ -2,91 +2,52 @@
 
 use std::{process::Stdio, time::Duration};
 
-use mobile_testkit::{TestDb, TestKeys, free_port};
+use mobile_testkit::{ServiceProcess, TestDb, TestKeys, free_port};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    process::{Child, Command},
+    process::Command,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_mobile-api");
 
+/// `mobile-api` as a process, with its own database and keys.
 struct ApiProcess {
-    child: Child,
-    port: u16,
+    process: ServiceProcess,
     _db: TestDb,
     _keys: TestKeys,
+}
+
+impl std::ops::Deref for ApiProcess {
+    type Target = ServiceProcess;
+
+    fn deref(&self) -> &ServiceProcess {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for ApiProcess {
+    fn deref_mut(&mut self) -> &mut ServiceProcess {
+        &mut self.process
+    }
 }
 
 impl ApiProcess {
     async fn start(extra: &[(&str, &str)]) -> Self {
         let db = TestDb::new().await;
         let keys = TestKeys::generate(1);
-        let port = free_port();
-        let mut command = Command::new(BIN);
-        command
-            .env_clear()
-            .env("APP_ENV", "test")
-            .env("DATABASE_URL", db.url())
-            .env("REDIS_URL", mobile_testkit::redis_url())
-            .env("REDIS_KEY_PREFIX", mobile_testkit::unique_redis_prefix())
-            .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
-            .env("METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
-            .env("JWT_SIGNING_KEY_FILE", keys.signing(0))
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
-        for (name, value) in extra {
-            command.env(name, value);
-        }
-        let child = command.spawn().expect("spawn mobile-api");
-        let process = Self {
-            child,
-            port,
+        let signing = keys.signing(0).display().to_string();
+        let env = [
+            ("DATABASE_URL", db.url()),
+            ("JWT_SIGNING_KEY_FILE", &signing),
+        ];
+        let process =
+            ServiceProcess::start(BIN, env.into_iter().chain(extra.iter().copied())).await;
+        Self {
+            process,
             _db: db,
             _keys: keys,
-        };
-        process.wait_until_ready().await;
-        process
-    }
-
-    async fn wait_until_ready(&self) {
-        for _ in 0..100 {
-            if self.get_status("/health/ready").await == Some(200) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("mobile-api did not become ready");
-    }
-
-    /// The status of a GET on a fresh connection, or `None` if nobody accepts.
-    async fn get_status(&self, path: &str) -> Option<u16> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;
-        let request = format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.ok()?;
-        response.get(9..12)?.parse().ok()
-    }
-
-    fn signal(&self, name: &str) {
-        let pid = self.child.id().expect("running").to_string();
-        let status = std::process::Command::new("kill")
-            .args([format!("-{name}"), pid])
-            .status()
-            .expect("run kill");
-        assert!(status.success());
-    }
-
-    async fn exit_code_within(&mut self, limit: Duration) -> Option<i32> {
-        tokio::time::timeout(limit, self.child.wait())
-            .await
-            .expect("the process exits in time")
-            .expect("wait")
-            .code()
     }
 }
 
@@ -280,4 +241,32 @@ async fn migrate_creates_the_database_and_is_safe_twice_and_concurrently() {
     .unwrap();
     assert_eq!(tables, 4);
     pool.close().await;
+}
+
+#[tokio::test]
+async fn help_prints_the_usage_and_an_unknown_argument_is_refused() {
+    for flag in ["--help", "-h"] {
+        let output = Command::new(BIN).arg(flag).output().await.expect("run");
+        assert_eq!(output.status.code(), Some(0), "{flag}");
+        let usage = String::from_utf8_lossy(&output.stdout);
+        assert!(usage.starts_with("usage: mobile-api"), "{usage}");
+        assert!(usage.contains("mobile-api migrate"), "{usage}");
+        assert!(usage.contains("mobile-api health"), "{usage}");
+    }
+    let output = Command::new(BIN)
+        .arg("--frobnicate")
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).starts_with("usage: mobile-api"));
+    let output = Command::new(BIN)
+        .arg("--version")
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        format!("mobile-api {}", mobile_api::VERSION)
+    );
 }
