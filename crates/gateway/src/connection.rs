@@ -4,9 +4,10 @@
 //! Per conversation channel the connection tracks the next offset its client should
 //! see. Recovery (subscribe with `since`) reads PostgreSQL *after* the hub confirmed the
 //! Redis subscription, so every later event is in the queue; anything at or below what
-//! was recovered is then a duplicate and dropped, and a gap (which the hub normally
-//! fills first) is filled here from PostgreSQL. The client sees each offset once, in
-//! order.
+//! was recovered is then a duplicate and dropped. The hub passes each channel on
+//! without gaps, from at most this connection's reading on, so a gap here would be a
+//! broken promise: the connection says so in its log and closes with 1012, and the
+//! client recovers with `since`. The client sees each offset once, in order.
 
 use std::{
     collections::HashMap,
@@ -20,24 +21,23 @@ use std::{
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::SinkExt;
 use mobile_auth::{AccessClaims, TokenError};
-use mobile_db::conversations::{self, Window};
+use mobile_db::conversations;
 use mobile_domain::UserId;
 use mobile_events::Channel;
 use rand::Rng;
 use serde_json::value::RawValue;
 use tokio::{sync::mpsc, time::Instant};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
-    Context,
-    hub::{ConnId, Delivery, Subscriber},
+    Context, backfill,
+    hub::{ConnId, Delivery, Evict, Eviction, Subscriber},
     metrics::OutcomeLabel,
     protocol::{ClientFrame, ServerFrame, close, frame_id},
 };
 
-/// How long a client marked slow gets to take the frame in flight and the 4008 close.
-const SLOW_CONSUMER_GRACE: Duration = Duration::from_secs(2);
+/// How long an evicted client gets to take the frame in flight and the close.
+const EVICTION_GRACE: Duration = Duration::from_secs(2);
 
 /// Queued deliveries written per flush, at most: enough to turn a burst into a few
 /// socket writes, few enough that pings and the client's own frames are not kept
@@ -61,6 +61,8 @@ enum End {
     ProtocolViolation,
     TooBig,
     Shutdown,
+    /// A channel lost continuity on this gateway: the client resubscribes with `since`.
+    Resync,
     /// The socket failed or a write did not complete in time.
     Gone,
 }
@@ -74,6 +76,7 @@ impl End {
             Self::ProtocolViolation => "protocol_violation",
             Self::TooBig => "too_big",
             Self::Shutdown => "shutdown",
+            Self::Resync => "resync",
             Self::Gone => "gone",
         }
     }
@@ -125,7 +128,7 @@ pub async fn serve(
         socket,
         queue,
         deliveries,
-        slow: CancellationToken::new(),
+        evict: Evict::default(),
         subs: HashMap::new(),
         last_pong: Instant::now(),
         unflushed: 0,
@@ -144,13 +147,13 @@ struct Connection {
     id: ConnId,
     /// The id the client sees in `welcome`, and presence records.
     public_id: String,
-    user: Uuid,
+    user: UserId,
     socket: WebSocket,
     /// The sending half, cloned into each hub subscription.
     queue: mpsc::Sender<Arc<Delivery>>,
     deliveries: mpsc::Receiver<Arc<Delivery>>,
-    /// Cancelled by the hub when `deliveries` overflows.
-    slow: CancellationToken,
+    /// Thrown by the hub: `deliveries` overflowed, or a channel lost continuity.
+    evict: Evict,
     subs: HashMap<Channel, Sub>,
     last_pong: Instant,
     /// Text frames fed since the last flush: counted as sent once they are written.
@@ -168,7 +171,7 @@ impl Connection {
         // push for a message it can see live.
         self.ctx
             .presence
-            .connected(UserId::from_uuid(self.user), &self.public_id)
+            .connected(self.user, &self.public_id)
             .await;
         let own = Channel::User(self.user);
         self.ctx.hub.subscribe(own, self.subscriber()).await;
@@ -189,7 +192,7 @@ impl Connection {
         loop {
             let end = tokio::select! {
                 biased;
-                _ = self.slow.cancelled() => Some(self.close(close::SLOW_CONSUMER, "slow consumer", End::SlowConsumer).await),
+                reason = self.evict.evicted() => Some(self.evicted(reason).await),
                 _ = shutdown.triggered(), if close_at.is_none() => {
                     close_at = Some(Instant::now() + self.ctx.drain_offset());
                     None
@@ -238,7 +241,7 @@ impl Connection {
             conn: self.id,
             user: self.user,
             queue: self.queue.clone(),
-            slow: self.slow.clone(),
+            evict: self.evict.clone(),
         }
     }
 
@@ -320,7 +323,7 @@ impl Connection {
                 )
                 .await;
         }
-        let user = UserId::from_uuid(self.user);
+        let user = self.user;
         match conversations::member_last_seq(&self.ctx.db, user, conversation).await {
             Ok(Some(_)) => {}
             Ok(None) => {
@@ -357,14 +360,7 @@ impl Connection {
                 (false, Vec::new())
             }
             Some(since) => {
-                match conversations::list_messages(
-                    &self.ctx.db,
-                    conversation,
-                    Window::After(since.max(0)),
-                    latest - since,
-                )
-                .await
-                {
+                match backfill::read(&self.ctx.db, channel, since.max(0) + 1..=latest).await {
                     Ok(missed) => {
                         self.count_recovery("recovered");
                         (true, missed)
@@ -387,12 +383,11 @@ impl Connection {
         };
         self.feed(Message::Text(Utf8Bytes::from(frame.to_text())))
             .await?;
-        for message in missed {
-            self.feed(Message::Text(Delivery::from_message(message).frame))
-                .await?;
+        for delivery in missed {
+            self.feed(Message::Text(delivery.frame.clone())).await?;
         }
         self.flush().await?;
-        self.ctx.hub.observe_offset(channel, latest);
+        self.ctx.hub.recovered(channel, self.id, latest);
         Ok(())
     }
 
@@ -461,14 +456,7 @@ impl Connection {
                 .await;
         }
         let frame = mobile_events::ephemeral(channel, self.user, data);
-        let redis_channel =
-            mobile_events::redis_channel(&self.ctx.settings.common.redis_key_prefix, channel);
-        let published: Result<(), redis::RedisError> = redis::cmd("PUBLISH")
-            .arg(redis_channel)
-            .arg(frame)
-            .query_async(&mut self.ctx.redis.conn())
-            .await;
-        match published {
+        match mobile_events::publish(&self.ctx.redis, &[(channel, frame)]).await {
             Ok(()) => {
                 self.send_text(ServerFrame::Published { id, channel: name }.to_text())
                     .await
@@ -512,8 +500,8 @@ impl Connection {
         self.flush().await
     }
 
-    /// Buffers a delivery if it is the next one the client should see; fills a gap
-    /// from PostgreSQL first. Nothing reaches the socket before [`Self::flush`].
+    /// Buffers a delivery if it is the next one the client should see; drops one it
+    /// has. Nothing reaches the socket before [`Self::flush`].
     async fn deliver(&mut self, delivery: Arc<Delivery>) -> Result<(), End> {
         let Some(sub) = self.subs.get(&delivery.channel).copied() else {
             return Ok(());
@@ -522,59 +510,16 @@ impl Connection {
             return self.feed(Message::Text(delivery.frame.clone())).await;
         };
         if offset < next {
+            // Recovered from PostgreSQL already.
             return Ok(());
         }
         if offset > next {
-            self.fill(delivery.channel, next, offset - 1).await?;
+            tracing::error!(channel = %delivery.channel, next, offset, "the hub skipped offsets; the client resubscribes");
+            return Err(self.evicted(Eviction::Resync).await);
         }
         self.subs
             .insert(delivery.channel, Sub::Conversation { next: offset + 1 });
         self.feed(Message::Text(delivery.frame.clone())).await
-    }
-
-    /// Sends offsets `from..=to` of a conversation from PostgreSQL.
-    async fn fill(&mut self, channel: Channel, from: i64, to: i64) -> Result<(), End> {
-        let Channel::Conversation(conversation) = channel else {
-            return Ok(());
-        };
-        match conversations::list_messages(
-            &self.ctx.db,
-            conversation,
-            Window::After(from - 1),
-            to - from + 1,
-        )
-        .await
-        {
-            Ok(messages) => {
-                self.ctx
-                    .metrics
-                    .gap_fills
-                    .get_or_create(&OutcomeLabel { outcome: "filled" })
-                    .inc();
-                for message in messages {
-                    self.feed(Message::Text(Delivery::from_message(message).frame))
-                        .await?;
-                }
-                Ok(())
-            }
-            Err(e) => {
-                // Without the missing events the stream would have a hole: close, so
-                // the client reconnects and recovers with `since`.
-                tracing::warn!(error = %e, "connection gap fill failed");
-                self.ctx
-                    .metrics
-                    .gap_fills
-                    .get_or_create(&OutcomeLabel { outcome: "failed" })
-                    .inc();
-                Err(self
-                    .close(
-                        close::SERVICE_RESTART,
-                        "temporarily unable to deliver in order",
-                        End::Gone,
-                    )
-                    .await)
-            }
-        }
     }
 
     async fn error(&mut self, id: Option<u64>, code: &str, message: &str) -> Result<(), End> {
@@ -615,13 +560,13 @@ impl Connection {
     }
 
     /// Runs one write. A client that does not take it within two ping intervals is
-    /// gone. If the hub marks the client slow meanwhile, it gets a short grace to take
-    /// this write, and then the 4008 close.
+    /// gone. If the client is evicted meanwhile (its queue overflowed), it gets a
+    /// short grace to take this write, and then the close.
     async fn guarded(&mut self, write: Write) -> Result<(), End> {
         enum Outcome {
             Done,
             Failed,
-            Slow,
+            Evicted(Eviction),
         }
         let limit = self.ctx.settings.ping_interval * 2;
         let outcome = {
@@ -636,9 +581,9 @@ impl Connection {
                 written = tokio::time::timeout(limit, &mut io) => {
                     if matches!(written, Ok(Ok(()))) { Outcome::Done } else { Outcome::Failed }
                 }
-                _ = self.slow.cancelled() => {
-                    match tokio::time::timeout(SLOW_CONSUMER_GRACE, &mut io).await {
-                        Ok(Ok(())) => Outcome::Slow,
+                reason = self.evict.evicted() => {
+                    match tokio::time::timeout(EVICTION_GRACE, &mut io).await {
+                        Ok(Ok(())) => Outcome::Evicted(reason),
                         _ => Outcome::Failed,
                     }
                 }
@@ -647,9 +592,25 @@ impl Connection {
         match outcome {
             Outcome::Done => Ok(()),
             Outcome::Failed => Err(End::Gone),
-            Outcome::Slow => Err(self
-                .close(close::SLOW_CONSUMER, "slow consumer", End::SlowConsumer)
-                .await),
+            Outcome::Evicted(reason) => Err(self.evicted(reason).await),
+        }
+    }
+
+    /// Closes for a reason thrown from outside the connection.
+    async fn evicted(&mut self, reason: Eviction) -> End {
+        match reason {
+            Eviction::SlowConsumer => {
+                self.close(close::SLOW_CONSUMER, "slow consumer", End::SlowConsumer)
+                    .await
+            }
+            Eviction::Resync => {
+                self.close(
+                    close::SERVICE_RESTART,
+                    "temporarily unable to deliver in order; resubscribe with since",
+                    End::Resync,
+                )
+                .await
+            }
         }
     }
 
@@ -660,7 +621,7 @@ impl Connection {
             reason: Utf8Bytes::from_static(reason),
         };
         let _ = tokio::time::timeout(
-            SLOW_CONSUMER_GRACE,
+            EVICTION_GRACE,
             self.socket.send(Message::Close(Some(frame))),
         )
         .await;
@@ -696,7 +657,7 @@ impl Connection {
         }
         self.ctx
             .presence
-            .disconnected(UserId::from_uuid(self.user), &self.public_id)
+            .disconnected(self.user, &self.public_id)
             .await;
     }
 }

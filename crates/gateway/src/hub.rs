@@ -1,47 +1,57 @@
-//! The fan-out hub: one Redis Pub/Sub connection per process, shared by every client.
+//! The fan-out hub: this process's channel table, shared by every connection.
 //!
 //! ```text
-//!   Redis ──frame──► hub task ──► channel table ──try_send──► connection queues (bounded)
-//!                         ▲             │ gap? fill from PostgreSQL, in order
-//!   connections ─SUBSCRIBE/UNSUBSCRIBE─┘ (reference-counted: Redis sees one per channel)
+//!   Redis ──frame──► pubsub task ──► hub: channel table ──try_send──► connection queues (bounded)
+//!                                         │ sequencer says: deliver / fill / reset
+//!                                         ▼
+//!                                 backfill from PostgreSQL (one fill per channel at a time)
 //! ```
 //!
-//! - **Reference-counted subscriptions.** A channel is SUBSCRIBEd when its first local
-//!   subscriber arrives and UNSUBSCRIBEd when its last leaves, so each pod receives only
-//!   the channels its own clients follow, never everything.
+//! - **Reference-counted subscriptions.** A channel is SUBSCRIBEd ([`crate::pubsub`])
+//!   when its first local subscriber arrives and UNSUBSCRIBEd when its last leaves, so
+//!   each pod receives only the channels its own clients follow, never everything.
 //! - **Encoded once.** A frame arrives from Redis as the exact bytes clients receive;
 //!   only its small header is parsed, and every recipient gets a clone of the same
 //!   reference-counted buffer.
-//! - **In order, no gaps, no duplicates.** Per conversation channel the hub remembers
-//!   the last offset it passed on. A duplicate is dropped; an offset beyond the next
-//!   one means a lost publish, so the missing range is read from PostgreSQL (once, for
-//!   all local subscribers) and delivered first, while later frames wait in order.
+//! - **In order, no gaps, no duplicates.** Each conversation channel's order is its
+//!   [`Sequencer`]'s (pure, and tested on its own); the hub does what it says: passes
+//!   frames on, reads a missing range from PostgreSQL ([`crate::backfill`]) once for all
+//!   local subscribers, or, when a range cannot be read, closes the channel's
+//!   subscribers with 1012 so they recover with `since`.
+//! - **Where a channel starts.** A subscriber registers, then reads the channel's
+//!   newest offset from PostgreSQL and reports it ([`Hub::recovered`]); it needs every
+//!   offset above its reading. A channel new to this process starts at the lowest
+//!   reading of the subscribers that registered before it started (the sequencer
+//!   waits for each of them); anyone registering later finds frames flowing from at
+//!   most its own reading on, and drops what it read itself.
 //! - **Slow consumers do not slow anyone.** Delivery is `try_send` into each
-//!   connection's bounded queue; a full queue marks that connection for closing (4008)
-//!   and fan-out moves on.
-//! - **Redis loss.** The task reconnects with backoff, resubscribes every channel that
-//!   has local subscribers, and catches each conversation channel up from PostgreSQL.
-//!   While disconnected, readiness reports 503.
+//!   connection's bounded queue; a full queue evicts that connection (4008) and fan-out
+//!   moves on.
 
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex, MutexGuard, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use axum::extract::ws::Utf8Bytes;
-use futures_util::StreamExt;
-use mobile_db::conversations::{self, Window};
+use mobile_db::conversations;
+use mobile_domain::{ConversationId, UserId};
 use mobile_events::{Channel, FrameHeader, MessageData};
+use mobile_runtime::redis::Redis;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
-use crate::metrics::{GatewayMetrics, OutcomeLabel};
+use crate::{
+    backfill,
+    metrics::GatewayMetrics,
+    pubsub::{self, Command},
+    sequencer::{Fill, FillCase, Sequencer, Steps},
+};
 
 /// A process-unique connection number.
 pub type ConnId = u64;
@@ -53,7 +63,7 @@ pub struct Delivery {
     /// The message seq, for conversation events; `None` for ephemeral and user events.
     pub offset: Option<i64>,
     /// The sender of an ephemeral event; their own connections do not get it back.
-    pub from: Option<Uuid>,
+    pub from: Option<UserId>,
     pub frame: Utf8Bytes,
 }
 
@@ -68,28 +78,74 @@ impl Delivery {
             frame: Utf8Bytes::from(mobile_events::message_created(&message)),
         }
     }
+
+    /// A frame from Redis: the bytes as they came, plus the parsed header.
+    fn parse(payload: &[u8]) -> Result<Self, &'static str> {
+        let header = FrameHeader::parse(payload).map_err(|_| "not an event frame")?;
+        let channel: Channel = header.channel.parse().map_err(|_| "unknown channel")?;
+        let text = String::from_utf8(payload.to_vec()).map_err(|_| "not UTF-8")?;
+        Ok(Self {
+            channel,
+            offset: header.offset,
+            from: header.from,
+            frame: Utf8Bytes::from(text),
+        })
+    }
+}
+
+/// Why a connection is ended from outside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Eviction {
+    /// Its queue overflowed: it does not read fast enough (4008).
+    SlowConsumer,
+    /// A channel it follows lost continuity on this gateway (1012): resubscribing with
+    /// `since` recovers exactly what it missed.
+    Resync,
+}
+
+/// A connection's "close, for this reason" switch: thrown by the hub, watched by the
+/// connection. The first reason stands.
+#[derive(Debug, Clone, Default)]
+pub struct Evict(Arc<EvictState>);
+
+#[derive(Debug, Default)]
+struct EvictState {
+    token: CancellationToken,
+    reason: OnceLock<Eviction>,
+}
+
+impl Evict {
+    pub fn evict(&self, reason: Eviction) {
+        let _ = self.0.reason.set(reason);
+        self.0.token.cancel();
+    }
+
+    /// Completes once evicted, with the reason.
+    pub async fn evicted(&self) -> Eviction {
+        self.0.token.cancelled().await;
+        self.0.reason.get().copied().unwrap_or(Eviction::Resync)
+    }
+
+    pub fn is_evicted(&self) -> bool {
+        self.0.token.is_cancelled()
+    }
 }
 
 /// A connection's registration on a channel.
 #[derive(Debug, Clone)]
 pub struct Subscriber {
     pub conn: ConnId,
-    pub user: Uuid,
+    pub user: UserId,
     /// Shared deliveries: a queue slot is one pointer, however large the frame, so an
     /// idle connection's queue costs little memory.
     pub queue: mpsc::Sender<Arc<Delivery>>,
-    /// Cancelled when the queue overflows: the connection closes itself with 4008.
-    pub slow: CancellationToken,
+    pub evict: Evict,
 }
 
 #[derive(Debug)]
 struct ChannelState {
     subscribers: Vec<Subscriber>,
-    /// The newest offset passed on (conversation channels), once known.
-    last_offset: Option<i64>,
-    /// A gap fill is running; frames that arrive meanwhile wait in `pending`.
-    filling: bool,
-    pending: Vec<Arc<Delivery>>,
+    sequence: Sequencer<Arc<Delivery>>,
     /// Whether Redis has confirmed the SUBSCRIBE on the current connection.
     confirmed: watch::Sender<bool>,
 }
@@ -98,26 +154,10 @@ impl ChannelState {
     fn new() -> Self {
         Self {
             subscribers: Vec::new(),
-            last_offset: None,
-            filling: false,
-            pending: Vec::new(),
+            sequence: Sequencer::default(),
             confirmed: watch::Sender::new(false),
         }
     }
-}
-
-/// A range of offsets to read from PostgreSQL and deliver before what waits.
-#[derive(Debug, Clone, Copy)]
-struct Fill {
-    channel: Channel,
-    from: i64,
-    to: i64,
-}
-
-#[derive(Debug)]
-enum Command {
-    Subscribe(Channel),
-    Unsubscribe(Channel),
 }
 
 /// The hub, shared by every connection of the process. Cheap to clone.
@@ -132,27 +172,24 @@ struct Inner {
     commands: mpsc::Sender<Command>,
     live: AtomicBool,
     db: PgPool,
-    prefix: String,
     metrics: GatewayMetrics,
 }
 
 /// How long a subscriber waits for Redis to confirm a new SUBSCRIBE before it goes
 /// on without (a reconnect would resubscribe and catch up anyway).
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
-/// Messages read from PostgreSQL per query when filling a gap.
-const FILL_CHUNK: i64 = 1_000;
+/// Attempts at a fill, and the pause before each retry, before its channel is reset.
+const FILL_RETRIES: [Duration; 2] = [Duration::from_millis(200), Duration::from_secs(1)];
 
 impl Hub {
     /// Creates the hub and the task that owns its Redis Pub/Sub connection; the task
     /// ends when `stop` is cancelled.
     pub fn start(
-        redis_url: &str,
-        prefix: &str,
+        redis: Redis,
         db: PgPool,
         metrics: GatewayMetrics,
         stop: CancellationToken,
-    ) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(redis_url)?;
+    ) -> Self {
         let (commands, receiver) = mpsc::channel(1024);
         let hub = Self {
             inner: Arc::new(Inner {
@@ -160,17 +197,20 @@ impl Hub {
                 commands,
                 live: AtomicBool::new(false),
                 db,
-                prefix: prefix.to_owned(),
                 metrics,
             }),
         };
-        tokio::spawn(hub.clone().run(client, receiver, stop));
-        Ok(hub)
+        tokio::spawn(pubsub::run(hub.clone(), redis, receiver, stop));
+        hub
     }
 
     /// Whether the Pub/Sub connection is up (readiness).
     pub fn is_live(&self) -> bool {
         self.inner.live.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn metrics(&self) -> &GatewayMetrics {
+        &self.inner.metrics
     }
 
     fn channels(&self) -> MutexGuard<'_, HashMap<Channel, ChannelState>> {
@@ -184,12 +224,16 @@ impl Hub {
 
     /// Registers a subscriber. Returns once Redis confirmed the channel's subscription
     /// (or at once if Pub/Sub is down), so everything published from now on reaches
-    /// the subscriber's queue: read PostgreSQL *after* this to recover without a gap.
+    /// the subscriber's queue: read PostgreSQL *after* this to recover without a gap,
+    /// then report what was read ([`Hub::recovered`]).
     pub async fn subscribe(&self, channel: Channel, subscriber: Subscriber) {
         let (first, mut confirmed) = {
             let mut channels = self.channels();
             let first = !channels.contains_key(&channel);
             let state = channels.entry(channel).or_insert_with(ChannelState::new);
+            if let Channel::Conversation(_) = channel {
+                state.sequence.joined(subscriber.conn);
+            }
             state.subscribers.push(subscriber);
             (first, state.confirmed.subscribe())
         };
@@ -216,6 +260,10 @@ impl Hub {
             let last = state.subscribers.is_empty();
             if last {
                 channels.remove(&channel);
+            } else {
+                // Perhaps it left before reporting: the start waits for it no longer.
+                let steps = state.sequence.left(conn);
+                self.apply(channel, state, steps);
             }
             last
         };
@@ -229,57 +277,49 @@ impl Hub {
         }
     }
 
-    /// A subscriber recovered a conversation up to `offset` from PostgreSQL. If the
-    /// hub has passed on less than that, its other subscribers missed the difference
-    /// too: fill it for them.
-    pub fn observe_offset(&self, channel: Channel, offset: i64) {
-        let fill = {
-            let mut channels = self.channels();
-            let Some(state) = channels.get_mut(&channel) else {
-                return;
-            };
-            match state.last_offset {
-                None => {
-                    state.last_offset = Some(offset);
-                    None
-                }
-                Some(last) if offset > last && !state.filling => {
-                    state.filling = true;
-                    Some(Fill {
-                        channel,
-                        from: last + 1,
-                        to: offset,
-                    })
-                }
-                Some(_) => None,
-            }
+    /// The subscriber `conn` read `channel`'s newest offset from PostgreSQL after it
+    /// registered: it has everything up to `offset`, and needs everything after.
+    pub fn recovered(&self, channel: Channel, conn: ConnId, offset: i64) {
+        let mut channels = self.channels();
+        let Some(state) = channels.get_mut(&channel) else {
+            return;
         };
-        if let Some(fill) = fill {
-            self.spawn_fill(fill);
+        let steps = state.sequence.reading(conn, offset);
+        self.apply(channel, state, steps);
+    }
+
+    /// The hub read `channel`'s newest offset itself (catching up after a reconnect).
+    fn known(&self, channel: Channel, offset: i64, case: FillCase) {
+        let mut channels = self.channels();
+        if let Some(state) = channels.get_mut(&channel) {
+            let steps = state.sequence.known(offset, case);
+            self.apply(channel, state, steps);
         }
     }
 
     /// Handles one frame from Redis.
-    fn on_frame(&self, payload: &[u8]) {
+    pub(crate) fn on_frame(&self, payload: &[u8]) {
         let started = Instant::now();
         self.inner.metrics.pubsub_messages.inc();
-        let delivery = match parse_delivery(payload) {
-            Ok(delivery) => delivery,
+        let delivery = match Delivery::parse(payload) {
+            Ok(delivery) => Arc::new(delivery),
             Err(reason) => {
                 tracing::warn!(reason, "dropping a malformed frame from Redis");
                 return;
             }
         };
-        let fill = {
+        {
             let mut channels = self.channels();
-            let Some(state) = channels.get_mut(&delivery.channel) else {
-                // Unsubscribed a moment ago.
-                return;
-            };
-            self.accept(state, Arc::new(delivery))
-        };
-        if let Some(fill) = fill {
-            self.spawn_fill(fill);
+            // None: unsubscribed a moment ago.
+            if let Some(state) = channels.get_mut(&delivery.channel) {
+                match delivery.offset {
+                    None => broadcast(state, &delivery),
+                    Some(offset) => {
+                        let steps = state.sequence.frame(offset, Arc::clone(&delivery));
+                        self.apply(delivery.channel, state, steps);
+                    }
+                }
+            }
         }
         self.inner
             .metrics
@@ -287,151 +327,100 @@ impl Hub {
             .observe(started.elapsed().as_secs_f64());
     }
 
-    /// Passes a delivery on in order, or holds it back behind a gap. Returns the fill
-    /// to start, if this delivery revealed a gap.
-    fn accept(&self, state: &mut ChannelState, delivery: Arc<Delivery>) -> Option<Fill> {
-        let Some(offset) = delivery.offset else {
-            self.broadcast(state, &delivery);
-            return None;
-        };
-        if state.filling {
-            state.pending.push(delivery);
-            return None;
+    /// Does what a sequencer step says.
+    fn apply(&self, channel: Channel, state: &mut ChannelState, steps: Steps<Arc<Delivery>>) {
+        if steps.duplicates > 0 {
+            self.inner
+                .metrics
+                .duplicates_dropped
+                .inc_by(steps.duplicates as u64);
         }
-        match state.last_offset {
-            Some(last) if offset <= last => None,
-            Some(last) if offset > last + 1 => {
-                let fill = Fill {
-                    channel: delivery.channel,
-                    from: last + 1,
-                    to: offset - 1,
-                };
-                state.filling = true;
-                state.pending.push(delivery);
-                Some(fill)
-            }
-            _ => {
-                state.last_offset = Some(offset);
-                self.broadcast(state, &delivery);
-                None
+        for delivery in &steps.deliver {
+            broadcast(state, delivery);
+        }
+        if let Some(fill) = steps.fill {
+            self.spawn_fill(channel, fill);
+        }
+        if steps.reset {
+            tracing::warn!(%channel, subscribers = state.subscribers.len(), "channel lost continuity; its subscribers resubscribe");
+            self.inner.metrics.channel_resets.inc();
+            // Whoever subscribes next starts it afresh.
+            for subscriber in &state.subscribers {
+                subscriber.evict.evict(Eviction::Resync);
             }
         }
     }
 
-    /// Queues a delivery for every subscriber, never waiting for one.
-    fn broadcast(&self, state: &ChannelState, delivery: &Arc<Delivery>) {
-        for subscriber in &state.subscribers {
-            if delivery.from == Some(subscriber.user) {
-                continue;
-            }
-            match subscriber.queue.try_send(Arc::clone(delivery)) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => subscriber.slow.cancel(),
-                // The connection is closing; it unsubscribes itself.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
-            }
-        }
-    }
-
-    fn spawn_fill(&self, fill: Fill) {
+    /// Reads a fill's range from PostgreSQL (retrying briefly) and hands it back.
+    fn spawn_fill(&self, channel: Channel, fill: Fill) {
         let hub = self.clone();
         tokio::spawn(async move {
-            let result = hub.read_range(fill).await;
-            hub.finish_fill(fill, result);
-        });
-    }
-
-    /// The messages of a conversation with offsets `from..=to`, from PostgreSQL.
-    async fn read_range(&self, fill: Fill) -> Result<Vec<Arc<Delivery>>, sqlx::Error> {
-        let Channel::Conversation(conversation) = fill.channel else {
-            return Ok(Vec::new());
-        };
-        let mut deliveries = Vec::new();
-        let mut after = fill.from - 1;
-        while after < fill.to {
-            let limit = (fill.to - after).min(FILL_CHUNK);
-            let page = conversations::list_messages(
-                &self.inner.db,
-                conversation,
-                Window::After(after),
-                limit,
-            )
-            .await?;
-            let Some(last) = page.last().map(|m| m.seq) else {
-                break;
-            };
-            after = last;
-            deliveries.extend(
-                page.into_iter()
-                    .map(|m| Arc::new(Delivery::from_message(m))),
-            );
-        }
-        Ok(deliveries)
-    }
-
-    /// Delivers a fill's messages, then whatever waited behind it, in order.
-    fn finish_fill(&self, fill: Fill, result: Result<Vec<Arc<Delivery>>, sqlx::Error>) {
-        let channel = fill.channel;
-        let next_fill = {
-            let mut channels = self.channels();
+            let mut read = backfill::read(&hub.inner.db, channel, fill.range.clone()).await;
+            for pause in FILL_RETRIES {
+                if read.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(pause).await;
+                read = backfill::read(&hub.inner.db, channel, fill.range.clone()).await;
+            }
+            let outcome = if read.is_ok() { "filled" } else { "failed" };
+            hub.inner.metrics.gap_fill(fill.case, outcome);
+            let mut channels = hub.channels();
             let Some(state) = channels.get_mut(&channel) else {
                 return;
             };
-            state.filling = false;
-            let filled = match result {
-                Ok(filled) => {
-                    self.inner
-                        .metrics
-                        .gap_fills
-                        .get_or_create(&OutcomeLabel { outcome: "filled" })
-                        .inc();
-                    filled
+            let steps = match read {
+                Ok(deliveries) => {
+                    let expected = fill.range.end() - fill.range.start() + 1;
+                    if i64::try_from(deliveries.len()).unwrap_or(i64::MAX) < expected {
+                        tracing::error!(%channel, range = ?fill.range, found = deliveries.len(), "offsets missing from PostgreSQL; skipping them");
+                    }
+                    state.sequence.filled(
+                        deliveries
+                            .into_iter()
+                            .filter_map(|d| d.offset.map(|offset| (offset, d))),
+                    )
                 }
-                Err(e) => {
-                    // Pass on what waits; each connection notices the gap and fills it
-                    // for itself (or its client recovers with `since`).
-                    tracing::warn!(%channel, error = %e, "gap fill failed");
-                    self.inner
-                        .metrics
-                        .gap_fills
-                        .get_or_create(&OutcomeLabel { outcome: "failed" })
-                        .inc();
-                    state.last_offset = None;
-                    Vec::new()
+                Err(error) => {
+                    tracing::warn!(%channel, %error, "gap fill failed");
+                    state.sequence.fill_failed()
                 }
             };
-            let mut waiting = std::mem::take(&mut state.pending);
-            waiting.sort_by_key(|d| d.offset);
-            let mut next_fill = None;
-            for delivery in filled {
-                // Within the range by construction: never starts another fill.
-                let _ = self.accept(state, delivery);
-            }
-            if let Some(last) = state.last_offset
-                && last < fill.to
-            {
-                // Seqs are committed before they are published, so PostgreSQL has every
-                // offset below one that was published. If it does not, waiting would
-                // stall the channel for good: move on, and say so.
-                tracing::error!(%channel, last, missing_to = fill.to, "offsets missing from PostgreSQL; skipping them");
-                state.last_offset = Some(fill.to);
-            }
-            for delivery in waiting {
-                if let Some(fill) = self.accept(state, delivery) {
-                    next_fill = Some(fill);
-                }
-            }
-            next_fill
-        };
-        if let Some(fill) = next_fill {
-            self.spawn_fill(fill);
+            hub.apply(channel, state, steps);
+        });
+    }
+
+    /// The channels with local subscribers, for (re)subscribing.
+    pub(crate) fn channel_list(&self) -> Vec<Channel> {
+        self.channels().keys().copied().collect()
+    }
+
+    /// Whether `channel` still has local subscribers.
+    pub(crate) fn has(&self, channel: Channel) -> bool {
+        self.channels().contains_key(&channel)
+    }
+
+    /// The Pub/Sub connection came up (every channel in the table is subscribed) or
+    /// went down.
+    pub(crate) fn set_live(&self, live: bool) {
+        for state in self.channels().values() {
+            state.confirmed.send_replace(live);
+        }
+        self.inner.live.store(live, Ordering::Release);
+    }
+
+    /// Redis confirmed the SUBSCRIBE of one channel.
+    pub(crate) fn confirm(&self, channel: Channel) {
+        if let Some(state) = self.channels().get(&channel) {
+            state.confirmed.send_replace(true);
         }
     }
 
     /// After a reconnect: anything published while the subscription was down is in
-    /// PostgreSQL. Fill every conversation channel up to its newest seq.
-    async fn catch_up(&self) {
-        let conversations: Vec<Uuid> = self
+    /// PostgreSQL. Tell every conversation channel its newest offset; the sequencers
+    /// ask for what is missing.
+    pub(crate) async fn catch_up(&self) {
+        let conversations: Vec<ConversationId> = self
             .channels()
             .keys()
             .filter_map(|channel| match channel {
@@ -442,172 +431,36 @@ impl Hub {
         if conversations.is_empty() {
             return;
         }
-        let newest = match conversations::last_seqs(&self.inner.db, &conversations).await {
-            Ok(newest) => newest,
+        match conversations::last_seqs(&self.inner.db, &conversations).await {
+            Ok(newest) => {
+                for (conversation, seq) in newest {
+                    self.known(
+                        Channel::Conversation(conversation),
+                        seq,
+                        FillCase::Reconnect,
+                    );
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot catch up after reconnecting; clients recover with `since`");
-                return;
-            }
-        };
-        for (conversation, seq) in newest {
-            self.observe_offset(Channel::Conversation(conversation), seq);
-        }
-    }
-
-    /// The Pub/Sub task: connect, resubscribe, pump frames and commands, repeat.
-    async fn run(
-        self,
-        client: redis::Client,
-        mut commands: mpsc::Receiver<Command>,
-        stop: CancellationToken,
-    ) {
-        let mut backoff = Duration::from_millis(100);
-        let mut connected_before = false;
-        loop {
-            let connected = tokio::select! {
-                _ = stop.cancelled() => return,
-                connected = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub()) => connected,
-            };
-            let pubsub = match connected {
-                Ok(Ok(pubsub)) => pubsub,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, ?backoff, "Redis Pub/Sub unavailable; retrying");
-                    if !self
-                        .wait_discarding_commands(&mut commands, backoff, &stop)
-                        .await
-                    {
-                        return;
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-                Err(_) => {
-                    tracing::warn!(?backoff, "Redis Pub/Sub connect timed out; retrying");
-                    if !self
-                        .wait_discarding_commands(&mut commands, backoff, &stop)
-                        .await
-                    {
-                        return;
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-            };
-            backoff = Duration::from_millis(100);
-            let (mut sink, mut stream) = pubsub.split();
-
-            // Resubscribe every channel that has local subscribers.
-            let channels: Vec<Channel> = self.channels().keys().copied().collect();
-            if !channels.is_empty() {
-                let names: Vec<String> = channels.iter().map(|c| self.redis_name(*c)).collect();
-                if let Err(e) = sink.subscribe(names).await {
-                    tracing::warn!(error = %e, "resubscribing failed; reconnecting");
-                    continue;
-                }
-            }
-            self.set_all_confirmed(true);
-            self.inner.live.store(true, Ordering::Release);
-            if connected_before {
-                self.inner.metrics.pubsub_reconnects.inc();
-                tracing::info!(
-                    channels = channels.len(),
-                    "Redis Pub/Sub reconnected; catching up from PostgreSQL"
-                );
-                let hub = self.clone();
-                tokio::spawn(async move { hub.catch_up().await });
-            } else {
-                tracing::info!("Redis Pub/Sub connected");
-            }
-            connected_before = true;
-
-            let mut health = tokio::time::interval(Duration::from_secs(5));
-            health.tick().await;
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    frame = stream.next() => match frame {
-                        Some(message) => self.on_frame(message.get_payload_bytes()),
-                        None => break,
-                    },
-                    command = commands.recv() => match command {
-                        Some(Command::Subscribe(channel)) => {
-                            if let Err(e) = sink.subscribe(self.redis_name(channel)).await {
-                                tracing::warn!(error = %e, "SUBSCRIBE failed; reconnecting");
-                                break;
-                            }
-                            if let Some(state) = self.channels().get(&channel) {
-                                state.confirmed.send_replace(true);
-                            }
-                        }
-                        Some(Command::Unsubscribe(channel)) => {
-                            // Resubscribed meanwhile: keep it.
-                            if self.channels().contains_key(&channel) {
-                                continue;
-                            }
-                            if let Err(e) = sink.unsubscribe(self.redis_name(channel)).await {
-                                tracing::warn!(error = %e, "UNSUBSCRIBE failed; reconnecting");
-                                break;
-                            }
-                        }
-                        None => return,
-                    },
-                    _ = health.tick() => {
-                        // A half-open connection never ends the stream: ask. (A subscribed
-                        // connection answers PING with ["pong", ""], not "PONG".)
-                        let ping = tokio::time::timeout(Duration::from_secs(2), sink.ping::<redis::Value>());
-                        if !matches!(ping.await, Ok(Ok(_))) {
-                            tracing::warn!("Redis Pub/Sub did not answer PING; reconnecting");
-                            break;
-                        }
-                    }
-                }
-            }
-            self.inner.live.store(false, Ordering::Release);
-            self.set_all_confirmed(false);
-            tracing::warn!("Redis Pub/Sub connection lost");
-        }
-    }
-
-    /// Sleeps `duration` while Pub/Sub is down. Commands that arrive meanwhile are
-    /// dropped: the channel table is the truth, and the next connection subscribes to
-    /// what it says. Returns `false` if the hub is stopping.
-    async fn wait_discarding_commands(
-        &self,
-        commands: &mut mpsc::Receiver<Command>,
-        duration: Duration,
-        stop: &CancellationToken,
-    ) -> bool {
-        let deadline = tokio::time::sleep(duration);
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return false,
-                _ = &mut deadline => return true,
-                command = commands.recv() => if command.is_none() { return false },
             }
         }
-    }
-
-    fn set_all_confirmed(&self, confirmed: bool) {
-        for state in self.channels().values() {
-            state.confirmed.send_replace(confirmed);
-        }
-    }
-
-    fn redis_name(&self, channel: Channel) -> String {
-        mobile_events::redis_channel(&self.inner.prefix, channel)
     }
 }
 
-/// A frame from Redis as a delivery: the bytes as they came, plus the parsed header.
-fn parse_delivery(payload: &[u8]) -> Result<Delivery, &'static str> {
-    let header = FrameHeader::parse(payload).map_err(|_| "not an event frame")?;
-    let channel: Channel = header.channel.parse().map_err(|_| "unknown channel")?;
-    let text = String::from_utf8(payload.to_vec()).map_err(|_| "not UTF-8")?;
-    Ok(Delivery {
-        channel,
-        offset: header.offset,
-        from: header.from,
-        frame: Utf8Bytes::from(text),
-    })
+/// Queues a delivery for every subscriber of a channel, never waiting for one.
+fn broadcast(state: &ChannelState, delivery: &Arc<Delivery>) {
+    for subscriber in &state.subscribers {
+        if delivery.from == Some(subscriber.user) {
+            continue;
+        }
+        match subscriber.queue.try_send(Arc::clone(delivery)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                subscriber.evict.evict(Eviction::SlowConsumer);
+            }
+            // The connection is closing; it unsubscribes itself.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
 }

@@ -2,25 +2,28 @@
 //!
 //! A client connects to `GET /v1/ws` with an access token, is subscribed to its own
 //! `user:` channel, and subscribes to the conversations it follows (with `since` to
-//! recover what it missed). Messages reach it through the [`hub`], which holds this
-//! process's single Redis Pub/Sub connection and fans each frame out to the local
-//! subscribers; each [`connection`] delivers its client's events in order, once. The
-//! wire format is in [`protocol`] and `docs/websocket-protocol.md`.
+//! recover what it missed). Messages reach it through the [`hub`], which fans each frame
+//! from this process's single Redis Pub/Sub connection ([`pubsub`]) out to the local
+//! subscribers, in the order its [`sequencer`] keeps, filling what Redis lost from
+//! PostgreSQL ([`backfill`]); each [`connection`] delivers its client's events in
+//! order, once. The wire format is in [`protocol`] and `docs/websocket-protocol.md`.
 //!
 //! Start-up, health, metrics and drain are the shared ones of `mobile-runtime`; on
 //! SIGTERM each connection is told to reconnect (`reconnect`, then close 1012) at a
 //! random moment of the drain window, so its clients do not all land on one pod at once.
 
+pub mod backfill;
 pub mod connection;
 pub mod hub;
 pub mod metrics;
 pub mod presence;
 pub mod protocol;
+pub mod pubsub;
+pub mod sequencer;
 pub mod settings;
 
 use std::{sync::Arc, time::Duration};
 
-use anyhow::Context as _;
 use axum::{
     Router,
     extract::{Query, State, WebSocketUpgrade},
@@ -28,18 +31,17 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use mobile_auth::{AccessTokens, SigningKey, TokenError, VerifyKeys};
+use mobile_auth::{AccessTokens, TokenError};
 use mobile_runtime::{
-    Health, Shutdown, metrics as runtime_metrics,
+    CommonSettings, Env, Health, SettingsError, Shutdown, metrics as runtime_metrics,
     redis::Redis,
     server,
-    service::{self, Foundation},
+    service::{Foundation, Listeners, Service},
 };
 use rand::Rng;
-use secrecy::ExposeSecret;
 use serde::Deserialize;
 use sqlx::PgPool;
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 pub use crate::settings::GatewaySettings;
@@ -85,21 +87,43 @@ impl Context {
     }
 }
 
-/// Listens on the configured addresses and serves until SIGTERM.
-pub async fn run(settings: GatewaySettings) -> anyhow::Result<()> {
-    let (listener, metrics_listener, shutdown) =
-        service::bind_with_signals(&settings.common).await?;
-    serve(settings, listener, metrics_listener, shutdown).await
+/// The `mobile-gateway` binary.
+#[derive(Debug)]
+pub struct Gateway;
+
+impl Service for Gateway {
+    const NAME: &'static str = "mobile-gateway";
+    const VERSION: &'static str = VERSION;
+    const DEFAULT_LISTEN_ADDR: &'static str = GatewaySettings::DEFAULT_LISTEN_ADDR;
+    const DEFAULT_METRICS_ADDR: &'static str = GatewaySettings::DEFAULT_METRICS_ADDR;
+    const ABOUT: &'static str = "serve WebSocket clients at /v1/ws";
+
+    type Settings = GatewaySettings;
+
+    fn settings(env: &Env) -> Result<GatewaySettings, SettingsError> {
+        GatewaySettings::from_env(env)
+    }
+
+    fn common(settings: &GatewaySettings) -> &CommonSettings {
+        &settings.common
+    }
+
+    async fn serve(
+        settings: GatewaySettings,
+        listeners: Listeners,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<()> {
+        serve(settings, listeners, shutdown).await
+    }
 }
 
 /// Serves on listeners the caller bound until `shutdown` triggers, then drains.
 pub async fn serve(
     settings: GatewaySettings,
-    listener: TcpListener,
-    metrics_listener: TcpListener,
+    listeners: Listeners,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let tokens = access_tokens(&settings)?;
+    let tokens = settings.tokens.verifier()?;
     let Foundation {
         db,
         redis,
@@ -112,16 +136,13 @@ pub async fn serve(
     // The hub and presence outlive the connections: they stop after the drain.
     let background = tokio_util::sync::CancellationToken::new();
     let _stop_background = background.clone().drop_guard();
-    let prefix = settings.common.redis_key_prefix.clone();
     let hub = Hub::start(
-        settings.common.redis_url.expose_secret(),
-        &prefix,
+        redis.clone(),
         db.clone(),
         metrics.clone(),
         background.clone(),
-    )
-    .context("REDIS_URL")?;
-    let presence = Presence::start(redis.clone(), &prefix, background.clone());
+    );
+    let presence = Presence::start(redis.clone(), background.clone());
 
     let pubsub_hub = hub.clone();
     let health = health.with_check(
@@ -152,9 +173,8 @@ pub async fn serve(
     });
     let app = app(context, &health);
     server::serve(
-        listener,
+        listeners,
         app,
-        metrics_listener,
         runtime_metrics::router(Arc::new(registry)),
         shutdown,
         drain,
@@ -194,10 +214,7 @@ async fn upgrade(
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
+        .and_then(mobile_auth::bearer_token)
         .map(str::to_owned)
         .or(query.access_token);
     let auth = match token {
@@ -224,34 +241,4 @@ async fn upgrade(
                 drop(permit);
             })
         })
-}
-
-/// Verify keys from `JWT_VERIFY_KEYS_FILE` (or, in development only, the published
-/// development key's public half).
-fn access_tokens(settings: &GatewaySettings) -> anyhow::Result<AccessTokens> {
-    let verify = match &settings.jwt_verify_keys_file {
-        Some(path) => VerifyKeys::from_file(path).context("JWT_VERIFY_KEYS_FILE")?,
-        None if settings.common.app_env.is_development() => {
-            tracing::warn!(
-                "JWT_VERIFY_KEYS_FILE is not set: accepting tokens of the PUBLISHED DEVELOPMENT KEY. \
-                 Anyone can forge them. Never run this outside development."
-            );
-            let mut keys = VerifyKeys::default();
-            keys.insert(SigningKey::development()?.verify_key());
-            keys
-        }
-        None => anyhow::bail!(
-            "JWT_VERIFY_KEYS_FILE is required (APP_ENV is {:?}; only APP_ENV=development may fall back to the development key)",
-            settings.common.app_env.to_string()
-        ),
-    };
-    tracing::info!(verify_kids = ?verify.kids(), "access-token verify keys loaded");
-    Ok(AccessTokens::new(
-        None,
-        verify,
-        settings.jwt_issuer.clone(),
-        settings.jwt_audience.clone(),
-        // Verifiers do not issue.
-        Duration::ZERO,
-    ))
 }

@@ -7,6 +7,8 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
+use crate::sequencer::FillCase;
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
@@ -14,6 +16,14 @@ pub struct ReasonLabel {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct FillLabel {
+    /// `lost_publish`, `subscriber_ahead`, `reconnect` (`sequencer::FillCase`).
+    pub case: &'static str,
+    /// `filled`, `failed`.
     pub outcome: &'static str,
 }
 
@@ -27,8 +37,13 @@ pub struct GatewayMetrics {
     /// Subscribes with `since`: `recovered`, `too_far_behind`, `failed`.
     pub recoveries: Family<OutcomeLabel, Counter>,
     pub pubsub_messages: Counter,
-    /// Missing offsets filled from PostgreSQL: `filled`, `failed`.
-    pub gap_fills: Family<OutcomeLabel, Counter>,
+    /// Ranges read from PostgreSQL by the hub, by why and how it went.
+    pub gap_fills: Family<FillLabel, Counter>,
+    /// Frames the hub dropped because it had passed their offset on already.
+    pub duplicates_dropped: Counter,
+    /// Channels whose missing range could not be read: their subscribers were closed
+    /// with 1012 to recover with `since`.
+    pub channel_resets: Counter,
     /// Redis channels this process is subscribed to (one per channel with local subscribers).
     pub pubsub_channels: Gauge,
     pub pubsub_reconnects: Counter,
@@ -46,6 +61,8 @@ impl GatewayMetrics {
             recoveries: Family::default(),
             pubsub_messages: Counter::default(),
             gap_fills: Family::default(),
+            duplicates_dropped: Counter::default(),
+            channel_resets: Counter::default(),
             pubsub_channels: Gauge::default(),
             pubsub_reconnects: Counter::default(),
         };
@@ -82,8 +99,18 @@ impl GatewayMetrics {
         );
         registry.register(
             "websocket_gap_fills",
-            "Offset gaps filled from PostgreSQL by outcome",
+            "Offset ranges the hub read from PostgreSQL, by case and outcome",
             metrics.gap_fills.clone(),
+        );
+        registry.register(
+            "websocket_duplicates_dropped",
+            "Frames dropped because their offset was passed on already",
+            metrics.duplicates_dropped.clone(),
+        );
+        registry.register(
+            "websocket_channel_resets",
+            "Channels reset because a missing range could not be read",
+            metrics.channel_resets.clone(),
         );
         registry.register(
             "redis_pubsub_channels",
@@ -96,6 +123,15 @@ impl GatewayMetrics {
             metrics.pubsub_reconnects.clone(),
         );
         metrics
+    }
+
+    pub fn gap_fill(&self, case: FillCase, outcome: &'static str) {
+        self.gap_fills
+            .get_or_create(&FillLabel {
+                case: case.label(),
+                outcome,
+            })
+            .inc();
     }
 
     pub fn disconnect(&self, reason: &'static str) {

@@ -14,17 +14,15 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone)]
 pub struct Presence {
     redis: Redis,
-    prefix: Arc<str>,
     /// connection id → user, for the periodic renewal.
     local: Arc<Mutex<HashMap<String, UserId>>>,
 }
 
 impl Presence {
     /// Creates the tracker and its renewal task, which stops with `stop`.
-    pub fn start(redis: Redis, prefix: &str, stop: CancellationToken) -> Self {
+    pub fn start(redis: Redis, stop: CancellationToken) -> Self {
         let presence = Self {
             redis,
-            prefix: Arc::from(prefix),
             local: Arc::default(),
         };
         let renewer = presence.clone();
@@ -40,21 +38,21 @@ impl Presence {
         presence
     }
 
-    fn entries(&self) -> Vec<(uuid::Uuid, String)> {
+    fn entries(&self) -> Vec<(UserId, String)> {
         let local = self
             .local
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         local
             .iter()
-            .map(|(conn, user)| (user.as_uuid(), conn.clone()))
+            .map(|(conn, user)| (*user, conn.clone()))
             .collect()
     }
 
     async fn renew_all(&self) {
         let entries = self.entries();
-        let refs: Vec<(uuid::Uuid, &str)> = entries.iter().map(|(u, c)| (*u, c.as_str())).collect();
-        if let Err(e) = presence::renew(&mut self.redis.conn(), &self.prefix, &refs).await {
+        let refs: Vec<(UserId, &str)> = entries.iter().map(|(u, c)| (*u, c.as_str())).collect();
+        if let Err(e) = presence::renew(&self.redis, &refs).await {
             tracing::warn!(error = %e, "presence renewal failed");
         }
     }
@@ -64,13 +62,7 @@ impl Presence {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(connection.to_owned(), user);
-        if let Err(e) = presence::renew(
-            &mut self.redis.conn(),
-            &self.prefix,
-            &[(user.as_uuid(), connection)],
-        )
-        .await
-        {
+        if let Err(e) = presence::renew(&self.redis, &[(user, connection)]).await {
             tracing::warn!(error = %e, "marking a user online failed");
         }
     }
@@ -80,14 +72,7 @@ impl Presence {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(connection);
-        if let Err(e) = presence::remove(
-            &mut self.redis.conn(),
-            &self.prefix,
-            user.as_uuid(),
-            connection,
-        )
-        .await
-        {
+        if let Err(e) = presence::remove(&self.redis, user, connection).await {
             tracing::warn!(error = %e, "marking a user offline failed");
         }
     }

@@ -2,18 +2,16 @@
 
 use std::{path::PathBuf, time::Duration};
 
+use mobile_auth::TokenConfig;
 use mobile_runtime::{CommonSettings, Env, SettingsError};
 
 #[derive(Debug, Clone)]
 pub struct GatewaySettings {
     pub common: CommonSettings,
-    /// `JWT_VERIFY_KEYS_FILE`: the public keys access tokens may be signed with.
-    /// Required unless `APP_ENV=development` (then the development key's public half).
-    pub jwt_verify_keys_file: Option<PathBuf>,
-    /// `JWT_ISSUER` (default `mobile-backend`), as the API issues.
-    pub jwt_issuer: String,
-    /// `JWT_AUDIENCE` (default `mobile-app`), as the API issues.
-    pub jwt_audience: String,
+    /// `JWT_VERIFY_KEYS_FILE` (the public keys access tokens may be signed with;
+    /// required unless `APP_ENV=development`, then the development key's public half),
+    /// `JWT_ISSUER` and `JWT_AUDIENCE`, as the API issues.
+    pub tokens: TokenConfig,
     /// `PING_INTERVAL_SECONDS` (default 25): server pings; two unanswered drop the client.
     pub ping_interval: Duration,
     /// `WS_MAX_FRAME_BYTES` (default 16384): the largest message a client may send.
@@ -38,15 +36,19 @@ impl GatewaySettings {
     pub const DEFAULT_METRICS_ADDR: &'static str = "0.0.0.0:9091";
 
     pub fn from_env(env: &Env) -> Result<Self, SettingsError> {
+        let common =
+            CommonSettings::from_env(env, Self::DEFAULT_LISTEN_ADDR, Self::DEFAULT_METRICS_ADDR)?;
         let settings = Self {
-            common: CommonSettings::from_env(
-                env,
-                Self::DEFAULT_LISTEN_ADDR,
-                Self::DEFAULT_METRICS_ADDR,
-            )?,
-            jwt_verify_keys_file: env.optional("JWT_VERIFY_KEYS_FILE").map(PathBuf::from),
-            jwt_issuer: env.string("JWT_ISSUER", "mobile-backend"),
-            jwt_audience: env.string("JWT_AUDIENCE", "mobile-app"),
+            tokens: TokenConfig {
+                signing_key_file: None,
+                verify_keys_file: env.optional("JWT_VERIFY_KEYS_FILE").map(PathBuf::from),
+                issuer: env.string("JWT_ISSUER", TokenConfig::DEFAULT_ISSUER),
+                audience: env.string("JWT_AUDIENCE", TokenConfig::DEFAULT_AUDIENCE),
+                // A verifier issues nothing.
+                ttl: Duration::ZERO,
+                development: common.app_env.is_development(),
+            },
+            common,
             ping_interval: env.seconds("PING_INTERVAL_SECONDS", 25)?,
             max_frame_bytes: env.parse("WS_MAX_FRAME_BYTES", 16 * 1024)?,
             max_channels: env.parse("WS_MAX_CHANNELS", 100)?,

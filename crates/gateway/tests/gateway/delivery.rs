@@ -185,26 +185,21 @@ async fn user_channel_events_and_ephemeral_publish() {
 async fn presence_follows_connections() {
     let stack = Stack::start(1, &[]).await;
     let ann = stack.register("ann").await;
-    let client = redis::Client::open(stack.redis_url.as_str()).unwrap();
-    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
-    let id = uuid::Uuid::parse_str(&ann.id).unwrap();
-    let online = |redis: redis::aio::MultiplexedConnection| {
-        let prefix = stack.prefix.clone();
-        async move {
-            let mut redis = redis;
-            mobile_events::presence::online(&mut redis, &prefix, &[id])
-                .await
-                .unwrap()
-                .contains(&id)
-        }
+    let redis =
+        mobile_runtime::redis::Redis::connect_lazy(&stack.redis_url, &stack.prefix).unwrap();
+    let id: mobile_domain::UserId = ann.id.parse().unwrap();
+    let online = || async {
+        mobile_events::presence::online(&redis, &[id])
+            .await
+            .unwrap()
+            .contains(&id)
     };
-    assert!(!online(redis.clone()).await);
+    assert!(!online().await);
     let ws = Client::connect(&stack.gateways[0].addr, &ann.token).await;
-    assert!(online(redis.clone()).await);
+    assert!(online().await);
     drop(ws);
     for _ in 0..50 {
-        if !online(redis.clone()).await {
-            let _: () = redis::cmd("PING").query_async(&mut redis).await.unwrap();
+        if !online().await {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

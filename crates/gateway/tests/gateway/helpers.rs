@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use mobile_runtime::{Env, Shutdown};
+use mobile_runtime::{Env, Shutdown, service::Listeners};
 use mobile_testkit::{TestDb, TestKeys};
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -24,7 +24,7 @@ pub struct Stack {
     pub api: String,
     pub gateways: Vec<Gateway>,
     pub http: reqwest::Client,
-    _db: TestDb,
+    pub db: TestDb,
     pub keys: TestKeys,
     pub prefix: String,
     pub redis_url: String,
@@ -37,11 +37,11 @@ pub struct User {
     pub token: String,
 }
 
-async fn listeners() -> (TcpListener, TcpListener) {
-    (
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
+async fn listeners() -> Listeners {
+    Listeners {
+        public: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        metrics: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    }
 }
 
 impl Stack {
@@ -78,13 +78,12 @@ impl Stack {
         api_env.push(("RATE_LIMIT_AUTH_PER_MINUTE".into(), "100000".into()));
         api_env.push(("RATE_LIMIT_WRITE_PER_MINUTE".into(), "100000".into()));
         let api_settings = mobile_api::ApiSettings::from_env(&Env::from_pairs(api_env)).unwrap();
-        let (listener, metrics) = listeners().await;
-        let api = format!("http://{}", listener.local_addr().unwrap());
+        let api_listeners = listeners().await;
+        let api = format!("http://{}", api_listeners.public.local_addr().unwrap());
         let api_shutdown = Shutdown::new();
         tokio::spawn(mobile_api::serve(
             api_settings,
-            listener,
-            metrics,
+            api_listeners,
             api_shutdown.clone(),
         ));
 
@@ -100,16 +99,11 @@ impl Stack {
             );
             let settings =
                 mobile_gateway::GatewaySettings::from_env(&Env::from_pairs(env)).unwrap();
-            let (listener, metrics) = listeners().await;
-            let addr = format!("ws://{}/v1/ws", listener.local_addr().unwrap());
-            let metrics_url = format!("http://{}/metrics", metrics.local_addr().unwrap());
+            let listeners = listeners().await;
+            let addr = format!("ws://{}/v1/ws", listeners.public.local_addr().unwrap());
+            let metrics_url = format!("http://{}/metrics", listeners.metrics.local_addr().unwrap());
             let shutdown = Shutdown::new();
-            let server = tokio::spawn(mobile_gateway::serve(
-                settings,
-                listener,
-                metrics,
-                shutdown.clone(),
-            ));
+            let server = tokio::spawn(mobile_gateway::serve(settings, listeners, shutdown.clone()));
             started.push(Gateway {
                 addr,
                 metrics: metrics_url,
@@ -121,7 +115,7 @@ impl Stack {
             api,
             gateways: started,
             http: reqwest::Client::new(),
-            _db: db,
+            db,
             keys,
             prefix,
             redis_url,
@@ -150,19 +144,11 @@ impl Stack {
     }
 
     pub async fn register(&self, name: &str) -> User {
-        let body: Value = self
-            .http
-            .post(format!("{}/v1/auth/register", self.api))
-            .json(&json!({"email": format!("{name}@example.com"), "password": "correct horse battery", "display_name": name}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let email = format!("{name}@example.com");
+        let account = mobile_testkit::api::register(&self.http, &self.api, &email, name).await;
         User {
-            id: body["user"]["id"].as_str().unwrap().to_owned(),
-            token: body["access_token"].as_str().unwrap().to_owned(),
+            id: account.user_id,
+            token: account.access_token,
         }
     }
 
@@ -201,6 +187,42 @@ impl Stack {
             .unwrap()
     }
 
+    /// Commits a message without publishing it, as a post whose publish never
+    /// reached Redis would leave it; returns its seq.
+    pub async fn post_unpublished(&self, sender: &User, conversation: &str, body: &str) -> i64 {
+        use mobile_db::conversations::{NewMessage, PostMessage, insert_message};
+        use mobile_domain::{ClientMsgId, MessageText};
+        let pool = self.db.pool().await;
+        let mut tx = pool.begin().await.unwrap();
+        let client_msg_id = ClientMsgId::parse(&uuid::Uuid::new_v4().to_string()).unwrap();
+        let message = NewMessage {
+            conversation_id: conversation.parse().unwrap(),
+            sender_id: sender.id.parse().unwrap(),
+            client_msg_id: &client_msg_id,
+            body: &MessageText::parse(body).unwrap(),
+            media_id: None,
+        };
+        let PostMessage::Created(message) = insert_message(&mut tx, &message).await.unwrap() else {
+            panic!("posted");
+        };
+        tx.commit().await.unwrap();
+        pool.close().await;
+        message.seq
+    }
+
+    /// Publishes `frame` on `channel` (`conversation:<id>`) straight to Redis, as a
+    /// publisher would.
+    pub async fn publish_raw(&self, channel: &str, frame: &str) {
+        let client = redis::Client::open(self.redis_url.as_str()).unwrap();
+        let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(format!("{}{channel}", self.prefix))
+            .arg(frame)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+
     pub async fn metrics(&self, gateway: usize) -> String {
         self.http
             .get(&self.gateways[gateway].metrics)
@@ -213,13 +235,10 @@ impl Stack {
     }
 }
 
-/// The value of one sample line of a Prometheus exposition.
+/// The value of one sample line of a Prometheus exposition; 0 when absent (a counter
+/// not yet incremented).
 pub fn sample(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|line| line.starts_with(prefix))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(0.0)
+    mobile_testkit::api::sample(text, prefix).unwrap_or(0.0)
 }
 
 pub type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;

@@ -7,4 +7,5 @@ mod helpers;
 
 mod delivery;
 mod lifecycle;
+mod ordering;
 mod protocol;
