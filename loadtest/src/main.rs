@@ -84,6 +84,10 @@ async fn main() -> anyhow::Result<()> {
     let Some((scenario, rest)) = args.split_first() else {
         bail!("{USAGE}");
     };
+    if matches!(scenario.as_str(), "--help" | "-h" | "help") {
+        println!("{USAGE}");
+        return Ok(());
+    }
     let flags = Flags::parse(rest)?;
     match scenario.as_str() {
         "ws" => ws::run(&flags).await,
