@@ -55,8 +55,8 @@ def binary_defaults():
                                     ("mobile-gateway", "gateway", "GatewaySettings"),
                                     ("mobile-worker", "worker", "WorkerSettings")]:
         source = f"crates/{crate}/src/settings.rs"
-        listen = rust_default(source, r'DEFAULT_LISTEN_ADDR: &\'static str = "[^"]*:(\d+)"')
-        metrics = rust_default(source, r'DEFAULT_METRICS_ADDR: &\'static str = "[^"]*:(\d+)"')
+        listen = rust_default(source, r'listen_addr: "[^"]*:(\d+)"')
+        metrics = rust_default(source, r'metrics_addr: "[^"]*:(\d+)"')
         defaults[binary] = {"http": int(listen), "metrics": int(metrics)}
     shutdown = int(rust_default("crates/runtime/src/settings.rs",
                                 r'"SHUTDOWN_TIMEOUT_SECONDS",\s*(\d+)'))

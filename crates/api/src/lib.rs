@@ -33,7 +33,8 @@ use axum::{
     routing::get,
 };
 use mobile_runtime::{
-    CommonSettings, Env, Health, SettingsError, Shutdown, metrics as runtime_metrics, server,
+    CommonSettings, Defaults, Env, Health, SettingsError, Shutdown, metrics as runtime_metrics,
+    server,
     service::{Foundation, Listeners, Service},
 };
 use secrecy::ExposeSecret as _;
@@ -56,8 +57,7 @@ pub struct Api;
 impl Service for Api {
     const NAME: &'static str = "mobile-api";
     const VERSION: &'static str = VERSION;
-    const DEFAULT_LISTEN_ADDR: &'static str = ApiSettings::DEFAULT_LISTEN_ADDR;
-    const DEFAULT_METRICS_ADDR: &'static str = ApiSettings::DEFAULT_METRICS_ADDR;
+    const DEFAULTS: Defaults = ApiSettings::DEFAULTS;
     const ABOUT: &'static str = "serve the REST API";
     const COMMANDS: &'static [(&'static str, &'static str)] = &[(
         "migrate",
@@ -153,6 +153,7 @@ pub async fn serve(
         mut registry,
         health,
         drain,
+        serve_options,
     } = Foundation::connect(&settings.common, VERSION, &shutdown)?;
     let metrics = ApiMetrics::register(&mut registry);
     let storage =
@@ -178,6 +179,7 @@ pub async fn serve(
         drain,
         // Every request of the API ends with its response: nothing outlives it.
         tokio_util::task::TaskTracker::new(),
+        serve_options,
     )
     .await
 }

@@ -3,7 +3,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use mobile_auth::TokenConfig;
-use mobile_runtime::{CommonSettings, Env, SettingsError};
+use mobile_runtime::{CommonSettings, Defaults, Env, SettingsError};
 use secrecy::{ExposeSecret as _, SecretString};
 
 /// Everything `mobile-api` reads from the environment. README's settings table lists
@@ -50,12 +50,14 @@ pub struct ApiSettings {
 }
 
 impl ApiSettings {
-    pub const DEFAULT_LISTEN_ADDR: &'static str = "0.0.0.0:8080";
-    pub const DEFAULT_METRICS_ADDR: &'static str = "0.0.0.0:9090";
+    pub const DEFAULTS: Defaults = Defaults {
+        listen_addr: "0.0.0.0:8080",
+        metrics_addr: "0.0.0.0:9090",
+        max_connections: 10_000,
+    };
 
     pub fn from_env(env: &Env) -> Result<Self, SettingsError> {
-        let common =
-            CommonSettings::from_env(env, Self::DEFAULT_LISTEN_ADDR, Self::DEFAULT_METRICS_ADDR)?;
+        let common = CommonSettings::from_env(env, &Self::DEFAULTS)?;
         let settings = Self {
             tokens: TokenConfig {
                 signing_key_file: env.optional("JWT_SIGNING_KEY_FILE").map(PathBuf::from),

@@ -33,7 +33,7 @@ use axum::{
 };
 use mobile_auth::{AccessTokens, TokenError};
 use mobile_runtime::{
-    CommonSettings, Env, Health, SettingsError, Shutdown, metrics as runtime_metrics,
+    CommonSettings, Defaults, Env, Health, SettingsError, Shutdown, metrics as runtime_metrics,
     redis::Redis,
     server,
     service::{Foundation, Listeners, Service},
@@ -94,8 +94,7 @@ pub struct Gateway;
 impl Service for Gateway {
     const NAME: &'static str = "mobile-gateway";
     const VERSION: &'static str = VERSION;
-    const DEFAULT_LISTEN_ADDR: &'static str = GatewaySettings::DEFAULT_LISTEN_ADDR;
-    const DEFAULT_METRICS_ADDR: &'static str = GatewaySettings::DEFAULT_METRICS_ADDR;
+    const DEFAULTS: Defaults = GatewaySettings::DEFAULTS;
     const ABOUT: &'static str = "serve WebSocket clients at /v1/ws";
 
     type Settings = GatewaySettings;
@@ -130,6 +129,7 @@ pub async fn serve(
         mut registry,
         health,
         drain,
+        serve_options,
     } = Foundation::connect(&settings.common, VERSION, &shutdown)?;
     let metrics = GatewayMetrics::register(&mut registry);
 
@@ -179,6 +179,7 @@ pub async fn serve(
         shutdown,
         drain,
         tasks,
+        serve_options,
     )
     .await
 }

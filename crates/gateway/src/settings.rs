@@ -3,7 +3,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use mobile_auth::TokenConfig;
-use mobile_runtime::{CommonSettings, Env, SettingsError};
+use mobile_runtime::{CommonSettings, Defaults, Env, SettingsError};
 
 #[derive(Debug, Clone)]
 pub struct GatewaySettings {
@@ -32,12 +32,14 @@ pub struct GatewaySettings {
 }
 
 impl GatewaySettings {
-    pub const DEFAULT_LISTEN_ADDR: &'static str = "0.0.0.0:8081";
-    pub const DEFAULT_METRICS_ADDR: &'static str = "0.0.0.0:9091";
+    pub const DEFAULTS: Defaults = Defaults {
+        listen_addr: "0.0.0.0:8081",
+        metrics_addr: "0.0.0.0:9091",
+        max_connections: 60_000,
+    };
 
     pub fn from_env(env: &Env) -> Result<Self, SettingsError> {
-        let common =
-            CommonSettings::from_env(env, Self::DEFAULT_LISTEN_ADDR, Self::DEFAULT_METRICS_ADDR)?;
+        let common = CommonSettings::from_env(env, &Self::DEFAULTS)?;
         let settings = Self {
             tokens: TokenConfig {
                 signing_key_file: None,

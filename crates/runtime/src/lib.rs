@@ -31,5 +31,5 @@ pub mod shutdown;
 pub mod telemetry;
 
 pub use health::Health;
-pub use settings::{AppEnv, CommonSettings, Env, LogFormat, SettingsError};
+pub use settings::{AppEnv, CommonSettings, Defaults, Env, LogFormat, SettingsError};
 pub use shutdown::Shutdown;

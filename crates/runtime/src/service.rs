@@ -5,7 +5,7 @@
 //! arguments, and [`run`] binds, installs the signal handlers and hands over to the
 //! service's `serve`, which starts from a [`Foundation`].
 
-use std::future::Future;
+use std::{future::Future, sync::Arc};
 
 use anyhow::Context as _;
 use prometheus_client::registry::Registry;
@@ -13,10 +13,10 @@ use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 
 use crate::{
-    CommonSettings, Env, Health, SettingsError, Shutdown, health,
+    CommonSettings, Defaults, Env, Health, SettingsError, Shutdown, health,
     metrics::{self, PoolCollector},
     redis::Redis,
-    server::{self, Drain},
+    server::{self, ConnectionMetrics, Drain, ServeOptions},
 };
 
 /// One of the service binaries.
@@ -24,9 +24,8 @@ pub trait Service: 'static {
     /// The binary's name (`mobile-api`), for usage and errors.
     const NAME: &'static str;
     const VERSION: &'static str;
-    /// Defaults of `LISTEN_ADDR` and `METRICS_ADDR`.
-    const DEFAULT_LISTEN_ADDR: &'static str;
-    const DEFAULT_METRICS_ADDR: &'static str;
+    /// Defaults of `LISTEN_ADDR`, `METRICS_ADDR` and `MAX_CONNECTIONS`.
+    const DEFAULTS: Defaults;
     /// What the binary does, for the usage text's first line.
     const ABOUT: &'static str;
     /// Subcommands besides serving and `health`: (name, what it does).
@@ -54,7 +53,7 @@ pub trait Service: 'static {
 
     /// The settings every binary shares, with this binary's default addresses.
     fn common_settings(env: &Env) -> Result<CommonSettings, SettingsError> {
-        CommonSettings::from_env(env, Self::DEFAULT_LISTEN_ADDR, Self::DEFAULT_METRICS_ADDR)
+        CommonSettings::from_env(env, &Self::DEFAULTS)
     }
 }
 
@@ -89,8 +88,9 @@ pub async fn run<S: Service>(settings: S::Settings) -> anyhow::Result<()> {
 }
 
 /// What a service has once started: its connections, its metrics registry (with
-/// `build_info`, `process_*` and `db_pool_connections` registered), its health (checking
-/// PostgreSQL and Redis), and its drain timing.
+/// `build_info`, `process_*`, `db_pool_connections` and the connection metrics
+/// registered), its health (checking PostgreSQL and Redis), its drain timing and its
+/// servers' limits.
 #[derive(Debug)]
 pub struct Foundation {
     pub db: sqlx::PgPool,
@@ -98,6 +98,7 @@ pub struct Foundation {
     pub registry: Registry,
     pub health: Health,
     pub drain: Drain,
+    pub serve_options: ServeOptions,
 }
 
 impl Foundation {
@@ -119,6 +120,10 @@ impl Foundation {
         let mut registry = Registry::default();
         metrics::register_common(&mut registry, version);
         registry.register_collector(Box::new(PoolCollector::new(db.clone())));
+        let serve_options = ServeOptions {
+            limits: Arc::new(common.connections.clone()),
+            metrics: ConnectionMetrics::register(&mut registry),
+        };
         let health = Health::new(shutdown.clone())
             .with_check("postgres", health::postgres(db.clone()))
             .with_check("redis", health::redis(redis.clone()));
@@ -131,6 +136,7 @@ impl Foundation {
                 delay: common.shutdown_delay,
                 timeout: common.shutdown_timeout,
             },
+            serve_options,
         })
     }
 }

@@ -9,6 +9,8 @@ use std::{collections::HashMap, fmt, net::SocketAddr, str::FromStr, time::Durati
 
 use secrecy::SecretString;
 
+use crate::server::ConnectionLimits;
+
 /// A variable that is set but cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[error("{name}: {reason}")]
@@ -174,17 +176,23 @@ pub struct CommonSettings {
     /// stop routing here before the listener closes. On Kubernetes the preStop sleep
     /// does this job and the default of 0 is right.
     pub shutdown_delay: Duration,
+    /// `MAX_CONNECTIONS`, `HTTP_*`, `HTTP2_*`: what a client may hold of the server.
+    pub connections: ConnectionLimits,
+}
+
+/// A binary's own defaults for the common settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Defaults {
+    pub listen_addr: &'static str,
+    pub metrics_addr: &'static str,
+    pub max_connections: usize,
 }
 
 impl CommonSettings {
     pub const DEFAULT_DATABASE_URL: &'static str = "postgres://postgres@127.0.0.1:5432/mobile";
     pub const DEFAULT_REDIS_URL: &'static str = "redis://127.0.0.1:6379";
 
-    pub fn from_env(
-        env: &Env,
-        default_listen: &str,
-        default_metrics: &str,
-    ) -> Result<Self, SettingsError> {
+    pub fn from_env(env: &Env, defaults: &Defaults) -> Result<Self, SettingsError> {
         let app_env = match env.string("APP_ENV", "production").as_str() {
             "development" => AppEnv::Development,
             other => AppEnv::Other(other.to_owned()),
@@ -195,11 +203,12 @@ impl CommonSettings {
             database_max_connections: env.parse("DATABASE_MAX_CONNECTIONS", 10)?,
             redis_url: env.secret("REDIS_URL", Self::DEFAULT_REDIS_URL),
             redis_key_prefix: env.string("REDIS_KEY_PREFIX", "mb:"),
-            listen_addr: env.parse("LISTEN_ADDR", socket(default_listen))?,
-            metrics_addr: env.parse("METRICS_ADDR", socket(default_metrics))?,
+            listen_addr: env.parse("LISTEN_ADDR", socket(defaults.listen_addr))?,
+            metrics_addr: env.parse("METRICS_ADDR", socket(defaults.metrics_addr))?,
             log_format: env.parse("LOG_FORMAT", LogFormat::Json)?,
             shutdown_timeout: env.seconds("SHUTDOWN_TIMEOUT_SECONDS", 30)?,
             shutdown_delay: env.seconds("SHUTDOWN_DELAY_SECONDS", 0)?,
+            connections: ConnectionLimits::from_env(env, defaults.max_connections)?,
         };
         if settings.database_max_connections == 0 {
             return Err(SettingsError::new(
@@ -227,14 +236,16 @@ mod tests {
 
     use super::*;
 
+    const DEFAULTS: Defaults = Defaults {
+        listen_addr: "0.0.0.0:8080",
+        metrics_addr: "0.0.0.0:9090",
+        max_connections: 10_000,
+    };
+
     #[test]
     fn defaults() {
-        let settings = CommonSettings::from_env(
-            &Env::from_pairs::<&str, &str>([]),
-            "0.0.0.0:8080",
-            "0.0.0.0:9090",
-        )
-        .unwrap();
+        let settings =
+            CommonSettings::from_env(&Env::from_pairs::<&str, &str>([]), &DEFAULTS).unwrap();
         assert_eq!(settings.app_env, AppEnv::Other("production".into()));
         assert_eq!(
             settings.database_url.expose_secret(),
@@ -249,13 +260,11 @@ mod tests {
     #[test]
     fn bad_values_name_the_variable() {
         let env = Env::from_pairs([("LISTEN_ADDR", "not an address")]);
-        let err = CommonSettings::from_env(&env, "0.0.0.0:8080", "0.0.0.0:9090").unwrap_err();
+        let err = CommonSettings::from_env(&env, &DEFAULTS).unwrap_err();
         assert_eq!(err.name, "LISTEN_ADDR");
         let env = Env::from_pairs([("LOG_FORMAT", "xml")]);
         assert_eq!(
-            CommonSettings::from_env(&env, "0.0.0.0:8080", "0.0.0.0:9090")
-                .unwrap_err()
-                .name,
+            CommonSettings::from_env(&env, &DEFAULTS).unwrap_err().name,
             "LOG_FORMAT"
         );
         let env = Env::from_pairs([
@@ -263,9 +272,7 @@ mod tests {
             ("SHUTDOWN_DELAY_SECONDS", "5"),
         ]);
         assert_eq!(
-            CommonSettings::from_env(&env, "0.0.0.0:8080", "0.0.0.0:9090")
-                .unwrap_err()
-                .name,
+            CommonSettings::from_env(&env, &DEFAULTS).unwrap_err().name,
             "SHUTDOWN_DELAY_SECONDS"
         );
     }
@@ -276,7 +283,7 @@ mod tests {
             ("APP_ENV", ""),
             ("DATABASE_URL", "postgres://u:hunter2@db/x"),
         ]);
-        let settings = CommonSettings::from_env(&env, "0.0.0.0:8080", "0.0.0.0:9090").unwrap();
+        let settings = CommonSettings::from_env(&env, &DEFAULTS).unwrap();
         assert!(!settings.app_env.is_development());
         assert!(!format!("{settings:?}").contains("hunter2"));
         assert!(!format!("{env:?}").contains("hunter2"));

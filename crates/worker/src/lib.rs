@@ -25,7 +25,7 @@ use anyhow::Context as _;
 use axum::Router;
 use mobile_domain::JobKind;
 use mobile_runtime::{
-    CommonSettings, Env, SettingsError, Shutdown, metrics as runtime_metrics, server,
+    CommonSettings, Defaults, Env, SettingsError, Shutdown, metrics as runtime_metrics, server,
     service::{Foundation, Listeners, Service},
 };
 use mobile_storage::Storage;
@@ -54,8 +54,7 @@ pub struct Worker;
 impl Service for Worker {
     const NAME: &'static str = "mobile-worker";
     const VERSION: &'static str = VERSION;
-    const DEFAULT_LISTEN_ADDR: &'static str = WorkerSettings::DEFAULT_LISTEN_ADDR;
-    const DEFAULT_METRICS_ADDR: &'static str = WorkerSettings::DEFAULT_METRICS_ADDR;
+    const DEFAULTS: Defaults = WorkerSettings::DEFAULTS;
     const ABOUT: &'static str = "run the durable jobs (health on LISTEN_ADDR)";
 
     type Settings = WorkerSettings;
@@ -89,6 +88,7 @@ pub async fn serve(
         mut registry,
         health,
         drain,
+        serve_options,
     } = Foundation::connect(&settings.common, VERSION, &shutdown)?;
     let metrics = WorkerMetrics::register(&mut registry);
     let storage = Storage::open(&settings.storage_url, settings.storage_options.clone())?;
@@ -185,6 +185,7 @@ pub async fn serve(
         shutdown,
         drain,
         tasks,
+        serve_options,
     )
     .await
 }

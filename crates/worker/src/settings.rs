@@ -3,7 +3,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use mobile_runtime::{CommonSettings, Env, SettingsError};
+use mobile_runtime::{CommonSettings, Defaults, Env, SettingsError};
 
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
@@ -69,17 +69,16 @@ pub struct FcmSettings {
 }
 
 impl WorkerSettings {
-    pub const DEFAULT_LISTEN_ADDR: &'static str = "0.0.0.0:8082";
-    pub const DEFAULT_METRICS_ADDR: &'static str = "0.0.0.0:9092";
+    pub const DEFAULTS: Defaults = Defaults {
+        listen_addr: "0.0.0.0:8082",
+        metrics_addr: "0.0.0.0:9092",
+        max_connections: 1_000,
+    };
 
     pub fn from_env(env: &Env) -> Result<Self, SettingsError> {
         let cpus = std::thread::available_parallelism().map_or(1, usize::from);
         let settings = Self {
-            common: CommonSettings::from_env(
-                env,
-                Self::DEFAULT_LISTEN_ADDR,
-                Self::DEFAULT_METRICS_ADDR,
-            )?,
+            common: CommonSettings::from_env(env, &Self::DEFAULTS)?,
             storage_url: env.string("STORAGE_URL", "file:///var/lib/mobile/media"),
             storage_options: mobile_storage::provider_options(env.iter()),
             media_max_pixels: env.parse("MEDIA_MAX_PIXELS", 50_000_000)?,
