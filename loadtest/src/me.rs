@@ -52,7 +52,7 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
         VerifyKeys::default(),
         "mobile-backend",
         "mobile-app",
-        Duration::from_secs(3600),
+        crate::procs::MINTED_TOKEN_TTL,
     );
     let tokens: Arc<Vec<String>> = Arc::new(
         users

@@ -33,6 +33,9 @@ pub struct Service {
     pub metrics_port: u16,
 }
 
+/// How long the tokens the load generator mints live.
+pub const MINTED_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+
 impl Service {
     /// Starts `binary` with `env` on a fresh port and waits for `/health/ready`.
     pub async fn start(binary: &PathBuf, env: &[(&str, String)]) -> anyhow::Result<Self> {
@@ -52,6 +55,12 @@ impl Service {
             .env("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", "warn")
+            // The services refuse tokens living longer than their TTL; ours are minted
+            // for a whole run.
+            .env(
+                "ACCESS_TOKEN_TTL_SECONDS",
+                MINTED_TOKEN_TTL.as_secs().to_string(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -128,7 +128,7 @@ async fn run(
         VerifyKeys::default(),
         "mobile-backend",
         "mobile-app",
-        Duration::from_secs(3600),
+        crate::procs::MINTED_TOKEN_TTL,
     );
     let users = users
         .into_iter()

@@ -127,7 +127,7 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
         VerifyKeys::default(),
         "mobile-backend",
         "mobile-app",
-        Duration::from_secs(3600),
+        crate::procs::MINTED_TOKEN_TTL,
     );
     let token = |user: Uuid| minter.issue(UserId::from_uuid(user), SessionId::new());
 

@@ -91,7 +91,7 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
         VerifyKeys::default(),
         "mobile-backend",
         "mobile-app",
-        Duration::from_secs(3600),
+        crate::procs::MINTED_TOKEN_TTL,
     );
     let mint = |user: Uuid| tokens.issue(UserId::from_uuid(user), SessionId::new());
     let redis = redis::Client::open(redis_url.as_str())?;

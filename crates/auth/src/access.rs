@@ -2,7 +2,12 @@
 //!
 //! The verifier accepts `alg: EdDSA` and nothing else, whatever the token's header
 //! claims, which closes the `alg: none` and algorithm-confusion attacks; it picks the
-//! key by `kid` and refuses a token without one or with one it does not know.
+//! key by `kid` and refuses a token without one or with one it does not know. It
+//! refuses a header with `crit` (RFC 7515 §4.1.11: no extension is understood here), a
+//! token not yet valid (`nbf`), and one whose lifetime (`exp - iat`) is longer than the
+//! configured TTL or whose `iat` is in the future: a leaked signing key aside, no
+//! issuer of ours makes such a token, and refusing it caps what one stolen token is
+//! worth.
 
 use std::{
     collections::HashMap,
@@ -41,6 +46,9 @@ pub enum TokenError {
     #[error("the access token is invalid")]
     Invalid,
 }
+
+/// Clock skew tolerated on `exp`, `nbf` and `iat`, in seconds.
+const LEEWAY_SECONDS: u64 = 5;
 
 /// Issues and verifies access tokens. Holds key material: share it behind an `Arc`.
 #[derive(Debug, Clone)]
@@ -108,8 +116,9 @@ impl AccessTokens {
         validation.set_issuer(&[&issuer]);
         validation.set_audience(&[&audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.validate_nbf = true;
         // Phones' clocks drift; a few seconds either way is not an attack.
-        validation.leeway = 5;
+        validation.leeway = LEEWAY_SECONDS;
         Self {
             signing,
             verify,
@@ -163,17 +172,26 @@ impl AccessTokens {
 
     fn verify_signature(&self, token: &str) -> Result<AccessClaims, TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid)?;
-        if header.alg != Algorithm::EdDSA {
+        if header.alg != Algorithm::EdDSA || header.crit.is_some() {
             return Err(TokenError::Invalid);
         }
         let kid = header.kid.ok_or(TokenError::Invalid)?;
         let key = self.verify.get(&kid).ok_or(TokenError::UnknownKey)?;
-        jsonwebtoken::decode::<AccessClaims>(token, key, &self.validation)
+        let claims = jsonwebtoken::decode::<AccessClaims>(token, key, &self.validation)
             .map(|data| data.claims)
             .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => TokenError::Expired,
                 _ => TokenError::Invalid,
-            })
+            })?;
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let leeway = LEEWAY_SECONDS as i64;
+        let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
+        if claims.iat > now.saturating_add(leeway)
+            || claims.exp.saturating_sub(claims.iat) > ttl.saturating_add(leeway)
+        {
+            return Err(TokenError::Invalid);
+        }
+        Ok(claims)
     }
 }
 
@@ -234,6 +252,75 @@ mod tests {
         header.kid = Some(key.kid().to_owned());
         let expired = jsonwebtoken::encode(&header, &claims, key.encoding()).unwrap();
         assert_eq!(tokens.verify(&expired), Err(TokenError::Expired));
+    }
+
+    /// A token of `key` with these claims and header fields, as an attacker holding
+    /// an old signing key (or a buggy issuer) might make.
+    fn forge(key: &SigningKey, claims: &serde_json::Value, header: serde_json::Value) -> String {
+        let mut full = serde_json::json!({"alg": "EdDSA", "typ": "JWT", "kid": key.kid()});
+        for (name, value) in header.as_object().unwrap() {
+            full[name] = value.clone();
+        }
+        let signing_input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(full.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let signature = jsonwebtoken::crypto::sign(
+            signing_input.as_bytes(),
+            key.encoding(),
+            Algorithm::EdDSA,
+        )
+        .unwrap();
+        format!("{signing_input}.{signature}")
+    }
+
+    fn claims_at(iat: i64, exp: i64) -> serde_json::Value {
+        serde_json::json!({
+            "sub": UserId::new(), "sid": SessionId::new(), "iss": "iss", "aud": "aud",
+            "iat": iat, "exp": exp,
+        })
+    }
+
+    #[test]
+    fn not_yet_valid_tokens_are_refused() {
+        let key = key(1);
+        let tokens = tokens(key.clone(), Duration::from_secs(900));
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let mut claims = claims_at(now, now + 600);
+        claims["nbf"] = (now + 120).into();
+        let early = forge(&key, &claims, serde_json::json!({}));
+        assert_eq!(tokens.verify(&early), Err(TokenError::Invalid));
+        claims["nbf"] = (now - 1).into();
+        assert!(tokens.verify(&forge(&key, &claims, serde_json::json!({}))).is_ok());
+    }
+
+    #[test]
+    fn a_critical_header_extension_is_refused() {
+        let key = key(1);
+        let tokens = tokens(key.clone(), Duration::from_secs(900));
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let claims = claims_at(now, now + 600);
+        // An extension this verifier cannot honour, marked must-understand.
+        let critical = forge(&key, &claims, serde_json::json!({"crit": ["exp"]}));
+        assert_eq!(tokens.verify(&critical), Err(TokenError::Invalid));
+        assert!(tokens.verify(&forge(&key, &claims, serde_json::json!({}))).is_ok());
+    }
+
+    #[test]
+    fn tokens_living_longer_than_the_ttl_are_refused() {
+        let key = key(1);
+        let tokens = tokens(key.clone(), Duration::from_secs(900));
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let header = serde_json::json!({});
+        // A year-long token, properly signed.
+        let long = forge(&key, &claims_at(now, now + 365 * 86_400), header.clone());
+        assert_eq!(tokens.verify(&long), Err(TokenError::Invalid));
+        // Issued "in the future" to stretch a TTL-long span forward.
+        let future = forge(&key, &claims_at(now + 3600, now + 4400), header.clone());
+        assert_eq!(tokens.verify(&future), Err(TokenError::Invalid));
+        // Exactly the TTL is fine.
+        assert!(tokens.verify(&forge(&key, &claims_at(now, now + 900), header)).is_ok());
     }
 
     #[test]

@@ -66,7 +66,8 @@ pub struct TokenConfig {
     pub issuer: String,
     /// `JWT_AUDIENCE`.
     pub audience: String,
-    /// How long issued tokens live (`ACCESS_TOKEN_TTL_SECONDS`); zero for a verifier.
+    /// How long issued tokens live (`ACCESS_TOKEN_TTL_SECONDS`); a verifier refuses a
+    /// token whose `exp - iat` is longer.
     pub ttl: Duration,
     /// `APP_ENV=development`: a missing key falls back to the published development
     /// key, with a loud warning.

@@ -10,7 +10,8 @@ pub struct GatewaySettings {
     pub common: CommonSettings,
     /// `JWT_VERIFY_KEYS_FILE` (the public keys access tokens may be signed with;
     /// required unless `APP_ENV=development`, then the development key's public half),
-    /// `JWT_ISSUER` and `JWT_AUDIENCE`, as the API issues.
+    /// `JWT_ISSUER`, `JWT_AUDIENCE` and `ACCESS_TOKEN_TTL_SECONDS` (default 900: a
+    /// token living longer is refused), as the API issues.
     pub tokens: TokenConfig,
     /// `PING_INTERVAL_SECONDS` (default 25): server pings; two unanswered drop the client.
     pub ping_interval: Duration,
@@ -46,8 +47,7 @@ impl GatewaySettings {
                 verify_keys_file: env.optional("JWT_VERIFY_KEYS_FILE").map(PathBuf::from),
                 issuer: env.string("JWT_ISSUER", TokenConfig::DEFAULT_ISSUER),
                 audience: env.string("JWT_AUDIENCE", TokenConfig::DEFAULT_AUDIENCE),
-                // A verifier issues nothing.
-                ttl: Duration::ZERO,
+                ttl: env.seconds("ACCESS_TOKEN_TTL_SECONDS", 900)?,
                 development: common.app_env.is_development(),
             },
             common,
@@ -60,6 +60,7 @@ impl GatewaySettings {
             publish_per_second: env.parse("WS_PUBLISH_PER_SECOND", 10)?,
         };
         for (name, value) in [
+            ("ACCESS_TOKEN_TTL_SECONDS", settings.tokens.ttl.as_secs()),
             ("PING_INTERVAL_SECONDS", settings.ping_interval.as_secs()),
             ("WS_MAX_CHANNELS", settings.max_channels as u64),
             ("WS_OUTBOUND_QUEUE", settings.outbound_queue as u64),
