@@ -2,8 +2,10 @@
 //!
 //! Liveness says only that the process can answer: it never checks dependencies, or a
 //! database outage would restart every pod and make things worse. Readiness checks
-//! every dependency (concurrently, each bounded by a timeout) and answers 503 with the
-//! reasons when one fails, and from the moment shutdown starts.
+//! every dependency (concurrently, each bounded by a timeout) and answers 503 when one
+//! fails, and from the moment shutdown starts. The body names each check and says
+//! `ok` or `failed`; why it failed goes to the log, not to whoever can reach the port
+//! (a driver's error can name hosts, users and versions).
 
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
@@ -83,13 +85,14 @@ impl Health {
         let mut checks = Map::new();
         for (name, outcome) in results {
             let value = match outcome {
-                Ok(()) => json!("ok"),
+                Ok(()) => "ok",
                 Err(reason) => {
+                    tracing::warn!(check = name, %reason, "readiness check failed");
                     ready = false;
-                    json!({ "error": reason })
+                    "failed"
                 }
             };
-            checks.insert(name.to_owned(), value);
+            checks.insert(name.to_owned(), json!(value));
         }
         Readiness {
             status: if ready { "ready" } else { "unready" },
