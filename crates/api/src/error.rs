@@ -22,6 +22,9 @@ use mobile_domain::{ValidationCode, ValidationError};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+/// The longest `detail`, in characters (then cut, with an ellipsis).
+pub const MAX_DETAIL_CHARS: usize = 300;
+
 /// The `application/problem+json` media type.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
@@ -88,6 +91,7 @@ error_codes! {
     InvalidCredentials = (UNAUTHORIZED, "invalid_credentials", "the email or password is wrong"),
     InvalidRefreshToken = (UNAUTHORIZED, "invalid_refresh_token", "the refresh token is unknown, expired, spent or revoked; sign in again"),
     NotFound = (NOT_FOUND, "not_found", "no such resource, or not one the caller may see"),
+    BodyTimeout = (REQUEST_TIMEOUT, "body_timeout", "the request body did not arrive within REQUEST_BODY_TIMEOUT_SECONDS"),
     MethodNotAllowed = (METHOD_NOT_ALLOWED, "method_not_allowed", "this method is not allowed on this resource"),
     EmailTaken = (CONFLICT, "email_taken", "an account with this email exists"),
     IdempotencyRequestInFlight = (CONFLICT, "idempotency_request_in_flight", "a request with this Idempotency-Key is still being processed; retry later"),
@@ -111,6 +115,7 @@ error_codes! {
     DatabaseUnavailable = (SERVICE_UNAVAILABLE, "database_unavailable", "the database did not answer; retry shortly"),
     StorageUnavailable = (SERVICE_UNAVAILABLE, "storage_unavailable", "object storage did not answer; retry shortly"),
     Timeout = (SERVICE_UNAVAILABLE, "timeout", "the request did not complete in time; retry shortly"),
+    Overloaded = (SERVICE_UNAVAILABLE, "overloaded", "the server holds as many connections as it may (MAX_CONNECTIONS); retry shortly"),
 }
 
 impl From<ValidationCode> for ErrorCode {
@@ -161,8 +166,16 @@ impl ApiError {
     }
 
     /// A more specific detail than the code's meaning.
+    /// Sets the human `detail`, cut to [`MAX_DETAIL_CHARS`]: a detail may quote the
+    /// request (serde names an unknown field), and a client must not be able to make
+    /// an error, or anything stored of it, as large as what it sent.
     pub fn detail(mut self, detail: impl Into<String>) -> Self {
-        self.detail = Some(detail.into());
+        let mut detail = detail.into();
+        if let Some((cut, _)) = detail.char_indices().nth(MAX_DETAIL_CHARS) {
+            detail.truncate(cut);
+            detail.push('…');
+        }
+        self.detail = Some(detail);
         self
     }
 

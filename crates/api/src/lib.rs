@@ -130,6 +130,10 @@ pub fn app(state: AppState, health: &Health) -> Router {
             middleware::idempotency::idempotency,
         ))
         .layer(from_fn_with_state(state.clone(), middleware::authenticate))
+        .layer(from_fn_with_state(
+            state.clone(),
+            middleware::body_deadline::body_deadline,
+        ))
         .layer(from_fn(middleware::problem_safety_net));
     if cfg!(debug_assertions) {
         app = app.layer(from_fn_with_state(contract, middleware::contract::check));

@@ -9,7 +9,9 @@ use prometheus_client::{
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct HttpLabels {
-    pub method: String,
+    /// The method if it is one of HTTP's own, else `other`: a client chooses the
+    /// method, and every value of a label is a series kept forever.
+    pub method: &'static str,
     /// The matched route template (`/v1/devices/{device_id}`), never the raw path.
     pub route: String,
     pub status: u16,

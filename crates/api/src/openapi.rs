@@ -28,7 +28,8 @@ use crate::error::{ErrorCode, PROBLEM_JSON, Problem};
         description = "The REST API of mobile-backend. Errors are RFC 9457 problem documents \
                        (`application/problem+json`) with a stable `code`; each operation lists \
                        the codes it can answer with, per status, in `x-problem-codes`. Every \
-                       response carries `x-request-id`. POST endpoints accept `Idempotency-Key`.",
+                       response carries `x-request-id`. A signed-in user's POST endpoints (all \
+                       but the upload) accept `Idempotency-Key`.",
         license(name = "MIT OR Apache-2.0")
     ),
     modifiers(&BearerAuth),
@@ -199,7 +200,6 @@ impl Shape {
             .flat_map(|requirement| requirement.keys().map(String::as_str))
             .collect();
         let bearer = security.contains(&"bearer");
-        let post = method == "post";
         Self {
             json_body: operation["requestBody"]["content"]
                 .get("application/json")
@@ -213,8 +213,8 @@ impl Shape {
             query: parameters.iter().any(|p| p["in"] == "query"),
             bearer,
             internal: security.contains(&"internal"),
-            // Uploads are streamed, not stored for replay (see routes::media).
-            idempotent: post && path != crate::routes::media::UPLOAD_PATH,
+            // A signed-in user's POSTs but uploads (middleware::idempotency).
+            idempotent: bearer && crate::middleware::idempotency::applies(method, path),
             // The auth routes per client IP; the signed-in user's writes per user.
             rate_limited: path.starts_with("/v1/auth/") || (bearer && method != "get"),
         }
@@ -222,9 +222,10 @@ impl Shape {
 
     fn problems(&self) -> Vec<ErrorCode> {
         use ErrorCode::*;
-        let mut codes = vec![Internal, DatabaseUnavailable, Timeout];
+        let mut codes = vec![Internal, DatabaseUnavailable, Timeout, Overloaded];
         if self.json_body {
             codes.extend([
+                BodyTimeout,
                 MalformedJson,
                 UnreadableBody,
                 PayloadTooLarge,

@@ -22,6 +22,10 @@ pub struct ApiSettings {
     /// `REQUEST_TIMEOUT_SECONDS` (default 15): a request still running after this gets
     /// 503 `timeout`, and its work is cancelled.
     pub request_timeout: Duration,
+    /// `REQUEST_BODY_TIMEOUT_SECONDS` (default 10): a request body (other than an
+    /// upload's) still arriving after this gets 408 `body_timeout`. 64 KiB in 10 s is
+    /// 52 kbit/s, slower than any phone link that works at all.
+    pub request_body_timeout: Duration,
     /// `MAX_BODY_BYTES` (default 65536): the largest JSON body accepted.
     pub max_body_bytes: usize,
     /// `RATE_LIMIT_AUTH_PER_MINUTE` (default 20): auth requests per client IP.
@@ -34,6 +38,9 @@ pub struct ApiSettings {
     pub trusted_proxy_hops: usize,
     /// `IDEMPOTENCY_TTL_SECONDS` (default 86400): how long a stored response replays.
     pub idempotency_ttl: Duration,
+    /// `IDEMPOTENCY_MAX_RESPONSE_BYTES` (default 65536): the largest response body
+    /// stored for replay; a larger one is answered but not stored.
+    pub idempotency_max_response_bytes: usize,
     /// `STORAGE_URL` (default `file:///var/lib/mobile/media`): where uploads go; the
     /// worker reads them from the same place.
     pub storage_url: String,
@@ -72,11 +79,14 @@ impl ApiSettings {
                 env.parse::<u64>("REFRESH_TOKEN_TTL_DAYS", 30)? * 86_400,
             ),
             request_timeout: env.seconds("REQUEST_TIMEOUT_SECONDS", 15)?,
+            request_body_timeout: env.seconds("REQUEST_BODY_TIMEOUT_SECONDS", 10)?,
             max_body_bytes: env.parse("MAX_BODY_BYTES", 64 * 1024)?,
             rate_limit_auth_per_minute: env.parse("RATE_LIMIT_AUTH_PER_MINUTE", 20)?,
             rate_limit_write_per_minute: env.parse("RATE_LIMIT_WRITE_PER_MINUTE", 120)?,
             trusted_proxy_hops: env.parse("TRUSTED_PROXY_HOPS", 0)?,
             idempotency_ttl: env.seconds("IDEMPOTENCY_TTL_SECONDS", 86_400)?,
+            idempotency_max_response_bytes: env
+                .parse("IDEMPOTENCY_MAX_RESPONSE_BYTES", 64 * 1024)?,
             storage_url: env.string("STORAGE_URL", "file:///var/lib/mobile/media"),
             storage_options: mobile_storage::provider_options(env.iter()),
             media_max_bytes: env.parse("MEDIA_MAX_BYTES", 20 * 1024 * 1024)?,
@@ -103,6 +113,10 @@ impl ApiSettings {
             (
                 "REQUEST_TIMEOUT_SECONDS",
                 settings.request_timeout.as_secs(),
+            ),
+            (
+                "REQUEST_BODY_TIMEOUT_SECONDS",
+                settings.request_body_timeout.as_secs(),
             ),
             (
                 "RATE_LIMIT_AUTH_PER_MINUTE",

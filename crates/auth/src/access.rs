@@ -266,12 +266,9 @@ mod tests {
             URL_SAFE_NO_PAD.encode(full.to_string()),
             URL_SAFE_NO_PAD.encode(claims.to_string())
         );
-        let signature = jsonwebtoken::crypto::sign(
-            signing_input.as_bytes(),
-            key.encoding(),
-            Algorithm::EdDSA,
-        )
-        .unwrap();
+        let signature =
+            jsonwebtoken::crypto::sign(signing_input.as_bytes(), key.encoding(), Algorithm::EdDSA)
+                .unwrap();
         format!("{signing_input}.{signature}")
     }
 
@@ -292,7 +289,11 @@ mod tests {
         let early = forge(&key, &claims, serde_json::json!({}));
         assert_eq!(tokens.verify(&early), Err(TokenError::Invalid));
         claims["nbf"] = (now - 1).into();
-        assert!(tokens.verify(&forge(&key, &claims, serde_json::json!({}))).is_ok());
+        assert!(
+            tokens
+                .verify(&forge(&key, &claims, serde_json::json!({})))
+                .is_ok()
+        );
     }
 
     #[test]
@@ -304,7 +305,11 @@ mod tests {
         // An extension this verifier cannot honour, marked must-understand.
         let critical = forge(&key, &claims, serde_json::json!({"crit": ["exp"]}));
         assert_eq!(tokens.verify(&critical), Err(TokenError::Invalid));
-        assert!(tokens.verify(&forge(&key, &claims, serde_json::json!({}))).is_ok());
+        assert!(
+            tokens
+                .verify(&forge(&key, &claims, serde_json::json!({})))
+                .is_ok()
+        );
     }
 
     #[test]
@@ -320,7 +325,11 @@ mod tests {
         let future = forge(&key, &claims_at(now + 3600, now + 4400), header.clone());
         assert_eq!(tokens.verify(&future), Err(TokenError::Invalid));
         // Exactly the TTL is fine.
-        assert!(tokens.verify(&forge(&key, &claims_at(now, now + 900), header)).is_ok());
+        assert!(
+            tokens
+                .verify(&forge(&key, &claims_at(now, now + 900), header))
+                .is_ok()
+        );
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `Idempotency-Key` for POST, after the IETF httpapi draft.
+//! `Idempotency-Key` for a signed-in user's POST, after the IETF httpapi draft.
 //!
 //! A client that sends `Idempotency-Key: <unique value>` may retry a POST safely:
 //!
@@ -10,30 +10,37 @@
 //!   `idempotency_key_reused`;
 //! - same key while the first is still running: 409 `idempotency_request_in_flight`.
 //!
-//! Keys are scoped to the signed-in user (or, on unauthenticated routes, the client IP)
-//! so one client cannot replay another's response. A 5xx or 429 is not stored: the
-//! client is meant to retry those. The records live in Redis; if Redis does not answer
-//! the request runs without the guarantee (and `redis_degraded_total` counts it).
-//! Operations that must never duplicate have a durable guard of their own in PostgreSQL
-//! (a unique email, a message's `client_msg_id`).
+//! Nothing a client sends is stored before it is authenticated: records are kept only
+//! for requests with a valid access token, under that user's id, so one user can
+//! neither read nor fill another's. The auth endpoints are never recorded (their
+//! responses carry tokens, which must not rest in Redis, and a replayed refresh would
+//! hand out a pair after logout), nor is `/internal/*` or an upload. What one user can
+//! store is bounded: a record per key, keys per minute by the write rate limit, each
+//! record at most `IDEMPOTENCY_MAX_RESPONSE_BYTES` of body (a larger response is
+//! answered but not stored, and the key is released), every record with a TTL.
 //!
-//! `POST /v1/media` is exempt: an upload is streamed to storage, not buffered here.
+//! A 5xx or 429 is not stored: the client is meant to retry those. If Redis does not
+//! answer, or is full, the request runs without the guarantee (and
+//! `redis_degraded_total{feature="idempotency"}` counts it); operations that must never
+//! duplicate have a durable guard of their own in PostgreSQL (a message's
+//! `client_msg_id`).
 
 use axum::{
-    body::{Body, to_bytes},
+    body::{Body, Bytes},
     extract::{Request, State},
     http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header},
     middleware::Next,
     response::{IntoResponse, Response},
 };
 use base64::{Engine, engine::general_purpose::STANDARD};
+use futures_util::{StreamExt as _, stream};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::{
     error::{ApiError, ErrorCode},
-    extract::{Authentication, client_ip},
+    extract::Authentication,
     metrics::FeatureLabel,
     state::AppState,
 };
@@ -41,11 +48,18 @@ use crate::{
 pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
-/// The largest response body that is stored for replay.
-const MAX_STORED_RESPONSE: usize = 256 * 1024;
-
 /// Response headers worth replaying; the rest (dates, request ids) belong to the replay.
 const REPLAYED_HEADERS: [HeaderName; 3] = [header::CONTENT_TYPE, header::LOCATION, header::ETAG];
+
+/// Whether requests of this method and path may be recorded (for a signed-in user):
+/// POSTs, but neither the auth endpoints, the internal ones, nor uploads. The OpenAPI
+/// document says the same from this function.
+pub fn applies(method: &str, path: &str) -> bool {
+    method.eq_ignore_ascii_case(Method::POST.as_str())
+        && !path.starts_with("/v1/auth/")
+        && !path.starts_with("/internal/")
+        && path != crate::routes::media::UPLOAD_PATH
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
@@ -70,13 +84,17 @@ impl Record {
 }
 
 pub async fn idempotency(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    // Uploads are far larger than the records kept here: not replayed (see routes::media).
-    if req.method() != Method::POST || req.uri().path() == crate::routes::media::UPLOAD_PATH {
+    if !applies(req.method().as_str(), req.uri().path()) {
         return next.run(req).await;
     }
     let Some(key) = req.headers().get(&IDEMPOTENCY_KEY).cloned() else {
         return next.run(req).await;
     };
+    // Anyone else is refused by the handler (401) without anything stored.
+    let Some(Authentication::Valid(claims)) = req.extensions().get::<Authentication>() else {
+        return next.run(req).await;
+    };
+    let user = claims.sub;
     let key = match key.to_str() {
         Ok(key)
             if (1..=255).contains(&key.len())
@@ -91,17 +109,9 @@ pub async fn idempotency(State(state): State<AppState>, req: Request, next: Next
 
     // The body is part of the fingerprint, so read it (within the usual limit) first.
     let (parts, body) = req.into_parts();
-    let body = match to_bytes(body, state.settings.max_body_bytes).await {
+    let body = match read_body(body, state.settings.max_body_bytes).await {
         Ok(body) => body,
-        Err(_) => return ApiError::new(ErrorCode::PayloadTooLarge).into_response(),
-    };
-    let scope = match parts.extensions.get::<Authentication>() {
-        Some(Authentication::Valid(claims)) => format!("user:{}", claims.sub),
-        _ => format!(
-            "ip:{}",
-            client_ip(&parts, state.settings.trusted_proxy_hops)
-                .map_or_else(|| "unknown".into(), |ip| ip.to_string())
-        ),
+        Err(error) => return error.into_response(),
     };
     let fingerprint = {
         let mut hasher = Sha256::new();
@@ -113,7 +123,7 @@ pub async fn idempotency(State(state): State<AppState>, req: Request, next: Next
         hex::encode(hasher.finalize())
     };
     let redis_key = state.redis.key(format_args!(
-        "idem:{scope}:{}",
+        "idem:user:{user}:{}",
         hex::encode(Sha256::digest(key.as_bytes()))
     ));
     let req = Request::from_parts(parts, Body::from(body));
@@ -136,6 +146,20 @@ pub async fn idempotency(State(state): State<AppState>, req: Request, next: Next
 
     let response = next.run(req).await;
     store(&state, &redis_key, fingerprint, response).await
+}
+
+/// Reads a request body of at most `limit` bytes: 413 beyond, 400 if it breaks off.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let mut stream = body.into_data_stream();
+    let mut read = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| ApiError::new(ErrorCode::UnreadableBody))?;
+        if read.len() + chunk.len() > limit {
+            return Err(ApiError::new(ErrorCode::PayloadTooLarge));
+        }
+        read.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(read))
 }
 
 enum Claim {
@@ -216,7 +240,8 @@ fn replay(status: u16, headers: &[(String, String)], body: &str) -> Response {
     response
 }
 
-/// Stores a final response for replay, or releases the key for a retryable one.
+/// Stores a final response for replay, or releases the key for a retryable one or one
+/// too large to keep.
 async fn store(
     state: &AppState,
     redis_key: &str,
@@ -230,15 +255,31 @@ async fn store(
         return response;
     }
     let (parts, body) = response.into_parts();
-    let Ok(body) = to_bytes(body, MAX_STORED_RESPONSE).await else {
-        // Too large to store: the stream is consumed, so the client gets a 500, and the
-        // key is released. No endpoint answers a POST with this much.
-        let _: Result<(), _> = conn.del(redis_key).await;
-        return ApiError::internal(anyhow::anyhow!(
-            "response too large to store for idempotency"
-        ))
-        .into_response();
-    };
+    let limit = state.settings.idempotency_max_response_bytes;
+    let mut stream = body.into_data_stream();
+    let mut kept: Vec<Bytes> = Vec::new();
+    let mut size = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                let _: Result<(), _> = conn.del(redis_key).await;
+                return ApiError::internal(anyhow::anyhow!("response body failed: {e}"))
+                    .into_response();
+            }
+        };
+        size += chunk.len();
+        kept.push(chunk);
+        if size > limit {
+            // Too large to keep: answered as it is, not stored, and the key released
+            // so a retry runs again (the route's own guard makes that safe).
+            tracing::info!(limit, "response too large to store for idempotency");
+            let _: Result<(), _> = conn.del(redis_key).await;
+            let head = stream::iter(kept.into_iter().map(Ok::<_, axum::Error>));
+            return Response::from_parts(parts, Body::from_stream(head.chain(stream)));
+        }
+    }
+    let body = kept.concat();
     let record = Record::Done {
         fingerprint,
         status: status.as_u16(),
@@ -250,6 +291,14 @@ async fn store(
         let stored: Result<(), _> = conn.set_ex(redis_key, record, ttl).await;
         if let Err(e) = stored {
             tracing::warn!(error = %e, "could not store the idempotent response");
+            state
+                .metrics
+                .redis_degraded
+                .get_or_create(&FeatureLabel {
+                    feature: "idempotency",
+                })
+                .inc();
+            let _: Result<(), _> = conn.del(redis_key).await;
         }
     }
     Response::from_parts(parts, Body::from(body))

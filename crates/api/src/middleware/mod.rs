@@ -4,16 +4,19 @@
 //!    `http_requests_total` / `http_request_duration_seconds` metrics by route template.
 //! 2. [`problem_safety_net`]: a bodiless or plain-text error response (axum's own 405,
 //!    say) becomes problem+json, so clients parse one error format.
-//! 3. [`authenticate`]: verifies a bearer token once and records the outcome for the
+//! 3. [`body_deadline`]: a body still arriving after `REQUEST_BODY_TIMEOUT_SECONDS` is
+//!    408, whoever was reading it.
+//! 4. [`authenticate`]: verifies a bearer token once and records the outcome for the
 //!    extractors and layers below.
-//! 4. [`idempotency`]: `Idempotency-Key` replay / 422 / 409 for POST.
-//! 5. [`timeout`]: a request still running after `REQUEST_TIMEOUT_SECONDS` is cancelled
+//! 5. [`idempotency`]: `Idempotency-Key` replay / 422 / 409 for a signed-in user's POST.
+//! 6. [`timeout`]: a request still running after `REQUEST_TIMEOUT_SECONDS` is cancelled
 //!    and answered 503.
-//! 6. [`rate_limit`]: per IP on auth routes, per user on writes (route layers).
+//! 7. [`rate_limit`]: per IP on auth routes, per user on writes (route layers).
 //!
 //! In debug builds, [`contract`] sits inside `observe` and holds each route's problems
 //! to what its OpenAPI operation documents.
 
+pub mod body_deadline;
 pub mod contract;
 pub mod idempotency;
 pub mod rate_limit;
@@ -22,7 +25,7 @@ use std::time::Instant;
 
 use axum::{
     extract::{MatchedPath, Request, State},
-    http::{HeaderName, HeaderValue, StatusCode, header},
+    http::{HeaderName, HeaderValue, Method, StatusCode, header},
     middleware::Next,
     response::{IntoResponse, Response},
 };
@@ -56,7 +59,7 @@ pub async fn observe(State(state): State<AppState>, mut req: Request, next: Next
         .get::<MatchedPath>()
         .map_or(UNMATCHED_ROUTE, MatchedPath::as_str)
         .to_owned();
-    let method = req.method().as_str().to_owned();
+    let method = method_label(req.method());
     let span = tracing::info_span!("request", %request_id, %method, %route);
 
     let mut response = REQUEST_ID
@@ -89,6 +92,25 @@ pub async fn observe(State(state): State<AppState>, mut req: Request, next: Next
         response.headers_mut().insert(X_REQUEST_ID.clone(), value);
     }
     response
+}
+
+/// The `method` label: one of HTTP's methods, or `other`.
+fn method_label(method: &Method) -> &'static str {
+    const KNOWN: [Method; 9] = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+        Method::OPTIONS,
+        Method::CONNECT,
+        Method::TRACE,
+    ];
+    KNOWN
+        .iter()
+        .find(|known| *known == method)
+        .map_or("other", Method::as_str)
 }
 
 /// A client's own id is kept for correlation if it is short, printable ASCII.

@@ -1,11 +1,11 @@
 //! `/internal/v1/*`: for the app's other backends, not for apps. Authenticated by the
-//! shared `INTERNAL_API_TOKEN` (compared in constant time); without one configured
-//! these endpoints do not exist (404). Keep them off the public ingress too: the
+//! shared `INTERNAL_API_TOKEN` (compared in constant time) before the body is read;
+//! without one configured these endpoints do not exist (404). Keep them off the public ingress too: the
 //! NetworkPolicy and Ingress in `k8s/` route only `/v1` to the world.
 
 use axum::{
-    extract::State,
-    http::{HeaderMap, StatusCode, header},
+    extract::{FromRequestParts, State},
+    http::{StatusCode, header, request::Parts},
 };
 use mobile_db::{
     jobs::{self, Enqueued, Payload as _},
@@ -76,10 +76,9 @@ problems!(NotifyProblems: NotFound, InvalidData, Invalid(InvalidTitle), Invalid(
 #[tracing::instrument(skip_all)]
 async fn notify(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _caller: InternalCaller,
     Json(request): Json<NotifyRequest>,
 ) -> Result<(StatusCode, axum::Json<NotifyResponse>), ApiError> {
-    authorize(&state, &headers)?;
     let title = Title::parse(&request.title)?;
     let body = NotificationText::parse(&request.body)?;
     match &request.data {
@@ -124,23 +123,33 @@ fn has_nul(value: &serde_json::Value) -> bool {
     }
 }
 
-/// Checks `Authorization: Bearer <INTERNAL_API_TOKEN>`, comparing digests so the time
+/// A caller that presented `Authorization: Bearer <INTERNAL_API_TOKEN>`. An extractor
+/// of the request's head, so a handler taking it (before its body) refuses everyone
+/// else without reading a byte of what they sent. Digests are compared, so the time
 /// taken says nothing about how much of a guess was right.
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = &state.settings.internal_api_token else {
-        return Err(ApiError::new(ErrorCode::NotFound).detail("no route for this path"));
-    };
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(mobile_auth::bearer_token)
-        .unwrap_or_default();
-    let same =
-        Sha256::digest(presented.as_bytes()) == Sha256::digest(expected.expose_secret().as_bytes());
-    if same {
-        Ok(())
-    } else {
-        Err(ApiError::new(ErrorCode::Unauthenticated)
-            .detail("this endpoint needs the internal API token"))
+#[derive(Debug)]
+pub struct InternalCaller;
+
+impl FromRequestParts<AppState> for InternalCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Some(expected) = &state.settings.internal_api_token else {
+            return Err(ApiError::new(ErrorCode::NotFound).detail("no route for this path"));
+        };
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(mobile_auth::bearer_token)
+            .unwrap_or_default();
+        let same = Sha256::digest(presented.as_bytes())
+            == Sha256::digest(expected.expose_secret().as_bytes());
+        if same {
+            Ok(Self)
+        } else {
+            Err(ApiError::new(ErrorCode::Unauthenticated)
+                .detail("this endpoint needs the internal API token"))
+        }
     }
 }

@@ -225,3 +225,124 @@ async fn http2_without_tls_is_served() {
     assert_eq!(response.version(), reqwest::Version::HTTP_2);
     assert_problem(response, StatusCode::UNAUTHORIZED, "unauthenticated").await;
 }
+
+#[tokio::test]
+async fn a_nul_in_any_text_field_is_422_and_stores_nothing() {
+    let app = TestApp::spawn().await;
+    let nul = "a\u{0}b";
+    let registration = json!({"email": "nul@example.com", "password": "correct horse battery", "display_name": nul});
+    let response = app.post_json("/v1/auth/register", &registration).await;
+    assert_problem(
+        response,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_display_name",
+    )
+    .await;
+    let login = json!({"email": "nul@example.com", "password": format!("correct horse{nul}")});
+    let response = app.post_json("/v1/auth/login", &login).await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+
+    let session = app.register("nul@example.com").await;
+    let response = app
+        .authed(Method::PATCH, "/v1/me", &session)
+        .json(&json!({"display_name": nul}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(
+        response,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_display_name",
+    )
+    .await;
+
+    let device = format!("/v1/devices/{}", uuid::Uuid::new_v4());
+    let push_token = "ab".repeat(32);
+    for (field, code) in [
+        ("app_version", "invalid_app_version"),
+        ("locale", "invalid_locale"),
+    ] {
+        let mut body = json!({"platform": "ios", "push_token": push_token});
+        body[field] = json!(nul);
+        let response = app
+            .authed(Method::PUT, &device, &session)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_problem(response, StatusCode::UNPROCESSABLE_ENTITY, code).await;
+    }
+
+    let response = app
+        .authed(Method::POST, "/v1/conversations", &session)
+        .json(&json!({"member_ids": [], "title": nul}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, StatusCode::UNPROCESSABLE_ENTITY, "invalid_title").await;
+    let conversation: serde_json::Value = app
+        .authed(Method::POST, "/v1/conversations", &session)
+        .json(&json!({"member_ids": []}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let messages = format!(
+        "/v1/conversations/{}/messages",
+        conversation["id"].as_str().unwrap()
+    );
+    for (body, code) in [
+        (json!({"client_msg_id": "m1", "body": nul}), "invalid_body"),
+        (
+            json!({"client_msg_id": nul, "body": "hi"}),
+            "invalid_client_msg_id",
+        ),
+    ] {
+        let response = app
+            .authed(Method::POST, &messages, &session)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_problem(response, StatusCode::UNPROCESSABLE_ENTITY, code).await;
+    }
+
+    let notify = |body: serde_json::Value| {
+        app.request(Method::POST, "/internal/v1/notifications")
+            .bearer_auth(crate::helpers::INTERNAL_TOKEN)
+            .json(&body)
+            .send()
+    };
+    for (body, code) in [
+        (
+            json!({"user_id": session.user_id, "title": nul, "body": "b"}),
+            "invalid_title",
+        ),
+        (
+            json!({"user_id": session.user_id, "title": "t", "body": nul}),
+            "invalid_body",
+        ),
+        (
+            json!({"user_id": session.user_id, "title": "t", "body": "b", "data": {"k": nul}}),
+            "invalid_data",
+        ),
+        (
+            json!({"user_id": session.user_id, "title": "t", "body": "b", "data": {nul: 1}}),
+            "invalid_data",
+        ),
+    ] {
+        let response = notify(body).await.unwrap();
+        assert_problem(response, StatusCode::UNPROCESSABLE_ENTITY, code).await;
+    }
+
+    let pool = app.db.pool().await;
+    for table in ["devices", "messages", "jobs"] {
+        let rows: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(rows, 0, "{table}");
+    }
+}

@@ -12,6 +12,7 @@ mod auth;
 mod bad_input;
 mod conversations;
 mod devices;
+mod hostile;
 mod idempotency;
 mod me;
 mod media;
