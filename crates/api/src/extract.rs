@@ -4,7 +4,7 @@
 //! rejection to an [`ApiError`] with a stable code, so no malformed request can produce
 //! anything but problem+json.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use axum::{
     extract::{
@@ -15,9 +15,13 @@ use axum::{
 };
 use mobile_auth::{AccessClaims, TokenError};
 use mobile_domain::{SessionId, UserId};
+use mobile_runtime::client_ip::ClientIp;
 use serde::de::DeserializeOwned;
 
-use crate::error::{ApiError, ErrorCode};
+use crate::{
+    error::{ApiError, ErrorCode},
+    state::AppState,
+};
 
 /// A JSON body. Malformed JSON is 400 `malformed_json`; a body that is JSON but of the
 /// wrong shape (wrong types, missing or unknown fields) is 422 `validation_failed`; a
@@ -144,53 +148,27 @@ impl<S: Send + Sync> FromRequestParts<S> for AuthUser {
     }
 }
 
-/// The client's IP address: the TCP peer, or, behind `hops` trusted proxies, the
-/// address the outermost trusted proxy saw (the `hops`-th entry from the right of
-/// `X-Forwarded-For`; entries further left are whatever the client claimed).
-pub fn client_ip(parts: &Parts, hops: usize) -> Option<IpAddr> {
+/// The client's address: the TCP peer, or what `hops` trusted proxies say
+/// (`mobile_runtime::client_ip`).
+pub fn client_ip(parts: &Parts, hops: usize) -> ClientIp {
     let peer = parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(addr)| addr.ip());
-    if hops == 0 {
-        return peer;
-    }
-    let forwarded: Vec<IpAddr> = parts
-        .headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|entry| entry.trim().parse().ok())
-        .collect();
-    forwarded.iter().rev().nth(hops - 1).copied().or(peer)
+    mobile_runtime::client_ip::client_ip(&parts.headers, peer, hops)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The client's address as an extractor, behind the configured `TRUSTED_PROXY_HOPS`.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub ClientIp);
 
-    fn parts(xff: &[&str]) -> Parts {
-        let mut builder = axum::http::Request::builder();
-        for value in xff {
-            builder = builder.header("x-forwarded-for", *value);
-        }
-        let (mut parts, ()) = builder.body(()).unwrap().into_parts();
-        parts
-            .extensions
-            .insert(ConnectInfo(SocketAddr::from(([10, 0, 0, 1], 4000))));
-        parts
-    }
+impl FromRequestParts<AppState> for ClientAddr {
+    type Rejection = std::convert::Infallible;
 
-    #[test]
-    fn client_ip_trusts_only_the_configured_hops() {
-        let spoofed = parts(&["6.6.6.6, 203.0.113.7"]);
-        assert_eq!(client_ip(&spoofed, 0), Some(IpAddr::from([10, 0, 0, 1])));
-        assert_eq!(client_ip(&spoofed, 1), Some(IpAddr::from([203, 0, 113, 7])));
-        assert_eq!(client_ip(&spoofed, 2), Some(IpAddr::from([6, 6, 6, 6])));
-        // More hops configured than entries present: fall back to the peer.
-        assert_eq!(client_ip(&spoofed, 3), Some(IpAddr::from([10, 0, 0, 1])));
-        let split = parts(&["6.6.6.6", "203.0.113.7"]);
-        assert_eq!(client_ip(&split, 1), Some(IpAddr::from([203, 0, 113, 7])));
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Self(client_ip(parts, state.settings.trusted_proxy_hops)))
     }
 }

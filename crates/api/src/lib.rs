@@ -14,6 +14,7 @@
 pub mod error;
 pub mod events;
 pub mod extract;
+pub mod login_guard;
 pub mod messaging;
 pub mod metrics;
 pub mod middleware;
@@ -173,6 +174,7 @@ pub async fn serve(
         tokens,
         settings,
         metrics,
+        local_limits: middleware::rate_limit::LocalLimits::new(),
     });
     let app = app(state, &health);
     server::serve(

@@ -32,6 +32,11 @@ pub struct FeatureLabel {
     pub feature: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ActionLabel {
+    pub action: &'static str,
+}
+
 /// Handles on the API's metrics, cloned into the middleware that records them.
 #[derive(Debug, Clone)]
 pub struct ApiMetrics {
@@ -43,6 +48,8 @@ pub struct ApiMetrics {
     pub redis_degraded: Family<FeatureLabel, Counter>,
     /// Frames published to the gateways over Redis, by outcome (`ok`, `failed`).
     pub events_published: Family<OutcomeLabel, Counter>,
+    /// Sign-in attempts on an account under attack, by action (`delayed`, `refused`).
+    pub login_throttled: Family<ActionLabel, Counter>,
 }
 
 impl ApiMetrics {
@@ -55,6 +62,7 @@ impl ApiMetrics {
             rate_limited: Family::default(),
             redis_degraded: Family::default(),
             events_published: Family::default(),
+            login_throttled: Family::default(),
         };
         registry.register(
             "http_requests",
@@ -81,6 +89,11 @@ impl ApiMetrics {
             "events_published",
             "Event frames published to the gateways over Redis, by outcome",
             metrics.events_published.clone(),
+        );
+        registry.register(
+            "login_throttled",
+            "Sign-in attempts slowed or refused for the failures on their account",
+            metrics.login_throttled.clone(),
         );
         metrics
     }

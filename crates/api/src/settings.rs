@@ -4,6 +4,8 @@ use std::{path::PathBuf, time::Duration};
 
 use mobile_auth::TokenConfig;
 use mobile_runtime::{CommonSettings, Defaults, Env, SettingsError};
+
+use crate::login_guard::LoginGuardSettings;
 use secrecy::{ExposeSecret as _, SecretString};
 
 /// Everything `mobile-api` reads from the environment. README's settings table lists
@@ -32,6 +34,8 @@ pub struct ApiSettings {
     pub rate_limit_auth_per_minute: u32,
     /// `RATE_LIMIT_WRITE_PER_MINUTE` (default 120): writes per signed-in user.
     pub rate_limit_write_per_minute: u32,
+    /// `LOGIN_*`: failed sign-ins per account (`crate::login_guard`).
+    pub login_guard: LoginGuardSettings,
     /// `TRUSTED_PROXY_HOPS` (default 0): how many proxies in front of the API append
     /// to `X-Forwarded-For`. 0 uses the TCP peer address; 1 (behind one ingress) takes
     /// the right-most entry, which the client cannot forge.
@@ -83,6 +87,12 @@ impl ApiSettings {
             max_body_bytes: env.parse("MAX_BODY_BYTES", 64 * 1024)?,
             rate_limit_auth_per_minute: env.parse("RATE_LIMIT_AUTH_PER_MINUTE", 20)?,
             rate_limit_write_per_minute: env.parse("RATE_LIMIT_WRITE_PER_MINUTE", 120)?,
+            login_guard: LoginGuardSettings {
+                window: env.seconds("LOGIN_FAILURE_WINDOW_SECONDS", 900)?,
+                slowdown_after: env.parse("LOGIN_SLOWDOWN_AFTER_FAILURES", 5)?,
+                max_delay: env.seconds("LOGIN_MAX_DELAY_SECONDS", 10)?,
+                per_address: env.parse("LOGIN_FAILURES_PER_ADDRESS", 10)?,
+            },
             trusted_proxy_hops: env.parse("TRUSTED_PROXY_HOPS", 0)?,
             idempotency_ttl: env.seconds("IDEMPOTENCY_TTL_SECONDS", 86_400)?,
             idempotency_max_response_bytes: env
@@ -131,11 +141,47 @@ impl ApiSettings {
                 settings.idempotency_ttl.as_secs(),
             ),
             ("MEDIA_MAX_BYTES", settings.media_max_bytes),
+            (
+                "LOGIN_FAILURE_WINDOW_SECONDS",
+                settings.login_guard.window.as_secs(),
+            ),
+            (
+                "LOGIN_SLOWDOWN_AFTER_FAILURES",
+                u64::from(settings.login_guard.slowdown_after),
+            ),
+            (
+                "LOGIN_FAILURES_PER_ADDRESS",
+                u64::from(settings.login_guard.per_address),
+            ),
             ("MEDIA_MAX_PIXELS", settings.media_max_pixels),
         ] {
             if value == 0 {
                 return Err(SettingsError::new(name, "must be at least 1"));
             }
+        }
+        for (name, value) in [
+            (
+                "RATE_LIMIT_AUTH_PER_MINUTE",
+                settings.rate_limit_auth_per_minute,
+            ),
+            (
+                "RATE_LIMIT_WRITE_PER_MINUTE",
+                settings.rate_limit_write_per_minute,
+            ),
+        ] {
+            // The limiter counts whole milliseconds between requests.
+            if value > 60_000 {
+                return Err(SettingsError::new(
+                    name,
+                    "must be at most 60000 (one request a millisecond)",
+                ));
+            }
+        }
+        if settings.login_guard.max_delay >= settings.request_timeout {
+            return Err(SettingsError::new(
+                "LOGIN_MAX_DELAY_SECONDS",
+                "must be shorter than REQUEST_TIMEOUT_SECONDS, or a slowed sign-in times out",
+            ));
         }
         if settings.max_body_bytes < 1024 {
             return Err(SettingsError::new(
@@ -144,5 +190,27 @@ impl ApiSettings {
             ));
         }
         Ok(settings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(pairs: &[(&str, &str)]) -> Result<ApiSettings, SettingsError> {
+        let mut env = vec![("APP_ENV", "development")];
+        env.extend_from_slice(pairs);
+        ApiSettings::from_env(&Env::from_pairs(env.iter().copied()))
+    }
+
+    #[test]
+    fn rate_limits_the_limiter_cannot_keep_are_refused_at_start() {
+        assert!(settings(&[("RATE_LIMIT_AUTH_PER_MINUTE", "60000")]).is_ok());
+        for name in ["RATE_LIMIT_AUTH_PER_MINUTE", "RATE_LIMIT_WRITE_PER_MINUTE"] {
+            for value in ["60001", "0"] {
+                let error = settings(&[(name, value)]).unwrap_err();
+                assert_eq!(error.name, name, "{value}");
+            }
+        }
     }
 }

@@ -10,7 +10,7 @@ use mobile_auth::AccessTokens;
 use mobile_runtime::redis::Redis;
 use sqlx::PgPool;
 
-use crate::{metrics::ApiMetrics, settings::ApiSettings};
+use crate::{metrics::ApiMetrics, middleware::rate_limit::LocalLimits, settings::ApiSettings};
 
 #[derive(Debug, Clone)]
 pub struct AppState(Arc<Shared>);
@@ -24,6 +24,8 @@ pub struct Shared {
     pub settings: ApiSettings,
     pub metrics: ApiMetrics,
     pub storage: mobile_storage::Storage,
+    /// The rate limits this process keeps while Redis cannot.
+    pub local_limits: LocalLimits,
 }
 
 impl AppState {

@@ -15,11 +15,13 @@
 //! - [`metrics`]: `build_info`, process metrics, the PostgreSQL pool gauge, `/metrics`.
 //! - [`health`]: `/health/live` and `/health/ready` with dependency checks.
 //! - [`shutdown`]: SIGTERM/SIGINT → unready → drain; a second signal exits at once.
+//! - [`client_ip`]: the client's address behind `TRUSTED_PROXY_HOPS` proxies.
 //! - [`redis`]: a lazily connected, self-healing Redis handle, the one owner of the
 //!   deployment's key prefix.
 //! - [`server`]: the listen / drain / exit sequence tying the above together.
 
 pub mod cli;
+pub mod client_ip;
 pub mod health;
 pub mod metrics;
 pub mod probe;

@@ -2,14 +2,26 @@
 //!
 //! The algorithm is GCRA (the generic cell rate algorithm): one key per subject holding
 //! a "theoretical arrival time". It allows a burst of `limit` requests, then one every
-//! `60 s / limit`, needs one round-trip, and stores one integer. The clock is Redis's
-//! own (`TIME`), so replicas with skewed clocks agree.
+//! `60 s / limit`, needs one round-trip, and stores one integer with a TTL of at most
+//! a minute. The clock is Redis's own (`TIME`), so replicas with skewed clocks agree.
+//! Limits are whole milliseconds apart, so a limit is at most 60 000 a minute (the
+//! settings refuse more).
 //!
-//! If Redis does not answer, the request goes through (fail open) and
-//! `redis_degraded_total{feature="rate_limit"}` counts it: losing rate limiting for a
-//! while is better than losing the API.
+//! The same algorithm also runs in this process ([`LocalLimits`]), on every request it
+//! limits: a request needs room in both. The local count is never the stricter of the
+//! two while Redis works (a replica sees a share of the traffic), but it is the one
+//! that holds when Redis does not answer or refuses the write (full, with
+//! `noeviction`), and it holds across Redis answering one request and failing the
+//! next. The limit is then per replica instead of per deployment, looser by the
+//! replica count but never open, so an attacker who can fill Redis cannot switch the
+//! auth limit off. `redis_degraded_total{feature="rate_limit"}` counts the requests
+//! Redis could not check.
 
-use std::{sync::LazyLock, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{LazyLock, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
 
 use axum::{
     extract::{MatchedPath, Request, State},
@@ -45,6 +57,85 @@ redis.call('SET', KEYS[1], new_tat, 'PX', new_tat - now)
 return 0
 ";
 
+/// One step of GCRA on a theoretical arrival time `tat` (milliseconds): the new TAT if
+/// a request at `now` is allowed, else how many milliseconds until one would be. The
+/// Lua script above is this function, run inside Redis.
+fn gcra(tat: u64, now: u64, interval: u64, tolerance: u64) -> Result<u64, u64> {
+    let new_tat = tat.max(now) + interval;
+    let allow_at = new_tat.saturating_sub(tolerance);
+    if allow_at > now {
+        Err(allow_at - now)
+    } else {
+        Ok(new_tat)
+    }
+}
+
+/// A limit as GCRA's emission interval and burst tolerance, in milliseconds.
+fn cell(per_minute: u32) -> (u64, u64) {
+    let interval_ms = 60_000 / u64::from(per_minute.max(1));
+    (interval_ms, interval_ms * u64::from(per_minute))
+}
+
+/// The rate limits of this process alone, for when Redis cannot keep them.
+#[derive(Debug)]
+pub struct LocalLimits {
+    started: Instant,
+    buckets: Mutex<Buckets>,
+}
+
+#[derive(Debug, Default)]
+struct Buckets {
+    tats: HashMap<String, u64>,
+    /// When (ms) full buckets were last swept of the expired.
+    swept: u64,
+}
+
+impl LocalLimits {
+    /// Subjects tracked at most (about 100 bytes each). Beyond, after a sweep of the
+    /// expired, a new subject is refused: an attacker with this many addresses in a
+    /// minute is a flood for the load balancer, and refusing is the safe side.
+    pub const CAPACITY: usize = 100_000;
+
+    pub fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            buckets: Mutex::new(Buckets::default()),
+        }
+    }
+
+    /// `None` when allowed, or how long until the next request would be.
+    pub fn check(&self, bucket: &str, per_minute: u32) -> Option<Duration> {
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX / 2);
+        let (interval, tolerance) = cell(per_minute);
+        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        if buckets.tats.len() >= Self::CAPACITY && !buckets.tats.contains_key(bucket) {
+            // A sweep at most once a second, so a flood of new subjects does not make
+            // every request walk the whole table.
+            if now.saturating_sub(buckets.swept) >= 1_000 {
+                buckets.tats.retain(|_, tat| *tat > now);
+                buckets.swept = now;
+            }
+            if buckets.tats.len() >= Self::CAPACITY {
+                return Some(Duration::from_secs(1));
+            }
+        }
+        let tat = buckets.tats.get(bucket).copied().unwrap_or(now);
+        match gcra(tat, now, interval, tolerance) {
+            Ok(new_tat) => {
+                buckets.tats.insert(bucket.to_owned(), new_tat);
+                None
+            }
+            Err(wait) => Some(Duration::from_millis(wait)),
+        }
+    }
+}
+
+impl Default for LocalLimits {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Which limit a route group is under.
 #[derive(Debug, Clone, Copy)]
 pub enum Class {
@@ -62,8 +153,7 @@ pub async fn limit(
     let (parts, body) = req.into_parts();
     let (bucket, per_minute) = match class {
         Class::Auth => {
-            let ip = client_ip(&parts, state.settings.trusted_proxy_hops)
-                .map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
+            let ip = client_ip(&parts, state.settings.trusted_proxy_hops);
             (
                 format!("rl:auth:{ip}"),
                 state.settings.rate_limit_auth_per_minute,
@@ -81,9 +171,28 @@ pub async fn limit(
             }
         }
     };
-    match check(&state, &bucket, per_minute).await {
-        Ok(None) => next.run(Request::from_parts(parts, body)).await,
-        Ok(Some(wait)) => {
+    let verdict = match state.local_limits.check(&bucket, per_minute) {
+        Some(wait) => Ok(Some(wait)),
+        None => check(&state, &bucket, per_minute).await,
+    };
+    let verdict = match verdict {
+        Ok(verdict) => verdict,
+        Err(e) => {
+            tracing::warn!(error = %e, "Redis cannot keep the rate limit; this process keeps it");
+            state
+                .metrics
+                .redis_degraded
+                .get_or_create(&FeatureLabel {
+                    feature: "rate_limit",
+                })
+                .inc();
+            // Allowed by this process's count, which is all there is now.
+            None
+        }
+    };
+    match verdict {
+        None => next.run(Request::from_parts(parts, body)).await,
+        Some(wait) => {
             let route = parts
                 .extensions
                 .get::<MatchedPath>()
@@ -96,17 +205,6 @@ pub async fn limit(
                 .inc();
             ApiError::rate_limited(wait.as_secs_f64().ceil().max(1.0) as u64).into_response()
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "rate limiter unavailable; allowing the request");
-            state
-                .metrics
-                .redis_degraded
-                .get_or_create(&FeatureLabel {
-                    feature: "rate_limit",
-                })
-                .inc();
-            next.run(Request::from_parts(parts, body)).await
-        }
     }
 }
 
@@ -116,8 +214,7 @@ async fn check(
     bucket: &str,
     per_minute: u32,
 ) -> Result<Option<Duration>, redis::RedisError> {
-    let interval_ms = 60_000 / u64::from(per_minute.max(1));
-    let tolerance_ms = interval_ms * u64::from(per_minute);
+    let (interval_ms, tolerance_ms) = cell(per_minute);
     let wait_ms: u64 = GCRA
         .key(state.redis.key(bucket))
         .arg(interval_ms)
@@ -125,4 +222,43 @@ async fn check(
         .invoke_async(&mut state.redis.conn())
         .await?;
     Ok((wait_ms > 0).then(|| Duration::from_millis(wait_ms)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gcra_allows_the_burst_then_one_per_interval() {
+        let (interval, tolerance) = cell(3);
+        assert_eq!((interval, tolerance), (20_000, 60_000));
+        let mut tat = 0;
+        for _ in 0..3 {
+            tat = gcra(tat, 0, interval, tolerance).unwrap();
+        }
+        assert_eq!(gcra(tat, 0, interval, tolerance), Err(20_000));
+        assert_eq!(gcra(tat, 19_999, interval, tolerance), Err(1));
+        assert!(gcra(tat, 20_000, interval, tolerance).is_ok());
+    }
+
+    #[test]
+    fn the_highest_limit_still_limits() {
+        // 60 000 a minute: one a millisecond, never a zero interval.
+        let (interval, tolerance) = cell(60_000);
+        assert_eq!(interval, 1);
+        let mut tat = 0;
+        for _ in 0..60_000 {
+            tat = gcra(tat, 0, interval, tolerance).unwrap();
+        }
+        assert!(gcra(tat, 0, interval, tolerance).is_err());
+    }
+
+    #[test]
+    fn local_limits_keep_each_subject_apart() {
+        let limits = LocalLimits::new();
+        assert_eq!(limits.check("a", 2), None);
+        assert_eq!(limits.check("a", 2), None);
+        assert!(limits.check("a", 2).is_some());
+        assert_eq!(limits.check("b", 2), None);
+    }
 }

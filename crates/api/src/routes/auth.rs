@@ -20,7 +20,8 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::User;
 use crate::{
     error::{ApiError, ErrorCode},
-    extract::Json,
+    extract::{ClientAddr, Json},
+    login_guard,
     middleware::rate_limit::{self, Class},
     problems,
     state::AppState,
@@ -151,6 +152,7 @@ problems!(LoginProblems: InvalidCredentials, Invalid(InvalidEmail), Invalid(Inva
 #[tracing::instrument(skip_all)]
 async fn login(
     State(state): State<AppState>,
+    ClientAddr(ip): ClientAddr,
     Json(body): Json<LoginRequest>,
 ) -> Result<axum::Json<AuthResponse>, ApiError> {
     let email = Email::parse(&body.email)?;
@@ -159,13 +161,18 @@ async fn login(
             ApiError::new(ValidationCode::InvalidPassword.into()).detail("password is too long")
         );
     }
+    login_guard::before_attempt(&state, &email, ip).await?;
     let credentials = users::find_credentials(&state.db, &email).await?;
     let stored_hash = credentials.as_ref().map(|c| c.password_hash.clone());
     let matches = password::verify(body.password, stored_hash).await?;
     let user = match credentials {
         Some(credentials) if matches => credentials.user,
-        _ => return Err(ErrorCode::InvalidCredentials.into()),
+        _ => {
+            login_guard::failed(&state, &email, ip).await;
+            return Err(ErrorCode::InvalidCredentials.into());
+        }
     };
+    login_guard::succeeded(&state, &email, ip).await;
 
     let refresh = refresh::generate();
     let mut conn = state.db.acquire().await?;
