@@ -36,17 +36,21 @@ pub enum Upsert {
     Updated,
 }
 
-/// Registers a device for `user_id`, idempotently.
+/// Registers a device for `user_id`, idempotently; `None` (and nothing changed) if the
+/// installation id is another user's.
 ///
-/// The row is keyed by the app's installation id. If that installation was registered
-/// by another account (a shared phone, a log-out and log-in), it now belongs to this
-/// one: pushes follow whoever is signed in. A push token names one installation, so any
-/// other row holding the same token is stale and goes, in the same transaction.
+/// The row is keyed by the app's installation id, and an id stays with the account
+/// that registered it: another account presenting it cannot move it (or learn more
+/// than that it is not theirs). An app signing out deletes its device; one that did
+/// not, and finds its id refused after a new sign-in, registers under a new id. A push
+/// token names one installation, so any other row holding the same token is stale and
+/// goes, in the same transaction: that is what moves a phone from one account to the
+/// next.
 pub async fn upsert_device(
     pool: &PgPool,
     user_id: UserId,
     device: &DeviceRegistration,
-) -> Result<(Device, Upsert), sqlx::Error> {
+) -> Result<Option<(Device, Upsert)>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("DELETE FROM devices WHERE platform = $1 AND push_token = $2 AND id <> $3")
         .bind(device.platform)
@@ -67,6 +71,7 @@ pub async fn upsert_device(
                  locale = EXCLUDED.locale,
                  apns_environment = EXCLUDED.apns_environment,
                  updated_at = now()
+             WHERE devices.user_id = EXCLUDED.user_id
              RETURNING (xmax = 0) AS inserted, id, user_id, platform, push_token, app_version,
                        locale, apns_environment, created_at, updated_at",
         )
@@ -77,8 +82,12 @@ pub async fn upsert_device(
         .bind(device.app_version.as_ref().map(AppVersion::as_str))
         .bind(device.locale.as_ref().map(Locale::as_str))
         .bind(device.apns_environment)
-        .fetch_one(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
+        // No row: the id is another user's. Dropping `tx` undoes the token clean-up.
+        let Some(row) = row else {
+            return Ok(None);
+        };
         (row.inserted, row.device)
     };
     tx.commit().await?;
@@ -87,7 +96,7 @@ pub async fn upsert_device(
     } else {
         Upsert::Updated
     };
-    Ok((row, outcome))
+    Ok(Some((row, outcome)))
 }
 
 #[derive(sqlx::FromRow)]
@@ -161,7 +170,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn upsert_is_idempotent_and_follows_the_signed_in_user() {
+    async fn upsert_is_idempotent_and_an_id_stays_with_its_user() {
         let db = mobile_testkit::TestDb::new().await;
         let pool = db.pool().await;
         let ann = user(&pool, "ann@example.com").await;
@@ -171,27 +180,39 @@ mod tests {
 
         let (first, outcome) = upsert_device(&pool, ann, &registration(id, &token))
             .await
+            .unwrap()
             .unwrap();
         assert_eq!(outcome, Upsert::Created);
         let (again, outcome) = upsert_device(&pool, ann, &registration(id, &token))
             .await
+            .unwrap()
             .unwrap();
         assert_eq!(outcome, Upsert::Updated);
         assert_eq!(again.created_at, first.created_at);
 
-        // Bob signs in on the same phone: the installation is his now.
-        upsert_device(&pool, bob, &registration(id, &token))
-            .await
-            .unwrap();
-        assert!(list_devices(&pool, ann, None, 10).await.unwrap().is_empty());
-        assert_eq!(list_devices(&pool, bob, None, 10).await.unwrap().len(), 1);
+        // Bob presents Ann's installation id (and a token of his): refused, and
+        // nothing of Ann's moved or went.
+        let bobs_token = "cd".repeat(32);
+        assert!(
+            upsert_device(&pool, bob, &registration(id, &bobs_token))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let anns = list_devices(&pool, ann, None, 10).await.unwrap();
+        assert_eq!(anns.len(), 1);
+        assert_eq!(anns[0].push_token, token);
+        assert!(list_devices(&pool, bob, None, 10).await.unwrap().is_empty());
 
-        // A reinstall gets a new installation id but APNs hands out the same token:
-        // the stale row goes.
+        // Bob signs in on Ann's phone without her signing out: a new id, the same
+        // token, which moves the phone to him. A reinstall looks the same: a new id,
+        // the token APNs hands out again; the stale row goes.
         let reinstall = DeviceId::new();
         upsert_device(&pool, bob, &registration(reinstall, &token))
             .await
+            .unwrap()
             .unwrap();
+        assert!(list_devices(&pool, ann, None, 10).await.unwrap().is_empty());
         let devices = list_devices(&pool, bob, None, 10).await.unwrap();
         assert_eq!(
             devices.iter().map(|d| d.id).collect::<Vec<_>>(),

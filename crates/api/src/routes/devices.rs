@@ -2,7 +2,9 @@
 //!
 //! The app generates a UUID once per installation and `PUT`s its current push token
 //! under it on every start and whenever the platform rotates the token. `PUT` is an
-//! idempotent upsert: 201 the first time, 200 after.
+//! idempotent upsert: 201 the first time, 200 after; 404 if the id is another
+//! account's (the app deletes its device when it signs out, or registers under a new
+//! id when it meets that 404).
 
 use axum::{extract::State, http::StatusCode};
 use mobile_db::devices::{self, DeviceRegistration, Upsert};
@@ -185,6 +187,7 @@ pub struct DevicePage {
 }
 
 problems!(PutDeviceProblems:
+    NotFound,
     Invalid(InvalidPlatform),
     Invalid(InvalidPushToken),
     Invalid(InvalidLocale),
@@ -213,7 +216,12 @@ async fn put_device(
     Json(body): Json<PutDevice>,
 ) -> Result<(StatusCode, axum::Json<Device>), ApiError> {
     let registration = body.parse(device_id)?;
-    let (device, outcome) = devices::upsert_device(&state.db, auth.user_id, &registration).await?;
+    let Some((device, outcome)) =
+        devices::upsert_device(&state.db, auth.user_id, &registration).await?
+    else {
+        return Err(ApiError::new(ErrorCode::NotFound)
+            .detail("this device id is registered to another account; register under a new id"));
+    };
     let status = match outcome {
         Upsert::Created => StatusCode::CREATED,
         Upsert::Updated => StatusCode::OK,

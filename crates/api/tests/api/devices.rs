@@ -153,3 +153,31 @@ async fn pages_follow_the_cursor_and_users_see_only_their_own() {
         .unwrap();
     assert_problem(response, StatusCode::NOT_FOUND, "not_found").await;
 }
+
+#[tokio::test]
+async fn another_users_device_id_is_404_and_nothing_moves() {
+    let app = TestApp::spawn().await;
+    let ann = app.register("ann@example.com").await;
+    let mallory = app.register("mallory@example.com").await;
+    let path = format!("/v1/devices/{}", Uuid::new_v4());
+    let response = app
+        .authed(Method::PUT, &path, &ann)
+        .json(&ios("ab"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+
+    let response = app
+        .authed(Method::PUT, &path, &mallory)
+        .json(&ios("cd"))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, StatusCode::NOT_FOUND, "not_found").await;
+
+    let anns: Value = app.get_json("/v1/devices", &ann).await;
+    assert_eq!(anns["items"][0]["push_token"], "ab".repeat(32));
+    let mallorys: Value = app.get_json("/v1/devices", &mallory).await;
+    assert_eq!(mallorys["items"], json!([]));
+}
