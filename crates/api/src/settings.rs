@@ -21,6 +21,9 @@ pub struct ApiSettings {
     pub tokens: TokenConfig,
     /// `REFRESH_TOKEN_TTL_DAYS` (default 30): a session unused this long ends.
     pub refresh_token_ttl: Duration,
+    /// `SESSION_MAX_AGE_DAYS` (default 90): a session ends this long after sign-in,
+    /// however often it refreshed.
+    pub session_max_age: Duration,
     /// `REQUEST_TIMEOUT_SECONDS` (default 15): a request still running after this gets
     /// 503 `timeout`, and its work is cancelled.
     pub request_timeout: Duration,
@@ -82,6 +85,9 @@ impl ApiSettings {
             refresh_token_ttl: Duration::from_secs(
                 env.parse::<u64>("REFRESH_TOKEN_TTL_DAYS", 30)? * 86_400,
             ),
+            session_max_age: Duration::from_secs(
+                env.parse::<u64>("SESSION_MAX_AGE_DAYS", 90)? * 86_400,
+            ),
             request_timeout: env.seconds("REQUEST_TIMEOUT_SECONDS", 15)?,
             request_body_timeout: env.seconds("REQUEST_BODY_TIMEOUT_SECONDS", 10)?,
             max_body_bytes: env.parse("MAX_BODY_BYTES", 64 * 1024)?,
@@ -120,6 +126,7 @@ impl ApiSettings {
                 "REFRESH_TOKEN_TTL_DAYS",
                 settings.refresh_token_ttl.as_secs(),
             ),
+            ("SESSION_MAX_AGE_DAYS", settings.session_max_age.as_secs()),
             (
                 "REQUEST_TIMEOUT_SECONDS",
                 settings.request_timeout.as_secs(),

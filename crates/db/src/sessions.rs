@@ -78,13 +78,17 @@ pub enum Rotation {
     Invalid,
 }
 
-/// Exchanges the token hashed as `presented` for the one hashed as `successor`.
+/// Exchanges the token hashed as `presented` for the one hashed as `successor`, if its
+/// session is live and younger than `session_max_age`: refreshing slides a session's
+/// end forward, never past that absolute lifetime.
 pub async fn rotate_refresh_token(
     pool: &PgPool,
     presented: &TokenHash,
     successor: &TokenHash,
     successor_expires_at: OffsetDateTime,
+    session_max_age: std::time::Duration,
 ) -> Result<Rotation, sqlx::Error> {
+    let max_age_seconds = i64::try_from(session_max_age.as_secs()).unwrap_or(i64::MAX);
     let mut tx = pool.begin().await?;
     let rotated: Option<(SessionId, UserId)> = sqlx::query_as(
         "UPDATE refresh_tokens AS t
@@ -95,9 +99,11 @@ pub async fn rotate_refresh_token(
            AND t.expires_at > now()
            AND s.id = t.session_id
            AND s.revoked_at IS NULL
+           AND s.created_at > now() - $2::bigint * interval '1 second'
          RETURNING s.id, s.user_id",
     )
     .bind(presented.as_slice())
+    .bind(max_age_seconds)
     .fetch_optional(&mut *tx)
     .await?;
 
@@ -199,6 +205,8 @@ mod tests {
         OffsetDateTime::now_utc() + Duration::days(1)
     }
 
+    const MAX_AGE: std::time::Duration = std::time::Duration::from_secs(90 * 86_400);
+
     #[tokio::test]
     async fn rotation_then_reuse_revokes_the_family() {
         let db = mobile_testkit::TestDb::new().await;
@@ -209,7 +217,7 @@ mod tests {
             .await
             .unwrap();
 
-        let first = rotate_refresh_token(&pool, &[1; 32], &[2; 32], later())
+        let first = rotate_refresh_token(&pool, &[1; 32], &[2; 32], later(), MAX_AGE)
             .await
             .unwrap();
         assert_eq!(
@@ -220,7 +228,7 @@ mod tests {
             }
         );
 
-        let replay = rotate_refresh_token(&pool, &[1; 32], &[3; 32], later())
+        let replay = rotate_refresh_token(&pool, &[1; 32], &[3; 32], later(), MAX_AGE)
             .await
             .unwrap();
         assert_eq!(
@@ -235,7 +243,7 @@ mod tests {
         );
 
         // The successor died with its family.
-        let successor = rotate_refresh_token(&pool, &[2; 32], &[4; 32], later())
+        let successor = rotate_refresh_token(&pool, &[2; 32], &[4; 32], later(), MAX_AGE)
             .await
             .unwrap();
         assert_eq!(successor, Rotation::Invalid);
@@ -253,13 +261,46 @@ mod tests {
             .unwrap();
 
         assert_eq!(
-            rotate_refresh_token(&pool, &[1; 32], &[2; 32], later())
+            rotate_refresh_token(&pool, &[1; 32], &[2; 32], later(), MAX_AGE)
                 .await
                 .unwrap(),
             Rotation::Invalid
         );
         assert_eq!(
-            rotate_refresh_token(&pool, &[9; 32], &[2; 32], later())
+            rotate_refresh_token(&pool, &[9; 32], &[2; 32], later(), MAX_AGE)
+                .await
+                .unwrap(),
+            Rotation::Invalid
+        );
+    }
+
+    #[tokio::test]
+    async fn a_session_ends_at_its_absolute_lifetime_however_often_it_refreshed() {
+        let db = mobile_testkit::TestDb::new().await;
+        let pool = db.pool().await;
+        let user_id = user(&pool).await;
+        let mut conn = pool.acquire().await.unwrap();
+        let session = create_session(&mut conn, user_id, &[1; 32], later())
+            .await
+            .unwrap();
+        sqlx::query("UPDATE sessions SET created_at = now() - interval '89 days' WHERE id = $1")
+            .bind(session)
+            .execute(&pool)
+            .await
+            .unwrap();
+        assert!(matches!(
+            rotate_refresh_token(&pool, &[1; 32], &[2; 32], later(), MAX_AGE)
+                .await
+                .unwrap(),
+            Rotation::Rotated { .. }
+        ));
+        sqlx::query("UPDATE sessions SET created_at = now() - interval '91 days' WHERE id = $1")
+            .bind(session)
+            .execute(&pool)
+            .await
+            .unwrap();
+        assert_eq!(
+            rotate_refresh_token(&pool, &[2; 32], &[3; 32], later(), MAX_AGE)
                 .await
                 .unwrap(),
             Rotation::Invalid
@@ -296,7 +337,7 @@ mod tests {
             Some("logout")
         );
         assert_eq!(
-            rotate_refresh_token(&pool, &[1; 32], &[2; 32], later())
+            rotate_refresh_token(&pool, &[1; 32], &[2; 32], later(), MAX_AGE)
                 .await
                 .unwrap(),
             Rotation::Invalid

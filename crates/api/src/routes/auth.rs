@@ -216,6 +216,7 @@ async fn refresh_tokens(
         &presented,
         &successor.hash,
         refresh_expiry(&state),
+        state.settings.session_max_age,
     )
     .await?
     {

@@ -329,3 +329,19 @@ async fn tokens_of_a_rotated_out_signing_key_stay_valid_while_listed() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_session_ends_after_session_max_age_days_however_often_it_refreshed() {
+    let app = TestApp::builder()
+        .env("SESSION_MAX_AGE_DAYS", "90")
+        .spawn()
+        .await;
+    let session = app.register("old@example.com").await;
+    let pool = app.db.pool().await;
+    sqlx::query("UPDATE sessions SET created_at = now() - interval '90 days 1 minute'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let response = app.refresh(&session.refresh_token).await;
+    assert_problem(response, StatusCode::UNAUTHORIZED, "invalid_refresh_token").await;
+}
