@@ -318,9 +318,10 @@ fn encode_window(window: Window) -> String {
 
 fn decode_window(cursor: &str) -> Result<Window, ApiError> {
     let position = pagination::decode(cursor)?;
+    // The same ranges as the query parameters: a cursor is input like any other.
     let parsed = match position.split_once(':') {
-        Some(("after", seq)) => seq.parse().ok().map(Window::After),
-        Some(("before", seq)) => seq.parse().ok().map(Window::Before),
+        Some(("after", seq)) => seq.parse().ok().filter(|s| *s >= 0).map(Window::After),
+        Some(("before", seq)) => seq.parse().ok().filter(|s| *s >= 1).map(Window::Before),
         None if position == "latest" => Some(Window::Latest),
         _ => None,
     };

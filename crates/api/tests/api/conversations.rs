@@ -1,5 +1,6 @@
 //! Conversations and messages over REST, and the events published for the gateways.
 
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use futures_util::StreamExt;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -293,16 +294,42 @@ async fn message_pages_in_both_directions() {
             .unwrap();
         assert_problem(response, StatusCode::BAD_REQUEST, "invalid_query").await;
     }
-    let response = app
-        .authed(
-            Method::GET,
-            &format!("/v1/conversations/{id}/messages?cursor=bm9wZQ"),
-            &ann,
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_problem(response, StatusCode::BAD_REQUEST, "invalid_cursor").await;
+    // Not a cursor; crafted ones out of range, or past what a seq can hold.
+    for position in [
+        "nope",
+        "after:-1",
+        "before:0",
+        "after:-9223372036854775808",
+        "after:9223372036854775808",
+    ] {
+        let cursor = URL_SAFE_NO_PAD.encode(position);
+        let response = app
+            .authed(
+                Method::GET,
+                &format!("/v1/conversations/{id}/messages?cursor={cursor}"),
+                &ann,
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_problem(response, StatusCode::BAD_REQUEST, "invalid_cursor").await;
+    }
+    // The extremes that are in range are answered, not wrapped.
+    for query in [
+        "?after_seq=9223372036854775807",
+        "?before_seq=9223372036854775807",
+    ] {
+        let response = app
+            .authed(
+                Method::GET,
+                &format!("/v1/conversations/{id}/messages{query}"),
+                &ann,
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{query}");
+    }
 }
 
 #[tokio::test]
