@@ -73,7 +73,10 @@ pub enum Rotation {
         session_id: SessionId,
     },
     /// The token had already been rotated: the family is now revoked.
-    Reused { session_id: SessionId },
+    Reused {
+        user_id: UserId,
+        session_id: SessionId,
+    },
     /// Unknown, expired, or its session is revoked.
     Invalid,
 }
@@ -121,15 +124,21 @@ pub async fn rotate_refresh_token(
     }
 
     // Not rotatable. A token that exists and was rotated before is a replay.
-    let previous: Option<(SessionId, Option<OffsetDateTime>)> =
-        sqlx::query_as("SELECT session_id, rotated_at FROM refresh_tokens WHERE token_hash = $1")
-            .bind(presented.as_slice())
-            .fetch_optional(&mut *tx)
-            .await?;
+    let previous: Option<(SessionId, UserId, Option<OffsetDateTime>)> = sqlx::query_as(
+        "SELECT t.session_id, s.user_id, t.rotated_at
+         FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id
+         WHERE t.token_hash = $1",
+    )
+    .bind(presented.as_slice())
+    .fetch_optional(&mut *tx)
+    .await?;
     let outcome = match previous {
-        Some((session_id, Some(_))) => {
+        Some((session_id, user_id, Some(_))) => {
             revoke_session(&mut *tx, session_id, RevokeReason::RefreshTokenReuse).await?;
-            Rotation::Reused { session_id }
+            Rotation::Reused {
+                user_id,
+                session_id,
+            }
         }
         _ => Rotation::Invalid,
     };
@@ -154,23 +163,36 @@ pub async fn revoke_session(
     Ok(result.rows_affected() == 1)
 }
 
-/// Revokes the session a refresh token belongs to (logout). Returns whether a live
-/// session was revoked; an unknown token is not an error.
+/// Revokes the session a refresh token belongs to (logout). Returns the session (and
+/// its user) if a live one was revoked; an unknown token is not an error.
 pub async fn revoke_session_of_token(
     db: impl PgExecutor<'_>,
     token_hash: &TokenHash,
     reason: RevokeReason,
-) -> Result<bool, sqlx::Error> {
-    let result = sqlx::query(
+) -> Result<Option<(SessionId, UserId)>, sqlx::Error> {
+    sqlx::query_as(
         "UPDATE sessions SET revoked_at = now(), revoked_reason = $2
          WHERE id = (SELECT session_id FROM refresh_tokens WHERE token_hash = $1)
-           AND revoked_at IS NULL",
+           AND revoked_at IS NULL
+         RETURNING id, user_id",
     )
     .bind(token_hash.as_slice())
     .bind(reason.as_str())
-    .execute(db)
-    .await?;
-    Ok(result.rows_affected() == 1)
+    .fetch_optional(db)
+    .await
+}
+
+/// Of `sessions`, those that are live: not revoked, and not deleted with their user.
+/// The gateway asks this of the sessions it holds sockets for, in case a revocation's
+/// Redis message was lost.
+pub async fn live_sessions(
+    db: impl PgExecutor<'_>,
+    sessions: &[SessionId],
+) -> Result<Vec<SessionId>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM sessions WHERE id = ANY($1) AND revoked_at IS NULL")
+        .bind(sessions)
+        .fetch_all(db)
+        .await
 }
 
 /// The revocation reason of a session, `None` while it is live.
@@ -234,6 +256,7 @@ mod tests {
         assert_eq!(
             replay,
             Rotation::Reused {
+                user_id,
                 session_id: session
             }
         );
@@ -317,21 +340,31 @@ mod tests {
             .await
             .unwrap();
 
-        assert!(
+        assert_eq!(
+            live_sessions(&pool, &[session, SessionId::new()])
+                .await
+                .unwrap(),
+            [session]
+        );
+        assert_eq!(
             revoke_session_of_token(&pool, &[1; 32], RevokeReason::Logout)
                 .await
-                .unwrap()
+                .unwrap(),
+            Some((session, user_id))
         );
-        assert!(
-            !revoke_session_of_token(&pool, &[1; 32], RevokeReason::Logout)
+        assert_eq!(
+            revoke_session_of_token(&pool, &[1; 32], RevokeReason::Logout)
                 .await
-                .unwrap()
+                .unwrap(),
+            None
         );
-        assert!(
-            !revoke_session_of_token(&pool, &[7; 32], RevokeReason::Logout)
+        assert_eq!(
+            revoke_session_of_token(&pool, &[7; 32], RevokeReason::Logout)
                 .await
-                .unwrap()
+                .unwrap(),
+            None
         );
+        assert!(live_sessions(&pool, &[session]).await.unwrap().is_empty());
         assert_eq!(
             revoked_reason(&pool, session).await.unwrap().as_deref(),
             Some("logout")

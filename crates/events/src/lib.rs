@@ -14,7 +14,7 @@ pub mod presence;
 
 use std::{collections::BTreeMap, fmt, str::FromStr};
 
-use mobile_domain::{ConversationId, MediaId, MediaStatus, MessageId, UserId};
+use mobile_domain::{ConversationId, MediaId, MediaStatus, MessageId, SessionId, UserId};
 use mobile_runtime::redis::Redis;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -229,6 +229,50 @@ pub fn ephemeral(channel: Channel, from: UserId, data: &serde_json::value::RawVa
     frame(channel, "ephemeral", None, Some(from), &data)
 }
 
+/// Which of a user's sessions a revocation ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Revoke {
+    /// One session (logout, refresh-token reuse, a session ended by its user).
+    Session(SessionId),
+    /// Every session but one (a password change keeps the session that made it).
+    AllBut(SessionId),
+    /// Every session (a password reset, account deletion).
+    All,
+}
+
+impl Revoke {
+    /// Whether a connection of `session` must close.
+    pub fn ends(self, session: SessionId) -> bool {
+        match self {
+            Self::Session(ended) => ended == session,
+            Self::AllBut(kept) => kept != session,
+            Self::All => true,
+        }
+    }
+}
+
+/// `{"type":"revoke","channel":"user:<id>","revoke":…}`: a control frame on the
+/// user's own channel, which every gateway holding a socket of the user follows. The
+/// gateway closes the sockets of the ended sessions (4001 `session_revoked`) and sends
+/// the frame to no client.
+pub fn revocation(user: UserId, revoke: Revoke) -> (Channel, String) {
+    #[derive(Serialize)]
+    struct RevokeFrame {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        channel: String,
+        revoke: Revoke,
+    }
+    let channel = Channel::User(user);
+    let frame = RevokeFrame {
+        kind: "revoke",
+        channel: channel.to_string(),
+        revoke,
+    };
+    (channel, serde_json::to_string(&frame).unwrap_or_default())
+}
+
 /// Publishes frames (channel, frame) in one pipelined round trip. Losing a publish
 /// loses no data, only immediacy: the caller logs and counts the error.
 pub async fn publish(redis: &Redis, frames: &[(Channel, String)]) -> redis::RedisResult<()> {
@@ -249,6 +293,9 @@ pub struct FrameHeader {
     pub offset: Option<i64>,
     /// The sender of an ephemeral event, who does not get it back.
     pub from: Option<UserId>,
+    /// Set on a [`revocation`] frame, which no client sees.
+    #[serde(default)]
+    pub revoke: Option<Revoke>,
 }
 
 impl FrameHeader {
@@ -279,6 +326,28 @@ mod tests {
             &format!("conversation:{id}:extra"),
         ] {
             assert!(bad.parse::<Channel>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_revocation_names_the_sessions_it_ends() {
+        let user = UserId::new();
+        let (one, other) = (SessionId::new(), SessionId::new());
+        for (revoke, ends_one, ends_other) in [
+            (Revoke::Session(one), true, false),
+            (Revoke::AllBut(one), false, true),
+            (Revoke::All, true, true),
+        ] {
+            let (channel, frame) = revocation(user, revoke);
+            assert_eq!(channel, Channel::User(user));
+            let header = FrameHeader::parse(frame.as_bytes()).unwrap();
+            assert_eq!(header.channel, channel.to_string());
+            assert_eq!(header.revoke, Some(revoke));
+            assert_eq!(header.offset, None);
+            assert_eq!(
+                (revoke.ends(one), revoke.ends(other)),
+                (ends_one, ends_other)
+            );
         }
     }
 

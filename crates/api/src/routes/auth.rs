@@ -12,6 +12,7 @@ use mobile_db::{
     users::{self, InsertUser},
 };
 use mobile_domain::{DisplayName, Email, Password, SessionId, UserId, ValidationCode};
+use mobile_events::Revoke;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
@@ -20,6 +21,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::User;
 use crate::{
     error::{ApiError, ErrorCode},
+    events,
     extract::{ClientAddr, Json},
     login_guard,
     middleware::rate_limit::{self, Class},
@@ -229,8 +231,12 @@ async fn refresh_tokens(
             session_id,
             successor.token,
         )?)),
-        Rotation::Reused { session_id } => {
+        Rotation::Reused {
+            user_id,
+            session_id,
+        } => {
             tracing::warn!(%session_id, "spent refresh token presented again; session revoked");
+            events::revoke(&state, user_id, Revoke::Session(session_id)).await;
             Err(invalid())
         }
         Rotation::Invalid => Err(invalid()),
@@ -239,8 +245,9 @@ async fn refresh_tokens(
 
 /// Sign out: revoke the session the refresh token belongs to.
 ///
-/// Always 204, also for an unknown token, so logout can be retried blindly. Access
-/// tokens already issued stay valid until they expire (at most 15 minutes).
+/// Always 204, also for an unknown token, so logout can be retried blindly. The
+/// session's WebSockets close (4001 `session_revoked`); access tokens already issued
+/// stay valid for REST until they expire (at most `ACCESS_TOKEN_TTL_SECONDS`).
 #[utoipa::path(
     post,
     path = "/v1/auth/logout",
@@ -255,8 +262,11 @@ async fn logout(
     State(state): State<AppState>,
     Json(body): Json<RefreshRequest>,
 ) -> Result<StatusCode, ApiError> {
-    if let Some(hash) = refresh::parse(&body.refresh_token) {
-        sessions::revoke_session_of_token(&state.db, &hash, RevokeReason::Logout).await?;
+    if let Some(hash) = refresh::parse(&body.refresh_token)
+        && let Some((session, user)) =
+            sessions::revoke_session_of_token(&state.db, &hash, RevokeReason::Logout).await?
+    {
+        events::revoke(&state, user, Revoke::Session(session)).await;
     }
     Ok(StatusCode::NO_CONTENT)
 }
