@@ -104,8 +104,8 @@ async fn run(
             format!("bench:{}:", Uuid::new_v4().simple()),
         ),
         ("DATABASE_MAX_CONNECTIONS", "20".to_owned()),
-        ("RATE_LIMIT_AUTH_PER_MINUTE", "1000000".to_owned()),
-        ("RATE_LIMIT_WRITE_PER_MINUTE", "1000000".to_owned()),
+        ("RATE_LIMIT_AUTH_PER_MINUTE", "60000".to_owned()),
+        ("RATE_LIMIT_WRITE_PER_MINUTE", "60000".to_owned()),
         (
             "STORAGE_URL",
             format!(

@@ -32,7 +32,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use futures_util::{SinkExt as _, StreamExt as _};
 use mobile_auth::{AccessTokens, SigningKey, VerifyKeys};
-use mobile_domain::{SessionId, UserId};
+use mobile_domain::UserId;
 use reqwest::Client;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest as _};
@@ -61,8 +61,8 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
             format!("bench:{}:", Uuid::new_v4().simple()),
         ),
         ("DATABASE_MAX_CONNECTIONS", "10".to_owned()),
-        ("RATE_LIMIT_AUTH_PER_MINUTE", "1000000".to_owned()),
-        ("RATE_LIMIT_WRITE_PER_MINUTE", "1000000".to_owned()),
+        ("RATE_LIMIT_AUTH_PER_MINUTE", "60000".to_owned()),
+        ("RATE_LIMIT_WRITE_PER_MINUTE", "60000".to_owned()),
         ("SHUTDOWN_DELAY_SECONDS", "3".to_owned()),
         ("SHUTDOWN_TIMEOUT_SECONDS", "15".to_owned()),
         ("TRUSTED_PROXY_HOPS", "1".to_owned()),
@@ -99,14 +99,7 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
     let base = format!("http://127.0.0.1:{nginx_port}");
 
     // Users, conversations of ten, tokens.
-    let users: Vec<Uuid> = sqlx::query_scalar(
-        "INSERT INTO users (id, email, password_hash, display_name)
-         SELECT gen_random_uuid(), 'rollout-' || gen_random_uuid() || '@example.com', 'x', 'Rollout'
-         FROM generate_series(1, $1) RETURNING id",
-    )
-    .bind(i64::try_from(clients)?)
-    .fetch_all(&db)
-    .await?;
+    let users = crate::ws::insert_users(&db, clients).await?;
     let mut conversations = Vec::new();
     for group in users.chunks(10) {
         let id = Uuid::now_v7();
@@ -129,7 +122,7 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
         "mobile-app",
         crate::procs::MINTED_TOKEN_TTL,
     );
-    let token = |user: Uuid| minter.issue(UserId::from_uuid(user), SessionId::new());
+    let token = |user: Uuid| minter.issue(UserId::from_uuid(user), crate::ws::session_of(user));
 
     // WebSocket followers.
     let stop = Arc::new(AtomicBool::new(false));

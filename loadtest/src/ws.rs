@@ -93,7 +93,7 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
         "mobile-app",
         crate::procs::MINTED_TOKEN_TTL,
     );
-    let mint = |user: Uuid| tokens.issue(UserId::from_uuid(user), SessionId::new());
+    let mint = |user: Uuid| tokens.issue(UserId::from_uuid(user), session_of(user));
     let redis = redis::Client::open(redis_url.as_str())?;
     let mut publisher = redis.get_multiplexed_async_connection().await?;
 
@@ -356,6 +356,11 @@ fn sent_at(frame: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// The session [`insert_users`] signed `user` in under.
+pub fn session_of(user: Uuid) -> SessionId {
+    SessionId::from_uuid(user)
+}
+
 pub async fn fresh_database(url: &str) -> anyhow::Result<PgPool> {
     let name = url.rsplit('/').next().unwrap_or("mobile_bench").to_owned();
     let server = format!(
@@ -373,12 +378,20 @@ pub async fn fresh_database(url: &str) -> anyhow::Result<PgPool> {
     Ok(PgPool::connect(url).await?)
 }
 
-async fn insert_users(db: &PgPool, count: u64) -> anyhow::Result<Vec<Uuid>> {
+/// Inserts `count` users, each signed in once under a session whose id is the user's
+/// own: [`session_of`] names it in the tokens minted for them, and the gateway, which
+/// checks its sockets' sessions now and then, finds it live.
+pub async fn insert_users(db: &PgPool, count: u64) -> anyhow::Result<Vec<Uuid>> {
     Ok(sqlx::query_scalar(
-        "INSERT INTO users (id, email, password_hash, display_name)
-         SELECT gen_random_uuid(), 'bench-' || gen_random_uuid() || '@example.com', 'x', 'Bench'
-         FROM generate_series(1, $1)
-         RETURNING id",
+        "WITH inserted AS (
+             INSERT INTO users (id, email, password_hash, display_name)
+             SELECT gen_random_uuid(), 'bench-' || gen_random_uuid() || '@example.com', 'x', 'Bench'
+             FROM generate_series(1, $1)
+             RETURNING id
+         ), signed_in AS (
+             INSERT INTO sessions (id, user_id) SELECT id, id FROM inserted
+         )
+         SELECT id FROM inserted",
     )
     .bind(i64::try_from(count)?)
     .fetch_all(db)

@@ -8,6 +8,15 @@
 //! without gaps, from at most this connection's reading on, so a gap here would be a
 //! broken promise: the connection says so in its log and closes with 1012, and the
 //! client recovers with `since`. The client sees each offset once, in order.
+//!
+//! The socket lives as long as its token: at the token's expiry it closes with 4001
+//! `token_expired`, unless the client sent a fresh token of the same user first
+//! (`refresh`). A revoked session closes it at once (4001 `session_revoked`, thrown
+//! through its [`Evict`] switch by [`crate::sessions`]). Subscribes are rate limited,
+//! and so are the events a connection may have replayed from PostgreSQL, so one socket
+//! cannot turn the gateway into a database firehose. Every close is a close handshake:
+//! the client's Close is answered, and after the gateway's own it waits briefly for the
+//! client's answer, so neither side sees a reset instead of a close code.
 
 use std::{
     collections::HashMap,
@@ -19,25 +28,32 @@ use std::{
 };
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use mobile_auth::{AccessClaims, TokenError};
 use mobile_db::conversations;
-use mobile_domain::UserId;
+use mobile_domain::{SessionId, UserId};
 use mobile_events::Channel;
 use rand::Rng;
 use serde_json::value::RawValue;
+use time::OffsetDateTime;
 use tokio::{sync::mpsc, time::Instant};
 use uuid::Uuid;
 
 use crate::{
     Context, backfill,
+    bucket::Bucket,
     hub::{ConnId, Delivery, Evict, Eviction, Subscriber},
     metrics::OutcomeLabel,
     protocol::{ClientFrame, ServerFrame, close, frame_id},
+    sessions::Ticket,
 };
 
-/// How long an evicted client gets to take the frame in flight and the close.
-const EVICTION_GRACE: Duration = Duration::from_secs(2);
+/// How long a close frame may take to write, and then the client's answering Close to
+/// arrive, before the socket is dropped anyway.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Clock skew allowed on a token's expiry, as the verifier allows it.
+const EXPIRY_LEEWAY_SECONDS: i64 = 5;
 
 /// Queued deliveries written per flush, at most: enough to turn a burst into a few
 /// socket writes, few enough that pings and the client's own frames are not kept
@@ -52,6 +68,11 @@ enum Write {
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
+/// A process-unique number for a new connection.
+pub fn next_conn_id() -> ConnId {
+    NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed)
+}
+
 /// Why a connection ended, for `websocket_disconnects_total{reason}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
@@ -63,6 +84,10 @@ enum End {
     Shutdown,
     /// A channel lost continuity on this gateway: the client resubscribes with `since`.
     Resync,
+    /// The session was revoked (logout, refresh-token reuse, ...).
+    SessionRevoked,
+    /// The access token expired without a `refresh`.
+    TokenExpired,
     /// The socket failed or a write did not complete in time.
     Gone,
 }
@@ -77,6 +102,8 @@ impl End {
             Self::TooBig => "too_big",
             Self::Shutdown => "shutdown",
             Self::Resync => "resync",
+            Self::SessionRevoked => "session_revoked",
+            Self::TokenExpired => "token_expired",
             Self::Gone => "gone",
         }
     }
@@ -92,55 +119,116 @@ enum Sub {
     },
 }
 
+/// A socket admitted under its user's cap, with the switch that closes it from outside.
+#[derive(Debug)]
+pub struct Admitted {
+    pub conn: ConnId,
+    pub claims: AccessClaims,
+    pub evict: Evict,
+    pub ticket: Ticket,
+}
+
 /// Serves one upgraded socket. `auth` is the outcome of the token check done before
 /// the upgrade: a bad token is answered with close 4001.
-pub async fn serve(
-    mut socket: WebSocket,
-    auth: Result<AccessClaims, TokenError>,
-    ctx: Arc<Context>,
-) {
-    let claims = match auth {
-        Ok(claims) => claims,
+pub async fn serve(mut socket: WebSocket, auth: Result<Admitted, TokenError>, ctx: Arc<Context>) {
+    let admitted = match auth {
+        Ok(admitted) => admitted,
         Err(error) => {
             let reason = match error {
                 TokenError::Expired => "token_expired",
                 TokenError::UnknownKey | TokenError::Invalid => "invalid_token",
             };
-            let frame = CloseFrame {
-                code: close::BAD_TOKEN,
-                reason: Utf8Bytes::from_static(reason),
-            };
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                socket.send(Message::Close(Some(frame))),
-            )
-            .await;
             ctx.metrics.disconnect("bad_token");
+            close_socket(&mut socket, close::BAD_TOKEN, reason, CLOSE_GRACE).await;
             return;
         }
     };
     ctx.metrics.connections_active.inc();
     let (queue, deliveries) = mpsc::channel(ctx.settings.outbound_queue);
+    let settings = &ctx.settings;
     let mut connection = Connection {
-        id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
+        id: admitted.conn,
         public_id: Uuid::new_v4().to_string(),
-        user: claims.sub,
+        user: admitted.claims.sub,
+        session: admitted.claims.sid,
+        expires_at: expiry(admitted.claims.exp),
+        ticket: admitted.ticket,
         socket,
         queue,
         deliveries,
-        evict: Evict::default(),
+        evict: admitted.evict,
         subs: HashMap::new(),
         last_pong: Instant::now(),
         unflushed: 0,
-        publish_tokens: f64::from(ctx.settings.publish_per_second),
-        publish_refilled: Instant::now(),
+        publishes: Bucket::new(
+            settings.publish_per_second,
+            f64::from(settings.publish_per_second),
+        ),
+        subscribes: Bucket::new(
+            u32::try_from(settings.max_channels)
+                .unwrap_or(u32::MAX)
+                .max(settings.subscribes_per_second),
+            f64::from(settings.subscribes_per_second),
+        ),
+        recoveries: Bucket::new(
+            settings.recovery_budget_per_minute,
+            f64::from(settings.recovery_budget_per_minute) / 60.0,
+        ),
+        closing: None,
         ctx: ctx.clone(),
     };
     let end = connection.run().await;
-    connection.cleanup().await;
-    ctx.metrics.connections_active.dec();
+    // Counted, and out of the hub and presence, before the close handshake, which can
+    // take a while with a slow client.
     ctx.metrics.disconnect(end.reason());
+    connection.cleanup().await;
+    if let Some((code, reason, grace)) = connection.closing.take() {
+        close_socket(&mut connection.socket, code, reason, grace).await;
+    }
+    ctx.metrics.connections_active.dec();
     tracing::debug!(user_id = %connection.user, reason = end.reason(), "connection closed");
+}
+
+/// When a token with this `exp` stops counting, as an instant of this process's clock:
+/// its expiry plus the leeway the verifier allows.
+fn expiry(exp: i64) -> Instant {
+    let left = exp
+        .saturating_add(EXPIRY_LEEWAY_SECONDS)
+        .saturating_sub(OffsetDateTime::now_utc().unix_timestamp());
+    Instant::now() + Duration::from_secs(u64::try_from(left).unwrap_or(0))
+}
+
+/// Why a connection ended, for a reason thrown from outside it.
+fn ended_by(reason: Eviction) -> End {
+    match reason {
+        Eviction::SlowConsumer => End::SlowConsumer,
+        Eviction::Resync => End::Resync,
+        Eviction::SessionRevoked => End::SessionRevoked,
+    }
+}
+
+/// The close handshake, from the gateway's side: the close frame within `grace`, then
+/// the client's answer within [`CLOSE_GRACE`]. Reading the answer matters: dropping a
+/// socket with unread bytes makes the kernel send a reset, which can destroy the close
+/// frame before the client reads it.
+async fn close_socket(socket: &mut WebSocket, code: u16, reason: &'static str, grace: Duration) {
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    };
+    if tokio::time::timeout(grace, socket.send(Message::Close(Some(frame))))
+        .await
+        .is_ok_and(|sent| sent.is_ok())
+    {
+        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+            while let Some(Ok(message)) = socket.next().await {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
 }
 
 struct Connection {
@@ -148,19 +236,30 @@ struct Connection {
     /// The id the client sees in `welcome`, and presence records.
     public_id: String,
     user: UserId,
+    /// The session of the token the socket lives on.
+    session: SessionId,
+    /// When that token stops counting (its `exp`, plus the leeway).
+    expires_at: Instant,
+    /// The socket's place in the sessions table (revocation, the per-user cap).
+    ticket: Ticket,
     socket: WebSocket,
     /// The sending half, cloned into each hub subscription.
     queue: mpsc::Sender<Arc<Delivery>>,
     deliveries: mpsc::Receiver<Arc<Delivery>>,
-    /// Thrown by the hub: `deliveries` overflowed, or a channel lost continuity.
+    /// Thrown from outside: `deliveries` overflowed, a channel lost continuity, the
+    /// session was revoked.
     evict: Evict,
     subs: HashMap<Channel, Sub>,
     last_pong: Instant,
     /// Text frames fed since the last flush: counted as sent once they are written.
     unflushed: u64,
-    /// Token bucket for ephemeral publishes.
-    publish_tokens: f64,
-    publish_refilled: Instant,
+    /// Ephemeral publishes, subscribes, and events replayed on subscribe.
+    publishes: Bucket,
+    subscribes: Bucket,
+    recoveries: Bucket,
+    /// The close frame to send once the connection has left the hub: code, reason,
+    /// and how long writing it may take.
+    closing: Option<(u16, &'static str, Duration)>,
     ctx: Arc<Context>,
 }
 
@@ -186,19 +285,39 @@ impl Connection {
             return end;
         }
 
-        let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
-        let shutdown = self.ctx.shutdown.clone();
+        // One timer for everything timed (the next ping, the token's expiry, the
+        // shutdown's moment to leave), re-armed only when one of those moves: a timer
+        // created per loop turn would cost every delivery a timer-wheel entry.
+        let mut next_ping = Instant::now() + interval;
         let mut close_at: Option<Instant> = None;
+        let timer = tokio::time::sleep_until(next_ping.min(self.expires_at));
+        tokio::pin!(timer);
+        let shutdown = self.ctx.shutdown.clone();
         loop {
             let end = tokio::select! {
                 biased;
-                reason = self.evict.evicted() => Some(self.evicted(reason).await),
+                reason = self.evict.evicted() => Some(self.evicted(reason)),
                 _ = shutdown.triggered(), if close_at.is_none() => {
                     close_at = Some(Instant::now() + self.ctx.drain_offset());
                     None
                 }
-                _ = tokio::time::sleep_until(close_at.unwrap_or_else(Instant::now)), if close_at.is_some() => {
-                    Some(self.restart().await)
+                () = &mut timer => {
+                    let now = Instant::now();
+                    if now >= self.expires_at {
+                        Some(self.close(close::BAD_TOKEN, "token_expired", End::TokenExpired))
+                    } else if close_at.is_some_and(|at| now >= at) {
+                        Some(self.restart().await)
+                    } else if now >= next_ping {
+                        next_ping = now + interval;
+                        // Two intervals without a pong: two pings went unanswered.
+                        if self.last_pong.elapsed() > interval * 2 + Duration::from_secs(1) {
+                            Some(self.close(close::PING_TIMEOUT, "ping timeout", End::PingTimeout))
+                        } else {
+                            self.send(Message::Ping(Default::default())).await.err()
+                        }
+                    } else {
+                        None
+                    }
                 }
                 // The handlers are boxed: their state (database queries included) lives
                 // on the heap only while they run, so the future an idle connection
@@ -213,25 +332,28 @@ impl Connection {
                     // Pings are answered by the WebSocket layer itself.
                     Some(Ok(Message::Ping(_))) => None,
                     Some(Ok(Message::Binary(_))) => Some(
-                        self.close(close::PROTOCOL_VIOLATION, "binary frames are not part of the protocol", End::ProtocolViolation)
-                            .await,
+                        self.close(close::PROTOCOL_VIOLATION, "binary frames are not part of the protocol", End::ProtocolViolation),
                     ),
-                    Some(Ok(Message::Close(_))) => Some(End::ClientClosed),
-                    Some(Err(error)) => Some(self.on_read_error(error).await),
+                    Some(Ok(Message::Close(_))) => {
+                        // The WebSocket layer queued the answering Close; send it.
+                        let _ = tokio::time::timeout(CLOSE_GRACE, self.socket.flush()).await;
+                        Some(End::ClientClosed)
+                    }
+                    Some(Err(error)) => Some(self.on_read_error(error)),
                     None => Some(End::ClientClosed),
                 },
                 Some(delivery) = self.deliveries.recv() => Box::pin(self.deliver_queued(delivery)).await.err(),
-                _ = ping.tick() => {
-                    // Two intervals without a pong: two pings went unanswered.
-                    if self.last_pong.elapsed() > interval * 2 + Duration::from_secs(1) {
-                        Some(self.close(close::PING_TIMEOUT, "ping timeout", End::PingTimeout).await)
-                    } else {
-                        self.send(Message::Ping(Default::default())).await.err()
-                    }
-                }
             };
             if let Some(end) = end {
                 return end;
+            }
+            let wake = [Some(next_ping), Some(self.expires_at), close_at]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(next_ping);
+            if timer.deadline() != wake {
+                timer.as_mut().reset(wake);
             }
         }
     }
@@ -254,13 +376,11 @@ impl Connection {
                 if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() {
                     return self.error(frame_id(text), "bad_frame", &why).await;
                 }
-                return Err(self
-                    .close(
-                        close::PROTOCOL_VIOLATION,
-                        "frames are JSON text",
-                        End::ProtocolViolation,
-                    )
-                    .await);
+                return Err(self.close(
+                    close::PROTOCOL_VIOLATION,
+                    "frames are JSON text",
+                    End::ProtocolViolation,
+                ));
             }
         };
         match frame {
@@ -269,7 +389,51 @@ impl Connection {
             }
             ClientFrame::Unsubscribe { id, channel } => self.unsubscribe(id, &channel).await,
             ClientFrame::Publish { id, channel, data } => self.publish(id, &channel, &data).await,
+            ClientFrame::Refresh { id, token } => self.refresh(id, &token).await,
         }
+    }
+
+    /// Moves the socket onto a fresh token of the same user; an error frame (and the
+    /// old expiry standing) for any other.
+    async fn refresh(&mut self, id: Option<u64>, token: &str) -> Result<(), End> {
+        let claims = match self.ctx.tokens.verify(token.trim()) {
+            Ok(claims) => claims,
+            Err(TokenError::Expired) => {
+                return self
+                    .error(id, "token_expired", "that token has expired")
+                    .await;
+            }
+            Err(TokenError::UnknownKey | TokenError::Invalid) => {
+                return self
+                    .error(id, "invalid_token", "that token is not valid")
+                    .await;
+            }
+        };
+        if claims.sub != self.user {
+            return self
+                .error(id, "forbidden", "that token is another user's")
+                .await;
+        }
+        if claims.sid != self.session {
+            self.session = claims.sid;
+            self.ticket.set_session(claims.sid);
+        }
+        self.expires_at = expiry(claims.exp);
+        let expires_at = OffsetDateTime::from_unix_timestamp(claims.exp)
+            .ok()
+            .and_then(|at| {
+                at.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default();
+        self.send_text(
+            ServerFrame::Refreshed {
+                id,
+                expires_at: &expires_at,
+            }
+            .to_text(),
+        )
+        .await
     }
 
     async fn subscribe(
@@ -305,6 +469,11 @@ impl Connection {
         let Channel::Conversation(conversation) = channel else {
             return Ok(());
         };
+        if since.is_some_and(|since| since < 0) {
+            return self
+                .error(id, "invalid_since", "since is an offset: 0 or more")
+                .await;
+        }
         if self.subs.contains_key(&channel) {
             return self
                 .error(
@@ -321,6 +490,13 @@ impl Connection {
                     "too_many_channels",
                     "this connection has the most channels allowed",
                 )
+                .await;
+        }
+        // Each subscribe from here costs PostgreSQL a query or two: a burst (an app
+        // starting), then a steady rate.
+        if self.subscribes.take(1).is_err() {
+            return self
+                .error(id, "rate_limited", "too many subscribes; slow down")
                 .await;
         }
         let user = self.user;
@@ -355,12 +531,25 @@ impl Connection {
                 self.count_recovery("recovered");
                 (true, Vec::new())
             }
+            // `since` is 0 or more and below `latest`: no overflow.
             Some(since) if latest - since > self.ctx.settings.recovery_limit => {
                 self.count_recovery("too_far_behind");
                 (false, Vec::new())
             }
             Some(since) => {
-                match backfill::read(&self.ctx.db, channel, since.max(0) + 1..=latest).await {
+                let events = u32::try_from(latest - since).unwrap_or(u32::MAX);
+                if self.recoveries.take(events).is_err() {
+                    self.count_recovery("over_budget");
+                    self.ctx.hub.unsubscribe(channel, self.id).await;
+                    return self
+                        .error(
+                            id,
+                            "recovery_limited",
+                            "this connection had too many events replayed lately; retry this subscribe in a minute",
+                        )
+                        .await;
+                }
+                match backfill::read(&self.ctx.db, channel, since + 1..=latest).await {
                     Ok(missed) => {
                         self.count_recovery("recovered");
                         (true, missed)
@@ -450,7 +639,7 @@ impl Connection {
                     .await;
             }
         };
-        if !self.take_publish_token() {
+        if self.publishes.take(1).is_err() {
             return self
                 .error(id, "rate_limited", "too many ephemeral events; slow down")
                 .await;
@@ -465,19 +654,6 @@ impl Connection {
                 tracing::warn!(error = %e, "ephemeral publish failed");
                 self.error(id, "unavailable", "try again shortly").await
             }
-        }
-    }
-
-    fn take_publish_token(&mut self) -> bool {
-        let rate = f64::from(self.ctx.settings.publish_per_second);
-        let elapsed = self.publish_refilled.elapsed().as_secs_f64();
-        self.publish_refilled = Instant::now();
-        self.publish_tokens = (self.publish_tokens + elapsed * rate).min(rate);
-        if self.publish_tokens >= 1.0 {
-            self.publish_tokens -= 1.0;
-            true
-        } else {
-            false
         }
     }
 
@@ -515,7 +691,7 @@ impl Connection {
         }
         if offset > next {
             tracing::error!(channel = %delivery.channel, next, offset, "the hub skipped offsets; the client resubscribes");
-            return Err(self.evicted(Eviction::Resync).await);
+            return Err(self.evicted(Eviction::Resync));
         }
         self.subs
             .insert(delivery.channel, Sub::Conversation { next: offset + 1 });
@@ -560,15 +736,19 @@ impl Connection {
     }
 
     /// Runs one write. A client that does not take it within two ping intervals is
-    /// gone. If the client is evicted meanwhile (its queue overflowed), it gets a
-    /// short grace to take this write, and then the close.
+    /// gone. If the client is evicted meanwhile (its queue overflowed while this write
+    /// was stuck, say), it gets `WS_SLOW_CONSUMER_GRACE_SECONDS` to take this write and
+    /// then the close; a client that takes nothing even then is dropped, and counted
+    /// for the eviction's reason all the same.
     async fn guarded(&mut self, write: Write) -> Result<(), End> {
         enum Outcome {
             Done,
             Failed,
             Evicted(Eviction),
+            Stuck(Eviction),
         }
         let limit = self.ctx.settings.ping_interval * 2;
+        let grace = self.ctx.settings.slow_consumer_grace;
         let outcome = {
             let io = async {
                 match write {
@@ -582,9 +762,9 @@ impl Connection {
                     if matches!(written, Ok(Ok(()))) { Outcome::Done } else { Outcome::Failed }
                 }
                 reason = self.evict.evicted() => {
-                    match tokio::time::timeout(EVICTION_GRACE, &mut io).await {
+                    match tokio::time::timeout(grace, &mut io).await {
                         Ok(Ok(())) => Outcome::Evicted(reason),
-                        _ => Outcome::Failed,
+                        _ => Outcome::Stuck(reason),
                     }
                 }
             }
@@ -592,39 +772,34 @@ impl Connection {
         match outcome {
             Outcome::Done => Ok(()),
             Outcome::Failed => Err(End::Gone),
-            Outcome::Evicted(reason) => Err(self.evicted(reason).await),
+            Outcome::Evicted(reason) => Err(self.evicted(reason)),
+            Outcome::Stuck(reason) => Err(ended_by(reason)),
         }
     }
 
     /// Closes for a reason thrown from outside the connection.
-    async fn evicted(&mut self, reason: Eviction) -> End {
-        match reason {
-            Eviction::SlowConsumer => {
-                self.close(close::SLOW_CONSUMER, "slow consumer", End::SlowConsumer)
-                    .await
-            }
-            Eviction::Resync => {
-                self.close(
-                    close::SERVICE_RESTART,
-                    "temporarily unable to deliver in order; resubscribe with since",
-                    End::Resync,
-                )
-                .await
-            }
-        }
+    fn evicted(&mut self, reason: Eviction) -> End {
+        let (code, text) = match reason {
+            Eviction::SlowConsumer => (close::SLOW_CONSUMER, "slow consumer"),
+            Eviction::Resync => (
+                close::SERVICE_RESTART,
+                "temporarily unable to deliver in order; resubscribe with since",
+            ),
+            Eviction::SessionRevoked => (close::BAD_TOKEN, "session_revoked"),
+        };
+        self.close(code, text, ended_by(reason))
     }
 
-    /// Sends a close frame (best effort, briefly) and reports `end`.
-    async fn close(&mut self, code: u16, reason: &'static str, end: End) -> End {
-        let frame = CloseFrame {
-            code,
-            reason: Utf8Bytes::from_static(reason),
+    /// Ends the connection with a close handshake ([`close_socket`], done by
+    /// [`serve`] once the connection has left the hub). A slow consumer's close waits
+    /// behind what its socket already holds, so it gets the longer grace.
+    fn close(&mut self, code: u16, reason: &'static str, end: End) -> End {
+        let grace = if end == End::SlowConsumer {
+            self.ctx.settings.slow_consumer_grace
+        } else {
+            CLOSE_GRACE
         };
-        let _ = tokio::time::timeout(
-            EVICTION_GRACE,
-            self.socket.send(Message::Close(Some(frame))),
-        )
-        .await;
+        self.closing = Some((code, reason, grace));
         end
     }
 
@@ -635,17 +810,15 @@ impl Connection {
             .send_text(ServerFrame::Reconnect { after_ms }.to_text())
             .await;
         self.close(close::SERVICE_RESTART, "service restart", End::Shutdown)
-            .await
     }
 
-    async fn on_read_error(&mut self, error: axum::Error) -> End {
+    fn on_read_error(&mut self, error: axum::Error) -> End {
         let too_big = error
             .into_inner()
             .downcast_ref::<tokio_tungstenite::tungstenite::Error>()
             .is_some_and(|e| matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_)));
         if too_big {
             self.close(close::TOO_BIG, "frame too large", End::TooBig)
-                .await
         } else {
             End::Gone
         }

@@ -40,7 +40,7 @@ use std::{
 use axum::extract::ws::Utf8Bytes;
 use mobile_db::conversations;
 use mobile_domain::{ConversationId, UserId};
-use mobile_events::{Channel, FrameHeader, MessageData};
+use mobile_events::{Channel, FrameHeader, MessageData, Revoke};
 use mobile_runtime::redis::Redis;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
@@ -51,6 +51,7 @@ use crate::{
     metrics::GatewayMetrics,
     pubsub::{self, Command},
     sequencer::{Fill, FillCase, Sequencer, Steps},
+    sessions::Sessions,
 };
 
 /// A process-unique connection number.
@@ -79,18 +80,31 @@ impl Delivery {
         }
     }
 
-    /// A frame from Redis: the bytes as they came, plus the parsed header.
-    fn parse(payload: &[u8]) -> Result<Self, &'static str> {
+    /// A frame from Redis: the bytes as they came, plus the parsed header; or a
+    /// revocation, which is for the gateway, not for clients.
+    fn parse(payload: &[u8]) -> Result<Incoming, &'static str> {
         let header = FrameHeader::parse(payload).map_err(|_| "not an event frame")?;
         let channel: Channel = header.channel.parse().map_err(|_| "unknown channel")?;
+        if let Some(revoke) = header.revoke {
+            return match channel {
+                Channel::User(user) => Ok(Incoming::Revoke(user, revoke)),
+                Channel::Conversation(_) => Err("a revocation on a conversation channel"),
+            };
+        }
         let text = String::from_utf8(payload.to_vec()).map_err(|_| "not UTF-8")?;
-        Ok(Self {
+        Ok(Incoming::Delivery(Self {
             channel,
             offset: header.offset,
             from: header.from,
             frame: Utf8Bytes::from(text),
-        })
+        }))
     }
+}
+
+/// What a frame from Redis is.
+enum Incoming {
+    Delivery(Delivery),
+    Revoke(UserId, Revoke),
 }
 
 /// Why a connection is ended from outside it.
@@ -101,6 +115,8 @@ pub enum Eviction {
     /// A channel it follows lost continuity on this gateway (1012): resubscribing with
     /// `since` recovers exactly what it missed.
     Resync,
+    /// Its session was revoked (4001 `session_revoked`).
+    SessionRevoked,
 }
 
 /// A connection's "close, for this reason" switch: thrown by the hub, watched by the
@@ -173,6 +189,7 @@ struct Inner {
     live: AtomicBool,
     db: PgPool,
     metrics: GatewayMetrics,
+    sessions: Sessions,
 }
 
 /// How long a subscriber waits for Redis to confirm a new SUBSCRIBE before it goes
@@ -188,6 +205,7 @@ impl Hub {
         redis: Redis,
         db: PgPool,
         metrics: GatewayMetrics,
+        sessions: Sessions,
         stop: CancellationToken,
     ) -> Self {
         let (commands, receiver) = mpsc::channel(1024);
@@ -198,6 +216,7 @@ impl Hub {
                 live: AtomicBool::new(false),
                 db,
                 metrics,
+                sessions,
             }),
         };
         tokio::spawn(pubsub::run(hub.clone(), redis, receiver, stop));
@@ -302,7 +321,12 @@ impl Hub {
         let started = Instant::now();
         self.inner.metrics.pubsub_messages.inc();
         let delivery = match Delivery::parse(payload) {
-            Ok(delivery) => Arc::new(delivery),
+            Ok(Incoming::Delivery(delivery)) => Arc::new(delivery),
+            Ok(Incoming::Revoke(user, revoke)) => {
+                let closed = self.inner.sessions.revoke(user, revoke);
+                tracing::debug!(%user, ?revoke, closed, "session revoked");
+                return;
+            }
             Err(reason) => {
                 tracing::warn!(reason, "dropping a malformed frame from Redis");
                 return;

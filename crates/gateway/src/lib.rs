@@ -8,11 +8,14 @@
 //! PostgreSQL ([`backfill`]); each [`connection`] delivers its client's events in
 //! order, once. The wire format is in [`protocol`] and `docs/websocket-protocol.md`.
 //!
-//! Start-up, health, metrics and drain are the shared ones of `mobile-runtime`; on
-//! SIGTERM each connection is told to reconnect (`reconnect`, then close 1012) at a
-//! random moment of the drain window, so its clients do not all land on one pod at once.
+//! Who holds which socket is kept in [`sessions`]: the caps per user and per address,
+//! and the closing of a revoked session's sockets. Start-up, health, metrics and drain
+//! are the shared ones of `mobile-runtime`; on SIGTERM each connection is told to
+//! reconnect (`reconnect`, then close 1012) at a random moment of the drain window, so
+//! its clients do not all land on one pod at once.
 
 pub mod backfill;
+pub mod bucket;
 pub mod connection;
 pub mod hub;
 pub mod metrics;
@@ -20,14 +23,17 @@ pub mod presence;
 pub mod protocol;
 pub mod pubsub;
 pub mod sequencer;
+pub mod sessions;
 pub mod settings;
 
 use std::{sync::Arc, time::Duration};
 
+use std::net::SocketAddr;
+
 use axum::{
     Router,
-    extract::{Query, State, WebSocketUpgrade},
-    http::{HeaderMap, StatusCode, header},
+    extract::{ConnectInfo, Query, State, WebSocketUpgrade},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
 };
@@ -45,7 +51,13 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 pub use crate::settings::GatewaySettings;
-use crate::{hub::Hub, metrics::GatewayMetrics, presence::Presence};
+use crate::{
+    connection::Admitted,
+    hub::{Evict, Hub},
+    metrics::GatewayMetrics,
+    presence::Presence,
+    sessions::{Refusal, Sessions},
+};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -62,6 +74,7 @@ pub struct Context {
     pub redis: Redis,
     pub hub: Hub,
     pub presence: Presence,
+    pub sessions: Sessions,
     pub metrics: GatewayMetrics,
     pub shutdown: Shutdown,
     /// Caps connections per process; a permit lives as long as its connection.
@@ -136,12 +149,23 @@ pub async fn serve(
     // The hub and presence outlive the connections: they stop after the drain.
     let background = tokio_util::sync::CancellationToken::new();
     let _stop_background = background.clone().drop_guard();
+    let sessions = Sessions::new(
+        settings.max_connections_per_user,
+        settings.max_connections_per_ip,
+    );
     let hub = Hub::start(
         redis.clone(),
         db.clone(),
         metrics.clone(),
+        sessions.clone(),
         background.clone(),
     );
+    tokio::spawn(sessions::sweep(
+        sessions.clone(),
+        db.clone(),
+        settings.session_check_interval,
+        background.clone(),
+    ));
     let presence = Presence::start(redis.clone(), background.clone());
 
     let pubsub_hub = hub.clone();
@@ -167,6 +191,7 @@ pub async fn serve(
         redis,
         hub,
         presence,
+        sessions,
         metrics,
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
@@ -197,20 +222,45 @@ struct WsQuery {
     access_token: Option<String>,
 }
 
-/// Checks the token and capacity, then upgrades. A bad token still upgrades, to be
+/// Checks capacity and the token, then upgrades. A bad token still upgrades, to be
 /// closed with 4001: mobile WebSocket clients seldom see the HTTP status of a refused
-/// handshake, but always see a close code.
+/// handshake, but always see a close code. A connection over a cap is refused before
+/// the upgrade, with a problem body: 503 `overloaded` (this process), 429
+/// `too_many_connections` (this user, or this address).
 async fn upgrade(
     State(context): State<Arc<Context>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Query(query): Query<WsQuery>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     if context.shutdown.is_triggered() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "this gateway is shutting down; reconnect",
+        );
     }
+    let address = mobile_runtime::client_ip::client_ip(
+        &headers,
+        Some(peer.ip()),
+        context.settings.trusted_proxy_hops,
+    );
+    let Ok(address_ticket) = context.sessions.admit_address(address) else {
+        context.metrics.refused("address");
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_connections",
+            "this address holds as many connections as it may (WS_MAX_CONNECTIONS_PER_IP)",
+        );
+    };
     let Ok(permit) = context.connections.clone().try_acquire_owned() else {
-        return (StatusCode::SERVICE_UNAVAILABLE, "at capacity").into_response();
+        context.metrics.refused("process");
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "this gateway holds as many connections as it may; retry shortly",
+        );
     };
     let token = headers
         .get(header::AUTHORIZATION)
@@ -221,6 +271,33 @@ async fn upgrade(
     let auth = match token {
         Some(token) => context.tokens.verify(token.trim()),
         None => Err(TokenError::Invalid),
+    };
+    let admitted = match auth {
+        Ok(claims) => {
+            let conn = connection::next_conn_id();
+            let evict = Evict::default();
+            match context
+                .sessions
+                .admit(claims.sub, claims.sid, conn, evict.clone())
+            {
+                Ok(ticket) => Ok(Admitted {
+                    conn,
+                    claims,
+                    evict,
+                    ticket,
+                }),
+                Err(Refusal::User | Refusal::Address) => {
+                    context.metrics.refused("user");
+                    return refuse(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too_many_connections",
+                        "this user holds as many connections as they may \
+                         (WS_MAX_CONNECTIONS_PER_USER); close one first",
+                    );
+                }
+            }
+        }
+        Err(error) => Err(error),
     };
     let frame_limit = context.settings.max_frame_bytes;
     let tasks = context.tasks.clone();
@@ -238,8 +315,31 @@ async fn upgrade(
         .on_failed_upgrade(|error| tracing::debug!(%error, "WebSocket upgrade failed"))
         .on_upgrade(move |socket| {
             tasks.track_future(async move {
-                connection::serve(socket, auth, context).await;
+                connection::serve(socket, admitted, context).await;
                 drop(permit);
+                drop(address_ticket);
             })
         })
+}
+
+/// A refused upgrade, as the API's problem documents are.
+fn refuse(status: StatusCode, code: &'static str, detail: &'static str) -> Response {
+    let body = serde_json::json!({
+        "type": format!("urn:mobile-backend:problem:{code}"),
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "code": code,
+        "detail": detail,
+    });
+    let mut response = (status, body.to_string()).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    }
+    response
 }

@@ -15,6 +15,11 @@ pub struct ReasonLabel {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CapLabel {
+    pub cap: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct OutcomeLabel {
     pub outcome: &'static str,
 }
@@ -34,7 +39,9 @@ pub struct GatewayMetrics {
     /// From a frame's arrival from Redis to its being queued for every local recipient.
     pub fanout_duration: Histogram,
     pub disconnects: Family<ReasonLabel, Counter>,
-    /// Subscribes with `since`: `recovered`, `too_far_behind`, `failed`.
+    /// Upgrades refused over a cap, by `cap` (`process`, `user`, `address`).
+    pub refused: Family<CapLabel, Counter>,
+    /// Subscribes with `since`: `recovered`, `too_far_behind`, `over_budget`, `failed`.
     pub recoveries: Family<OutcomeLabel, Counter>,
     pub pubsub_messages: Counter,
     /// Ranges read from PostgreSQL by the hub, by why and how it went.
@@ -58,6 +65,7 @@ impl GatewayMetrics {
                 0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5,
             ]),
             disconnects: Family::default(),
+            refused: Family::default(),
             recoveries: Family::default(),
             pubsub_messages: Counter::default(),
             gap_fills: Family::default(),
@@ -86,6 +94,11 @@ impl GatewayMetrics {
             "websocket_disconnects",
             "Closed connections by reason",
             metrics.disconnects.clone(),
+        );
+        registry.register(
+            "websocket_connections_refused",
+            "Upgrades refused over a connection cap, by cap",
+            metrics.refused.clone(),
         );
         registry.register(
             "websocket_recoveries",
@@ -132,6 +145,10 @@ impl GatewayMetrics {
                 outcome,
             })
             .inc();
+    }
+
+    pub fn refused(&self, cap: &'static str) {
+        self.refused.get_or_create(&CapLabel { cap }).inc();
     }
 
     pub fn disconnect(&self, reason: &'static str) {

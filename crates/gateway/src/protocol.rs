@@ -6,8 +6,9 @@ use serde_json::value::RawValue;
 
 /// Close codes the gateway uses.
 pub mod close {
-    /// The access token is missing, invalid or expired. Terminal: refresh before
-    /// reconnecting.
+    /// The access token is missing, invalid or expired (`invalid_token`,
+    /// `token_expired`), or its session was revoked (`session_revoked`). Terminal:
+    /// refresh (or sign in again) before reconnecting.
     pub const BAD_TOKEN: u16 = 4001;
     /// The client did not read fast enough; reconnect and resubscribe with `since`.
     pub const SLOW_CONSUMER: u16 = 4008;
@@ -41,6 +42,11 @@ pub enum ClientFrame {
         channel: String,
         data: Box<RawValue>,
     },
+    /// A fresh access token for this socket, before the current one expires.
+    Refresh {
+        id: Option<u64>,
+        token: String,
+    },
 }
 
 /// Every field any client frame has. serde cannot keep `data` raw inside an internally
@@ -55,6 +61,7 @@ struct RawFrame<'a> {
     since: Option<i64>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
+    token: Option<String>,
 }
 
 impl ClientFrame {
@@ -76,6 +83,7 @@ impl ClientFrame {
         match raw.kind {
             "subscribe" => {
                 unexpected("data", raw.data.is_some())?;
+                unexpected("token", raw.token.is_some())?;
                 Ok(Self::Subscribe {
                     id: raw.id,
                     channel: channel()?,
@@ -85,6 +93,7 @@ impl ClientFrame {
             "unsubscribe" => {
                 unexpected("since", raw.since.is_some())?;
                 unexpected("data", raw.data.is_some())?;
+                unexpected("token", raw.token.is_some())?;
                 Ok(Self::Unsubscribe {
                     id: raw.id,
                     channel: channel()?,
@@ -92,11 +101,21 @@ impl ClientFrame {
             }
             "publish" => {
                 unexpected("since", raw.since.is_some())?;
+                unexpected("token", raw.token.is_some())?;
                 let data = raw.data.ok_or("a publish frame needs data")?;
                 Ok(Self::Publish {
                     id: raw.id,
                     channel: channel()?,
                     data: data.to_owned(),
+                })
+            }
+            "refresh" => {
+                unexpected("channel", raw.channel.is_some())?;
+                unexpected("since", raw.since.is_some())?;
+                unexpected("data", raw.data.is_some())?;
+                Ok(Self::Refresh {
+                    id: raw.id,
+                    token: raw.token.ok_or("a refresh frame needs a token")?,
                 })
             }
             other => Err(format!("unknown frame type {other:?}")),
@@ -142,6 +161,13 @@ pub enum ServerFrame<'a> {
     /// Sent before a 1012 close: wait `after_ms`, then reconnect and resubscribe with
     /// `since`.
     Reconnect { after_ms: u64 },
+    /// The socket now lives on the token of a `refresh` frame, until `expires_at`
+    /// (RFC 3339).
+    Refreshed {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        expires_at: &'a str,
+    },
 }
 
 impl ServerFrame<'_> {
@@ -185,6 +211,8 @@ mod tests {
             panic!()
         };
         assert_eq!(data.get(), r#"{"typing":true}"#);
+        let frame = ClientFrame::parse(r#"{"type":"refresh","id":3,"token":"t"}"#).unwrap();
+        assert!(matches!(frame, ClientFrame::Refresh { id: Some(3), token } if token == "t"));
         for bad in [
             r#"{"type":"subscribe"}"#,
             r#"{"type":"shout","channel":"c"}"#,
@@ -192,6 +220,9 @@ mod tests {
             r#"{"type":"subscribe","channel":"c","since":"4"}"#,
             r#"{"type":"publish","channel":"c"}"#,
             r#"{"type":"unsubscribe","channel":"c","data":1}"#,
+            r#"{"type":"refresh","id":1}"#,
+            r#"{"type":"refresh","token":"t","channel":"c"}"#,
+            r#"{"type":"subscribe","channel":"c","token":"t"}"#,
             "[]",
         ] {
             assert!(ClientFrame::parse(bad).is_err(), "{bad}");

@@ -30,6 +30,32 @@ pub struct GatewaySettings {
     pub recovery_limit: i64,
     /// `WS_PUBLISH_PER_SECOND` (default 10): ephemeral publishes per connection.
     pub publish_per_second: u32,
+    /// `WS_SUBSCRIBES_PER_SECOND` (default 10): subscribes per connection, after a
+    /// burst of `WS_MAX_CHANNELS` (an app subscribing to its conversations at start).
+    /// Each costs PostgreSQL a membership check.
+    pub subscribes_per_second: u32,
+    /// `WS_RECOVERY_BUDGET_PER_MINUTE` (default 10000): events a connection may have
+    /// replayed from PostgreSQL (subscribes with `since`) per minute; beyond, a
+    /// subscribe with `since` is refused with `recovery_limited` until the budget
+    /// refills.
+    pub recovery_budget_per_minute: u32,
+    /// `WS_MAX_CONNECTIONS_PER_USER` (default 10): sockets one user may hold on this
+    /// process (a user has a few devices); beyond, the upgrade is 429.
+    pub max_connections_per_user: usize,
+    /// `WS_MAX_CONNECTIONS_PER_IP` (default 0: off): sockets one client address may
+    /// hold on this process. Off by default: carriers put thousands of phones behind
+    /// one address (CGNAT), and behind a proxy without `TRUSTED_PROXY_HOPS` every
+    /// client has the proxy's.
+    pub max_connections_per_ip: usize,
+    /// `TRUSTED_PROXY_HOPS` (default 0): as the API's; says which address is the
+    /// client's for `WS_MAX_CONNECTIONS_PER_IP`.
+    pub trusted_proxy_hops: usize,
+    /// `WS_SESSION_CHECK_SECONDS` (default 30): how often the sessions of open sockets
+    /// are checked against PostgreSQL, in case a revocation's Redis message was lost.
+    pub session_check_interval: Duration,
+    /// `WS_SLOW_CONSUMER_GRACE_SECONDS` (default 10): how long a client marked slow
+    /// has to take what is in flight and its 4008 close before the socket is dropped.
+    pub slow_consumer_grace: Duration,
 }
 
 impl GatewaySettings {
@@ -58,6 +84,13 @@ impl GatewaySettings {
             max_connections: env.parse("WS_MAX_CONNECTIONS", 50_000)?,
             recovery_limit: env.parse("WS_RECOVERY_LIMIT", 1_000)?,
             publish_per_second: env.parse("WS_PUBLISH_PER_SECOND", 10)?,
+            subscribes_per_second: env.parse("WS_SUBSCRIBES_PER_SECOND", 10)?,
+            recovery_budget_per_minute: env.parse("WS_RECOVERY_BUDGET_PER_MINUTE", 10_000)?,
+            max_connections_per_user: env.parse("WS_MAX_CONNECTIONS_PER_USER", 10)?,
+            max_connections_per_ip: env.parse("WS_MAX_CONNECTIONS_PER_IP", 0)?,
+            trusted_proxy_hops: env.parse("TRUSTED_PROXY_HOPS", 0)?,
+            session_check_interval: env.seconds("WS_SESSION_CHECK_SECONDS", 30)?,
+            slow_consumer_grace: env.seconds("WS_SLOW_CONSUMER_GRACE_SECONDS", 10)?,
         };
         for (name, value) in [
             ("ACCESS_TOKEN_TTL_SECONDS", settings.tokens.ttl.as_secs()),
@@ -68,6 +101,26 @@ impl GatewaySettings {
             (
                 "WS_PUBLISH_PER_SECOND",
                 u64::from(settings.publish_per_second),
+            ),
+            (
+                "WS_SUBSCRIBES_PER_SECOND",
+                u64::from(settings.subscribes_per_second),
+            ),
+            (
+                "WS_RECOVERY_BUDGET_PER_MINUTE",
+                u64::from(settings.recovery_budget_per_minute),
+            ),
+            (
+                "WS_MAX_CONNECTIONS_PER_USER",
+                settings.max_connections_per_user as u64,
+            ),
+            (
+                "WS_SESSION_CHECK_SECONDS",
+                settings.session_check_interval.as_secs(),
+            ),
+            (
+                "WS_SLOW_CONSUMER_GRACE_SECONDS",
+                settings.slow_consumer_grace.as_secs(),
             ),
         ] {
             if value == 0 {

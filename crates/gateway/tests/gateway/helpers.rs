@@ -35,6 +35,7 @@ pub struct Stack {
 pub struct User {
     pub id: String,
     pub token: String,
+    pub refresh_token: String,
 }
 
 async fn listeners() -> Listeners {
@@ -75,8 +76,8 @@ impl Stack {
             "JWT_SIGNING_KEY_FILE".into(),
             keys.signing(0).display().to_string(),
         ));
-        api_env.push(("RATE_LIMIT_AUTH_PER_MINUTE".into(), "100000".into()));
-        api_env.push(("RATE_LIMIT_WRITE_PER_MINUTE".into(), "100000".into()));
+        api_env.push(("RATE_LIMIT_AUTH_PER_MINUTE".into(), "60000".into()));
+        api_env.push(("RATE_LIMIT_WRITE_PER_MINUTE".into(), "60000".into()));
         let api_settings = mobile_api::ApiSettings::from_env(&Env::from_pairs(api_env)).unwrap();
         let api_listeners = listeners().await;
         let api = format!("http://{}", api_listeners.public.local_addr().unwrap());
@@ -149,7 +150,38 @@ impl Stack {
         User {
             id: account.user_id,
             token: account.access_token,
+            refresh_token: account.refresh_token,
         }
+    }
+
+    /// Signs `name` (registered before) in again: a second session.
+    pub async fn login(&self, name: &str) -> User {
+        let response = self
+            .http
+            .post(format!("{}/v1/auth/login", self.api))
+            .json(&json!({"email": format!("{name}@example.com"), "password": mobile_testkit::api::PASSWORD}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let account = mobile_testkit::api::Account::from_body(&response.json().await.unwrap());
+        User {
+            id: account.user_id,
+            token: account.access_token,
+            refresh_token: account.refresh_token,
+        }
+    }
+
+    /// POSTs `body` to the API's `path`; the status.
+    pub async fn api_post(&self, path: &str, body: &Value) -> u16 {
+        self.http
+            .post(format!("{}{path}", self.api))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
     }
 
     pub async fn conversation(&self, creator: &User, members: &[&User]) -> String {
@@ -331,6 +363,23 @@ impl Client {
     /// Reads until the connection ends; returns how (within `limit`).
     pub async fn closed(&mut self, limit: Duration) -> Closed {
         closed(&mut self.socket, limit).await
+    }
+}
+
+/// Reads until the close frame; its code and reason (within `limit`). Panics if the
+/// connection ends without one.
+pub async fn close_frame(socket: &mut Socket, limit: Duration) -> (u16, String) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, socket.next()).await {
+            Err(_) => panic!("the connection stayed open for {limit:?}"),
+            Ok(None) | Ok(Some(Err(_))) => panic!("the connection ended without a close frame"),
+            Ok(Some(Ok(Message::Close(Some(frame))))) => {
+                return (u16::from(frame.code), frame.reason.to_string());
+            }
+            Ok(Some(Ok(Message::Close(None)))) => panic!("a close frame without a code"),
+            Ok(Some(Ok(_))) => {}
+        }
     }
 }
 

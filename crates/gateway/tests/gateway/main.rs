@@ -6,6 +6,8 @@
 mod helpers;
 
 mod delivery;
+mod hostile;
 mod lifecycle;
 mod ordering;
 mod protocol;
+mod revocation;
