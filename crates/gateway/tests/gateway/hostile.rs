@@ -292,9 +292,11 @@ async fn a_reader_stalled_under_steady_traffic_gets_4008_and_is_counted_so() {
     let ann = stack.register("ann").await;
     let mut socket = small_buffered_client(&stack.gateways[0].addr, &ann.token).await;
     let traffic = steady_traffic(&stack, &ann.id);
-    // Longer than the socket, the write buffer and the queue take at 600 KB/s, and
-    // longer than a 2 s grace would have waited on the stuck write.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // The socket buffers, the write buffer and the queue fill in about 4.5 s at 600
+    // KB/s (the kernel grows the send buffer to a few MB); the write is stuck from
+    // then on. A 2 s grace on that write would have dropped the socket long before
+    // the reader comes back; the default 10 s does not.
+    tokio::time::sleep(Duration::from_secs(9)).await;
     let (code, reason) = close_frame(&mut socket, Duration::from_secs(10)).await;
     traffic.cancel();
     assert_eq!((code, reason.as_str()), (4008, "slow consumer"));
