@@ -12,7 +12,8 @@
 //!   and is closed at once, never queued (`http_connections_refused_total`);
 //! - a request's head must arrive within `header_read_timeout` of its first byte
 //!   (slowloris), and a connection with no request in flight is closed after
-//!   `idle_timeout` of silence (longer than the load balancers', which reuse it);
+//!   `idle_timeout` of silence (longer than the load balancers', which reuse it); on
+//!   HTTP/2, silence means no request (a peer answering pings is still idle);
 //! - HTTP/2: a cap on concurrent streams and on the header list, and keep-alive pings;
 //! - every response says `X-Content-Type-Options: nosniff`.
 //!
@@ -354,8 +355,9 @@ async fn accept_loop(
             let app = app.clone();
             hyper::service::service_fn(move |mut request: Request<Incoming>| {
                 request.extensions_mut().insert(ConnectInfo(peer));
-                state.request_started();
-                let state = state.clone();
+                // In flight until its response body is done (or the request is
+                // dropped: a reset stream, a client gone).
+                let in_flight = InFlight::start(state.clone());
                 let response = app.clone().oneshot(request);
                 async move {
                     let mut response = response.await?;
@@ -363,7 +365,15 @@ async fn accept_loop(
                         header::X_CONTENT_TYPE_OPTIONS,
                         HeaderValue::from_static("nosniff"),
                     );
-                    state.request_answered(response.status());
+                    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        in_flight.0.upgraded.store(true, Ordering::Release);
+                    }
+                    let response = response.map(|inner| {
+                        axum::body::Body::new(Finishing {
+                            inner,
+                            _in_flight: in_flight,
+                        })
+                    });
                     Ok::<_, std::convert::Infallible>(response)
                 }
             })
@@ -391,7 +401,7 @@ async fn accept_loop(
 }
 
 /// What the server knows of one connection, shared by its IO (which keeps the
-/// deadlines) and its service (which sees requests begin and end).
+/// deadlines) and its service (which sees requests begin and end, [`InFlight`]).
 #[derive(Debug)]
 struct ConnectionState {
     born: std::time::Instant,
@@ -421,19 +431,51 @@ impl ConnectionState {
     fn now(&self) -> u64 {
         u64::try_from(self.born.elapsed().as_millis()).unwrap_or(NONE - 1)
     }
+}
 
-    fn request_started(&self) {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.head_since.store(NONE, Ordering::Release);
-        self.last_activity.store(self.now(), Ordering::Release);
+/// A request in flight on its connection, from its head to the end of its response
+/// body; dropping it (the body done, or the request abandoned) ends it.
+struct InFlight(Arc<ConnectionState>);
+
+impl InFlight {
+    fn start(state: Arc<ConnectionState>) -> Self {
+        state.in_flight.fetch_add(1, Ordering::AcqRel);
+        state.head_since.store(NONE, Ordering::Release);
+        state.last_activity.store(state.now(), Ordering::Release);
+        Self(state)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.last_activity.store(self.0.now(), Ordering::Release);
+    }
+}
+
+/// A response body that holds its request's [`InFlight`] until it is done.
+struct Finishing {
+    inner: axum::body::Body,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for Finishing {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<axum::body::Bytes>, axum::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
     }
 
-    fn request_answered(&self, status: StatusCode) {
-        if status == StatusCode::SWITCHING_PROTOCOLS {
-            self.upgraded.store(true, Ordering::Release);
-        }
-        self.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.last_activity.store(self.now(), Ordering::Release);
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -474,15 +516,30 @@ impl Guarded {
 
     fn saw_read(&mut self, first: &[u8]) {
         let now = self.state.now();
-        self.state.last_activity.store(now, Ordering::Release);
         let h2 = *self.h2.get_or_insert_with(|| first.starts_with(H2_PREFACE));
-        if !h2 && self.state.in_flight.load(Ordering::Acquire) == 0 {
+        if h2 {
+            // HTTP/2 frames flow between requests (pings, settings, window updates):
+            // only requests count as activity (`ConnectionState`), so a peer that
+            // answers pings but asks nothing is still idle.
+            return;
+        }
+        self.state.last_activity.store(now, Ordering::Release);
+        if self.state.in_flight.load(Ordering::Acquire) == 0 {
             let _ = self.state.head_since.compare_exchange(
                 NONE,
                 now,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             );
+        }
+    }
+
+    fn saw_write(&self, written: usize) {
+        // As for reads: on HTTP/2, only requests count (a keep-alive ping is a write).
+        if written > 0 && self.h2 != Some(true) {
+            self.state
+                .last_activity
+                .store(self.state.now(), Ordering::Release);
         }
     }
 
@@ -564,11 +621,8 @@ impl AsyncWrite for Guarded {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let written = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &written
-            && *n > 0
-        {
-            let now = self.state.now();
-            self.state.last_activity.store(now, Ordering::Release);
+        if let Poll::Ready(Ok(n)) = &written {
+            self.saw_write(*n);
         }
         written
     }
@@ -579,11 +633,8 @@ impl AsyncWrite for Guarded {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = &written
-            && *n > 0
-        {
-            let now = self.state.now();
-            self.state.last_activity.store(now, Ordering::Release);
+        if let Poll::Ready(Ok(n)) = &written {
+            self.saw_write(*n);
         }
         written
     }

@@ -39,21 +39,38 @@ fn limits(max_connections: usize) -> ConnectionLimits {
         idle_timeout: Duration::from_secs(2),
         max_header_bytes: 16 * 1024,
         h2_max_concurrent_streams: 10,
-        h2_keepalive_interval: Duration::from_secs(30),
+        // Pings every half second: an HTTP/2 peer that answers them is still idle.
+        h2_keepalive_interval: Duration::from_millis(500),
         h2_keepalive_timeout: Duration::from_secs(10),
     }
 }
 
 async fn start(limits: ConnectionLimits) -> Server {
-    let app = Router::new().route("/", get(|| async { "hello" })).route(
-        "/slow",
-        get(|| async {
-            // Longer than the idle and header timeouts: a request in flight is
-            // never cut by them.
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            "done"
-        }),
-    );
+    let app = Router::new()
+        .route("/", get(|| async { "hello" }))
+        .route(
+            "/slow",
+            get(|| async {
+                // Longer than the idle and header timeouts: a request in flight is
+                // never cut by them.
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                "done"
+            }),
+        )
+        .route(
+            "/trickle",
+            get(|| async {
+                // A body that takes 3 s to send, longer than the idle deadline.
+                let chunks = futures_util::stream::unfold(0, |n| async move {
+                    if n == 6 {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    Some((Ok::<_, std::io::Error>(format!("chunk{n};")), n + 1))
+                });
+                axum::body::Body::from_stream(chunks)
+            }),
+        );
     let public = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = public.local_addr().unwrap();
     let metrics_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -259,4 +276,46 @@ async fn a_head_over_the_size_limit_is_refused() {
     let (_, received) = until_closed(&mut stream, Duration::from_secs(5)).await;
     let received = String::from_utf8_lossy(&received);
     assert!(received.starts_with("HTTP/1.1 431"), "{received}");
+}
+
+#[tokio::test]
+async fn an_http2_peer_that_answers_pings_but_asks_nothing_is_idle() {
+    let server = start(limits(100)).await;
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = client
+        .get(format!("http://{}/", server.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.headers()["x-content-type-options"], "nosniff");
+    assert_eq!(response.text().await.unwrap(), "hello");
+    // The server pings every 0.5 s and the client answers; still closed at 2 s.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(closed(&server.metrics, "idle"), 1);
+    assert_eq!(server.metrics.open.get(), 0);
+}
+
+#[tokio::test]
+async fn a_response_still_being_sent_is_never_idle() {
+    let server = start(limits(100)).await;
+    for client in [
+        reqwest::Client::new(),
+        reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .unwrap(),
+    ] {
+        let response = client
+            .get(format!("http://{}/trickle", server.addr))
+            .send()
+            .await
+            .unwrap();
+        let body = response.text().await.unwrap();
+        assert_eq!(body, "chunk0;chunk1;chunk2;chunk3;chunk4;chunk5;");
+    }
+    assert_eq!(closed(&server.metrics, "idle"), 0);
 }
