@@ -10,10 +10,12 @@
 //!
 //! - at most `max_connections` open at once: beyond, a connection gets a 503 problem
 //!   and is closed at once, never queued (`http_connections_refused_total`);
-//! - a request's head must arrive within `header_read_timeout` of its first byte
-//!   (slowloris), and a connection with no request in flight is closed after
-//!   `idle_timeout` of silence (longer than the load balancers', which reuse it); on
-//!   HTTP/2, silence means no request (a peer answering pings is still idle);
+//! - a request's head must arrive within `header_read_timeout` of its first byte, the
+//!   first one within that of the accept (slowloris); a connection with no request in
+//!   flight is closed after `idle_timeout` without progress (longer than the load
+//!   balancers', which reuse it), and so is one whose requests stop moving (a peer
+//!   that stopped reading); on HTTP/2 only requests and response frames are
+//!   progress, not pings ([`ConnectionState`] has the rules);
 //! - HTTP/2: a cap on concurrent streams and on the header list, and keep-alive pings;
 //! - every response says `X-Content-Type-Options: nosniff`.
 //!
@@ -152,7 +154,7 @@ pub struct ConnectionMetrics {
     pub open: Gauge,
     /// `http_connections_refused_total`: over `MAX_CONNECTIONS`.
     pub refused: Counter,
-    /// `http_connections_closed_total{reason}`: `header_timeout`, `idle`.
+    /// `http_connections_closed_total{reason}`: `header_timeout`, `idle`, `stalled`.
     pub closed: Family<ReasonLabel, Counter>,
 }
 
@@ -368,12 +370,8 @@ async fn accept_loop(
                     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                         in_flight.0.upgraded.store(true, Ordering::Release);
                     }
-                    let response = response.map(|inner| {
-                        axum::body::Body::new(Finishing {
-                            inner,
-                            _in_flight: in_flight,
-                        })
-                    });
+                    let response =
+                        response.map(|inner| axum::body::Body::new(Finishing { inner, in_flight }));
                     Ok::<_, std::convert::Infallible>(response)
                 }
             })
@@ -402,13 +400,26 @@ async fn accept_loop(
 
 /// What the server knows of one connection, shared by its IO (which keeps the
 /// deadlines) and its service (which sees requests begin and end, [`InFlight`]).
+///
+/// The deadline in force is one of three:
+///
+/// - **header**: no request in flight and a head begun (or nothing received yet since
+///   the connection was accepted): the head must be complete `header_read_timeout`
+///   after its first byte (after the accept, for the first request);
+/// - **idle**: no request in flight: closed `idle_timeout` after the last progress;
+/// - **stalled**: requests in flight that make no progress (no byte either way on
+///   HTTP/1, no response frame on HTTP/2) for `idle_timeout`: a peer that stopped
+///   reading, or HTTP/2 streams it never opens its window for.
+///
+/// None once the connection is a WebSocket (its binary pings it).
 #[derive(Debug)]
 struct ConnectionState {
     born: std::time::Instant,
     in_flight: AtomicUsize,
     upgraded: AtomicBool,
-    /// Milliseconds since `born` of the last byte either way.
-    last_activity: AtomicU64,
+    /// Milliseconds since `born` of the last progress: a request begun or finished, a
+    /// response frame handed over, and on HTTP/1 a byte either way.
+    last_progress: AtomicU64,
     /// Milliseconds since `born` of the first byte of a head not yet complete.
     head_since: AtomicU64,
 }
@@ -421,8 +432,9 @@ impl Default for ConnectionState {
             born: std::time::Instant::now(),
             in_flight: AtomicUsize::new(0),
             upgraded: AtomicBool::new(false),
-            last_activity: AtomicU64::new(0),
-            head_since: AtomicU64::new(NONE),
+            last_progress: AtomicU64::new(0),
+            // A connection that sends nothing is a head that does not arrive.
+            head_since: AtomicU64::new(0),
         }
     }
 }
@@ -431,17 +443,22 @@ impl ConnectionState {
     fn now(&self) -> u64 {
         u64::try_from(self.born.elapsed().as_millis()).unwrap_or(NONE - 1)
     }
+
+    fn progressed(&self) {
+        self.last_progress.store(self.now(), Ordering::Release);
+    }
 }
 
 /// A request in flight on its connection, from its head to the end of its response
-/// body; dropping it (the body done, or the request abandoned) ends it.
+/// body; dropping it (the body done, or the request abandoned: a reset stream, a
+/// client gone) ends it.
 struct InFlight(Arc<ConnectionState>);
 
 impl InFlight {
     fn start(state: Arc<ConnectionState>) -> Self {
         state.in_flight.fetch_add(1, Ordering::AcqRel);
         state.head_since.store(NONE, Ordering::Release);
-        state.last_activity.store(state.now(), Ordering::Release);
+        state.progressed();
         Self(state)
     }
 }
@@ -449,14 +466,15 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.0.last_activity.store(self.0.now(), Ordering::Release);
+        self.0.progressed();
     }
 }
 
-/// A response body that holds its request's [`InFlight`] until it is done.
+/// A response body that holds its request's [`InFlight`] until it is done, and counts
+/// each frame it hands over as progress.
 struct Finishing {
     inner: axum::body::Body,
-    _in_flight: InFlight,
+    in_flight: InFlight,
 }
 
 impl hyper::body::Body for Finishing {
@@ -467,7 +485,11 @@ impl hyper::body::Body for Finishing {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<axum::body::Bytes>, axum::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &frame {
+            self.in_flight.0.progressed();
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -479,7 +501,8 @@ impl hyper::body::Body for Finishing {
     }
 }
 
-/// A TCP stream that keeps a connection's deadlines: the head's, and the idle one.
+/// A TCP stream that keeps a connection's deadlines ([`ConnectionState`]), on reads
+/// and writes alike: hyper may wait on either.
 struct Guarded {
     inner: TcpStream,
     state: Arc<ConnectionState>,
@@ -488,13 +511,21 @@ struct Guarded {
     timer: Pin<Box<Sleep>>,
     /// The deadline (milliseconds since the connection's birth) `timer` is set for.
     armed: u64,
-    /// Whether the connection turned out to be HTTP/2 (whose frames flow between
-    /// requests, so only the idle rule applies), once its first bytes are seen.
-    h2: Option<bool>,
+    /// What the first bytes say: HTTP/2 (the whole preface matched), HTTP/1 (a byte
+    /// that does not match), or not yet known (a head, as far as deadlines go).
+    protocol: Protocol,
 }
 
-/// The HTTP/2 connection preface starts with this.
-const H2_PREFACE: &[u8] = b"PRI";
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// This many bytes of the HTTP/2 preface matched so far.
+    Undecided(usize),
+    Http1,
+    Http2,
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 impl Guarded {
     fn new(
@@ -510,20 +541,33 @@ impl Guarded {
             metrics,
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             armed: NONE,
-            h2: None,
+            protocol: Protocol::Undecided(0),
         }
     }
 
-    fn saw_read(&mut self, first: &[u8]) {
-        let now = self.state.now();
-        let h2 = *self.h2.get_or_insert_with(|| first.starts_with(H2_PREFACE));
-        if h2 {
-            // HTTP/2 frames flow between requests (pings, settings, window updates):
-            // only requests count as activity (`ConnectionState`), so a peer that
-            // answers pings but asks nothing is still idle.
+    fn saw_read(&mut self, read: &[u8]) {
+        if let Protocol::Undecided(matched) = self.protocol {
+            let expected = &H2_PREFACE[matched..];
+            let n = read.len().min(expected.len());
+            self.protocol = if read[..n] != expected[..n] {
+                Protocol::Http1
+            } else if matched + n == H2_PREFACE.len() {
+                // No heads on HTTP/2: its requests are streams.
+                self.state.head_since.store(NONE, Ordering::Release);
+                self.state.progressed();
+                Protocol::Http2
+            } else {
+                Protocol::Undecided(matched + n)
+            };
+        }
+        if self.protocol == Protocol::Http2 {
+            // Frames flow between requests (pings, settings, window updates): only
+            // requests and response frames count as progress, so a peer that answers
+            // pings but asks nothing is still idle.
             return;
         }
-        self.state.last_activity.store(now, Ordering::Release);
+        let now = self.state.now();
+        self.state.last_progress.store(now, Ordering::Release);
         if self.state.in_flight.load(Ordering::Acquire) == 0 {
             let _ = self.state.head_since.compare_exchange(
                 NONE,
@@ -535,27 +579,24 @@ impl Guarded {
     }
 
     fn saw_write(&self, written: usize) {
-        // As for reads: on HTTP/2, only requests count (a keep-alive ping is a write).
-        if written > 0 && self.h2 != Some(true) {
-            self.state
-                .last_activity
-                .store(self.state.now(), Ordering::Release);
+        // As for reads: on HTTP/2 a keep-alive ping is a write, not progress.
+        if written > 0 && self.protocol != Protocol::Http2 {
+            self.state.progressed();
         }
     }
 
     /// The deadline now in force, and what passing it means.
     fn deadline(&self) -> Option<(u64, &'static str)> {
-        if self.state.upgraded.load(Ordering::Acquire)
-            || self.state.in_flight.load(Ordering::Acquire) > 0
-        {
+        if self.state.upgraded.load(Ordering::Acquire) {
             return None;
         }
         let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(NONE / 2);
+        let progress = self.state.last_progress.load(Ordering::Acquire);
+        if self.state.in_flight.load(Ordering::Acquire) > 0 {
+            return Some((progress + millis(self.limits.idle_timeout), "stalled"));
+        }
         match self.state.head_since.load(Ordering::Acquire) {
-            NONE => Some((
-                self.state.last_activity.load(Ordering::Acquire) + millis(self.limits.idle_timeout),
-                "idle",
-            )),
+            NONE => Some((progress + millis(self.limits.idle_timeout), "idle")),
             since => Some((
                 since + millis(self.limits.header_read_timeout),
                 "header_timeout",
@@ -582,6 +623,20 @@ impl Guarded {
             Poll::Pending => Poll::Pending,
         }
     }
+
+    /// Waiting on the socket: fine until the deadline in force passes.
+    fn pending<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        match self.poll_deadline(cx) {
+            Poll::Ready(reason) => {
+                self.metrics
+                    .closed
+                    .get_or_create(&ReasonLabel { reason })
+                    .inc();
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, reason)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 impl AsyncRead for Guarded {
@@ -600,16 +655,7 @@ impl AsyncRead for Guarded {
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
-            Poll::Pending => match self.poll_deadline(cx) {
-                Poll::Ready(reason) => {
-                    self.metrics
-                        .closed
-                        .get_or_create(&ReasonLabel { reason })
-                        .inc();
-                    Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, reason)))
-                }
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => self.pending(cx),
         }
     }
 }
@@ -620,11 +666,14 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &written {
-            self.saw_write(*n);
+        match Pin::new(&mut self.inner).poll_write(cx, buf) {
+            Poll::Ready(Ok(n)) => {
+                self.saw_write(n);
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Pending => self.pending(cx),
         }
-        written
     }
 
     fn poll_write_vectored(
@@ -632,11 +681,14 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = &written {
-            self.saw_write(*n);
+        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
+            Poll::Ready(Ok(n)) => {
+                self.saw_write(n);
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Pending => self.pending(cx),
         }
-        written
     }
 
     fn is_write_vectored(&self) -> bool {

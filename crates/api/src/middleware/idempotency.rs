@@ -19,7 +19,8 @@
 //! record at most `IDEMPOTENCY_MAX_RESPONSE_BYTES` of body (a larger response is
 //! answered but not stored, and the key is released), every record with a TTL.
 //!
-//! A 5xx or 429 is not stored: the client is meant to retry those. If Redis does not
+//! A 5xx, 429 or 405 is not stored, nor is anything for a path no route matches: the
+//! client is meant to retry the first two, and the others are not operations. If Redis does not
 //! answer, or is full, the request runs without the guarantee (and
 //! `redis_degraded_total{feature="idempotency"}` counts it); operations that must never
 //! duplicate have a durable guard of their own in PostgreSQL (a message's
@@ -27,7 +28,7 @@
 
 use axum::{
     body::{Body, Bytes},
-    extract::{Request, State},
+    extract::{MatchedPath, Request, State},
     http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header},
     middleware::Next,
     response::{IntoResponse, Response},
@@ -90,6 +91,12 @@ pub async fn idempotency(State(state): State<AppState>, req: Request, next: Next
     let Some(key) = req.headers().get(&IDEMPOTENCY_KEY).cloned() else {
         return next.run(req).await;
     };
+    // Only on a route: a path that matches none (404) or a method it does not take
+    // (405) is answered without a record, so records cannot be made past the write
+    // rate limit, which lives on the routes.
+    if req.extensions().get::<MatchedPath>().is_none() {
+        return next.run(req).await;
+    }
     // Anyone else is refused by the handler (401) without anything stored.
     let Some(Authentication::Valid(claims)) = req.extensions().get::<Authentication>() else {
         return next.run(req).await;
@@ -250,7 +257,10 @@ async fn store(
 ) -> Response {
     let status = response.status();
     let mut conn = state.redis.conn();
-    if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+    if status.is_server_error()
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::METHOD_NOT_ALLOWED
+    {
         let _: Result<(), _> = conn.del(redis_key).await;
         return response;
     }

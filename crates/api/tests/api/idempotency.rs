@@ -189,6 +189,20 @@ async fn nothing_is_stored_for_a_request_without_a_valid_token() {
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     }
     assert_eq!(records(&app).await, Vec::<String>::new());
+
+    // Signed in, but on no route: answered, not recorded (so not past the write limit).
+    let ann = app.register("bob@example.com").await;
+    for n in 0..3 {
+        let response = app
+            .authed(Method::POST, &format!("/v1/nowhere/{n}"), &ann)
+            .header("idempotency-key", format!("k{n}"))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    }
+    assert_eq!(records(&app).await, Vec::<String>::new());
 }
 
 #[tokio::test]
