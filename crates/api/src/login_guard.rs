@@ -6,7 +6,9 @@
 //! - from one address: after `LOGIN_FAILURES_PER_ADDRESS` failures on an account
 //!   within `LOGIN_FAILURE_WINDOW_SECONDS`, that address's attempts on that account are
 //!   refused (429 with `Retry-After`) until the window ends. The account's owner,
-//!   signing in from anywhere else, is not affected.
+//!   signing in from anywhere else, is not affected. (An IPv6 address counts by its
+//!   /64; a client whose address the proxies could not tell is never refused by this
+//!   rule, since all such clients share one bucket.)
 //! - from everywhere: once an account has `LOGIN_SLOWDOWN_AFTER_FAILURES` failures in
 //!   the window, every attempt on it waits before its password is checked, 1 s, then
 //!   doubling per further failure, up to `LOGIN_MAX_DELAY_SECONDS`. Slowed, never
@@ -19,7 +21,7 @@
 //! counts, sign-in goes on under the per-IP limit alone (which holds in-process then)
 //! and `redis_degraded_total{feature="login_guard"}` counts it.
 
-use std::time::Duration;
+use std::{sync::LazyLock, time::Duration};
 
 use mobile_domain::Email;
 use mobile_runtime::client_ip::ClientIp;
@@ -55,6 +57,7 @@ struct Keys {
 impl Keys {
     fn new(state: &AppState, email: &Email, ip: ClientIp) -> Self {
         let account = hex::encode(&Sha256::digest(email.as_str().as_bytes())[..16]);
+        let ip = ip.subject();
         Self {
             pair: state.redis.key(format_args!("login:pair:{account}:{ip}")),
             account: state.redis.key(format_args!("login:account:{account}")),
@@ -80,7 +83,7 @@ pub async fn before_attempt(state: &AppState, email: &Email, ip: ClientIp) -> Re
             return Ok(());
         }
     };
-    if pair.unwrap_or(0) >= settings.per_address {
+    if pair.unwrap_or(0) >= settings.per_address && ip != ClientIp::Unknown {
         count(state, "refused");
         let seconds = u64::try_from(pair_ttl_ms)
             .unwrap_or(1)
@@ -105,30 +108,31 @@ fn delay(settings: &LoginGuardSettings, failures: u32) -> Duration {
     Duration::from_secs(1u64 << beyond.min(20)).min(settings.max_delay)
 }
 
+/// Counts one failure on a key, giving a new count the window as its TTL in the same
+/// step (a count must never outlive its window: `INCR` alone on a key that just
+/// expired would make one that never does).
+static COUNT_FAILURE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+for _, key in ipairs(KEYS) do
+  if redis.call('INCR', key) == 1 or redis.call('TTL', key) < 0 then
+    redis.call('EXPIRE', key, ARGV[1])
+  end
+end
+return 0
+",
+    )
+});
+
 /// After a wrong password (or an unknown email).
 pub async fn failed(state: &AppState, email: &Email, ip: ClientIp) {
     let keys = Keys::new(state, email, ip);
     let window = state.settings.login_guard.window.as_secs();
-    let counted: Result<(), _> = redis::pipe()
-        .cmd("SET")
-        .arg(&keys.account)
-        .arg(0)
-        .arg("EX")
+    let counted: Result<i64, _> = COUNT_FAILURE
+        .key(&keys.account)
+        .key(&keys.pair)
         .arg(window)
-        .arg("NX")
-        .ignore()
-        .incr(&keys.account, 1)
-        .ignore()
-        .cmd("SET")
-        .arg(&keys.pair)
-        .arg(0)
-        .arg("EX")
-        .arg(window)
-        .arg("NX")
-        .ignore()
-        .incr(&keys.pair, 1)
-        .ignore()
-        .query_async(&mut state.redis.conn())
+        .invoke_async(&mut state.redis.conn())
         .await;
     if let Err(e) = counted {
         degraded(state, &e);

@@ -245,7 +245,8 @@ async fn upgrade(
         &headers,
         Some(peer.ip()),
         context.settings.trusted_proxy_hops,
-    );
+    )
+    .subject();
     let Ok(address_ticket) = context.sessions.admit_address(address) else {
         context.metrics.refused("address");
         return refuse(

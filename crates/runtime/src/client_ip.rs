@@ -30,6 +30,22 @@ pub enum ClientIp {
     Unknown,
 }
 
+impl ClientIp {
+    /// The client as a subject of per-address limits: an IPv4 address whole, an IPv6
+    /// one by its /64, which is what one subscriber (one phone, one home) is given:
+    /// rotating addresses inside it does not make a client new.
+    #[must_use]
+    pub fn subject(self) -> Self {
+        match self {
+            Self::Known(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+                Some(v4) => Self::Known(IpAddr::V4(v4)),
+                None => Self::Known(IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into())),
+            },
+            other => other,
+        }
+    }
+}
+
 impl fmt::Display for ClientIp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -121,6 +137,22 @@ mod tests {
         );
         assert_eq!(client(&["6.6.6.6, [2001:db8::9]"], 1), ip("2001:db8::9"));
         assert_eq!(client(&["6.6.6.6,2001:db8::9"], 1), ip("2001:db8::9"));
+    }
+
+    #[test]
+    fn an_ipv6_client_is_one_subject_per_64() {
+        assert_eq!(
+            ip("2001:db8:1:2:aaaa::1").subject(),
+            ip("2001:db8:1:2:bbbb::ffff").subject()
+        );
+        assert_eq!(ip("2001:db8:1:2:aaaa::1").subject(), ip("2001:db8:1:2::"));
+        assert_ne!(
+            ip("2001:db8:1:2::1").subject(),
+            ip("2001:db8:1:3::1").subject()
+        );
+        assert_eq!(ip("::ffff:203.0.113.9").subject(), ip("203.0.113.9"));
+        assert_eq!(ip("203.0.113.9").subject(), ip("203.0.113.9"));
+        assert_eq!(ClientIp::Unknown.subject(), ClientIp::Unknown);
     }
 
     #[test]

@@ -153,7 +153,7 @@ pub async fn limit(
     let (parts, body) = req.into_parts();
     let (bucket, per_minute) = match class {
         Class::Auth => {
-            let ip = client_ip(&parts, state.settings.trusted_proxy_hops);
+            let ip = client_ip(&parts, state.settings.trusted_proxy_hops).subject();
             (
                 format!("rl:auth:{ip}"),
                 state.settings.rate_limit_auth_per_minute,

@@ -221,6 +221,28 @@ async fn failed_logins_are_limited_per_account_by_slowing_down_not_locking_out()
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert!(started.elapsed() >= std::time::Duration::from_millis(900));
+    // Every count expires with its window, and none names the email.
+    let client = redis::Client::open(mobile_testkit::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}login:*", app.redis_prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        keys.len(),
+        2,
+        "the account, and the account with the guessing address"
+    );
+    for key in keys {
+        assert!(!key.contains("ann"), "{key}");
+        let ttl: i64 = redis::cmd("TTL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!((1..=900).contains(&ttl), "{key}: {ttl}");
+    }
     let metrics = app.metrics_text().await;
     assert_eq!(
         sample(&metrics, "login_throttled_total{action=\"refused\"}"),
