@@ -82,12 +82,8 @@ impl ApiSettings {
                 development: common.app_env.is_development(),
             },
             common,
-            refresh_token_ttl: Duration::from_secs(
-                env.parse::<u64>("REFRESH_TOKEN_TTL_DAYS", 30)? * 86_400,
-            ),
-            session_max_age: Duration::from_secs(
-                env.parse::<u64>("SESSION_MAX_AGE_DAYS", 90)? * 86_400,
-            ),
+            refresh_token_ttl: env.days("REFRESH_TOKEN_TTL_DAYS", 30)?,
+            session_max_age: env.days("SESSION_MAX_AGE_DAYS", 90)?,
             request_timeout: env.seconds("REQUEST_TIMEOUT_SECONDS", 15)?,
             request_body_timeout: env.seconds("REQUEST_BODY_TIMEOUT_SECONDS", 10)?,
             max_body_bytes: env.parse("MAX_BODY_BYTES", 64 * 1024)?,
@@ -208,6 +204,15 @@ mod tests {
         let mut env = vec![("APP_ENV", "development")];
         env.extend_from_slice(pairs);
         ApiSettings::from_env(&Env::from_pairs(env.iter().copied()))
+    }
+
+    #[test]
+    fn days_are_bounded_not_wrapped() {
+        assert!(settings(&[("SESSION_MAX_AGE_DAYS", "3650")]).is_ok());
+        for value in ["3651", "213503982334601"] {
+            let error = settings(&[("SESSION_MAX_AGE_DAYS", value)]).unwrap_err();
+            assert_eq!(error.name, "SESSION_MAX_AGE_DAYS");
+        }
     }
 
     #[test]

@@ -24,6 +24,12 @@ impl Bucket {
         }
     }
 
+    /// Whether the bucket has refilled to its capacity.
+    pub fn is_full(&self) -> bool {
+        let elapsed = self.refilled.elapsed().as_secs_f64();
+        self.tokens + elapsed * self.per_second >= self.capacity
+    }
+
     /// Takes `n` tokens if there are that many; else says how long until there would
     /// be (and takes none). More than the capacity can never be taken.
     pub fn take(&mut self, n: u32) -> Result<(), Duration> {

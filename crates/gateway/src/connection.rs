@@ -52,6 +52,9 @@ use crate::{
 /// arrive, before the socket is dropped anyway.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
+/// `refresh` frames a connection may send at once; then one a minute.
+const REFRESH_BURST: u32 = 5;
+
 /// Clock skew allowed on a token's expiry, as the verifier allows it.
 const EXPIRY_LEEWAY_SECONDS: i64 = 5;
 
@@ -164,16 +167,8 @@ pub async fn serve(mut socket: WebSocket, auth: Result<Admitted, TokenError>, ct
             settings.publish_per_second,
             f64::from(settings.publish_per_second),
         ),
-        subscribes: Bucket::new(
-            u32::try_from(settings.max_channels)
-                .unwrap_or(u32::MAX)
-                .max(settings.subscribes_per_second),
-            f64::from(settings.subscribes_per_second),
-        ),
-        recoveries: Bucket::new(
-            settings.recovery_budget_per_minute,
-            f64::from(settings.recovery_budget_per_minute) / 60.0,
-        ),
+        // Each costs an Ed25519 check: a few, then one a minute.
+        refreshes: Bucket::new(REFRESH_BURST, 1.0 / 60.0),
         closing: None,
         ctx: ctx.clone(),
     };
@@ -196,6 +191,18 @@ fn expiry(exp: i64) -> Instant {
         .saturating_add(EXPIRY_LEEWAY_SECONDS)
         .saturating_sub(OffsetDateTime::now_utc().unix_timestamp());
     Instant::now() + Duration::from_secs(u64::try_from(left).unwrap_or(0))
+}
+
+/// Whether PostgreSQL has `session` live. If it cannot say, yes: the periodic check
+/// asks again.
+async fn session_is_live(db: &sqlx::PgPool, session: SessionId) -> bool {
+    match mobile_db::sessions::live_sessions(db, &[session]).await {
+        Ok(live) => !live.is_empty(),
+        Err(error) => {
+            tracing::warn!(%error, "cannot check the session; the periodic check will");
+            true
+        }
+    }
 }
 
 /// Why a connection ended, for a reason thrown from outside it.
@@ -253,10 +260,10 @@ struct Connection {
     last_pong: Instant,
     /// Text frames fed since the last flush: counted as sent once they are written.
     unflushed: u64,
-    /// Ephemeral publishes, subscribes, and events replayed on subscribe.
+    /// Ephemeral publishes and token refreshes (subscribes and replays are budgeted
+    /// per user, in `ctx.sessions`).
     publishes: Bucket,
-    subscribes: Bucket,
-    recoveries: Bucket,
+    refreshes: Bucket,
     /// The close frame to send once the connection has left the hub: code, reason,
     /// and how long writing it may take.
     closing: Option<(u16, &'static str, Duration)>,
@@ -275,6 +282,11 @@ impl Connection {
         let own = Channel::User(self.user);
         self.ctx.hub.subscribe(own, self.subscriber()).await;
         self.subs.insert(own, Sub::User);
+        // Revocations committed from now on reach this socket through its own channel,
+        // which is subscribed; one committed before is in PostgreSQL.
+        if !session_is_live(&self.ctx.db, self.session).await {
+            return self.close(close::BAD_TOKEN, "session_revoked", End::SessionRevoked);
+        }
         let interval = self.ctx.settings.ping_interval;
         let welcome = ServerFrame::Welcome {
             connection_id: &self.public_id,
@@ -396,6 +408,11 @@ impl Connection {
     /// Moves the socket onto a fresh token of the same user; an error frame (and the
     /// old expiry standing) for any other.
     async fn refresh(&mut self, id: Option<u64>, token: &str) -> Result<(), End> {
+        if self.refreshes.take(1).is_err() {
+            return self
+                .error(id, "rate_limited", "too many refreshes; one a minute")
+                .await;
+        }
         let claims = match self.ctx.tokens.verify(token.trim()) {
             Ok(claims) => claims,
             Err(TokenError::Expired) => {
@@ -417,6 +434,11 @@ impl Connection {
         if claims.sid != self.session {
             self.session = claims.sid;
             self.ticket.set_session(claims.sid);
+            // A revocation of the new session processed before the line above missed
+            // this socket; PostgreSQL has it.
+            if !session_is_live(&self.ctx.db, self.session).await {
+                return Err(self.close(close::BAD_TOKEN, "session_revoked", End::SessionRevoked));
+            }
         }
         self.expires_at = expiry(claims.exp);
         let expires_at = OffsetDateTime::from_unix_timestamp(claims.exp)
@@ -426,10 +448,15 @@ impl Connection {
                     .ok()
             })
             .unwrap_or_default();
+        let expires_in = claims
+            .exp
+            .saturating_sub(OffsetDateTime::now_utc().unix_timestamp())
+            .max(0);
         self.send_text(
             ServerFrame::Refreshed {
                 id,
                 expires_at: &expires_at,
+                expires_in,
             }
             .to_text(),
         )
@@ -494,7 +521,7 @@ impl Connection {
         }
         // Each subscribe from here costs PostgreSQL a query or two: a burst (an app
         // starting), then a steady rate.
-        if self.subscribes.take(1).is_err() {
+        if self.ctx.sessions.take_subscribe(self.user).is_err() {
             return self
                 .error(id, "rate_limited", "too many subscribes; slow down")
                 .await;
@@ -538,14 +565,14 @@ impl Connection {
             }
             Some(since) => {
                 let events = u32::try_from(latest - since).unwrap_or(u32::MAX);
-                if self.recoveries.take(events).is_err() {
+                if self.ctx.sessions.take_recovery(self.user, events).is_err() {
                     self.count_recovery("over_budget");
                     self.ctx.hub.unsubscribe(channel, self.id).await;
                     return self
                         .error(
                             id,
                             "recovery_limited",
-                            "this connection had too many events replayed lately; retry this subscribe in a minute",
+                            "too many events were replayed for you lately; retry this subscribe in a minute",
                         )
                         .await;
                 }

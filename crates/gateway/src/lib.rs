@@ -56,7 +56,7 @@ use crate::{
     hub::{Evict, Hub},
     metrics::GatewayMetrics,
     presence::Presence,
-    sessions::{Refusal, Sessions},
+    sessions::{Budgets, Refusal, Sessions},
 };
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -152,6 +152,15 @@ pub async fn serve(
     let sessions = Sessions::new(
         settings.max_connections_per_user,
         settings.max_connections_per_ip,
+        Budgets {
+            // Room for a few devices subscribing everything at once.
+            subscribe_burst: u32::try_from(settings.max_channels)
+                .unwrap_or(u32::MAX)
+                .saturating_mul(2)
+                .max(settings.subscribes_per_second),
+            subscribes_per_second: settings.subscribes_per_second,
+            recoveries_per_minute: settings.recovery_budget_per_minute,
+        },
     );
     let hub = Hub::start(
         redis.clone(),

@@ -162,11 +162,12 @@ pub enum ServerFrame<'a> {
     /// `since`.
     Reconnect { after_ms: u64 },
     /// The socket now lives on the token of a `refresh` frame, until `expires_at`
-    /// (RFC 3339).
+    /// (RFC 3339), `expires_in` seconds from now (for a phone whose clock is off).
     Refreshed {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
         expires_at: &'a str,
+        expires_in: i64,
     },
 }
 

@@ -1,7 +1,10 @@
 //! Who holds this gateway's sockets: per user (and session) and per client address.
 //!
 //! The table admits a connection under the caps (`WS_MAX_CONNECTIONS_PER_USER`,
-//! `WS_MAX_CONNECTIONS_PER_IP`), and it is how a revoked session's sockets are found:
+//! `WS_MAX_CONNECTIONS_PER_IP`); it keeps each user's budgets for what costs
+//! PostgreSQL (subscribes, events replayed), shared by the user's sockets and kept a
+//! while after the last one closes, so reconnecting does not refill them; and it is
+//! how a revoked session's sockets are found:
 //!
 //! - **At once**, by the revocation frame the API publishes on the user's channel
 //!   (`mobile_events::revocation`) after the commit that ended the session: every
@@ -25,7 +28,10 @@ use mobile_runtime::client_ip::ClientIp;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::{ConnId, Evict, Eviction};
+use crate::{
+    bucket::Bucket,
+    hub::{ConnId, Evict, Eviction},
+};
 
 /// Why a connection was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,18 +42,53 @@ pub enum Refusal {
     Address,
 }
 
+/// What one user may cost PostgreSQL, on one gateway.
+#[derive(Debug, Clone, Copy)]
+pub struct Budgets {
+    /// Subscribes: a burst of this many, then `subscribes_per_second`.
+    pub subscribe_burst: u32,
+    pub subscribes_per_second: u32,
+    /// Events replayed on subscribes with `since`, per minute.
+    pub recoveries_per_minute: u32,
+}
+
 /// The open sockets, shared by the upgrade handler, the hub and the sweep.
 #[derive(Debug, Clone)]
 pub struct Sessions {
     table: Arc<Mutex<Table>>,
     per_user: usize,
     per_ip: usize,
+    budgets: Budgets,
 }
 
 #[derive(Debug, Default)]
 struct Table {
-    users: HashMap<UserId, Vec<Live>>,
+    users: HashMap<UserId, User>,
     addresses: HashMap<ClientIp, usize>,
+}
+
+/// One user's sockets and budgets.
+#[derive(Debug)]
+struct User {
+    live: Vec<Live>,
+    subscribes: Bucket,
+    recoveries: Bucket,
+}
+
+impl User {
+    fn new(budgets: Budgets) -> Self {
+        Self {
+            live: Vec::new(),
+            subscribes: Bucket::new(
+                budgets.subscribe_burst,
+                f64::from(budgets.subscribes_per_second),
+            ),
+            recoveries: Bucket::new(
+                budgets.recoveries_per_minute,
+                f64::from(budgets.recoveries_per_minute) / 60.0,
+            ),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -59,12 +100,44 @@ struct Live {
 
 impl Sessions {
     /// `per_ip` 0 means no cap per address.
-    pub fn new(per_user: usize, per_ip: usize) -> Self {
+    pub fn new(per_user: usize, per_ip: usize, budgets: Budgets) -> Self {
         Self {
             table: Arc::default(),
             per_user,
             per_ip,
+            budgets,
         }
+    }
+
+    /// Takes one subscribe from `user`'s budget; else how long until there is one.
+    pub fn take_subscribe(&self, user: UserId) -> Result<(), Duration> {
+        let budgets = self.budgets;
+        let mut table = self.table();
+        let user = table
+            .users
+            .entry(user)
+            .or_insert_with(|| User::new(budgets));
+        user.subscribes.take(1)
+    }
+
+    /// Takes `events` replayed events from `user`'s budget; else how long until there
+    /// are that many (`Duration::MAX`: never, more than the budget).
+    pub fn take_recovery(&self, user: UserId, events: u32) -> Result<(), Duration> {
+        let budgets = self.budgets;
+        let mut table = self.table();
+        let user = table
+            .users
+            .entry(user)
+            .or_insert_with(|| User::new(budgets));
+        user.recoveries.take(events)
+    }
+
+    /// Forgets users without sockets whose budgets are whole again.
+    pub fn prune(&self) {
+        let mut table = self.table();
+        table.users.retain(|_, user| {
+            !(user.live.is_empty() && user.subscribes.is_full() && user.recoveries.is_full())
+        });
     }
 
     fn table(&self) -> MutexGuard<'_, Table> {
@@ -93,8 +166,13 @@ impl Sessions {
         conn: ConnId,
         evict: Evict,
     ) -> Result<Ticket, Refusal> {
+        let budgets = self.budgets;
         let mut table = self.table();
-        let live = table.users.entry(user).or_default();
+        let live = &mut table
+            .users
+            .entry(user)
+            .or_insert_with(|| User::new(budgets))
+            .live;
         if live.len() >= self.per_user {
             return Err(Refusal::User);
         }
@@ -117,7 +195,7 @@ impl Sessions {
             .users
             .get(&user)
             .into_iter()
-            .flatten()
+            .flat_map(|user| &user.live)
             .filter(|live| revoke.ends(live.session));
         let mut count = 0;
         for live in ended {
@@ -133,7 +211,7 @@ impl Sessions {
         let sessions: HashSet<SessionId> = table
             .users
             .values()
-            .flatten()
+            .flat_map(|user| &user.live)
             .map(|live| live.session)
             .collect();
         sessions.into_iter().collect()
@@ -143,7 +221,7 @@ impl Sessions {
     pub fn revoke_sessions(&self, ended: &HashSet<SessionId>) -> usize {
         let table = self.table();
         let mut count = 0;
-        for live in table.users.values().flatten() {
+        for live in table.users.values().flat_map(|user| &user.live) {
             if ended.contains(&live.session) {
                 live.evict.evict(Eviction::SessionRevoked);
                 count += 1;
@@ -169,7 +247,7 @@ impl Ticket {
         if let Some(live) = table
             .users
             .get_mut(&self.user)
-            .and_then(|live| live.iter_mut().find(|live| live.conn == self.conn))
+            .and_then(|user| user.live.iter_mut().find(|live| live.conn == self.conn))
         {
             live.session = session;
         }
@@ -178,12 +256,10 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
+        // The user's entry stays (its budgets with it) until [`Sessions::prune`].
         let mut table = self.sessions.table();
-        if let Some(live) = table.users.get_mut(&self.user) {
-            live.retain(|live| live.conn != self.conn);
-            if live.is_empty() {
-                table.users.remove(&self.user);
-            }
+        if let Some(user) = table.users.get_mut(&self.user) {
+            user.live.retain(|live| live.conn != self.conn);
         }
     }
 }
@@ -210,7 +286,8 @@ impl Drop for AddressTicket {
 const SWEEP_CHUNK: usize = 10_000;
 
 /// Every `interval` until `stop`: closes the sockets of sessions PostgreSQL no longer
-/// has live. A failed check is retried at the next interval.
+/// has live (a failed check is retried at the next interval), and forgets users who
+/// left a while ago.
 pub async fn sweep(sessions: Sessions, db: PgPool, interval: Duration, stop: CancellationToken) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -220,6 +297,7 @@ pub async fn sweep(sessions: Sessions, db: PgPool, interval: Duration, stop: Can
             () = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
+        sessions.prune();
         let held = sessions.live_sessions();
         let mut ended = HashSet::new();
         for chunk in held.chunks(SWEEP_CHUNK) {
@@ -249,9 +327,15 @@ pub async fn sweep(sessions: Sessions, db: PgPool, interval: Duration, stop: Can
 mod tests {
     use super::*;
 
+    const BUDGETS: Budgets = Budgets {
+        subscribe_burst: 3,
+        subscribes_per_second: 1,
+        recoveries_per_minute: 60,
+    };
+
     #[test]
     fn caps_per_user_and_per_address_free_their_places_on_drop() {
-        let sessions = Sessions::new(2, 1);
+        let sessions = Sessions::new(2, 1, BUDGETS);
         let (ann, session) = (UserId::new(), SessionId::new());
         let first = sessions.admit(ann, session, 1, Evict::default()).unwrap();
         let _second = sessions.admit(ann, session, 2, Evict::default()).unwrap();
@@ -278,16 +362,49 @@ mod tests {
         drop(held);
         assert!(sessions.admit_address(address).is_ok());
         // 0: no cap.
-        let open = Sessions::new(1, 0);
+        let open = Sessions::new(1, 0, BUDGETS);
         let tickets: Vec<_> = (0..100)
             .map(|_| open.admit_address(address).unwrap())
             .collect();
         assert_eq!(tickets.len(), 100);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn budgets_are_the_users_and_outlive_a_reconnect() {
+        let sessions = Sessions::new(10, 0, BUDGETS);
+        let ann = UserId::new();
+        let first = sessions
+            .admit(ann, SessionId::new(), 1, Evict::default())
+            .unwrap();
+        for _ in 0..3 {
+            sessions.take_subscribe(ann).unwrap();
+        }
+        sessions.take_recovery(ann, 60).unwrap();
+        // Reconnecting: a new socket finds the budgets spent.
+        drop(first);
+        sessions.prune();
+        let _second = sessions
+            .admit(ann, SessionId::new(), 2, Evict::default())
+            .unwrap();
+        assert!(sessions.take_subscribe(ann).is_err());
+        assert!(sessions.take_recovery(ann, 1).is_err());
+        // Another user has their own.
+        assert!(sessions.take_subscribe(UserId::new()).is_ok());
+        // Gone and refilled: forgotten.
+        let bob = UserId::new();
+        sessions.take_subscribe(bob).unwrap();
+        tokio::time::advance(Duration::from_secs(61)).await;
+        sessions.prune();
+        assert!(!sessions.table().users.contains_key(&bob));
+        assert!(
+            sessions.table().users.contains_key(&ann),
+            "ann has a socket"
+        );
+    }
+
     #[test]
     fn a_revocation_closes_exactly_the_sockets_of_the_sessions_it_ends() {
-        let sessions = Sessions::new(10, 0);
+        let sessions = Sessions::new(10, 0, BUDGETS);
         let ann = UserId::new();
         let (phone, tablet) = (SessionId::new(), SessionId::new());
         let evicts: Vec<Evict> = (0..3).map(|_| Evict::default()).collect();

@@ -30,14 +30,14 @@ pub struct GatewaySettings {
     pub recovery_limit: i64,
     /// `WS_PUBLISH_PER_SECOND` (default 10): ephemeral publishes per connection.
     pub publish_per_second: u32,
-    /// `WS_SUBSCRIBES_PER_SECOND` (default 10): subscribes per connection, after a
-    /// burst of `WS_MAX_CHANNELS` (an app subscribing to its conversations at start).
-    /// Each costs PostgreSQL a membership check.
+    /// `WS_SUBSCRIBES_PER_SECOND` (default 10): subscribes per user (all their sockets
+    /// on this process), after a burst of twice `WS_MAX_CHANNELS` (a few devices
+    /// subscribing to their conversations at start). Each costs PostgreSQL a query.
     pub subscribes_per_second: u32,
-    /// `WS_RECOVERY_BUDGET_PER_MINUTE` (default 10000): events a connection may have
-    /// replayed from PostgreSQL (subscribes with `since`) per minute; beyond, a
+    /// `WS_RECOVERY_BUDGET_PER_MINUTE` (default 10000): events a user may have replayed
+    /// from PostgreSQL (subscribes with `since`) per minute on this process; beyond, a
     /// subscribe with `since` is refused with `recovery_limited` until the budget
-    /// refills.
+    /// refills. At least `WS_RECOVERY_LIMIT`, or some recoveries could never happen.
     pub recovery_budget_per_minute: u32,
     /// `WS_MAX_CONNECTIONS_PER_USER` (default 10): sockets one user may hold on this
     /// process (a user has a few devices); beyond, the upgrade is 429.
@@ -133,6 +133,12 @@ impl GatewaySettings {
                 "must be at least 1024",
             ));
         }
+        if i64::from(settings.recovery_budget_per_minute) < settings.recovery_limit {
+            return Err(SettingsError::new(
+                "WS_RECOVERY_BUDGET_PER_MINUTE",
+                "must be at least WS_RECOVERY_LIMIT",
+            ));
+        }
         if settings.recovery_limit < 1 {
             return Err(SettingsError::new(
                 "WS_RECOVERY_LIMIT",
@@ -140,5 +146,24 @@ impl GatewaySettings {
             ));
         }
         Ok(settings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recovery_budget_below_one_recovery_is_refused() {
+        let env = |budget: &str| {
+            Env::from_pairs([
+                ("APP_ENV", "development"),
+                ("WS_RECOVERY_LIMIT", "1000"),
+                ("WS_RECOVERY_BUDGET_PER_MINUTE", budget),
+            ])
+        };
+        assert!(GatewaySettings::from_env(&env("1000")).is_ok());
+        let error = GatewaySettings::from_env(&env("999")).unwrap_err();
+        assert_eq!(error.name, "WS_RECOVERY_BUDGET_PER_MINUTE");
     }
 }

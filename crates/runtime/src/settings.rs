@@ -102,6 +102,15 @@ impl Env {
     pub fn seconds(&self, name: &str, default: u64) -> Result<Duration, SettingsError> {
         self.parse(name, default).map(Duration::from_secs)
     }
+
+    /// A whole number of days, as every `*_DAYS` variable is: at most ten years.
+    pub fn days(&self, name: &str, default: u64) -> Result<Duration, SettingsError> {
+        let days: u64 = self.parse(name, default)?;
+        if days > 3650 {
+            return Err(SettingsError::new(name, "must be at most 3650 (ten years)"));
+        }
+        Ok(Duration::from_secs(days * 86_400))
+    }
 }
 
 /// `APP_ENV`: only `development` unlocks development conveniences (such as the

@@ -143,14 +143,29 @@ async fn subscribes_are_rate_limited() {
             other => panic!("{other:?}"),
         }
     }
-    // The burst (5) and what refilled meanwhile reached PostgreSQL; nothing more.
-    assert!((5..=8).contains(&forbidden), "{forbidden} checked");
+    // The burst (twice the channels: 10) and what refilled meanwhile reached
+    // PostgreSQL; nothing more.
+    assert!((10..=13).contains(&forbidden), "{forbidden} checked");
     assert_eq!(forbidden + limited, 50);
+    // Reconnecting does not refill the budget: it is the user's.
+    drop(client);
+    let mut again = Client::connect(&stack.gateways[0].addr, &ann.token).await;
+    again
+        .send(json!({"type": "subscribe", "id": 1, "channel": format!("conversation:{}", uuid::Uuid::new_v4())}))
+        .await;
+    assert_eq!(again.next().await["code"], "rate_limited");
 }
 
 #[tokio::test]
 async fn replays_have_a_budget_and_since_is_a_checked_range() {
-    let stack = Stack::start(1, &[("WS_RECOVERY_BUDGET_PER_MINUTE", "5")]).await;
+    let stack = Stack::start(
+        1,
+        &[
+            ("WS_RECOVERY_BUDGET_PER_MINUTE", "5"),
+            ("WS_RECOVERY_LIMIT", "5"),
+        ],
+    )
+    .await;
     let ann = stack.register("ann").await;
     let conversation = stack.conversation(&ann, &[]).await;
     for n in 0..4 {
@@ -178,6 +193,12 @@ async fn replays_have_a_budget_and_since_is_a_checked_range() {
         .await;
     let refused = client.next().await;
     assert_eq!(refused["code"], "recovery_limited", "{refused}");
+    // Nor does a new connection get a fresh budget.
+    let mut other = Client::connect(&stack.gateways[0].addr, &ann.token).await;
+    other
+        .send(json!({"type": "subscribe", "id": 3, "channel": channel, "since": 0}))
+        .await;
+    assert_eq!(other.next().await["code"], "recovery_limited");
     // Not subscribed: a live message does not arrive; a subscribe without `since` works.
     let seq = stack.post(&ann, &conversation, "live").await;
     assert!(

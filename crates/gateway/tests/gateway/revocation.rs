@@ -75,6 +75,22 @@ async fn logout_closes_the_sessions_sockets_on_every_gateway_within_2_s() {
 }
 
 #[tokio::test]
+async fn a_revoked_sessions_token_cannot_open_a_socket() {
+    let stack = Stack::start(1, &[]).await;
+    let ann = stack.register("ann").await;
+    let logout = json!({"refresh_token": ann.refresh_token});
+    assert_eq!(stack.api_post("/v1/auth/logout", &logout).await, 204);
+    // The access token itself is still unexpired; its session is not live.
+    let mut socket = crate::helpers::Client::connect_raw(&format!(
+        "{}?access_token={}",
+        stack.gateways[0].addr, ann.token
+    ))
+    .await;
+    let (code, reason) = close_frame(&mut socket, Duration::from_secs(2)).await;
+    assert_eq!((code, reason.as_str()), (4001, "session_revoked"));
+}
+
+#[tokio::test]
 async fn refresh_token_reuse_closes_the_familys_sockets() {
     let stack = Stack::start(1, &[]).await;
     let ann = stack.register("ann").await;
@@ -159,6 +175,10 @@ async fn an_expired_token_closes_its_socket_unless_refreshed() {
     )
     .unwrap();
     assert!(expires_at > time::OffsetDateTime::now_utc() + time::Duration::minutes(10));
+    assert!(
+        (600..=900).contains(&answer["expires_in"].as_i64().unwrap()),
+        "{answer}"
+    );
     // Past the old expiry, still open and serving.
     assert!(
         refreshing
