@@ -508,7 +508,11 @@ struct Guarded {
     state: Arc<ConnectionState>,
     limits: Arc<ConnectionLimits>,
     metrics: ConnectionMetrics,
-    timer: Pin<Box<Sleep>>,
+    /// Allocated when first needed; dropped when no deadline applies any more (a
+    /// WebSocket): a registered timer holds the waker of the task that last polled
+    /// it, and after an upgrade that is the finished HTTP connection's task, whose
+    /// memory would stay allocated until the timer fired.
+    timer: Option<Pin<Box<Sleep>>>,
     /// The deadline (milliseconds since the connection's birth) `timer` is set for.
     armed: u64,
     /// What the first bytes say: HTTP/2 (the whole preface matched), HTTP/1 (a byte
@@ -539,7 +543,7 @@ impl Guarded {
             state,
             limits,
             metrics,
-            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            timer: None,
             armed: NONE,
             protocol: Protocol::Undecided(0),
         }
@@ -607,18 +611,23 @@ impl Guarded {
     /// `Pending` until the deadline in force passes; then the reason.
     fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<&'static str> {
         let Some((deadline, reason)) = self.deadline() else {
+            self.timer = None;
+            self.armed = NONE;
             return Poll::Pending;
         };
         let now = self.state.now();
         if deadline <= now {
             return Poll::Ready(reason);
         }
+        let wake = Instant::now() + Duration::from_millis(deadline - now);
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(wake)));
         if self.armed != deadline {
             self.armed = deadline;
-            let wake = Instant::now() + Duration::from_millis(deadline - now);
-            self.timer.as_mut().reset(wake);
+            timer.as_mut().reset(wake);
         }
-        match self.timer.as_mut().poll(cx) {
+        match timer.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(reason),
             Poll::Pending => Poll::Pending,
         }
