@@ -283,8 +283,10 @@ impl Connection {
         self.ctx.hub.subscribe(own, self.subscriber()).await;
         self.subs.insert(own, Sub::User);
         // Revocations committed from now on reach this socket through its own channel,
-        // which is subscribed; one committed before is in PostgreSQL.
-        if !session_is_live(&self.ctx.db, self.session).await {
+        // which is subscribed; one committed before is in PostgreSQL. (Boxed, as the
+        // handlers below are: a query's state is large, and kept inline it would make
+        // every idle connection's future that much larger for good.)
+        if !Box::pin(session_is_live(&self.ctx.db, self.session)).await {
             return self.close(close::BAD_TOKEN, "session_revoked", End::SessionRevoked);
         }
         let interval = self.ctx.settings.ping_interval;
