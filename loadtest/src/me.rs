@@ -11,6 +11,12 @@
 //! JIT). Both use a pool of 20 database connections. Beside them, the same ladder runs
 //! against a bare hyper server and `pgbench` runs the same query: the HTTP and
 //! database ceilings of this machine (see [`crate::ceilings`]).
+//!
+//! With `--baseline <path of another mobile-api binary>` (a build of an earlier
+//! commit), it compares that build with this one instead: both run at once on the same
+//! database, and each rate is measured on one, then the other, `--rounds` times, the
+//! order alternating, so drift on the machine falls on both alike. The figure is each
+//! build's median requests per server CPU-second per rate, and their ratio.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -30,6 +36,9 @@ use crate::{
 };
 
 pub async fn run(flags: &Flags) -> anyhow::Result<()> {
+    if !flags.text("baseline", "").is_empty() {
+        return run_against_baseline(flags).await;
+    }
     let seconds = flags.number("seconds", 8)?;
     let p99_objective = flags.number("p99-ms", 25)? as f64;
     let ladder: Vec<u64> = flags
@@ -83,26 +92,7 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
     drop(ceiling_process);
 
     // Ours.
-    let api = Service::start(
-        &sibling("mobile-api")?,
-        &[
-            ("APP_ENV", "development".to_owned()),
-            ("DATABASE_URL", database_url.clone()),
-            ("DATABASE_MAX_CONNECTIONS", "20".to_owned()),
-            (
-                "REDIS_KEY_PREFIX",
-                format!("bench:{}:", Uuid::new_v4().simple()),
-            ),
-            (
-                "STORAGE_URL",
-                format!(
-                    "file://{}",
-                    std::env::temp_dir().join("mobile-bench-media").display()
-                ),
-            ),
-        ],
-    )
-    .await?;
+    let api = Service::start(&sibling("mobile-api")?, &api_env(&database_url)).await?;
     let ours = ladder_run("mobile-api", api.pid, api.port, &tokens, &ladder, seconds).await;
     drop(api);
 
@@ -226,6 +216,111 @@ fn cpu_seconds(pid: u32) -> f64 {
             Some((fields.get(10)? + fields.get(11)?) / 100.0)
         })
         .unwrap_or(0.0)
+}
+
+/// The environment a `mobile-api` under measurement runs with.
+fn api_env(database_url: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("APP_ENV", "development".to_owned()),
+        ("DATABASE_URL", database_url.to_owned()),
+        ("DATABASE_MAX_CONNECTIONS", "20".to_owned()),
+        (
+            "REDIS_KEY_PREFIX",
+            format!("bench:{}:", Uuid::new_v4().simple()),
+        ),
+        (
+            "STORAGE_URL",
+            format!(
+                "file://{}",
+                std::env::temp_dir().join("mobile-bench-media").display()
+            ),
+        ),
+    ]
+}
+
+/// `--baseline`: this build's `mobile-api` against another's, interleaved.
+async fn run_against_baseline(flags: &Flags) -> anyhow::Result<()> {
+    let baseline = PathBuf::from(flags.text("baseline", ""));
+    let seconds = flags.number("seconds", 8)?;
+    let rounds = flags.number("rounds", 4)?;
+    let ladder: Vec<u64> = flags
+        .text("rates", "2000,4000")
+        .split(',')
+        .map(|r| r.trim().parse().context("--rates takes numbers"))
+        .collect::<anyhow::Result<_>>()?;
+    let database_url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/mobile_bench_me".to_owned());
+    let db = crate::ws::fresh_database(&database_url).await?;
+    let users = crate::ws::insert_users(&db, 1000).await?;
+    let minter = AccessTokens::new(
+        Some(SigningKey::development()?),
+        VerifyKeys::default(),
+        "mobile-backend",
+        "mobile-app",
+        crate::procs::MINTED_TOKEN_TTL,
+    );
+    let tokens: Arc<Vec<String>> = Arc::new(
+        users
+            .iter()
+            .map(|&u| minter.issue(UserId::from_uuid(u), crate::ws::session_of(u)))
+            .collect::<Result<_, _>>()?,
+    );
+    let this = Service::start(&sibling("mobile-api")?, &api_env(&database_url)).await?;
+    let base = Service::start(&baseline, &api_env(&database_url)).await?;
+    let servers = [("this", &this), ("baseline", &base)];
+    let mut samples: Vec<[Vec<f64>; 2]> = vec![[Vec::new(), Vec::new()]; ladder.len()];
+    for round in 0..rounds {
+        for (step, &rate) in ladder.iter().enumerate() {
+            for turn in 0..2 {
+                // Alternate which goes first, round by round.
+                let which = (turn + round as usize) % 2;
+                let (name, server) = servers[which];
+                let result =
+                    ladder_run(name, server.pid, server.port, &tokens, &[rate], seconds).await;
+                let Some(result) = result.first() else {
+                    continue;
+                };
+                if result["errors"] != 0 {
+                    bail!("{name} had errors at {rate}/s: {result}");
+                }
+                samples[step][which].push(
+                    result["requests_per_server_cpu_second"]
+                        .as_f64()
+                        .unwrap_or(0.0),
+                );
+            }
+        }
+    }
+    let median = |values: &[f64]| {
+        let mut sorted = values.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
+    };
+    let per_rate: Vec<serde_json::Value> = ladder
+        .iter()
+        .zip(&samples)
+        .map(|(rate, [ours, theirs])| {
+            let (a, b) = (median(ours), median(theirs));
+            json!({ "rate": rate, "this": a, "baseline": b, "ratio": a / b.max(1e-9),
+                    "this_samples": ours, "baseline_samples": theirs })
+        })
+        .collect();
+    let result = json!({
+        "scenario": "me --baseline",
+        "baseline": baseline.display().to_string(),
+        "seconds_per_step": seconds,
+        "rounds": rounds,
+        "requests_per_server_cpu_second": per_rate,
+    });
+    let out = flags.out_dir();
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(
+        out.join("me-baseline.json"),
+        serde_json::to_string_pretty(&result)?,
+    )?;
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    eprintln!("written to {}/me-baseline.json", out.display());
+    Ok(())
 }
 
 async fn ladder_run(
