@@ -4,50 +4,60 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// `capacity` tokens at most, refilled at `per_second`.
+/// `capacity` tokens at most, refilled at `per_second`. Single precision: every
+/// connection and user holds a few of these, and a count of tokens needs no more.
 #[derive(Debug, Clone)]
 pub struct Bucket {
-    tokens: f64,
-    capacity: f64,
-    per_second: f64,
+    tokens: f32,
+    capacity: f32,
+    per_second: f32,
     refilled: Instant,
 }
 
 impl Bucket {
     /// A full bucket.
     pub fn new(capacity: u32, per_second: f64) -> Self {
+        #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)]
+        let (capacity, per_second) = (capacity as f32, per_second as f32);
         Self {
-            tokens: f64::from(capacity),
-            capacity: f64::from(capacity),
+            tokens: capacity,
+            capacity,
             per_second,
             refilled: Instant::now(),
         }
     }
 
+    fn refill(&self, now: Instant) -> f64 {
+        let elapsed = now.duration_since(self.refilled).as_secs_f64();
+        (f64::from(self.tokens) + elapsed * f64::from(self.per_second))
+            .min(f64::from(self.capacity))
+    }
+
     /// Whether the bucket has refilled to its capacity.
     pub fn is_full(&self) -> bool {
-        let elapsed = self.refilled.elapsed().as_secs_f64();
-        self.tokens + elapsed * self.per_second >= self.capacity
+        self.refill(Instant::now()) >= f64::from(self.capacity)
     }
 
     /// Takes `n` tokens if there are that many; else says how long until there would
     /// be (and takes none). More than the capacity can never be taken.
     pub fn take(&mut self, n: u32) -> Result<(), Duration> {
         let now = Instant::now();
-        let elapsed = now.duration_since(self.refilled).as_secs_f64();
+        let tokens = self.refill(now);
         self.refilled = now;
-        self.tokens = (self.tokens + elapsed * self.per_second).min(self.capacity);
         let wanted = f64::from(n);
-        if self.tokens >= wanted {
-            self.tokens -= wanted;
-            Ok(())
-        } else if wanted > self.capacity {
-            Err(Duration::MAX)
+        let (left, result) = if tokens >= wanted {
+            (tokens - wanted, Ok(()))
+        } else if wanted > f64::from(self.capacity) {
+            (tokens, Err(Duration::MAX))
         } else {
-            Err(Duration::from_secs_f64(
-                (wanted - self.tokens) / self.per_second,
-            ))
+            let wait = (wanted - tokens) / f64::from(self.per_second);
+            (tokens, Err(Duration::from_secs_f64(wait)))
+        };
+        #[allow(clippy::cast_possible_truncation)]
+        {
+            self.tokens = left as f32;
         }
+        result
     }
 }
 

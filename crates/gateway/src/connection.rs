@@ -134,7 +134,12 @@ pub struct Admitted {
 /// Serves one upgraded socket. `auth` is the outcome of the token check done before
 /// the upgrade: a bad token is answered with close 4001.
 pub async fn serve(mut socket: WebSocket, auth: Result<Admitted, TokenError>, ctx: Arc<Context>) {
-    let admitted = match auth {
+    let Admitted {
+        conn,
+        claims,
+        evict,
+        ticket,
+    } = match auth {
         Ok(admitted) => admitted,
         Err(error) => {
             let reason = match error {
@@ -149,17 +154,20 @@ pub async fn serve(mut socket: WebSocket, auth: Result<Admitted, TokenError>, ct
     ctx.metrics.connections_active.inc();
     let (queue, deliveries) = mpsc::channel(ctx.settings.outbound_queue);
     let settings = &ctx.settings;
+    // What the connection keeps of its token (the rest of the claims go now).
+    let (user, session, exp) = (claims.sub, claims.sid, claims.exp);
+    drop(claims);
     let mut connection = Connection {
-        id: admitted.conn,
-        public_id: Uuid::new_v4().to_string(),
-        user: admitted.claims.sub,
-        session: admitted.claims.sid,
-        expires_at: expiry(admitted.claims.exp),
-        ticket: admitted.ticket,
+        id: conn,
+        public_id: Uuid::new_v4(),
+        user,
+        session,
+        expires_at: expiry(exp),
+        ticket,
         socket,
         queue,
         deliveries,
-        evict: admitted.evict,
+        evict,
         subs: HashMap::new(),
         last_pong: Instant::now(),
         unflushed: 0,
@@ -241,7 +249,7 @@ async fn close_socket(socket: &mut WebSocket, code: u16, reason: &'static str, g
 struct Connection {
     id: ConnId,
     /// The id the client sees in `welcome`, and presence records.
-    public_id: String,
+    public_id: Uuid,
     user: UserId,
     /// The session of the token the socket lives on.
     session: SessionId,
@@ -275,10 +283,7 @@ impl Connection {
         // Online and subscribed to its own channel before the welcome: a client that
         // has its welcome gets every `user:` event from then on, and is not sent a
         // push for a message it can see live.
-        self.ctx
-            .presence
-            .connected(self.user, &self.public_id)
-            .await;
+        self.ctx.presence.connected(self.user, self.public_id).await;
         let own = Channel::User(self.user);
         self.ctx.hub.subscribe(own, self.subscriber()).await;
         self.subs.insert(own, Sub::User);
@@ -291,7 +296,7 @@ impl Connection {
         }
         let interval = self.ctx.settings.ping_interval;
         let welcome = ServerFrame::Welcome {
-            connection_id: &self.public_id,
+            connection_id: &self.public_id.to_string(),
             ping_interval_s: interval.as_secs(),
         }
         .to_text();
@@ -859,7 +864,7 @@ impl Connection {
         }
         self.ctx
             .presence
-            .disconnected(self.user, &self.public_id)
+            .disconnected(self.user, self.public_id)
             .await;
     }
 }

@@ -10,12 +10,14 @@ use mobile_domain::UserId;
 use mobile_events::presence;
 use mobile_runtime::redis::Redis;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 #[derive(Debug, Clone)]
 pub struct Presence {
     redis: Redis,
-    /// connection id → user, for the periodic renewal.
-    local: Arc<Mutex<HashMap<String, UserId>>>,
+    /// connection id → user, for the periodic renewal (ids as numbers: one entry per
+    /// open connection, so its size counts).
+    local: Arc<Mutex<HashMap<Uuid, UserId>>>,
 }
 
 impl Presence {
@@ -45,7 +47,7 @@ impl Presence {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         local
             .iter()
-            .map(|(conn, user)| (*user, conn.clone()))
+            .map(|(conn, user)| (*user, conn.to_string()))
             .collect()
     }
 
@@ -57,22 +59,23 @@ impl Presence {
         }
     }
 
-    pub async fn connected(&self, user: UserId, connection: &str) {
+    pub async fn connected(&self, user: UserId, connection: Uuid) {
         self.local
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(connection.to_owned(), user);
-        if let Err(e) = presence::renew(&self.redis, &[(user, connection)]).await {
+            .insert(connection, user);
+        let connection = connection.to_string();
+        if let Err(e) = presence::renew(&self.redis, &[(user, connection.as_str())]).await {
             tracing::warn!(error = %e, "marking a user online failed");
         }
     }
 
-    pub async fn disconnected(&self, user: UserId, connection: &str) {
+    pub async fn disconnected(&self, user: UserId, connection: Uuid) {
         self.local
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(connection);
-        if let Err(e) = presence::remove(&self.redis, user, connection).await {
+            .remove(&connection);
+        if let Err(e) = presence::remove(&self.redis, user, &connection.to_string()).await {
             tracing::warn!(error = %e, "marking a user offline failed");
         }
     }

@@ -52,10 +52,14 @@ pub struct Budgets {
     pub recoveries_per_minute: u32,
 }
 
-/// The open sockets, shared by the upgrade handler, the hub and the sweep.
+/// The open sockets, shared by the upgrade handler, the hub, the sweep and every
+/// socket's [`Ticket`] (one pointer each).
 #[derive(Debug, Clone)]
-pub struct Sessions {
-    table: Arc<Mutex<Table>>,
+pub struct Sessions(Arc<Shared>);
+
+#[derive(Debug)]
+struct Shared {
+    table: Mutex<Table>,
     per_user: usize,
     per_ip: usize,
     budgets: Budgets,
@@ -78,7 +82,9 @@ struct User {
 impl User {
     fn new(budgets: Budgets) -> Self {
         Self {
-            live: Vec::new(),
+            // Most users have one socket on a gateway: room for one, not the four a
+            // first push would make.
+            live: Vec::with_capacity(1),
             subscribes: Bucket::new(
                 budgets.subscribe_burst,
                 f64::from(budgets.subscribes_per_second),
@@ -101,17 +107,17 @@ struct Live {
 impl Sessions {
     /// `per_ip` 0 means no cap per address.
     pub fn new(per_user: usize, per_ip: usize, budgets: Budgets) -> Self {
-        Self {
-            table: Arc::default(),
+        Self(Arc::new(Shared {
+            table: Mutex::default(),
             per_user,
             per_ip,
             budgets,
-        }
+        }))
     }
 
     /// Takes one subscribe from `user`'s budget; else how long until there is one.
     pub fn take_subscribe(&self, user: UserId) -> Result<(), Duration> {
-        let budgets = self.budgets;
+        let budgets = self.0.budgets;
         let mut table = self.table();
         let user = table
             .users
@@ -123,7 +129,7 @@ impl Sessions {
     /// Takes `events` replayed events from `user`'s budget; else how long until there
     /// are that many (`Duration::MAX`: never, more than the budget).
     pub fn take_recovery(&self, user: UserId, events: u32) -> Result<(), Duration> {
-        let budgets = self.budgets;
+        let budgets = self.0.budgets;
         let mut table = self.table();
         let user = table
             .users
@@ -141,17 +147,17 @@ impl Sessions {
     }
 
     fn table(&self) -> MutexGuard<'_, Table> {
-        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+        self.0.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Counts a socket from `address`, if the address has room.
     pub fn admit_address(&self, address: ClientIp) -> Result<AddressTicket, Refusal> {
-        if self.per_ip == 0 {
+        if self.0.per_ip == 0 {
             return Ok(AddressTicket(None));
         }
         let mut table = self.table();
         let count = table.addresses.entry(address).or_default();
-        if *count >= self.per_ip {
+        if *count >= self.0.per_ip {
             return Err(Refusal::Address);
         }
         *count += 1;
@@ -166,14 +172,14 @@ impl Sessions {
         conn: ConnId,
         evict: Evict,
     ) -> Result<Ticket, Refusal> {
-        let budgets = self.budgets;
+        let budgets = self.0.budgets;
         let mut table = self.table();
         let live = &mut table
             .users
             .entry(user)
             .or_insert_with(|| User::new(budgets))
             .live;
-        if live.len() >= self.per_user {
+        if live.len() >= self.0.per_user {
             return Err(Refusal::User);
         }
         live.push(Live {
