@@ -26,9 +26,7 @@ pub mod sequencer;
 pub mod sessions;
 pub mod settings;
 
-use std::{sync::Arc, time::Duration};
-
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
     Router,
