@@ -550,6 +550,10 @@ impl Guarded {
     }
 
     fn saw_read(&mut self, read: &[u8]) {
+        if self.state.upgraded.load(Ordering::Relaxed) {
+            // A WebSocket's traffic is its binary's business, not progress to keep.
+            return;
+        }
         if let Protocol::Undecided(matched) = self.protocol {
             let expected = &H2_PREFACE[matched..];
             let n = read.len().min(expected.len());
@@ -584,7 +588,10 @@ impl Guarded {
 
     fn saw_write(&self, written: usize) {
         // As for reads: on HTTP/2 a keep-alive ping is a write, not progress.
-        if written > 0 && self.protocol != Protocol::Http2 {
+        if written > 0
+            && self.protocol != Protocol::Http2
+            && !self.state.upgraded.load(Ordering::Relaxed)
+        {
             self.state.progressed();
         }
     }
