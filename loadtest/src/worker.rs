@@ -290,7 +290,7 @@ pub async fn jobs(flags: &Flags) -> anyhow::Result<()> {
 
     let pool = mobile_db::connect_lazy(
         &database_url,
-        &mobile_db::PoolSettings::with_max_connections(20),
+        &mobile_db::PoolSettings::new("mobile-loadtest", 20),
     )?;
     let metrics = WorkerMetrics::register(&mut prometheus_client::registry::Registry::default());
     let queue = Queue::new(

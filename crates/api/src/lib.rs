@@ -159,7 +159,7 @@ pub async fn serve(
         health,
         drain,
         serve_options,
-    } = Foundation::connect(&settings.common, VERSION, &shutdown)?;
+    } = Foundation::connect::<Api>(&settings.common, &shutdown)?;
     let metrics = ApiMetrics::register(&mut registry);
     let storage =
         mobile_storage::Storage::open(&settings.storage_url, settings.storage_options.clone())?;

@@ -10,6 +10,9 @@ use sqlx::{
 /// How the pool is sized and how long a request may wait for a connection.
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
+    /// What `pg_stat_activity` shows for these connections (`mobile-api`, ...), unless
+    /// `DATABASE_URL` names one (`application_name=`).
+    pub application_name: &'static str,
     pub max_connections: u32,
     /// A request that cannot get a connection in this time fails fast instead of
     /// queueing behind a database that is down or saturated.
@@ -17,9 +20,11 @@ pub struct PoolSettings {
 }
 
 impl PoolSettings {
-    /// The defaults with `max_connections` (`DATABASE_MAX_CONNECTIONS`).
-    pub fn with_max_connections(max_connections: u32) -> Self {
+    /// The defaults, for `application_name`'s connections, with `max_connections`
+    /// (`DATABASE_MAX_CONNECTIONS`).
+    pub fn new(application_name: &'static str, max_connections: u32) -> Self {
         Self {
+            application_name,
             max_connections,
             ..Self::default()
         }
@@ -29,6 +34,7 @@ impl PoolSettings {
 impl Default for PoolSettings {
     fn default() -> Self {
         Self {
+            application_name: env!("CARGO_PKG_NAME"),
             max_connections: 10,
             acquire_timeout: Duration::from_secs(3),
         }
@@ -42,7 +48,10 @@ pub fn connect_lazy(
     settings: &PoolSettings,
 ) -> Result<sqlx::PgPool, sqlx::Error> {
     let options: PgConnectOptions = database_url.parse()?;
-    let options = options.application_name(env!("CARGO_PKG_NAME"));
+    let options = match options.get_application_name() {
+        Some(_) => options,
+        None => options.application_name(settings.application_name),
+    };
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .min_connections(0)
@@ -76,6 +85,9 @@ mod tests {
 
     use super::*;
 
+    /// The `application_name` of the pools these tests make.
+    const TEST_APP: &str = "mobile-db-test";
+
     /// The backends serving `pool`'s connections, ended from another session, as a
     /// PostgreSQL restart or a proxy's idle cut would end them.
     async fn cut_connections(db: &TestDb) -> u64 {
@@ -85,7 +97,7 @@ mod tests {
              WHERE datname = current_database() AND pid <> pg_backend_pid()
                AND application_name = $1",
         )
-        .bind(env!("CARGO_PKG_NAME"))
+        .bind(TEST_APP)
         .fetch_all(&admin)
         .await
         .unwrap();
@@ -96,7 +108,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_cut_while_idle_is_replaced_not_handed_out() {
         let db = TestDb::new().await;
-        let pool = connect_lazy(db.url(), &PoolSettings::with_max_connections(1)).unwrap();
+        let pool = connect_lazy(db.url(), &PoolSettings::new(TEST_APP, 1)).unwrap();
         let one: i32 = sqlx::query_scalar("SELECT 1")
             .fetch_one(&pool)
             .await

@@ -187,6 +187,9 @@ struct Inner {
     channels: Mutex<HashMap<Channel, ChannelState>>,
     commands: mpsc::Sender<Command>,
     live: AtomicBool,
+    /// How many times the Pub/Sub connection has come up: watched by whatever must be
+    /// redone when Redis returns (presence, which a restarted Redis has lost).
+    connected: watch::Sender<u64>,
     db: PgPool,
     metrics: GatewayMetrics,
     sessions: Sessions,
@@ -214,6 +217,7 @@ impl Hub {
                 channels: Mutex::new(HashMap::new()),
                 commands,
                 live: AtomicBool::new(false),
+                connected: watch::Sender::new(0),
                 db,
                 metrics,
                 sessions,
@@ -226,6 +230,12 @@ impl Hub {
     /// Whether the Pub/Sub connection is up (readiness).
     pub fn is_live(&self) -> bool {
         self.inner.live.load(Ordering::Acquire)
+    }
+
+    /// Changes each time the Pub/Sub connection comes up, the first time included:
+    /// Redis is back, perhaps empty.
+    pub fn connections(&self) -> watch::Receiver<u64> {
+        self.inner.connected.subscribe()
     }
 
     pub(crate) fn metrics(&self) -> &GatewayMetrics {
@@ -431,6 +441,9 @@ impl Hub {
             state.confirmed.send_replace(live);
         }
         self.inner.live.store(live, Ordering::Release);
+        if live {
+            self.inner.connected.send_modify(|count| *count += 1);
+        }
     }
 
     /// Redis confirmed the SUBSCRIBE of one channel.

@@ -37,7 +37,9 @@ use axum::{
 };
 use mobile_auth::{AccessTokens, TokenError};
 use mobile_runtime::{
-    CommonSettings, Defaults, Env, Health, SettingsError, Shutdown, metrics as runtime_metrics,
+    CommonSettings, Defaults, Env, Health, SettingsError, Shutdown,
+    health::Scope,
+    metrics as runtime_metrics,
     redis::Redis,
     server,
     service::{Foundation, Listeners, Service},
@@ -141,7 +143,7 @@ pub async fn serve(
         health,
         drain,
         serve_options,
-    } = Foundation::connect(&settings.common, VERSION, &shutdown)?;
+    } = Foundation::connect::<Gateway>(&settings.common, &shutdown)?;
     let metrics = GatewayMetrics::register(&mut registry);
 
     // The hub and presence outlive the connections: they stop after the drain.
@@ -173,11 +175,15 @@ pub async fn serve(
         settings.session_check_interval,
         background.clone(),
     ));
-    let presence = Presence::start(redis.clone(), background.clone());
+    let presence = Presence::start(redis.clone(), hub.connections(), background.clone());
 
+    // This pod's own subscription: down while Redis answers, the pod is unready (other
+    // gateways can serve); down because Redis is, every gateway is degraded alike and
+    // stays ready, serving from PostgreSQL.
     let pubsub_hub = hub.clone();
     let health = health.with_check(
         "pubsub",
+        Scope::Local { on: Some("redis") },
         Arc::new(move || {
             let live = pubsub_hub.is_live();
             Box::pin(async move {

@@ -1,16 +1,22 @@
 //! This process's share of presence: which users have a connection here, renewed in
-//! Redis so they count as online (see `mobile_events::presence`).
+//! Redis so they count as online (see `mobile_events::presence`), and registered again
+//! as soon as Redis is back after an outage or a restart.
 
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use mobile_domain::UserId;
 use mobile_events::presence;
 use mobile_runtime::redis::Redis;
+use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+/// How soon a failed renewal is tried again.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct Presence {
@@ -21,20 +27,41 @@ pub struct Presence {
 }
 
 impl Presence {
-    /// Creates the tracker and its renewal task, which stops with `stop`.
-    pub fn start(redis: Redis, stop: CancellationToken) -> Self {
+    /// Creates the tracker and its renewal task, which stops with `stop`. Every entry
+    /// is renewed each [`presence::REFRESH_EVERY`]; at once whenever `redis_up` says
+    /// this process's Redis connection came back (a restarted Redis has lost every
+    /// entry, and users who stayed connected would count as offline, and be sent
+    /// pushes, until the next renewal); and, while renewing fails, every
+    /// [`RETRY_EVERY`].
+    pub fn start(
+        redis: Redis,
+        mut redis_up: watch::Receiver<u64>,
+        stop: CancellationToken,
+    ) -> Self {
         let presence = Self {
             redis,
             local: Arc::default(),
         };
         let renewer = presence.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(presence::REFRESH_EVERY);
+            let mut next = Instant::now() + presence::REFRESH_EVERY;
             loop {
                 tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => renewer.renew_all().await,
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep_until(next) => {}
+                    changed = redis_up.changed() => {
+                        if changed.is_err() {
+                            // The hub is gone: the process is stopping.
+                            return;
+                        }
+                    }
                 }
+                next = Instant::now()
+                    + if renewer.renew_all().await {
+                        presence::REFRESH_EVERY
+                    } else {
+                        RETRY_EVERY
+                    };
             }
         });
         presence
@@ -51,11 +78,19 @@ impl Presence {
             .collect()
     }
 
-    async fn renew_all(&self) {
+    /// Renews every entry; whether that worked.
+    async fn renew_all(&self) -> bool {
         let entries = self.entries();
+        if entries.is_empty() {
+            return true;
+        }
         let refs: Vec<(UserId, &str)> = entries.iter().map(|(u, c)| (*u, c.as_str())).collect();
-        if let Err(e) = presence::renew(&self.redis, &refs).await {
-            tracing::warn!(error = %e, "presence renewal failed");
+        match presence::renew(&self.redis, &refs).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "presence renewal failed; retrying shortly");
+                false
+            }
         }
     }
 

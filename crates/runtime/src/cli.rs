@@ -18,7 +18,10 @@ use crate::{
 /// Parses the arguments and does what they say; the process exits with the result.
 pub fn main<S: Service>() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let env = Env::process();
+    let env = match Env::process().with_secret_files() {
+        Ok(env) => env,
+        Err(e) => return fail::<S>(&e.into()),
+    };
     match args
         .iter()
         .map(String::as_str)

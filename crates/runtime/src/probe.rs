@@ -29,7 +29,9 @@ pub fn ready(listen_addr: SocketAddr) -> ExitCode {
 }
 
 fn status(target: SocketAddr) -> std::io::Result<u16> {
-    let timeout = Duration::from_secs(2);
+    // Above the readiness checks' own budget (`health::CHECK_TIMEOUT`), so a slow
+    // check is answered as what it is, not taken for a dead process.
+    let timeout = crate::health::CHECK_TIMEOUT + Duration::from_secs(2);
     let mut stream = TcpStream::connect_timeout(&target, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;

@@ -36,7 +36,27 @@ impl std::fmt::Debug for Redis {
 impl Redis {
     /// A handle that connects on first use. Fails only on a malformed URL.
     pub fn connect_lazy(url: &str, prefix: &str) -> Result<Self, RedisError> {
-        let client = redis::Client::open(url)?;
+        Self::connect_lazy_trusting(url, prefix, None)
+    }
+
+    /// As [`Redis::connect_lazy`]; a `rediss://` URL (TLS) verifies the server's
+    /// certificate and host name against `root_ca` (PEM: `REDIS_CA_FILE`, a private
+    /// CA such as Memorystore's), or against the system's roots when it is `None`.
+    pub fn connect_lazy_trusting(
+        url: &str,
+        prefix: &str,
+        root_ca: Option<Vec<u8>>,
+    ) -> Result<Self, RedisError> {
+        let client = match root_ca {
+            None => redis::Client::open(url)?,
+            Some(root_cert) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            )?,
+        };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(Duration::from_secs(1)))

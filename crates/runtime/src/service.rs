@@ -13,7 +13,8 @@ use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 
 use crate::{
-    CommonSettings, Defaults, Env, Health, SettingsError, Shutdown, health,
+    CommonSettings, Defaults, Env, Health, SettingsError, Shutdown,
+    health::{self, Scope},
     metrics::{self, PoolCollector},
     redis::Redis,
     server::{self, ConnectionMetrics, Drain, ServeOptions},
@@ -105,28 +106,41 @@ impl Foundation {
     /// Builds the foundation. Both connections are lazy, so a service starts (and says
     /// it is unready) while PostgreSQL or Redis is still coming up. Fails only on a
     /// malformed setting.
-    pub fn connect(
+    /// The database connections are named after the binary (`application_name`), so
+    /// `pg_stat_activity` tells them apart.
+    pub fn connect<S: Service>(
         common: &CommonSettings,
-        version: &str,
         shutdown: &Shutdown,
     ) -> anyhow::Result<Self> {
         let db = mobile_db::connect_lazy(
             common.database_url.expose_secret(),
-            &mobile_db::PoolSettings::with_max_connections(common.database_max_connections),
+            &mobile_db::PoolSettings::new(S::NAME, common.database_max_connections),
         )
         .context("DATABASE_URL")?;
-        let redis = Redis::connect_lazy(common.redis_url.expose_secret(), &common.redis_key_prefix)
-            .context("REDIS_URL")?;
+        let redis_ca = match &common.redis_ca_file {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .with_context(|| format!("REDIS_CA_FILE: cannot read {}", path.display()))?,
+            ),
+            None => None,
+        };
+        let redis = Redis::connect_lazy_trusting(
+            common.redis_url.expose_secret(),
+            &common.redis_key_prefix,
+            redis_ca,
+        )
+        .context("REDIS_URL")?;
         let mut registry = Registry::default();
-        metrics::register_common(&mut registry, version);
+        metrics::register_common(&mut registry, S::VERSION);
         registry.register_collector(Box::new(PoolCollector::new(db.clone())));
         let serve_options = ServeOptions {
             limits: Arc::new(common.connections.clone()),
             metrics: ConnectionMetrics::register(&mut registry),
         };
         let health = Health::new(shutdown.clone())
-            .with_check("postgres", health::postgres(db.clone()))
-            .with_check("redis", health::redis(redis.clone()));
+            .with_check("postgres", Scope::Shared, health::postgres(db.clone()))
+            .with_check("redis", Scope::Shared, health::redis(redis.clone()));
+        health.register(&mut registry);
         Ok(Self {
             db,
             redis,

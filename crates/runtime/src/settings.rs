@@ -5,9 +5,11 @@
 //! and what was wrong, never later and never silently. Secrets are `SecretString`, whose
 //! `Debug` prints `[REDACTED]`, so logging the settings is safe.
 
-use std::{collections::HashMap, fmt, net::SocketAddr, str::FromStr, time::Duration};
+use std::{
+    collections::HashMap, fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration,
+};
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret as _, SecretString};
 
 use crate::server::ConnectionLimits;
 
@@ -27,6 +29,22 @@ impl SettingsError {
         }
     }
 }
+
+/// The settings that hold secrets: each may be given as `<NAME>_FILE`, the path of a
+/// file holding the value ([`Env::with_secret_files`]).
+pub const SECRET_SETTINGS: &[&str] = &[
+    "DATABASE_URL",
+    "REDIS_URL",
+    "INTERNAL_API_TOKEN",
+    // Object storage keys, where no workload identity is used.
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_SAS_KEY",
+    "AZURE_CLIENT_SECRET",
+    "GOOGLE_SERVICE_ACCOUNT_KEY",
+];
 
 /// Where settings come from: the process environment, or a map in tests.
 #[derive(Clone)]
@@ -82,6 +100,39 @@ impl Env {
 
     pub fn secret(&self, name: &str, default: &str) -> SecretString {
         SecretString::from(self.string(name, default))
+    }
+
+    /// Reads every secret setting ([`SECRET_SETTINGS`]) whose `<NAME>_FILE` is set from
+    /// that file, as if it were `<NAME>`: how a Kubernetes Secret mounted as a volume
+    /// (or a Docker secret) is handed over, kept out of `kubectl describe`, the
+    /// process's environment and crash dumps. Surrounding whitespace is trimmed (a
+    /// file ends with a newline). Setting both `<NAME>` and `<NAME>_FILE`, naming a
+    /// file that cannot be read, or an empty file, is an error.
+    pub fn with_secret_files(mut self) -> Result<Self, SettingsError> {
+        for name in SECRET_SETTINGS {
+            let file_var = format!("{name}_FILE");
+            let Some(path) = self.optional(&file_var).map(str::to_owned) else {
+                continue;
+            };
+            if self.optional(name).is_some() {
+                return Err(SettingsError::new(
+                    &file_var,
+                    format!("{name} is set too; set one or the other"),
+                ));
+            }
+            let contents = std::fs::read_to_string(path.trim()).map_err(|e| {
+                SettingsError::new(&file_var, format!("cannot read {}: {e}", path.trim()))
+            })?;
+            let value = contents.trim();
+            if value.is_empty() {
+                return Err(SettingsError::new(
+                    &file_var,
+                    format!("{} is empty", path.trim()),
+                ));
+            }
+            self.vars.insert((*name).to_owned(), value.to_owned());
+        }
+        Ok(self)
     }
 
     /// Parses the value with `FromStr`, or returns `default` when unset.
@@ -169,6 +220,9 @@ pub struct CommonSettings {
     pub database_max_connections: u32,
     /// `REDIS_URL`: may carry a password, hence secret.
     pub redis_url: SecretString,
+    /// `REDIS_CA_FILE`: a PEM bundle to verify a `rediss://` server against, instead
+    /// of the system's roots (a private CA: Memorystore's, a self-run Redis's).
+    pub redis_ca_file: Option<PathBuf>,
     /// `REDIS_KEY_PREFIX` (default `mb:`): prefixes every key and channel, so several
     /// deployments (or parallel tests) can share one Redis.
     pub redis_key_prefix: String,
@@ -211,6 +265,7 @@ impl CommonSettings {
             database_url: env.secret("DATABASE_URL", Self::DEFAULT_DATABASE_URL),
             database_max_connections: env.parse("DATABASE_MAX_CONNECTIONS", 10)?,
             redis_url: env.secret("REDIS_URL", Self::DEFAULT_REDIS_URL),
+            redis_ca_file: env.optional("REDIS_CA_FILE").map(PathBuf::from),
             redis_key_prefix: env.string("REDIS_KEY_PREFIX", "mb:"),
             listen_addr: env.parse("LISTEN_ADDR", socket(defaults.listen_addr))?,
             metrics_addr: env.parse("METRICS_ADDR", socket(defaults.metrics_addr))?,
@@ -223,6 +278,14 @@ impl CommonSettings {
             return Err(SettingsError::new(
                 "DATABASE_MAX_CONNECTIONS",
                 "must be at least 1",
+            ));
+        }
+        if settings.redis_ca_file.is_some()
+            && !settings.redis_url.expose_secret().starts_with("rediss://")
+        {
+            return Err(SettingsError::new(
+                "REDIS_CA_FILE",
+                "is set, but REDIS_URL is not a rediss:// (TLS) URL",
             ));
         }
         if settings.shutdown_delay >= settings.shutdown_timeout {
@@ -284,6 +347,52 @@ mod tests {
             CommonSettings::from_env(&env, &DEFAULTS).unwrap_err().name,
             "SHUTDOWN_DELAY_SECONDS"
         );
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_never_from_both_places() {
+        let dir = std::env::temp_dir().join(format!("mb-secret-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, contents: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, contents).unwrap();
+            path.display().to_string()
+        };
+        let url = file("url", "postgres://u:hunter2@db/x\n");
+        let token = file("token", "  s3cret-token \n");
+        let env = Env::from_pairs([
+            ("DATABASE_URL_FILE", url.as_str()),
+            ("INTERNAL_API_TOKEN_FILE", token.as_str()),
+            // Not a secret setting: a path the binary reads itself, left alone.
+            ("JWT_SIGNING_KEY_FILE", "/keys/signing.pem"),
+        ])
+        .with_secret_files()
+        .unwrap();
+        let settings = CommonSettings::from_env(&env, &DEFAULTS).unwrap();
+        assert_eq!(
+            settings.database_url.expose_secret(),
+            "postgres://u:hunter2@db/x"
+        );
+        assert_eq!(env.optional("INTERNAL_API_TOKEN"), Some("s3cret-token"));
+        assert_eq!(env.optional("JWT_SIGNING_KEY"), None);
+        assert!(!format!("{env:?}").contains("hunter2"));
+
+        let both = Env::from_pairs([("REDIS_URL", "redis://a"), ("REDIS_URL_FILE", url.as_str())]);
+        let error = both.with_secret_files().unwrap_err();
+        assert_eq!(error.name, "REDIS_URL_FILE");
+        assert!(error.reason.contains("REDIS_URL is set too"), "{error}");
+
+        let missing = Env::from_pairs([("REDIS_URL_FILE", "/nonexistent/redis-url")]);
+        let error = missing.with_secret_files().unwrap_err();
+        assert_eq!(error.name, "REDIS_URL_FILE");
+        assert!(error.reason.contains("/nonexistent/redis-url"), "{error}");
+
+        let empty = file("empty", "\n");
+        let error = Env::from_pairs([("DATABASE_URL_FILE", empty.as_str())])
+            .with_secret_files()
+            .unwrap_err();
+        assert!(error.reason.ends_with("is empty"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

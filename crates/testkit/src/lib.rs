@@ -3,7 +3,9 @@
 //! to kill Redis gets its own real `redis-server` process. The fakes stand in only for
 //! what lives outside (APNs, FCM, S3), and speak the real protocols.
 //!
-//! - [`TestDb`], [`RedisServer`], [`S3Server`], [`TestKeys`]: what a test runs on.
+//! - [`TestDb`], [`RedisServer`], [`S3Server`], [`TestKeys`]: what a test runs on;
+//!   [`PgServer`] a PostgreSQL cluster of the test's own, [`TestCa`] the certificates
+//!   for servers that speak TLS.
 //! - [`ServiceProcess`]: a service binary as a process (signals, exit codes).
 //! - [`api`]: an account through the API, and reading `/metrics`.
 //! - [`FakeApns`], [`FakeFcm`]: the push services.
@@ -13,19 +15,23 @@
 //! Redis (default `redis://127.0.0.1:6379`).
 
 pub mod api;
+mod ca;
 mod database;
 mod fake_apns;
 mod fake_fcm;
 mod keys;
+mod pg_server;
 mod process;
 mod redis_server;
 mod s3_server;
 mod tls;
 
+pub use ca::TestCa;
 pub use database::TestDb;
 pub use fake_apns::{ApnsDelivery, ApnsReply, FakeApns, TEST_APNS_KEY_ID, TEST_APNS_TEAM_ID};
 pub use fake_fcm::{FakeFcm, FcmReply};
 pub use keys::TestKeys;
+pub use pg_server::PgServer;
 pub use process::ServiceProcess;
 pub use redis_server::RedisServer;
 pub use s3_server::S3Server;

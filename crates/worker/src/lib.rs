@@ -89,7 +89,7 @@ pub async fn serve(
         health,
         drain,
         serve_options,
-    } = Foundation::connect(&settings.common, VERSION, &shutdown)?;
+    } = Foundation::connect::<Worker>(&settings.common, &shutdown)?;
     let metrics = WorkerMetrics::register(&mut registry);
     let storage = Storage::open(&settings.storage_url, settings.storage_options.clone())?;
     tracing::info!(url = storage.url(), "object storage");

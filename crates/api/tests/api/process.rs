@@ -2,7 +2,7 @@
 
 use std::{process::Stdio, time::Duration};
 
-use mobile_testkit::{ServiceProcess, TestDb, TestKeys, free_port};
+use mobile_testkit::{PgServer, RedisServer, ServiceProcess, TestCa, TestDb, TestKeys, free_port};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -269,4 +269,139 @@ async fn help_prints_the_usage_and_an_unknown_argument_is_refused() {
         String::from_utf8_lossy(&output.stdout).trim(),
         format!("mobile-api {}", mobile_api::VERSION)
     );
+}
+
+/// A managed data tier: PostgreSQL and Redis over verified TLS (a private CA), every
+/// secret from a mounted file, the connections named after the binary.
+#[tokio::test]
+async fn runs_on_tls_postgres_and_redis_with_every_secret_from_a_file() {
+    let ca = TestCa::new();
+    let postgres = PgServer::start_tls(&ca).await;
+    let redis = RedisServer::start_tls(&ca).await;
+    let root = ca.ca_file().display().to_string();
+    let database_url = format!(
+        "postgres://postgres@localhost:{}/mobile?sslmode=verify-full&sslrootcert={root}",
+        postgres.port()
+    );
+    // `mobile-api migrate` over TLS, the URL from a file too.
+    let secret = |name: &str, value: &str| {
+        let path = ca.dir().join(name);
+        std::fs::write(&path, format!("{value}\n")).unwrap();
+        path.display().to_string()
+    };
+    let database_url_file = secret("database-url", &database_url);
+    let migrated = Command::new(BIN)
+        .arg("migrate")
+        .env_clear()
+        .env("DATABASE_URL_FILE", &database_url_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .await
+        .expect("run mobile-api migrate");
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+
+    let keys = TestKeys::generate(1);
+    let (mut command, port) = ServiceProcess::command(BIN);
+    command
+        .env_remove("REDIS_URL")
+        .env("DATABASE_URL_FILE", &database_url_file)
+        .env("REDIS_URL_FILE", secret("redis-url", &redis.url()))
+        .env("REDIS_CA_FILE", &root)
+        .env(
+            "INTERNAL_API_TOKEN_FILE",
+            secret(
+                "internal-token",
+                "file-mounted-internal-token-for-this-test-only",
+            ),
+        )
+        .env("JWT_SIGNING_KEY_FILE", keys.signing(0));
+    let api = ServiceProcess {
+        child: command.spawn().expect("spawn mobile-api"),
+        port,
+    };
+    api.wait_until_ready().await;
+
+    // PostgreSQL (an account), Redis (the idempotency record of a signed-in POST) and
+    // the internal token all work.
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let ann = mobile_testkit::api::register(&http, &base, "ann@example.com", "Ann").await;
+    let created = |key: &'static str| {
+        http.post(format!("{base}/v1/conversations"))
+            .bearer_auth(&ann.access_token)
+            .header("Idempotency-Key", key)
+            .json(&serde_json::json!({ "member_ids": [], "title": "tls" }))
+            .send()
+    };
+    let first = created("tls-1").await.unwrap();
+    assert_eq!(first.status(), 201);
+    let replay = created("tls-1").await.unwrap();
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    let notified = http
+        .post(format!("{base}/internal/v1/notifications"))
+        .bearer_auth("file-mounted-internal-token-for-this-test-only")
+        .json(&serde_json::json!({ "user_id": ann.user_id, "title": "hi", "body": "there" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(notified.status(), 202);
+
+    let admin = sqlx::PgPool::connect(&database_url).await.unwrap();
+    let connections: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT a.application_name, s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+         WHERE a.datname = 'mobile' AND a.pid <> pg_backend_pid()",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    admin.close().await;
+    assert!(!connections.is_empty());
+    assert!(
+        connections
+            .iter()
+            .all(|(name, ssl)| name == "mobile-api" && *ssl),
+        "{connections:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_secret_given_twice_or_from_an_unreadable_file_stops_the_start() {
+    for (env, says) in [
+        (
+            [
+                ("DATABASE_URL", "postgres://a@b/c"),
+                ("DATABASE_URL_FILE", "/etc/hostname"),
+            ],
+            "DATABASE_URL_FILE: DATABASE_URL is set too",
+        ),
+        (
+            [
+                ("REDIS_URL_FILE", "/nonexistent/redis-url"),
+                ("APP_ENV", "development"),
+            ],
+            "REDIS_URL_FILE: cannot read /nonexistent/redis-url",
+        ),
+        (
+            [
+                ("REDIS_CA_FILE", "/etc/hostname"),
+                ("APP_ENV", "development"),
+            ],
+            "REDIS_CA_FILE: is set, but REDIS_URL is not a rediss:// (TLS) URL",
+        ),
+    ] {
+        let output = Command::new(BIN)
+            .env_clear()
+            .envs(env)
+            .output()
+            .await
+            .expect("run mobile-api");
+        assert_eq!(output.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(says), "{stderr}");
+    }
 }

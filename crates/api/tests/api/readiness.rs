@@ -1,5 +1,5 @@
-//! Readiness follows Redis and PostgreSQL, and the API degrades instead of failing when
-//! Redis is gone.
+//! Readiness: a shared outage (Redis or PostgreSQL down for every pod) degrades the API
+//! but keeps it in service; a pod that has never reached them is still starting.
 
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ async fn ready(app: &TestApp) -> (StatusCode, Value) {
 }
 
 #[tokio::test]
-async fn readiness_follows_redis_and_writes_fail_open() {
+async fn a_redis_outage_degrades_the_api_without_taking_it_out_of_service() {
     let mut redis = mobile_testkit::RedisServer::start().await;
     let app = TestApp::builder()
         .redis_url(redis.url())
@@ -31,15 +31,19 @@ async fn readiness_follows_redis_and_writes_fail_open() {
     assert_eq!(body["checks"]["postgres"], "ok");
 
     redis.stop().await;
+    // Redis is down for every pod alike: this one stays in service, degraded, saying
+    // which check failed, never the driver's error (hosts, ports, versions).
     let (status, body) = ready(&app).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(body["status"], "unready");
-    // Which check, never the driver's error (hosts, ports, versions).
+    assert_eq!(status, StatusCode::OK);
     assert_eq!(
         body,
-        serde_json::json!({"status": "unready", "checks": {"postgres": "ok", "redis": "failed"}})
+        serde_json::json!({"status": "degraded", "checks": {"postgres": "ok", "redis": "failed"}})
     );
-    assert_eq!(body["checks"]["postgres"], "ok");
+    let metrics = app.metrics_text().await;
+    assert_eq!(
+        sample(&metrics, "readiness_check_ok{check=\"redis\"}"),
+        Some(0.0)
+    );
     // Liveness does not care.
     let live = app
         .request(Method::GET, "/health/live")
@@ -69,7 +73,7 @@ async fn readiness_follows_redis_and_writes_fail_open() {
     redis.restart().await;
     let mut recovered = false;
     for _ in 0..50 {
-        if ready(&app).await.0 == StatusCode::OK {
+        if ready(&app).await.1["status"] == "ready" {
             recovered = true;
             break;
         }
@@ -86,6 +90,8 @@ async fn readiness_reports_a_missing_database() {
         .await;
     let (status, body) = ready(&app).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    // Never reached: still starting (a new pod with a wrong URL fails its rollout).
+    assert_eq!(body["status"], "starting", "{body}");
     assert_eq!(body["checks"]["postgres"], "failed", "{body}");
     // A request that needs the database is a retryable 503, not a 500.
     let response = app
@@ -133,7 +139,7 @@ async fn a_connection_postgresql_cut_is_a_retryable_503_and_then_replaced() {
     let admin = app.db.pool().await;
     let cut: Vec<bool> = sqlx::query_scalar(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-         WHERE datname = current_database() AND application_name = 'mobile-db'",
+         WHERE datname = current_database() AND application_name = 'mobile-api'",
     )
     .fetch_all(&admin)
     .await
@@ -149,4 +155,43 @@ async fn a_connection_postgresql_cut_is_a_retryable_503_and_then_replaced() {
     )
     .await;
     assert_eq!(me().await.unwrap().status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_postgres_outage_after_start_degrades_every_pod_alike_and_recovers() {
+    let ca = mobile_testkit::TestCa::new();
+    let postgres = mobile_testkit::PgServer::start_tls(&ca).await;
+    let url = format!("{}?sslmode=disable", postgres.url("127.0.0.1"));
+    mobile_api::migrate(&url).await.unwrap();
+    let app = TestApp::builder().env("DATABASE_URL", &url).spawn().await;
+    let session = app.register("outage@example.com").await;
+    let me = || app.authed(Method::GET, "/v1/me", &session).send();
+    assert_eq!(me().await.unwrap().status(), StatusCode::OK);
+    // The kubelet's probe has seen it ready (it is no longer starting).
+    assert_eq!(ready(&app).await.1["status"], "ready");
+
+    postgres.stop();
+    let (status, body) = ready(&app).await;
+    assert_eq!(status, StatusCode::OK, "still in service: {body}");
+    assert_eq!(
+        body,
+        serde_json::json!({"status": "degraded", "checks": {"postgres": "failed", "redis": "ok"}})
+    );
+    crate::helpers::assert_problem(
+        me().await.unwrap(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "database_unavailable",
+    )
+    .await;
+
+    postgres.start().await;
+    let mut recovered = false;
+    for _ in 0..50 {
+        if ready(&app).await.1["status"] == "ready" && me().await.unwrap().status() == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "ready and serving once PostgreSQL is back");
 }

@@ -128,6 +128,7 @@ impl Stack {
         stack
     }
 
+    /// Waits until `gateway` is ready and not degraded: its Pub/Sub subscription is up.
     pub async fn wait_ready(&self, gateway: &Gateway) {
         let ready = gateway
             .addr
@@ -135,7 +136,8 @@ impl Stack {
             .replace("/v1/ws", "/health/ready");
         for _ in 0..100 {
             if let Ok(response) = self.http.get(&ready).send().await
-                && response.status() == 200
+                && let Ok(body) = response.json::<Value>().await
+                && body["status"] == "ready"
             {
                 return;
             }

@@ -190,11 +190,20 @@ async fn a_redis_restart_loses_nothing() {
         .addr
         .replace("ws://", "http://")
         .replace("/v1/ws", "/health/ready");
-    let status = stack.http.get(&ready).send().await.unwrap().status();
+    // Redis is down for every gateway alike: each stays ready, degraded, and keeps
+    // taking connections, which recover from PostgreSQL.
+    let response = stack.http.get(&ready).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(
-        status, 503,
-        "a gateway without its subscription is not ready"
+        body,
+        serde_json::json!({"status": "degraded",
+                           "checks": {"postgres": "ok", "redis": "failed", "pubsub": "failed"}})
     );
+    let mut late = Client::connect(&stack.gateways[0].addr, &ann.token).await;
+    let recovered = late.subscribe(&conversation, Some(0)).await;
+    assert_eq!(recovered["recovered"], true, "{recovered}");
+    assert_eq!(late.offsets(6).await, vec![1, 2, 3, 4, 5, 6]);
     redis.restart().await;
     for gateway in &stack.gateways {
         stack.wait_ready(gateway).await;
@@ -214,6 +223,47 @@ async fn a_redis_restart_loses_nothing() {
     }
     let metrics = stack.metrics(0).await;
     assert!(sample(&metrics, "redis_pubsub_reconnects_total ") >= 1.0);
+}
+
+#[tokio::test]
+async fn presence_comes_back_with_redis_so_a_connected_user_gets_no_push() {
+    let mut redis = mobile_testkit::RedisServer::start().await;
+    let stack = Stack::start_with_redis(1, &[], redis.url()).await;
+    let ann = stack.register("ann").await;
+    let bob = stack.register("bob").await;
+    let conversation = stack.conversation(&bob, &[&ann]).await;
+    let _ann_online = Client::connect(&stack.gateways[0].addr, &ann.token).await;
+    let pool = stack.db.pool().await;
+    let notify_jobs = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    stack.post(&bob, &conversation, "ann is here").await;
+    assert_eq!(notify_jobs().await, 0, "no push for a connected user");
+
+    // Redis restarts empty: every presence entry is gone.
+    redis.restart().await;
+    stack.wait_ready(&stack.gateways[0]).await;
+    let handle =
+        mobile_runtime::redis::Redis::connect_lazy(&stack.redis_url, &stack.prefix).unwrap();
+    let id: mobile_domain::UserId = ann.id.parse().unwrap();
+    // Registered again at once, not at the next renewal (20 s).
+    let mut online = false;
+    for _ in 0..30 {
+        online = mobile_events::presence::online(&handle, &[id])
+            .await
+            .is_ok_and(|online| online.contains(&id));
+        if online {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(online, "ann, still connected, is online again within 3 s");
+    stack.post(&bob, &conversation, "ann is still here").await;
+    assert_eq!(notify_jobs().await, 0, "and gets no push");
+    pool.close().await;
 }
 
 #[tokio::test]
