@@ -69,6 +69,107 @@ def binary_defaults():
     return defaults, shutdown, max(image_timeout, push_timeout), live, ready
 
 
+def api_limits():
+    """What the proxies in front of the API must allow: seconds and bytes."""
+    api = "crates/api/src/settings.rs"
+    return {
+        "request": int(rust_default(api, r'"REQUEST_TIMEOUT_SECONDS",\s*(\d+)')),
+        "upload": int(rust_default(api, r'"UPLOAD_TIMEOUT_SECONDS",\s*(\d+)')),
+        "media_bytes": eval_int(rust_default(api, r'"MEDIA_MAX_BYTES",\s*([\d *]+)\)')),
+        "check": int(rust_default("crates/runtime/src/health.rs",
+                                  r"CHECK_TIMEOUT: Duration = Duration::from_secs\((\d+)\)")),
+        "upload_path": rust_default("crates/api/src/routes/media.rs",
+                                    r'UPLOAD_PATH: &str = "([^"]+)"'),
+    }
+
+
+def eval_int(expression):
+    """`20 * 1024 * 1024` → 20971520 (a product of integers only)."""
+    value = 1
+    for factor in expression.split("*"):
+        value *= int(factor.strip())
+    return value
+
+
+def seconds(duration):
+    """A Gateway API duration (`30s`, `10m`, `1h`) or nginx's bare seconds, in seconds."""
+    total = 0
+    for amount, unit in re.findall(r"(\d+)(h|m|s|ms)?", str(duration)):
+        total += int(amount) * {"h": 3600, "m": 60, "s": 1, "ms": 0.001, "": 1}[unit]
+    return total
+
+
+def size_bytes(size):
+    """nginx's `21m`, `512k` or bytes."""
+    match = re.fullmatch(r"(\d+)([kmg]?)", str(size).lower())
+    if not match:
+        return 0
+    return int(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[match.group(2)]
+
+
+def route_for(rules, path, method):
+    """The HTTPRoute rule a request takes (Gateway API precedence: an Exact path before
+    the longest prefix, a rule matching the method before one matching any)."""
+    best, best_rank = None, None
+    for rule in rules:
+        for match in rule.get("matches", [{}]):
+            kind = match.get("path", {}).get("type", "PathPrefix")
+            value = match.get("path", {}).get("value", "/")
+            if kind == "Exact" and value != path:
+                continue
+            if kind == "PathPrefix" and not (path == value or path.startswith(value.rstrip("/") + "/")):
+                continue
+            if match.get("method") not in (None, method):
+                continue
+            rank = (kind == "Exact", len(value), match.get("method") is not None)
+            if best_rank is None or rank > best_rank:
+                best, best_rank = rule, rank
+    return best
+
+
+def check_timeouts(overlay, docs, limits):
+    """The proxies let an upload take as long as the API does, and every other request
+    as long as REQUEST_TIMEOUT_SECONDS; probes wait longer than the checks' budget."""
+    upload_path = limits["upload_path"]
+    for doc in docs:
+        where = f"{overlay}: {doc['kind']} {doc['metadata']['name']}"
+        if doc["kind"] == "HTTPRoute":
+            rules = doc["spec"]["rules"]
+            for method, path, floor in (("POST", upload_path, limits["upload"]),
+                                        ("GET", "/v1/me", limits["request"])):
+                rule = route_for(rules, path, method)
+                if rule is None:
+                    continue
+                timeout = rule.get("timeouts", {}).get("request")
+                if timeout is not None and seconds(timeout) <= floor:
+                    fail(f"{where}: {method} {path} is cut at {timeout}, but the API allows "
+                         f"it {floor} s")
+        elif doc["kind"] == "Ingress":
+            notes = doc["metadata"].get("annotations", {})
+            for name in ("proxy-read-timeout", "proxy-send-timeout"):
+                value = notes.get(f"nginx.ingress.kubernetes.io/{name}", "60")
+                if seconds(value) <= limits["upload"]:
+                    fail(f"{where}: {name} {value} s cuts an upload the API allows "
+                         f"{limits['upload']} s")
+            if notes.get("nginx.ingress.kubernetes.io/proxy-request-buffering") != "off":
+                fail(f"{where}: proxy-request-buffering must be off, or nginx holds whole "
+                     "uploads and the API cannot judge their pace")
+            body = notes.get("nginx.ingress.kubernetes.io/proxy-body-size", "1m")
+            if size_bytes(body) <= limits["media_bytes"]:
+                fail(f"{where}: proxy-body-size {body} refuses uploads the API accepts "
+                     f"({limits['media_bytes']} bytes)")
+        elif doc["kind"] == "Deployment":
+            for container in doc["spec"]["template"]["spec"]["containers"]:
+                if not (container.get("command") or [""])[0].startswith("mobile-"):
+                    continue  # postgres, redis in dev
+                probe = container.get("readinessProbe")
+                if probe and probe.get("timeoutSeconds", 1) <= limits["check"]:
+                    fail(f"{where}: readinessProbe timeoutSeconds "
+                         f"{probe.get('timeoutSeconds', 1)} must exceed the checks' own "
+                         f"budget ({limits['check']} s)")
+    print(f"ok   {overlay}: proxy timeouts and body sizes, probe timeouts")
+
+
 def render_overlays(out_dir):
     rendered = {}
     for overlay in sorted((ROOT / "k8s/overlays").iterdir()):
@@ -282,6 +383,9 @@ def main():
         validate_custom(rendered, schemas)
         validate_workflows()
         check_deployments(rendered, defaults, shutdown, longest_job, live, ready)
+        limits = api_limits()
+        for overlay, (_, docs) in rendered.items():
+            check_timeouts(overlay, docs, limits)
         check_compose(defaults, shutdown)
     if failures:
         sys.exit(f"\n{len(failures)} deployment check(s) failed")

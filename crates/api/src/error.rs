@@ -92,6 +92,8 @@ error_codes! {
     InvalidRefreshToken = (UNAUTHORIZED, "invalid_refresh_token", "the refresh token is unknown, expired, spent or revoked; sign in again"),
     NotFound = (NOT_FOUND, "not_found", "no such resource, or not one the caller may see"),
     BodyTimeout = (REQUEST_TIMEOUT, "body_timeout", "the request body did not arrive within REQUEST_BODY_TIMEOUT_SECONDS"),
+    UploadTooSlow = (REQUEST_TIMEOUT, "upload_too_slow", "the upload arrived slower than UPLOAD_MIN_BYTES_PER_SECOND over a window of UPLOAD_RATE_WINDOW_SECONDS; nothing was stored"),
+    UploadTimeout = (REQUEST_TIMEOUT, "upload_timeout", "the upload did not complete within UPLOAD_TIMEOUT_SECONDS; nothing was stored"),
     MethodNotAllowed = (METHOD_NOT_ALLOWED, "method_not_allowed", "this method is not allowed on this resource"),
     EmailTaken = (CONFLICT, "email_taken", "an account with this email exists"),
     IdempotencyRequestInFlight = (CONFLICT, "idempotency_request_in_flight", "a request with this Idempotency-Key is still being processed; retry later"),

@@ -55,12 +55,31 @@ pub struct ApiSettings {
     pub storage_options: Vec<(String, String)>,
     /// `MEDIA_MAX_BYTES` (default 20971520, 20 MiB): the largest upload.
     pub media_max_bytes: u64,
+    /// Uploads, which phones send over slow links, follow their own clock instead of
+    /// `REQUEST_TIMEOUT_SECONDS` (`routes::media`).
+    pub upload: UploadPacing,
     /// `MEDIA_MAX_PIXELS` (default 50,000,000): uploads whose header claims more are
     /// refused at once (and the worker checks again before decoding).
     pub media_max_pixels: u64,
     /// `INTERNAL_API_TOKEN`: the bearer token of `/internal/v1/*` (for the app's other
     /// backends). Unset: those endpoints answer 404.
     pub internal_api_token: Option<SecretString>,
+}
+
+/// How long an upload may take: as long as it keeps moving, up to a ceiling.
+#[derive(Debug, Clone, Copy)]
+pub struct UploadPacing {
+    /// `UPLOAD_MIN_BYTES_PER_SECOND` (default 8192, 64 kbit/s): the slowest an upload
+    /// may arrive, judged over each window.
+    pub min_bytes_per_second: u64,
+    /// `UPLOAD_RATE_WINDOW_SECONDS` (default 30): an upload that brings less than
+    /// `min_bytes_per_second` × this in any such window (a stall, a link that died) is
+    /// ended with 408 `upload_too_slow`. Long enough for a phone that changes cells.
+    pub window: Duration,
+    /// `UPLOAD_TIMEOUT_SECONDS` (default 600): the ceiling, however it moves (20 MiB
+    /// in 600 s is 280 kbit/s). Below `HTTP_IDLE_TIMEOUT_SECONDS`, and the ingress and
+    /// HTTPRoute allow it on `/v1/media`.
+    pub timeout: Duration,
 }
 
 impl ApiSettings {
@@ -102,6 +121,11 @@ impl ApiSettings {
             storage_url: env.string("STORAGE_URL", "file:///var/lib/mobile/media"),
             storage_options: mobile_storage::provider_options(env.iter()),
             media_max_bytes: env.parse("MEDIA_MAX_BYTES", 20 * 1024 * 1024)?,
+            upload: UploadPacing {
+                min_bytes_per_second: env.parse("UPLOAD_MIN_BYTES_PER_SECOND", 8192)?,
+                window: env.seconds("UPLOAD_RATE_WINDOW_SECONDS", 30)?,
+                timeout: env.seconds("UPLOAD_TIMEOUT_SECONDS", 600)?,
+            },
             media_max_pixels: env.parse("MEDIA_MAX_PIXELS", 50_000_000)?,
             internal_api_token: env
                 .optional("INTERNAL_API_TOKEN")
@@ -157,6 +181,15 @@ impl ApiSettings {
                 u64::from(settings.login_guard.per_address),
             ),
             ("MEDIA_MAX_PIXELS", settings.media_max_pixels),
+            (
+                "UPLOAD_MIN_BYTES_PER_SECOND",
+                settings.upload.min_bytes_per_second,
+            ),
+            (
+                "UPLOAD_RATE_WINDOW_SECONDS",
+                settings.upload.window.as_secs(),
+            ),
+            ("UPLOAD_TIMEOUT_SECONDS", settings.upload.timeout.as_secs()),
         ] {
             if value == 0 {
                 return Err(SettingsError::new(name, "must be at least 1"));
@@ -184,6 +217,18 @@ impl ApiSettings {
             return Err(SettingsError::new(
                 "LOGIN_MAX_DELAY_SECONDS",
                 "must be shorter than REQUEST_TIMEOUT_SECONDS, or a slowed sign-in times out",
+            ));
+        }
+        if settings.upload.window >= settings.upload.timeout {
+            return Err(SettingsError::new(
+                "UPLOAD_RATE_WINDOW_SECONDS",
+                "must be shorter than UPLOAD_TIMEOUT_SECONDS",
+            ));
+        }
+        if settings.upload.timeout >= settings.common.connections.idle_timeout {
+            return Err(SettingsError::new(
+                "UPLOAD_TIMEOUT_SECONDS",
+                "must be shorter than HTTP_IDLE_TIMEOUT_SECONDS, which would cut an HTTP/2 upload first",
             ));
         }
         if settings.max_body_bytes < 1024 {

@@ -5,12 +5,12 @@
 //! 2. [`problem_safety_net`]: a bodiless or plain-text error response (axum's own 405,
 //!    say) becomes problem+json, so clients parse one error format.
 //! 3. [`body_deadline`]: a body still arriving after `REQUEST_BODY_TIMEOUT_SECONDS` is
-//!    408, whoever was reading it.
+//!    408, whoever was reading it; an upload must keep a minimum pace instead.
 //! 4. [`authenticate`]: verifies a bearer token once and records the outcome for the
 //!    extractors and layers below.
 //! 5. [`idempotency`]: `Idempotency-Key` replay / 422 / 409 for a signed-in user's POST.
 //! 6. [`timeout`]: a request still running after `REQUEST_TIMEOUT_SECONDS` is cancelled
-//!    and answered 503.
+//!    and answered 503 (an upload excepted: its body's pace decides).
 //! 7. [`rate_limit`]: per IP on auth routes, per user on writes (route layers).
 //!
 //! In debug builds, [`contract`] sits inside `observe` and holds each route's problems
@@ -153,6 +153,10 @@ pub async fn not_found() -> ApiError {
 }
 
 pub async fn timeout(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    // An upload follows its own clock, its body's pace ([`body_deadline`]).
+    if req.method() == Method::POST && req.uri().path() == crate::routes::media::UPLOAD_PATH {
+        return next.run(req).await;
+    }
     let limit = state.settings.request_timeout;
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,

@@ -319,6 +319,8 @@ problems!(UploadProblems:
     MissingFile,
     InvalidMultipart,
     UploadInterrupted,
+    UploadTooSlow,
+    UploadTimeout,
     StorageUnavailable,
 );
 problems!(MediaProblems: NotFound);

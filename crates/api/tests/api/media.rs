@@ -423,3 +423,97 @@ async fn uploads_and_variants_work_on_s3() {
     assert_eq!((thumb.width(), thumb.height()), (256, 192));
     worker.stop().await;
 }
+
+/// A PNG of noise (it does not compress): about `side` × `side` × 3 bytes.
+fn noise_png(side: u32) -> Vec<u8> {
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let image = RgbImage::from_fn(side, side, |_, _| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let [r, g, b, ..] = state.to_le_bytes();
+        Rgb([r, g, b])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    DynamicImage::ImageRgb8(image)
+        .write_to(&mut out, ImageFormat::Png)
+        .unwrap();
+    out.into_inner()
+}
+
+#[tokio::test]
+async fn a_phone_upload_at_128_kib_a_second_takes_32_s_and_succeeds() {
+    // The defaults: REQUEST_TIMEOUT_SECONDS 15 would have cut it at 15 s.
+    let app = TestApp::spawn().await;
+    let ada = app.register("ada@example.com").await;
+    let png = noise_png(1190);
+    assert!(png.len() >= 4 << 20, "{}", png.len());
+    // 16 KiB every 125 ms: 128 KiB/s, as a phone on a weak link sends.
+    let chunks: Vec<Vec<u8>> = png.chunks(16 * 1024).map(<[u8]>::to_vec).collect();
+    let paced = futures_util::stream::unfold(chunks.into_iter(), |mut chunks| async move {
+        let chunk = chunks.next()?;
+        tokio::time::sleep(Duration::from_millis(125)).await;
+        Some((Ok::<_, std::io::Error>(chunk), chunks))
+    });
+    let started = std::time::Instant::now();
+    // A client of its own: the test client gives up after 30 s.
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/media", app.base))
+        .bearer_auth(&ada.access_token)
+        .header("content-type", "image/png")
+        .header("content-length", png.len().to_string())
+        .body(reqwest::Body::wrap_stream(paced))
+        .send()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    assert!(took > Duration::from_secs(30), "{took:?}");
+    assert_eq!(jobs(&app).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_stalled_upload_is_cut_with_a_clear_error_and_nothing_is_stored() {
+    let app = TestApp::builder()
+        .env("UPLOAD_RATE_WINDOW_SECONDS", "2")
+        .env("UPLOAD_MIN_BYTES_PER_SECOND", "8192")
+        .spawn()
+        .await;
+    let ada = app.register("ada@example.com").await;
+    let png = noise_png(400);
+    // The head and more (storing has begun), then nothing: a phone that lost its link.
+    let sent = 200 * 1024;
+    let mut stream = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /v1/media HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\n\
+         content-type: image/png\r\ncontent-length: {}\r\n\r\n",
+        ada.access_token,
+        png.len()
+    );
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&png[..sent]).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed within 10 s")
+        .ok();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""code":"upload_too_slow""#), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    // Cut at the end of the first window that brought too little: 2 to 4 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(jobs(&app).await.is_empty());
+    assert_eq!(stored_files(&app), 0, "nothing stored");
+}
