@@ -272,10 +272,23 @@ pub async fn release(
     Ok(result.rows_affected())
 }
 
-/// Jobs waiting per kind (due or scheduled), for `jobs_queue_depth{kind}` and autoscaling.
-pub async fn queue_depth(db: impl PgExecutor<'_>) -> Result<Vec<(JobKind, i64)>, sqlx::Error> {
+/// The queued jobs of one kind: those due now (what more workers would run sooner:
+/// `jobs_due{kind}`, what autoscaling follows) and those scheduled later (retries
+/// waiting out their backoff: `jobs_scheduled{kind}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct Backlog {
+    pub kind: JobKind,
+    pub due: i64,
+    pub scheduled: i64,
+}
+
+/// The backlog of every kind that has queued jobs.
+pub async fn backlog(db: impl PgExecutor<'_>) -> Result<Vec<Backlog>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT kind, count(*) FROM jobs WHERE state = 'queued' GROUP BY kind ORDER BY kind",
+        "SELECT kind,
+                count(*) FILTER (WHERE run_at <= now()) AS due,
+                count(*) FILTER (WHERE run_at > now()) AS scheduled
+         FROM jobs WHERE state = 'queued' GROUP BY kind ORDER BY kind",
     )
     .fetch_all(db)
     .await
@@ -339,7 +352,7 @@ mod tests {
         .unwrap();
         tx.rollback().await.unwrap();
         assert!(
-            queue_depth(&pool).await.unwrap().is_empty(),
+            backlog(&pool).await.unwrap().is_empty(),
             "rolled back with its transaction"
         );
 
@@ -352,8 +365,12 @@ mod tests {
         .unwrap();
         tx.commit().await.unwrap();
         assert_eq!(
-            queue_depth(&pool).await.unwrap(),
-            vec![(JobKind::MediaProcess, 1)]
+            backlog(&pool).await.unwrap(),
+            vec![Backlog {
+                kind: JobKind::MediaProcess,
+                due: 1,
+                scheduled: 0
+            }]
         );
         let notification = tokio::time::timeout(Duration::from_secs(5), listener.recv())
             .await
@@ -433,6 +450,15 @@ mod tests {
                 .is_empty(),
             "not before run_at"
         );
+        // Waiting out its backoff, it is scheduled, not due: no reason for more workers.
+        assert_eq!(
+            backlog(&pool).await.unwrap(),
+            vec![Backlog {
+                kind: JobKind::PushSend,
+                due: 0,
+                scheduled: 1
+            }]
+        );
 
         // Make it due now, fail the last attempt.
         sqlx::query("UPDATE jobs SET run_at = now()")
@@ -452,7 +478,7 @@ mod tests {
             (record.state.as_str(), record.last_error.as_deref()),
             ("dead", Some("503 again"))
         );
-        assert!(queue_depth(&pool).await.unwrap().is_empty());
+        assert!(backlog(&pool).await.unwrap().is_empty());
 
         // A permanent error buries a job at once.
         let id = enqueued(&pool, &NewJob::new(JobKind::PushSend, json!({}))).await;

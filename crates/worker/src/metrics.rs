@@ -28,8 +28,11 @@ pub struct PushLabel {
 
 #[derive(Debug, Clone)]
 pub struct WorkerMetrics {
-    /// Jobs waiting (due or scheduled) per kind, refreshed every few seconds.
-    pub queue_depth: Family<KindLabel, Gauge>,
+    /// Queued jobs due now, per kind; refreshed every poll interval by one worker of
+    /// the deployment only (`crate::queue`), so a sum over workers counts each once.
+    pub due: Family<KindLabel, Gauge>,
+    /// Queued jobs scheduled later (retries in backoff), per kind; the same reporter.
+    pub scheduled: Family<KindLabel, Gauge>,
     pub in_flight: Family<KindLabel, Gauge>,
     pub processed: Family<KindOutcomeLabel, Counter>,
     pub duration: Family<KindLabel, Histogram>,
@@ -41,7 +44,8 @@ pub struct WorkerMetrics {
 impl WorkerMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self {
-            queue_depth: Family::default(),
+            due: Family::default(),
+            scheduled: Family::default(),
             in_flight: Family::default(),
             processed: Family::default(),
             duration: Family::new_with_constructor(|| {
@@ -51,9 +55,14 @@ impl WorkerMetrics {
             image_resize_duration: Histogram::new(mobile_runtime::metrics::DURATION_BUCKETS),
         };
         registry.register(
-            "jobs_queue_depth",
-            "Jobs waiting to run, by kind (due or scheduled for a retry)",
-            metrics.queue_depth.clone(),
+            "jobs_due",
+            "Queued jobs due now, by kind (reported by one worker of the deployment)",
+            metrics.due.clone(),
+        );
+        registry.register(
+            "jobs_scheduled",
+            "Queued jobs scheduled later, retries in backoff, by kind (reported by one worker)",
+            metrics.scheduled.clone(),
         );
         registry.register(
             "jobs_in_flight",

@@ -522,7 +522,15 @@ async fn listen(db: PgPool, wakeups: HashMap<JobKind, Arc<Notify>>, stop: Cancel
     }
 }
 
-/// Every poll interval: reclaims expired leases and refreshes `jobs_queue_depth`.
+/// The advisory lock whose holder reports the backlog (`jobs_due`, `jobs_scheduled`).
+const BACKLOG_REPORTER_LOCK: i64 = 0x6d62_6a6f_6273; // "mbjobs"
+
+/// Every poll interval: reclaims expired leases, and, in the one worker that holds the
+/// reporter's advisory lock, refreshes the backlog gauges. Every worker could read the
+/// same numbers, but then a sum over workers (what KEDA and the alerts take) would
+/// count each job once per worker. The lock is a session lock on a connection kept out
+/// of the pool: if the holder dies or loses its connection, PostgreSQL releases it and
+/// another worker takes over at its next tick.
 async fn housekeeping(
     db: PgPool,
     kinds: Vec<JobKind>,
@@ -532,6 +540,7 @@ async fn housekeeping(
 ) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reporter: Option<sqlx::PgConnection> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -544,26 +553,130 @@ async fn housekeeping(
                 Err(error) => tracing::warn!(%kind, %error, "reclaiming expired leases failed"),
             }
         }
-        match jobs::queue_depth(&db).await {
-            Ok(depths) => {
-                let depths: HashMap<JobKind, i64> = depths.into_iter().collect();
+        if reporter.is_none() {
+            reporter = take_reporter_lock(&db).await;
+        }
+        let Some(connection) = reporter.as_mut() else {
+            // Another worker reports: this one shows nothing rather than a copy.
+            metrics.due.clear();
+            metrics.scheduled.clear();
+            continue;
+        };
+        match jobs::backlog(&mut *connection).await {
+            Ok(rows) => {
+                let rows: HashMap<JobKind, jobs::Backlog> =
+                    rows.into_iter().map(|row| (row.kind, row)).collect();
                 for kind in &kinds {
+                    let label = KindLabel {
+                        kind: kind.as_str(),
+                    };
+                    let row = rows.get(kind);
                     metrics
-                        .queue_depth
-                        .get_or_create(&KindLabel {
-                            kind: kind.as_str(),
-                        })
-                        .set(depths.get(kind).copied().unwrap_or(0));
+                        .due
+                        .get_or_create(&label)
+                        .set(row.map_or(0, |row| row.due));
+                    metrics
+                        .scheduled
+                        .get_or_create(&label)
+                        .set(row.map_or(0, |row| row.scheduled));
                 }
             }
-            Err(error) => tracing::warn!(%error, "reading the queue depth failed"),
+            Err(error) => {
+                tracing::warn!(%error, "reading the backlog failed; letting another worker report");
+                // Dropping the connection releases the lock.
+                reporter = None;
+                metrics.due.clear();
+                metrics.scheduled.clear();
+            }
         }
     }
+}
+
+/// A connection holding the reporter's lock, if this worker could take it.
+async fn take_reporter_lock(db: &PgPool) -> Option<sqlx::PgConnection> {
+    let mut connection = db.acquire().await.ok()?;
+    let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(BACKLOG_REPORTER_LOCK)
+        .fetch_one(&mut *connection)
+        .await
+        .ok()?;
+    // Not taken: the connection goes back to the pool. Taken: it leaves the pool, so
+    // the lock lives as long as this worker's hold on it.
+    taken.then(|| connection.detach())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A worker's `/metrics` text, as far as the backlog goes.
+    fn backlog_text(registry: &prometheus_client::registry::Registry) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        text.lines()
+            .filter(|line| line.starts_with("jobs_due{") || line.starts_with("jobs_scheduled{"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[tokio::test]
+    async fn one_worker_reports_the_backlog_and_another_takes_over_when_it_stops() {
+        let db = mobile_testkit::TestDb::new().await;
+        let pool = db.pool().await;
+        // One due, one waiting out a backoff.
+        for n in [1, 2] {
+            let mut tx = pool.begin().await.unwrap();
+            jobs::enqueue(
+                &mut *tx,
+                &jobs::NewJob::new(JobKind::PushSend, serde_json::json!({ "n": n })),
+            )
+            .await
+            .unwrap();
+            tx.commit().await.unwrap();
+        }
+        sqlx::query("UPDATE jobs SET run_at = now() + interval '1 hour' WHERE payload->>'n' = '2'")
+            .execute(&pool)
+            .await
+            .unwrap();
+
+        let start = |registry: &mut prometheus_client::registry::Registry| {
+            let metrics = WorkerMetrics::register(registry);
+            let stop = CancellationToken::new();
+            tokio::spawn(housekeeping(
+                pool.clone(),
+                vec![JobKind::PushSend],
+                Duration::from_millis(50),
+                metrics,
+                stop.clone(),
+            ));
+            stop
+        };
+        let (mut first, mut second) = (Default::default(), Default::default());
+        let stop_first = start(&mut first);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let stop_second = start(&mut second);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let expected = "jobs_due{kind=\"push.send\"} 1\njobs_scheduled{kind=\"push.send\"} 1";
+        assert_eq!(
+            backlog_text(&first),
+            expected,
+            "the first to take the lock reports"
+        );
+        assert_eq!(backlog_text(&second), "", "the other shows nothing");
+
+        // The reporter stops (its connection, and so the lock, goes): the other reports.
+        stop_first.cancel();
+        let mut took_over = false;
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if backlog_text(&second) == expected {
+                took_over = true;
+                break;
+            }
+        }
+        assert!(took_over, "{}", backlog_text(&second));
+        stop_second.cancel();
+    }
 
     #[test]
     fn backoff_grows_exponentially_with_bounded_jitter_and_a_cap() {

@@ -87,8 +87,10 @@ async fn fourth_login_is_limited(app: &TestApp) {
     }
     let response = app.login("nobody@example.com", "wrong password!").await;
     assert_problem(response, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
+    // At least one attempt found Redis unusable (a full Redis may still take a small
+    // write now and then, as memory frees up: the limit must hold either way).
     let metrics = app.metrics_text().await;
-    assert!(sample(&metrics, "redis_degraded_total{feature=\"rate_limit\"}").unwrap_or(0.0) >= 3.0);
+    assert!(sample(&metrics, "redis_degraded_total{feature=\"rate_limit\"}").unwrap_or(0.0) >= 1.0);
 }
 
 #[tokio::test]
