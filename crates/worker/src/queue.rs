@@ -282,6 +282,9 @@ impl Claimer {
         let this = Arc::new(self);
         let slots = Arc::new(Semaphore::new(this.kind.concurrency.max(1)));
         let lease = this.kind.timeout + LEASE_MARGIN;
+        // After a failed claim (PostgreSQL restarting, failing over): short pauses,
+        // doubling up to the poll interval, so a blip costs a blip, not a poll interval.
+        let mut retry_pause = CLAIM_RETRY_FIRST;
         loop {
             // Wait for a free slot, then claim as many jobs as there are free slots.
             let first = tokio::select! {
@@ -303,14 +306,19 @@ impl Claimer {
             let batch = match claimed {
                 Ok(batch) => batch,
                 Err(error) => {
-                    tracing::warn!(kind = %this.kind.kind, %error, "claiming jobs failed; retrying");
+                    tracing::warn!(kind = %this.kind.kind, %error, ?retry_pause, "claiming jobs failed; retrying");
                     drop(first);
+                    let pause = retry_pause.min(this.settings.poll_interval);
+                    retry_pause = retry_pause.saturating_mul(2);
                     tokio::select! {
-                        () = tokio::time::sleep(this.settings.poll_interval) => continue,
+                        () = tokio::time::sleep(pause) => continue,
+                        // A job enqueued meanwhile: PostgreSQL is back.
+                        () = wakeup.notified() => continue,
                         () = stop.cancelled() => return,
                     }
                 }
             };
+            retry_pause = CLAIM_RETRY_FIRST;
             if batch.is_empty() {
                 drop(first);
                 tokio::select! {
@@ -521,6 +529,9 @@ async fn listen(db: PgPool, wakeups: HashMap<JobKind, Arc<Notify>>, stop: Cancel
         }
     }
 }
+
+/// The first pause after a failed claim; it doubles up to the poll interval.
+const CLAIM_RETRY_FIRST: Duration = Duration::from_millis(100);
 
 /// The advisory lock whose holder reports the backlog (`jobs_due`, `jobs_scheduled`).
 const BACKLOG_REPORTER_LOCK: i64 = 0x6d62_6a6f_6273; // "mbjobs"

@@ -297,6 +297,41 @@ async fn a_commit_wakes_the_runner_without_waiting_for_the_poll() {
 }
 
 #[tokio::test]
+async fn after_a_failed_claim_the_runner_is_back_in_moments_not_a_poll_interval() {
+    let db = TestDb::new().await;
+    let pool = db.pool().await;
+    let handler = Scripted::new([]);
+    let runner = start(&pool, &handler, 4, 10 * SECOND, Duration::from_secs(3600));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // As during a failover: the claim fails (here, its table is gone for a moment)...
+    sqlx::query("ALTER TABLE jobs RENAME TO jobs_away")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_notify('jobs', 'push.send')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ...and is back a moment later, with a job waiting.
+    sqlx::query("ALTER TABLE jobs_away RENAME TO jobs")
+        .execute(&pool)
+        .await
+        .unwrap();
+    enqueue(&pool, 5).await;
+    let started = Instant::now();
+    wait_until_empty(&pool).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?} (the poll interval is an hour)",
+        started.elapsed()
+    );
+    assert_eq!(handler.runs(), 1);
+    runner.stop.cancel();
+    runner.task.await.unwrap();
+}
+
+#[tokio::test]
 async fn drain_finishes_in_flight_jobs_and_releases_the_rest() {
     let db = TestDb::new().await;
     let pool = db.pool().await;
