@@ -5,7 +5,7 @@
 //! mobile-loadtest ws [--idle N] [--subscribers N] [--messages N] [--rate R] [--seconds S] [--peer socketio|none]
 //! mobile-loadtest rest [--rate R] [--seconds S] [--users N]
 //! mobile-loadtest me [--rates R,R,...] [--seconds S] [--p99-ms MS]   (needs loadtest/peers/install.sh)
-//! mobile-loadtest me --baseline PATH [--rates R,R,...] [--seconds S] [--rounds N]
+//! mobile-loadtest me --baseline PATH [--baseline-database-url URL] [--rates R,R,...] [--seconds S] [--rounds N]
 //! mobile-loadtest diurnal [--peak R] [--trough R] [--seconds S] [--users N]
 //! mobile-loadtest rollout [--rate R] [--clients N] [--posts R] [--seconds S]   (needs nginx)
 //! mobile-loadtest images [--rounds N]
@@ -32,7 +32,7 @@ use anyhow::{Context as _, bail};
 
 const USAGE: &str = "usage: mobile-loadtest ws [--idle N] [--subscribers N] [--messages N] [--rate R] [--seconds S] [--peer socketio|none] [--out DIR]
        mobile-loadtest me [--rates R,R,...] [--seconds S] [--p99-ms MS] [--out DIR]
-       mobile-loadtest me --baseline PATH [--rates R,R,...] [--seconds S] [--rounds N] [--out DIR]
+       mobile-loadtest me --baseline PATH [--baseline-database-url URL] [--rates R,R,...] [--seconds S] [--rounds N] [--out DIR]
        mobile-loadtest rest [--rate R] [--seconds S] [--users N] [--out DIR]
        mobile-loadtest diurnal [--peak R] [--trough R] [--seconds S] [--users N] [--out DIR]
        mobile-loadtest rollout [--rate R] [--clients N] [--posts R] [--seconds S] [--out DIR]

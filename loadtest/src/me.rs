@@ -17,6 +17,9 @@
 //! database, and each rate is measured on one, then the other, `--rounds` times, the
 //! order alternating, so drift on the machine falls on both alike. The figure is each
 //! build's median requests per server CPU-second per rate, and their ratio.
+//! `--baseline-database-url URL` gives the baseline its own `DATABASE_URL`: with this
+//! build as the baseline, PostgreSQL over TLS (`sslmode=require` in `DATABASE_URL`)
+//! against plain (`sslmode=disable` here).
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -265,8 +268,11 @@ async fn run_against_baseline(flags: &Flags) -> anyhow::Result<()> {
             .map(|&u| minter.issue(UserId::from_uuid(u), crate::ws::session_of(u)))
             .collect::<Result<_, _>>()?,
     );
+    // The baseline may also be this build on another connection (`--baseline-database-url`:
+    // PostgreSQL over TLS beside plain, say).
+    let base_url = flags.text("baseline-database-url", &database_url);
     let this = Service::start(&sibling("mobile-api")?, &api_env(&database_url)).await?;
-    let base = Service::start(&baseline, &api_env(&database_url)).await?;
+    let base = Service::start(&baseline, &api_env(&base_url)).await?;
     let servers = [("this", &this), ("baseline", &base)];
     let mut samples: Vec<[Vec<f64>; 2]> = vec![[Vec::new(), Vec::new()]; ladder.len()];
     for round in 0..rounds {
