@@ -533,6 +533,9 @@ async fn listen(db: PgPool, wakeups: HashMap<JobKind, Arc<Notify>>, stop: Cancel
 /// The first pause after a failed claim; it doubles up to the poll interval.
 const CLAIM_RETRY_FIRST: Duration = Duration::from_millis(100);
 
+/// How long reading the backlog may take before the reporter gives up its lock.
+const BACKLOG_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The advisory lock whose holder reports the backlog (`jobs_due`, `jobs_scheduled`).
 const BACKLOG_REPORTER_LOCK: i64 = 0x6d62_6a6f_6273; // "mbjobs"
 
@@ -573,7 +576,12 @@ async fn housekeeping(
             metrics.scheduled.clear();
             continue;
         };
-        match jobs::backlog(&mut *connection).await {
+        // Bounded: the connection is outside the pool (no ping before use), and after a
+        // failover it may be half-open; a hang here would also stop the lease reclaim.
+        let read = tokio::time::timeout(BACKLOG_QUERY_TIMEOUT, jobs::backlog(&mut *connection))
+            .await
+            .unwrap_or_else(|_| Err(sqlx::Error::PoolTimedOut));
+        match read {
             Ok(rows) => {
                 let rows: HashMap<JobKind, jobs::Backlog> =
                     rows.into_iter().map(|row| (row.kind, row)).collect();
