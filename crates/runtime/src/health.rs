@@ -9,9 +9,10 @@
 //! - a **shared** dependency (PostgreSQL, Redis) failing is an outage of every pod at
 //!   once: taking them all out of service would turn a degraded service into none, so
 //!   the pod stays ready (200, `"status": "degraded"`) and answers what needs the
-//!   dependency with a retryable 503. Until a shared dependency has answered once,
-//!   though, the pod is still starting (503, `"starting"`): a new pod with a wrong URL
-//!   must not pass a rollout.
+//!   dependency with a retryable 503. Until PostgreSQL has answered once, though, the
+//!   pod is still starting (503, `"starting"`): a new pod with a wrong database URL
+//!   must not pass a rollout. Redis is not needed to start: a pod started during a
+//!   Redis outage serves, degraded, as the others do.
 //! - a **local** fault (the gateway's own Pub/Sub subscription) makes this pod unready
 //!   (503, `"unready"`): others can serve instead. If the shared dependency it rides on
 //!   is failing too, it is that outage, and counts as one.
@@ -53,9 +54,11 @@ pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// What a failing check means for this pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
-    /// A dependency every pod shares: failing, the pod is degraded, not unready (once
-    /// it has answered once).
-    Shared,
+    /// A dependency every pod shares: failing, the pod is degraded, not unready. With
+    /// `needed_to_start`, a pod that has never reached it is still starting (PostgreSQL:
+    /// nothing works without it); without, a pod may start degraded (Redis: started
+    /// during its outage, it serves without it).
+    Shared { needed_to_start: bool },
     /// Something of this pod's own: failing, the pod is unready, unless the shared
     /// check named `on` is failing too (then it is that outage).
     Local { on: Option<&'static str> },
@@ -180,11 +183,16 @@ impl Health {
                 tracing::warn!(check = entry.name, %reason, "readiness check failed");
             }
             match (entry.scope, ok) {
-                (Scope::Shared, true) => entry.answered.store(true, Ordering::Relaxed),
-                (Scope::Shared, false) if !entry.answered.load(Ordering::Relaxed) => {
+                (Scope::Shared { .. }, true) => entry.answered.store(true, Ordering::Relaxed),
+                (
+                    Scope::Shared {
+                        needed_to_start: true,
+                    },
+                    false,
+                ) if !entry.answered.load(Ordering::Relaxed) => {
                     starting = true;
                 }
-                (Scope::Shared, false) => degraded = true,
+                (Scope::Shared { .. }, false) => degraded = true,
                 (Scope::Local { .. }, true) => {}
                 (Scope::Local { on: Some(on) }, false) if failed(on) => degraded = true,
                 (Scope::Local { .. }, false) => unready = true,
@@ -277,15 +285,31 @@ mod tests {
         let (pubsub, pubsub_check) = switch();
         let shutdown = Shutdown::new();
         let health = Health::new(shutdown.clone())
-            .with_check("postgres", Scope::Shared, postgres_check)
-            .with_check("redis", Scope::Shared, redis_check)
+            .with_check(
+                "postgres",
+                Scope::Shared {
+                    needed_to_start: true,
+                },
+                postgres_check,
+            )
+            .with_check(
+                "redis",
+                Scope::Shared {
+                    needed_to_start: false,
+                },
+                redis_check,
+            )
             .with_check("pubsub", Scope::Local { on: Some("redis") }, pubsub_check);
         let status = || async { health.readiness().await.status };
 
-        // Never reached: starting, whatever else holds.
+        // PostgreSQL never reached: starting, whatever else holds.
         postgres.store(1, Ordering::Relaxed);
+        redis.store(1, Ordering::Relaxed);
         assert_eq!(status().await, "starting");
+        // Redis never reached: this pod starts degraded (it serves without Redis).
         postgres.store(0, Ordering::Relaxed);
+        assert_eq!(status().await, "degraded");
+        redis.store(0, Ordering::Relaxed);
         assert_eq!(status().await, "ready");
         // PostgreSQL down for everyone: degraded, still ready.
         postgres.store(1, Ordering::Relaxed);

@@ -138,8 +138,20 @@ impl Foundation {
             metrics: ConnectionMetrics::register(&mut registry),
         };
         let health = Health::new(shutdown.clone())
-            .with_check("postgres", Scope::Shared, health::postgres(db.clone()))
-            .with_check("redis", Scope::Shared, health::redis(redis.clone()));
+            .with_check(
+                "postgres",
+                Scope::Shared {
+                    needed_to_start: true,
+                },
+                health::postgres(db.clone()),
+            )
+            .with_check(
+                "redis",
+                Scope::Shared {
+                    needed_to_start: false,
+                },
+                health::redis(redis.clone()),
+            );
         health.register(&mut registry);
         Ok(Self {
             db,
