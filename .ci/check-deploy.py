@@ -94,7 +94,7 @@ def eval_int(expression):
 def seconds(duration):
     """A Gateway API duration (`30s`, `10m`, `1h`) or nginx's bare seconds, in seconds."""
     total = 0
-    for amount, unit in re.findall(r"(\d+)(h|m|s|ms)?", str(duration)):
+    for amount, unit in re.findall(r"(\d+)(ms|h|m|s)?", str(duration)):
         total += int(amount) * {"h": 3600, "m": 60, "s": 1, "ms": 0.001, "": 1}[unit]
     return total
 
@@ -141,7 +141,10 @@ def check_timeouts(overlay, docs, limits):
                 if rule is None:
                     continue
                 timeout = rule.get("timeouts", {}).get("request")
-                if timeout is not None and seconds(timeout) <= floor:
+                if timeout is None and method == "POST":
+                    # Implementations default to 15-30 s: an upload needs its own.
+                    fail(f"{where}: {method} {path} has no request timeout of its own")
+                elif timeout is not None and seconds(timeout) <= floor:
                     fail(f"{where}: {method} {path} is cut at {timeout}, but the API allows "
                          f"it {floor} s")
         elif doc["kind"] == "Ingress":

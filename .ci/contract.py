@@ -156,7 +156,9 @@ def schemathesis(api: Api, token: str, fixtures: dict, seed: str, workdir: Path)
             # Its cache (`.schemathesis/`) goes to the work directory, not the checkout.
             result = subprocess.run(command, env=env, timeout=600, cwd=workdir,
                                     capture_output=True, text=True)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as expired:
+            partial = expired.stdout or ""
+            print(partial.decode(errors="replace") if isinstance(partial, bytes) else partial, end="")
             print("schemathesis did not finish within 600 s")
             return False
         print(result.stdout, end="")

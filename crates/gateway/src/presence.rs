@@ -11,6 +11,7 @@ use std::{
 use mobile_domain::UserId;
 use mobile_events::presence;
 use mobile_runtime::redis::Redis;
+use rand::Rng as _;
 use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -54,6 +55,10 @@ impl Presence {
                             // The hub is gone: the process is stopping.
                             return;
                         }
+                        // Every gateway sees Redis return at once: spread their
+                        // re-registrations over a second rather than land together.
+                        let jitter = rand::thread_rng().gen_range(0.0..1.0);
+                        tokio::time::sleep(RETRY_EVERY.mul_f64(jitter)).await;
                     }
                 }
                 next = Instant::now()
