@@ -578,9 +578,15 @@ async fn housekeeping(
         };
         // Bounded: the connection is outside the pool (no ping before use), and after a
         // failover it may be half-open; a hang here would also stop the lease reclaim.
-        let read = tokio::time::timeout(BACKLOG_QUERY_TIMEOUT, jobs::backlog(&mut *connection))
-            .await
-            .unwrap_or_else(|_| Err(sqlx::Error::PoolTimedOut));
+        let read = match tokio::time::timeout(
+            BACKLOG_QUERY_TIMEOUT,
+            jobs::backlog(&mut *connection),
+        )
+        .await
+        {
+            Ok(read) => read.map_err(|error| error.to_string()),
+            Err(_) => Err(format!("no answer within {BACKLOG_QUERY_TIMEOUT:?}")),
+        };
         match read {
             Ok(rows) => {
                 let rows: HashMap<JobKind, jobs::Backlog> =
