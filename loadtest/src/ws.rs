@@ -361,13 +361,12 @@ pub fn session_of(user: Uuid) -> SessionId {
     SessionId::from_uuid(user)
 }
 
+/// Drops and re-creates the database `url` names, migrated. The URL is read as the
+/// services read it (`?sslmode=…` and the rest stay options, not part of the name).
 pub async fn fresh_database(url: &str) -> anyhow::Result<PgPool> {
-    let name = url.rsplit('/').next().unwrap_or("mobile_bench").to_owned();
-    let server = format!(
-        "{}/postgres",
-        url.rsplit_once('/').map_or(url, |(base, _)| base)
-    );
-    let admin = PgPool::connect(&server)
+    let options: sqlx::postgres::PgConnectOptions = url.parse().context("a postgres:// URL")?;
+    let name = options.get_database().unwrap_or("mobile_bench").to_owned();
+    let admin = PgPool::connect_with(options.database("postgres"))
         .await
         .context("connect to PostgreSQL")?;
     admin
