@@ -27,7 +27,7 @@ use anyhow::{Context as _, bail};
 use ed25519_dalek::pkcs8::{
     DecodePrivateKey as _, EncodePublicKey as _, spki::der::pem::LineEnding,
 };
-use mobile_auth::{AccessTokens, SigningKey, VerifyKeys, keys::DEVELOPMENT_SIGNING_KEY_PEM};
+use mobile_auth::keys::DEVELOPMENT_SIGNING_KEY_PEM;
 use mobile_domain::{SessionId, UserId};
 use reqwest::Client;
 use serde_json::json;
@@ -59,13 +59,7 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
     )
     .fetch_all(&db)
     .await?;
-    let tokens = AccessTokens::new(
-        Some(SigningKey::development()?),
-        VerifyKeys::default(),
-        "mobile-backend",
-        "mobile-app",
-        crate::procs::MINTED_TOKEN_TTL,
-    );
+    let tokens = crate::procs::token_minter()?;
     let tokens: Arc<Vec<String>> = Arc::new(
         users
             .iter()
@@ -255,13 +249,7 @@ async fn run_against_baseline(flags: &Flags) -> anyhow::Result<()> {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/mobile_bench_me".to_owned());
     let db = crate::ws::fresh_database(&database_url).await?;
     let users = crate::ws::insert_users(&db, 1000).await?;
-    let minter = AccessTokens::new(
-        Some(SigningKey::development()?),
-        VerifyKeys::default(),
-        "mobile-backend",
-        "mobile-app",
-        crate::procs::MINTED_TOKEN_TTL,
-    );
+    let minter = crate::procs::token_minter()?;
     let tokens: Arc<Vec<String>> = Arc::new(
         users
             .iter()

@@ -36,6 +36,18 @@ pub struct Service {
 /// How long the tokens the load generator mints live.
 pub const MINTED_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
 
+/// What mints the load generator's access tokens: the development key, the services'
+/// default issuer and audience, [`MINTED_TOKEN_TTL`].
+pub fn token_minter() -> anyhow::Result<mobile_auth::AccessTokens> {
+    Ok(mobile_auth::AccessTokens::new(
+        Some(mobile_auth::SigningKey::development()?),
+        mobile_auth::VerifyKeys::default(),
+        "mobile-backend",
+        "mobile-app",
+        MINTED_TOKEN_TTL,
+    ))
+}
+
 impl Service {
     /// Starts `binary` with `env` on a fresh port and waits for `/health/ready`.
     pub async fn start(binary: &PathBuf, env: &[(&str, String)]) -> anyhow::Result<Self> {

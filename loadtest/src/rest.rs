@@ -11,7 +11,6 @@
 use std::{f64::consts::PI, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use mobile_auth::{AccessTokens, SigningKey, VerifyKeys};
 use mobile_domain::{SessionId, UserId};
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
@@ -123,13 +122,7 @@ async fn run(
 
     eprintln!("{name}: seeding {users_count} users, conversations and messages");
     let users = seed(&db, users_count).await?;
-    let tokens = AccessTokens::new(
-        Some(SigningKey::development()?),
-        VerifyKeys::default(),
-        "mobile-backend",
-        "mobile-app",
-        crate::procs::MINTED_TOKEN_TTL,
-    );
+    let tokens = crate::procs::token_minter()?;
     let users = users
         .into_iter()
         .map(|(user, conversation)| {

@@ -31,7 +31,6 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use futures_util::{SinkExt as _, StreamExt as _};
-use mobile_auth::{AccessTokens, SigningKey, VerifyKeys};
 use mobile_domain::UserId;
 use reqwest::Client;
 use serde_json::{Value, json};
@@ -115,13 +114,7 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
             .await?;
         conversations.push((id, group.to_vec()));
     }
-    let minter = AccessTokens::new(
-        Some(SigningKey::development()?),
-        VerifyKeys::default(),
-        "mobile-backend",
-        "mobile-app",
-        crate::procs::MINTED_TOKEN_TTL,
-    );
+    let minter = crate::procs::token_minter()?;
     let token = |user: Uuid| minter.issue(UserId::from_uuid(user), crate::ws::session_of(user));
 
     // WebSocket followers.

@@ -32,7 +32,6 @@ use std::{
 use anyhow::{Context as _, bail};
 use futures_util::{SinkExt, StreamExt, stream};
 use hdrhistogram::Histogram;
-use mobile_auth::{AccessTokens, SigningKey, VerifyKeys};
 use mobile_domain::{SessionId, UserId};
 use serde_json::json;
 use sqlx::{Executor, PgPool};
@@ -86,13 +85,7 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
     ];
     let a = Service::start(&gateway, &env).await?;
     let b = Service::start(&gateway, &env).await?;
-    let tokens = AccessTokens::new(
-        Some(SigningKey::development()?),
-        VerifyKeys::default(),
-        "mobile-backend",
-        "mobile-app",
-        crate::procs::MINTED_TOKEN_TTL,
-    );
+    let tokens = crate::procs::token_minter()?;
     let mint = |user: Uuid| tokens.issue(UserId::from_uuid(user), session_of(user));
     let redis = redis::Client::open(redis_url.as_str())?;
     let mut publisher = redis.get_multiplexed_async_connection().await?;
