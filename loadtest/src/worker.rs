@@ -288,7 +288,7 @@ pub async fn jobs(flags: &Flags) -> anyhow::Result<()> {
     let enqueue_seconds = started.elapsed().as_secs_f64();
     eprintln!("{count} jobs enqueued in {enqueue_seconds:.1} s; draining");
 
-    let pool = mobile_db::connect_lazy(
+    let pool = mobile_db::Db::connect_lazy(
         &database_url,
         &mobile_db::PoolSettings::new("mobile-loadtest", 20),
     )?;

@@ -85,7 +85,16 @@ impl Service for Api {
 
     async fn command(name: &str, env: &Env) -> anyhow::Result<()> {
         match name {
-            "migrate" => migrate(Self::common_settings(env)?.database_url.expose_secret()).await,
+            "migrate" => {
+                // Migrations hold a session advisory lock: never through a
+                // transaction pooler.
+                let common = Self::common_settings(env)?;
+                let url = common
+                    .database_listen_url
+                    .as_ref()
+                    .unwrap_or(&common.database_url);
+                migrate(url.expose_secret()).await
+            }
             other => anyhow::bail!("mobile-api has no command {other:?}"),
         }
     }

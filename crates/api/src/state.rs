@@ -7,8 +7,8 @@
 use std::{ops::Deref, sync::Arc};
 
 use mobile_auth::AccessTokens;
+use mobile_db::Db;
 use mobile_runtime::redis::Redis;
-use sqlx::PgPool;
 
 use crate::{metrics::ApiMetrics, middleware::rate_limit::LocalLimits, settings::ApiSettings};
 
@@ -18,7 +18,7 @@ pub struct AppState(Arc<Shared>);
 /// What [`AppState`] holds.
 #[derive(Debug)]
 pub struct Shared {
-    pub db: PgPool,
+    pub db: Db,
     pub redis: Redis,
     pub tokens: AccessTokens,
     pub settings: ApiSettings,

@@ -6,8 +6,9 @@
 //! a transaction that rolls back gives its number back: the seqs readers see are 1, 2,
 //! 3, ... with no gaps, in commit order.
 
+use crate::Db;
 use mobile_domain::{ClientMsgId, ConversationId, MediaId, MessageId, MessageText, Title, UserId};
-use sqlx::{PgConnection, PgExecutor, PgPool};
+use sqlx::{PgConnection, PgExecutor};
 use time::OffsetDateTime;
 
 /// The most members a conversation may have.
@@ -45,7 +46,7 @@ pub enum CreateConversation {
 /// Creates a conversation whose members are `creator` plus `members` (duplicates
 /// ignored), in one transaction.
 pub async fn create_conversation(
-    pool: &PgPool,
+    db: &Db,
     creator: UserId,
     members: &[UserId],
     title: Option<&Title>,
@@ -55,7 +56,7 @@ pub async fn create_conversation(
     all.sort_unstable();
     all.dedup();
 
-    let mut tx = pool.begin().await?;
+    let mut tx = db.begin().await?;
     let id = ConversationId::new();
     let created_at: OffsetDateTime =
         sqlx::query_scalar("INSERT INTO conversations (id, title, created_by) VALUES ($1, $2, $3) RETURNING created_at")
@@ -311,7 +312,7 @@ mod tests {
     use super::*;
     use crate::users::{InsertUser, insert_user};
 
-    async fn user(pool: &PgPool, email: &str) -> UserId {
+    async fn user(pool: &crate::Db, email: &str) -> UserId {
         let email = Email::parse(email).unwrap();
         match insert_user(pool, &email, "hash", &DisplayName::parse("U").unwrap())
             .await
@@ -323,7 +324,7 @@ mod tests {
     }
 
     async fn post(
-        pool: &PgPool,
+        pool: &crate::Db,
         conversation: ConversationId,
         sender: UserId,
         client_msg_id: &str,
@@ -348,7 +349,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_posts_get_gap_free_seqs_and_retries_deduplicate() {
         let db = mobile_testkit::TestDb::new().await;
-        let pool = db.pool().await;
+        let pool = crate::Db::from(db.pool().await);
         let ann = user(&pool, "ann@example.com").await;
         let bob = user(&pool, "bob@example.com").await;
         let CreateConversation::Created(conversation) =
@@ -407,7 +408,7 @@ mod tests {
     #[tokio::test]
     async fn outsiders_cannot_post_or_see() {
         let db = mobile_testkit::TestDb::new().await;
-        let pool = db.pool().await;
+        let pool = crate::Db::from(db.pool().await);
         let ann = user(&pool, "ann@example.com").await;
         let eve = user(&pool, "eve@example.com").await;
         let CreateConversation::Created(conversation) =

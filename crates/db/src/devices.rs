@@ -1,7 +1,8 @@
 //! Devices: the app installations a user receives pushes on.
 
+use crate::Db;
 use mobile_domain::{ApnsEnvironment, AppVersion, DeviceId, Locale, Platform, PushToken, UserId};
-use sqlx::{PgExecutor, PgPool};
+use sqlx::PgExecutor;
 use time::OffsetDateTime;
 
 /// A device as stored.
@@ -47,11 +48,11 @@ pub enum Upsert {
 /// goes, in the same transaction: that is what moves a phone from one account to the
 /// next.
 pub async fn upsert_device(
-    pool: &PgPool,
+    db: &Db,
     user_id: UserId,
     device: &DeviceRegistration,
 ) -> Result<Option<(Device, Upsert)>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = db.begin().await?;
     sqlx::query("DELETE FROM devices WHERE platform = $1 AND push_token = $2 AND id <> $3")
         .bind(device.platform)
         .bind(device.push_token.as_str())
@@ -149,7 +150,7 @@ mod tests {
     use super::*;
     use crate::users::{InsertUser, insert_user};
 
-    async fn user(pool: &PgPool, email: &str) -> UserId {
+    async fn user(pool: &crate::Db, email: &str) -> UserId {
         let email = Email::parse(email).unwrap();
         let name = DisplayName::parse("Someone").unwrap();
         match insert_user(pool, &email, "hash", &name).await.unwrap() {
@@ -172,7 +173,7 @@ mod tests {
     #[tokio::test]
     async fn upsert_is_idempotent_and_an_id_stays_with_its_user() {
         let db = mobile_testkit::TestDb::new().await;
-        let pool = db.pool().await;
+        let pool = crate::Db::from(db.pool().await);
         let ann = user(&pool, "ann@example.com").await;
         let bob = user(&pool, "bob@example.com").await;
         let id = DeviceId::new();

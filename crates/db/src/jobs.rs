@@ -327,7 +327,7 @@ mod tests {
 
     const LEASE: Duration = Duration::from_secs(30);
 
-    async fn enqueued(pool: &sqlx::PgPool, job: &NewJob<'_>) -> JobId {
+    async fn enqueued(pool: &crate::Db, job: &NewJob<'_>) -> JobId {
         match enqueue(pool, job).await.unwrap() {
             Enqueued::Enqueued(id) => id,
             Enqueued::Duplicate => panic!("unexpected duplicate"),
@@ -337,8 +337,8 @@ mod tests {
     #[tokio::test]
     async fn enqueue_is_transactional_and_wakes_listeners() {
         let db = mobile_testkit::TestDb::new().await;
-        let pool = db.pool().await;
-        let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        let pool = crate::Db::from(db.pool().await);
+        let mut listener = sqlx::postgres::PgListener::connect_with(pool.direct())
             .await
             .unwrap();
         listener.listen("jobs").await.unwrap();
@@ -382,7 +382,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_claims_never_share_a_job() {
         let db = mobile_testkit::TestDb::new().await;
-        let pool = db.pool().await;
+        let pool = crate::Db::from(db.pool().await);
         let payloads: Vec<Value> = (0..100).map(|n| json!({ "n": n })).collect();
         assert_eq!(
             enqueue_values(&pool, JobKind::PushSend, &payloads, 3)
@@ -423,7 +423,7 @@ mod tests {
     #[tokio::test]
     async fn failures_retry_later_then_die_with_the_last_error() {
         let db = mobile_testkit::TestDb::new().await;
-        let pool = db.pool().await;
+        let pool = crate::Db::from(db.pool().await);
         let mut job = NewJob::new(JobKind::PushSend, json!({}));
         job.max_attempts = 2;
         let id = enqueued(&pool, &job).await;
@@ -494,7 +494,7 @@ mod tests {
     #[tokio::test]
     async fn an_expired_lease_returns_the_job_and_its_holder_loses_it() {
         let db = mobile_testkit::TestDb::new().await;
-        let pool = db.pool().await;
+        let pool = crate::Db::from(db.pool().await);
         let id = enqueued(&pool, &NewJob::new(JobKind::MediaProcess, json!({}))).await;
         claim(
             &pool,
@@ -552,7 +552,7 @@ mod tests {
     #[tokio::test]
     async fn unique_keys_and_release() {
         let db = mobile_testkit::TestDb::new().await;
-        let pool = db.pool().await;
+        let pool = crate::Db::from(db.pool().await);
         let mut job = NewJob::new(JobKind::MediaProcess, json!({"media": 1}));
         job.unique_key = Some("media-1");
         let id = enqueued(&pool, &job).await;

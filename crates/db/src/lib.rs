@@ -22,7 +22,7 @@ pub mod users;
 
 pub mod migrate;
 pub use migrate::{MIGRATOR, migrate};
-pub use pool::{PoolSettings, connect_lazy};
+pub use pool::{Db, PoolMode, PoolSettings};
 pub use sqlx::{PgPool, Postgres, Transaction};
 
 /// The SQLSTATE of a unique violation, and a helper to name the constraint it hit.

@@ -158,7 +158,7 @@ pub async fn mark_failed(
 mod tests {
     use super::*;
 
-    async fn user(pool: &sqlx::PgPool) -> UserId {
+    async fn user(pool: &crate::Db) -> UserId {
         let id = UserId::new();
         sqlx::query(
             "INSERT INTO users (id, email, password_hash, display_name) VALUES ($1, $2, 'x', 'U')",
@@ -174,7 +174,7 @@ mod tests {
     #[tokio::test]
     async fn a_media_row_goes_from_processing_to_ready_once() {
         let db = mobile_testkit::TestDb::new().await;
-        let pool = db.pool().await;
+        let pool = crate::Db::from(db.pool().await);
         let (owner, stranger) = (user(&pool).await, user(&pool).await);
         let id = MediaId::new();
         insert(&pool, id, owner, "image/jpeg", 1234).await.unwrap();
@@ -206,7 +206,7 @@ mod tests {
     #[tokio::test]
     async fn failed_media_cannot_be_attached() {
         let db = mobile_testkit::TestDb::new().await;
-        let pool = db.pool().await;
+        let pool = crate::Db::from(db.pool().await);
         let owner = user(&pool).await;
         let id = MediaId::new();
         insert(&pool, id, owner, "image/png", 1).await.unwrap();

@@ -67,12 +67,12 @@ pub async fn enqueue_notifications(
 /// completed, in one transaction. Returns the number of send jobs, or `None` if this
 /// worker no longer held the notify job (nothing was enqueued).
 pub async fn fan_out(
-    conn: &mut PgConnection,
+    db: &crate::Db,
     notify_job: JobId,
     worker: &str,
     notification: &Notification,
 ) -> Result<Option<u64>, sqlx::Error> {
-    let mut tx = sqlx::Connection::begin(conn).await?;
+    let mut tx = db.begin().await?;
     if jobs::complete(&mut *tx, &[notify_job], worker).await? == 0 {
         return Ok(None);
     }
@@ -120,7 +120,7 @@ mod tests {
 
     use super::*;
 
-    async fn user_with_devices(pool: &sqlx::PgPool, devices: usize) -> UserId {
+    async fn user_with_devices(pool: &crate::Db, devices: usize) -> UserId {
         let id = UserId::new();
         sqlx::query(
             "INSERT INTO users (id, email, password_hash, display_name) VALUES ($1, $2, 'x', 'U')",
@@ -155,9 +155,9 @@ mod tests {
     #[tokio::test]
     async fn a_notify_job_fans_out_once_per_device() {
         let db = mobile_testkit::TestDb::new().await;
-        let pool = db.pool().await;
+        let pool = crate::Db::from(db.pool().await);
         let user = user_with_devices(&pool, 3).await;
-        let mut conn = pool.acquire().await.unwrap();
+        let mut conn = pool.pool().acquire().await.unwrap();
         enqueue_notifications(&mut conn, &[notification(user)])
             .await
             .unwrap();
@@ -169,9 +169,9 @@ mod tests {
             .pop()
             .unwrap();
         let n: Notification = job.payload().unwrap();
-        assert_eq!(fan_out(&mut conn, job.id, "w1", &n).await.unwrap(), Some(3));
+        assert_eq!(fan_out(&pool, job.id, "w1", &n).await.unwrap(), Some(3));
         assert_eq!(
-            fan_out(&mut conn, job.id, "w1", &n).await.unwrap(),
+            fan_out(&pool, job.id, "w1", &n).await.unwrap(),
             None,
             "a second fan-out of the same job enqueues nothing"
         );
@@ -203,7 +203,7 @@ mod tests {
     #[tokio::test]
     async fn a_reregistered_token_survives_a_stale_dead_token_report() {
         let db = mobile_testkit::TestDb::new().await;
-        let pool = db.pool().await;
+        let pool = crate::Db::from(db.pool().await);
         let user = user_with_devices(&pool, 1).await;
         let (device, old): (DeviceId, String) =
             sqlx::query_as("SELECT id, push_token FROM devices WHERE user_id = $1")

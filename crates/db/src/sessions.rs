@@ -7,8 +7,9 @@
 //! replaying a stolen token looks like, and revokes the family. Two live families can
 //! never come out of one token.
 
+use crate::Db;
 use mobile_domain::{SessionId, UserId};
-use sqlx::{PgConnection, PgExecutor, PgPool};
+use sqlx::{PgConnection, PgExecutor};
 use time::OffsetDateTime;
 
 /// SHA-256 of a refresh token: the only form in which one is stored.
@@ -85,14 +86,14 @@ pub enum Rotation {
 /// session is live and younger than `session_max_age`: refreshing slides a session's
 /// end forward, never past that absolute lifetime.
 pub async fn rotate_refresh_token(
-    pool: &PgPool,
+    db: &Db,
     presented: &TokenHash,
     successor: &TokenHash,
     successor_expires_at: OffsetDateTime,
     session_max_age: std::time::Duration,
 ) -> Result<Rotation, sqlx::Error> {
     let max_age_seconds = i64::try_from(session_max_age.as_secs()).unwrap_or(i64::MAX);
-    let mut tx = pool.begin().await?;
+    let mut tx = db.begin().await?;
     let rotated: Option<(SessionId, UserId)> = sqlx::query_as(
         "UPDATE refresh_tokens AS t
          SET rotated_at = now()
@@ -214,7 +215,7 @@ mod tests {
     use super::*;
     use crate::users::{InsertUser, insert_user};
 
-    async fn user(pool: &PgPool) -> UserId {
+    async fn user(pool: &crate::Db) -> UserId {
         let email = Email::parse("ann@example.com").unwrap();
         let name = DisplayName::parse("Ann").unwrap();
         match insert_user(pool, &email, "hash", &name).await.unwrap() {
@@ -232,9 +233,9 @@ mod tests {
     #[tokio::test]
     async fn rotation_then_reuse_revokes_the_family() {
         let db = mobile_testkit::TestDb::new().await;
-        let pool = db.pool().await;
+        let pool = crate::Db::from(db.pool().await);
         let user_id = user(&pool).await;
-        let mut conn = pool.acquire().await.unwrap();
+        let mut conn = pool.pool().acquire().await.unwrap();
         let session = create_session(&mut conn, user_id, &[1; 32], later())
             .await
             .unwrap();
@@ -275,9 +276,9 @@ mod tests {
     #[tokio::test]
     async fn expired_and_unknown_tokens_are_invalid() {
         let db = mobile_testkit::TestDb::new().await;
-        let pool = db.pool().await;
+        let pool = crate::Db::from(db.pool().await);
         let user_id = user(&pool).await;
-        let mut conn = pool.acquire().await.unwrap();
+        let mut conn = pool.pool().acquire().await.unwrap();
         let past = OffsetDateTime::now_utc() - Duration::seconds(1);
         create_session(&mut conn, user_id, &[1; 32], past)
             .await
@@ -300,9 +301,9 @@ mod tests {
     #[tokio::test]
     async fn a_session_ends_at_its_absolute_lifetime_however_often_it_refreshed() {
         let db = mobile_testkit::TestDb::new().await;
-        let pool = db.pool().await;
+        let pool = crate::Db::from(db.pool().await);
         let user_id = user(&pool).await;
-        let mut conn = pool.acquire().await.unwrap();
+        let mut conn = pool.pool().acquire().await.unwrap();
         let session = create_session(&mut conn, user_id, &[1; 32], later())
             .await
             .unwrap();
@@ -333,9 +334,9 @@ mod tests {
     #[tokio::test]
     async fn logout_revokes_once() {
         let db = mobile_testkit::TestDb::new().await;
-        let pool = db.pool().await;
+        let pool = crate::Db::from(db.pool().await);
         let user_id = user(&pool).await;
-        let mut conn = pool.acquire().await.unwrap();
+        let mut conn = pool.pool().acquire().await.unwrap();
         let session = create_session(&mut conn, user_id, &[1; 32], later())
             .await
             .unwrap();

@@ -115,7 +115,7 @@ mod tests {
     #[tokio::test]
     async fn insert_find_and_update() {
         let db = mobile_testkit::TestDb::new().await;
-        let pool = db.pool().await;
+        let pool = crate::Db::from(db.pool().await);
         let email = Email::parse("Ann@Example.com").unwrap();
         let name = DisplayName::parse("Ann").unwrap();
 

@@ -5,9 +5,9 @@
 
 use std::{ops::RangeInclusive, sync::Arc};
 
+use mobile_db::Db;
 use mobile_db::conversations::{self, Window};
 use mobile_events::Channel;
-use sqlx::PgPool;
 
 use crate::hub::Delivery;
 
@@ -17,7 +17,7 @@ const CHUNK: i64 = 1_000;
 /// The events of `channel` with offsets in `range` that PostgreSQL has, in order.
 /// Channels without offsets have nothing to read.
 pub async fn read(
-    db: &PgPool,
+    db: &Db,
     channel: Channel,
     range: RangeInclusive<i64>,
 ) -> Result<Vec<Arc<Delivery>>, sqlx::Error> {

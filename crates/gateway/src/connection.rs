@@ -203,7 +203,7 @@ fn expiry(exp: i64) -> Instant {
 
 /// Whether PostgreSQL has `session` live. If it cannot say, yes: the periodic check
 /// asks again.
-async fn session_is_live(db: &sqlx::PgPool, session: SessionId) -> bool {
+async fn session_is_live(db: &mobile_db::Db, session: SessionId) -> bool {
     match mobile_db::sessions::live_sessions(db, &[session]).await {
         Ok(live) => !live.is_empty(),
         Err(error) => {

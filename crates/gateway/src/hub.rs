@@ -38,11 +38,11 @@ use std::{
 };
 
 use axum::extract::ws::Utf8Bytes;
+use mobile_db::Db;
 use mobile_db::conversations;
 use mobile_domain::{ConversationId, UserId};
 use mobile_events::{Channel, FrameHeader, MessageData, Revoke};
 use mobile_runtime::redis::Redis;
-use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -190,7 +190,7 @@ struct Inner {
     /// How many times the Pub/Sub connection has come up: watched by whatever must be
     /// redone when Redis returns (presence, which a restarted Redis has lost).
     connected: watch::Sender<u64>,
-    db: PgPool,
+    db: Db,
     metrics: GatewayMetrics,
     sessions: Sessions,
 }
@@ -206,7 +206,7 @@ impl Hub {
     /// ends when `stop` is cancelled.
     pub fn start(
         redis: Redis,
-        db: PgPool,
+        db: Db,
         metrics: GatewayMetrics,
         sessions: Sessions,
         stop: CancellationToken,

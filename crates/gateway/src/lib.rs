@@ -36,6 +36,7 @@ use axum::{
     routing::get,
 };
 use mobile_auth::{AccessTokens, TokenError};
+use mobile_db::Db;
 use mobile_runtime::{
     CommonSettings, Defaults, Env, Health, SettingsError, Shutdown,
     health::Scope,
@@ -46,7 +47,6 @@ use mobile_runtime::{
 };
 use rand::Rng;
 use serde::Deserialize;
-use sqlx::PgPool;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
@@ -70,7 +70,7 @@ const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 pub struct Context {
     pub settings: GatewaySettings,
     pub tokens: AccessTokens,
-    pub db: PgPool,
+    pub db: Db,
     pub redis: Redis,
     pub hub: Hub,
     pub presence: Presence,

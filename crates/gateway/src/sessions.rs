@@ -22,10 +22,10 @@ use std::{
     time::Duration,
 };
 
+use mobile_db::Db;
 use mobile_domain::{SessionId, UserId};
 use mobile_events::Revoke;
 use mobile_runtime::client_ip::ClientIp;
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -294,7 +294,7 @@ const SWEEP_CHUNK: usize = 10_000;
 /// Every `interval` until `stop`: closes the sockets of sessions PostgreSQL no longer
 /// has live (a failed check is retried at the next interval), and forgets users who
 /// left a while ago.
-pub async fn sweep(sessions: Sessions, db: PgPool, interval: Duration, stop: CancellationToken) {
+pub async fn sweep(sessions: Sessions, db: Db, interval: Duration, stop: CancellationToken) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await;

@@ -234,12 +234,12 @@ async fn ready(State(health): State<Health>) -> (StatusCode, Json<Readiness>) {
 }
 
 /// PostgreSQL answers `SELECT 1` through the pool.
-pub fn postgres(pool: sqlx::PgPool) -> Check {
+pub fn postgres(db: mobile_db::Db) -> Check {
     Arc::new(move || {
-        let pool = pool.clone();
+        let db = db.clone();
         Box::pin(async move {
             sqlx::query("SELECT 1")
-                .execute(&pool)
+                .execute(&db)
                 .await
                 .map(drop)
                 .map_err(|e| e.to_string())

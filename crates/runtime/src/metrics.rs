@@ -68,8 +68,10 @@ pub struct PoolCollector {
 }
 
 impl PoolCollector {
-    pub fn new(pool: sqlx::PgPool) -> Self {
-        Self { pool }
+    pub fn new(db: &mobile_db::Db) -> Self {
+        Self {
+            pool: db.pool().clone(),
+        }
     }
 }
 

@@ -94,7 +94,7 @@ pub async fn run<S: Service>(settings: S::Settings) -> anyhow::Result<()> {
 /// servers' limits.
 #[derive(Debug)]
 pub struct Foundation {
-    pub db: sqlx::PgPool,
+    pub db: mobile_db::Db,
     pub redis: Redis,
     pub registry: Registry,
     pub health: Health,
@@ -112,11 +112,18 @@ impl Foundation {
         common: &CommonSettings,
         shutdown: &Shutdown,
     ) -> anyhow::Result<Self> {
-        let db = mobile_db::connect_lazy(
+        let db = mobile_db::Db::connect_lazy(
             common.database_url.expose_secret(),
-            &mobile_db::PoolSettings::new(S::NAME, common.database_max_connections),
+            &mobile_db::PoolSettings {
+                mode: common.database_pool_mode,
+                direct_url: common
+                    .database_listen_url
+                    .as_ref()
+                    .map(|url| url.expose_secret().to_owned()),
+                ..mobile_db::PoolSettings::new(S::NAME, common.database_max_connections)
+            },
         )
-        .context("DATABASE_URL")?;
+        .context("DATABASE_URL or DATABASE_LISTEN_URL")?;
         let redis_ca = match &common.redis_ca_file {
             Some(path) => Some(
                 std::fs::read(path)
@@ -132,7 +139,7 @@ impl Foundation {
         .context("REDIS_URL")?;
         let mut registry = Registry::default();
         metrics::register_common(&mut registry, S::VERSION);
-        registry.register_collector(Box::new(PoolCollector::new(db.clone())));
+        registry.register_collector(Box::new(PoolCollector::new(&db)));
         let serve_options = ServeOptions {
             limits: Arc::new(common.connections.clone()),
             metrics: ConnectionMetrics::register(&mut registry),

@@ -34,6 +34,7 @@ impl SettingsError {
 /// file holding the value ([`Env::with_secret_files`]).
 pub const SECRET_SETTINGS: &[&str] = &[
     "DATABASE_URL",
+    "DATABASE_LISTEN_URL",
     "REDIS_URL",
     "INTERNAL_API_TOKEN",
     // Object storage keys, where no workload identity is used.
@@ -218,6 +219,14 @@ pub struct CommonSettings {
     pub database_url: SecretString,
     /// `DATABASE_MAX_CONNECTIONS` (default 10): the pool size per process.
     pub database_max_connections: u32,
+    /// `DATABASE_POOL_MODE` (default `session`): `transaction` when `DATABASE_URL` is
+    /// a pooler in transaction mode (PgBouncer's `pool_mode = transaction`).
+    pub database_pool_mode: mobile_db::PoolMode,
+    /// `DATABASE_LISTEN_URL`: a direct connection to PostgreSQL, for what needs a
+    /// session of its own (the worker's `LISTEN` and its backlog reporter's lock,
+    /// migrations) when `DATABASE_URL` goes through a transaction pooler. Unset:
+    /// `DATABASE_URL`.
+    pub database_listen_url: Option<SecretString>,
     /// `REDIS_URL`: may carry a password, hence secret.
     pub redis_url: SecretString,
     /// `REDIS_CA_FILE`: a PEM bundle to verify a `rediss://` server against, instead
@@ -264,6 +273,8 @@ impl CommonSettings {
             app_env,
             database_url: env.secret("DATABASE_URL", Self::DEFAULT_DATABASE_URL),
             database_max_connections: env.parse("DATABASE_MAX_CONNECTIONS", 10)?,
+            database_pool_mode: env.parse("DATABASE_POOL_MODE", mobile_db::PoolMode::Session)?,
+            database_listen_url: env.optional("DATABASE_LISTEN_URL").map(SecretString::from),
             redis_url: env.secret("REDIS_URL", Self::DEFAULT_REDIS_URL),
             redis_ca_file: env.optional("REDIS_CA_FILE").map(PathBuf::from),
             redis_key_prefix: env.string("REDIS_KEY_PREFIX", "mb:"),
@@ -278,6 +289,15 @@ impl CommonSettings {
             return Err(SettingsError::new(
                 "DATABASE_MAX_CONNECTIONS",
                 "must be at least 1",
+            ));
+        }
+        if settings.database_pool_mode == mobile_db::PoolMode::Transaction
+            && settings.database_listen_url.is_none()
+        {
+            return Err(SettingsError::new(
+                "DATABASE_LISTEN_URL",
+                "must be set when DATABASE_POOL_MODE is transaction: LISTEN, advisory locks \
+                 and migrations need a direct connection, which a transaction pooler is not",
             ));
         }
         if settings.redis_ca_file.is_some()
@@ -405,5 +425,32 @@ mod tests {
         assert!(!settings.app_env.is_development());
         assert!(!format!("{settings:?}").contains("hunter2"));
         assert!(!format!("{env:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn transaction_pool_mode_needs_a_direct_url() {
+        let pooled = [
+            ("DATABASE_URL", "postgres://u@pgbouncer:6432/x"),
+            ("DATABASE_POOL_MODE", "transaction"),
+        ];
+        let error = CommonSettings::from_env(&Env::from_pairs(pooled), &DEFAULTS).unwrap_err();
+        assert_eq!(error.name, "DATABASE_LISTEN_URL");
+
+        let with_direct = pooled
+            .into_iter()
+            .chain([("DATABASE_LISTEN_URL", "postgres://u:hunter2@db:5432/x")]);
+        let settings = CommonSettings::from_env(&Env::from_pairs(with_direct), &DEFAULTS).unwrap();
+        assert_eq!(
+            settings.database_pool_mode,
+            mobile_db::PoolMode::Transaction
+        );
+        assert!(!format!("{settings:?}").contains("hunter2"), "a secret");
+
+        let error = CommonSettings::from_env(
+            &Env::from_pairs([("DATABASE_POOL_MODE", "statement")]),
+            &DEFAULTS,
+        )
+        .unwrap_err();
+        assert_eq!(error.name, "DATABASE_POOL_MODE");
     }
 }

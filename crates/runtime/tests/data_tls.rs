@@ -12,7 +12,7 @@ use mobile_testkit::{PgServer, RedisServer, TestCa};
 /// Whether a connection made from `url` is encrypted, and the name it gave itself; or
 /// why it could not be made.
 async fn connect(url: &str) -> Result<(bool, String), String> {
-    let pool = mobile_db::connect_lazy(url, &PoolSettings::new("tls-test", 1))
+    let pool = mobile_db::Db::connect_lazy(url, &PoolSettings::new("tls-test", 1))
         .map_err(|e| e.to_string())?;
     let row: Result<(bool, String), _> = sqlx::query_as(
         "SELECT s.ssl, a.application_name FROM pg_stat_ssl s

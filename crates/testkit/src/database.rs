@@ -1,6 +1,10 @@
 //! A fresh, migrated database per test, dropped when the test ends.
 
+use std::sync::OnceLock;
+
 use sqlx::{Connection, Executor, PgConnection, PgPool, postgres::PgConnectOptions};
+
+use crate::PgBouncer;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
@@ -10,6 +14,9 @@ pub struct TestDb {
     name: String,
     server: PgConnectOptions,
     url: String,
+    /// The PgBouncer a service reaches this database through, with
+    /// `TEST_DATABASE_POOLER=pgbouncer`.
+    bouncer: OnceLock<PgBouncer>,
 }
 
 impl TestDb {
@@ -34,7 +41,12 @@ impl TestDb {
             .expect("TEST_DATABASE_URL is a postgres URL");
         let name = format!("test_{}", uuid::Uuid::new_v4().simple());
         let url = with_database(&server_url, &name);
-        Self { name, server, url }
+        Self {
+            name,
+            server,
+            url,
+            bouncer: OnceLock::new(),
+        }
     }
 
     /// Creates `test_<uuid>` without applying migrations.
@@ -50,9 +62,34 @@ impl TestDb {
         db
     }
 
+    /// The database's name (`test_<uuid>`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// A `postgres://` URL of the test database, for a spawned binary.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The settings a service under test reaches this database with: `DATABASE_URL`.
+    /// With `TEST_DATABASE_POOLER=pgbouncer` (CI runs the services' suites once so),
+    /// that URL is a PgBouncer in transaction mode with two server connections, and
+    /// `DATABASE_POOL_MODE=transaction` and `DATABASE_LISTEN_URL` (the direct URL)
+    /// come with it. The test's own checks keep using [`TestDb::url`].
+    pub fn service_env(&self) -> Vec<(String, String)> {
+        let pooled = std::env::var("TEST_DATABASE_POOLER").is_ok_and(|v| v == "pgbouncer");
+        if !pooled {
+            return vec![("DATABASE_URL".to_owned(), self.url.clone())];
+        }
+        let bouncer = self
+            .bouncer
+            .get_or_init(|| PgBouncer::start(self.server.get_host(), self.server.get_port(), 2));
+        vec![
+            ("DATABASE_URL".to_owned(), bouncer.url(&self.name)),
+            ("DATABASE_POOL_MODE".to_owned(), "transaction".to_owned()),
+            ("DATABASE_LISTEN_URL".to_owned(), self.url.clone()),
+        ]
     }
 
     pub async fn pool(&self) -> PgPool {
@@ -64,6 +101,8 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
+        // The bouncer first, so its server connections do not outlive the database.
+        drop(self.bouncer.take());
         // Drop is synchronous and may run inside a runtime: use a thread of our own.
         let server = self.server.clone();
         let statement = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);

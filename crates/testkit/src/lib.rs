@@ -21,6 +21,7 @@ mod fake_apns;
 mod fake_fcm;
 mod keys;
 mod pg_server;
+mod pgbouncer;
 mod process;
 mod redis_server;
 mod s3_server;
@@ -32,6 +33,7 @@ pub use fake_apns::{ApnsDelivery, ApnsReply, FakeApns, TEST_APNS_KEY_ID, TEST_AP
 pub use fake_fcm::{FakeFcm, FcmReply};
 pub use keys::TestKeys;
 pub use pg_server::PgServer;
+pub use pgbouncer::PgBouncer;
 pub use process::ServiceProcess;
 pub use redis_server::RedisServer;
 pub use s3_server::S3Server;

@@ -134,24 +134,35 @@ impl PgServer {
 
     /// A command run as the cluster's owner.
     fn as_owner(&self, program: &Path) -> Command {
-        if is_root() {
-            let mut command = Command::new("runuser");
-            command.args(["-u", "postgres", "--"]).arg(program);
-            command
-        } else {
-            Command::new(program)
-        }
+        as_postgres(program)
     }
 
     fn chown(&self) {
-        if is_root() {
-            let status = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&self.dir)
-                .status()
-                .expect("run chown");
-            assert!(status.success(), "chown failed");
-        }
+        give_to_postgres(&self.dir);
+    }
+}
+
+/// `program`, run as the `postgres` OS user when the tests run as root (PostgreSQL
+/// refuses to run as root), as the current user otherwise.
+fn as_postgres(program: &Path) -> Command {
+    if is_root() {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+/// Makes `dir` the `postgres` OS user's, when the tests run as root.
+pub(crate) fn give_to_postgres(dir: &Path) {
+    if is_root() {
+        let status = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(dir)
+            .status()
+            .expect("run chown");
+        assert!(status.success(), "chown failed");
     }
 }
 
@@ -186,7 +197,7 @@ fn bin_dir() -> PathBuf {
     }
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()

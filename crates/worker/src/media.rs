@@ -4,6 +4,7 @@
 use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use bytes::Bytes;
+use mobile_db::Db;
 use mobile_db::{
     jobs::Job,
     media::{self, ProcessJob, Variant},
@@ -14,7 +15,6 @@ use mobile_media::Rendition;
 use mobile_runtime::redis::Redis;
 use mobile_storage::{Storage, StorageError};
 use sha2::{Digest as _, Sha256};
-use sqlx::PgPool;
 
 use crate::{
     metrics::WorkerMetrics,
@@ -24,7 +24,7 @@ use crate::{
 /// Processes uploads.
 #[derive(Debug, Clone)]
 pub struct ProcessMedia {
-    pub db: PgPool,
+    pub db: Db,
     pub storage: Storage,
     pub redis: Redis,
     pub metrics: WorkerMetrics,

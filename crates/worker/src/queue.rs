@@ -23,10 +23,10 @@ use std::{
 };
 
 use futures_util::FutureExt as _;
+use mobile_db::Db;
 use mobile_db::jobs::{self, Job, JobKind};
 use mobile_domain::JobId;
 use rand::Rng as _;
-use sqlx::PgPool;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -146,19 +146,14 @@ pub struct QueueSettings {
 /// The runner.
 #[derive(Debug)]
 pub struct Queue {
-    db: PgPool,
+    db: Db,
     settings: QueueSettings,
     kinds: Vec<Kind>,
     metrics: WorkerMetrics,
 }
 
 impl Queue {
-    pub fn new(
-        db: PgPool,
-        settings: QueueSettings,
-        kinds: Vec<Kind>,
-        metrics: WorkerMetrics,
-    ) -> Self {
+    pub fn new(db: Db, settings: QueueSettings, kinds: Vec<Kind>, metrics: WorkerMetrics) -> Self {
         Self {
             db,
             settings,
@@ -251,7 +246,7 @@ impl Queue {
 
 /// One kind's claim loop and the jobs it starts.
 struct Claimer {
-    db: PgPool,
+    db: Db,
     kind: Kind,
     lease: Lease,
     settings: QueueSettings,
@@ -476,7 +471,7 @@ fn jitter(max: Duration) -> Duration {
 
 /// Deletes completed jobs in batches: one statement per burst instead of one per job.
 async fn complete_in_batches(
-    db: PgPool,
+    db: Db,
     worker: Arc<str>,
     mut completed: mpsc::UnboundedReceiver<JobId>,
 ) {
@@ -498,10 +493,11 @@ async fn complete_in_batches(
 }
 
 /// Wakes a kind's claim loop when `NOTIFY jobs, '<kind>'` arrives.
-async fn listen(db: PgPool, wakeups: HashMap<JobKind, Arc<Notify>>, stop: CancellationToken) {
+async fn listen(db: Db, wakeups: HashMap<JobKind, Arc<Notify>>, stop: CancellationToken) {
     loop {
         let listening = async {
-            let mut listener = sqlx::postgres::PgListener::connect_with(&db).await?;
+            // LISTEN needs a session of its own: the direct connection.
+            let mut listener = sqlx::postgres::PgListener::connect_with(db.direct()).await?;
             listener.listen("jobs").await?;
             // Anything enqueued while we were not listening is found by this poll.
             wakeups.values().for_each(|w| w.notify_one());
@@ -546,7 +542,7 @@ const BACKLOG_REPORTER_LOCK: i64 = 0x6d62_6a6f_6273; // "mbjobs"
 /// of the pool: if the holder dies or loses its connection, PostgreSQL releases it and
 /// another worker takes over at its next tick.
 async fn housekeeping(
-    db: PgPool,
+    db: Db,
     kinds: Vec<JobKind>,
     every: Duration,
     metrics: WorkerMetrics,
@@ -618,8 +614,9 @@ async fn housekeeping(
 }
 
 /// A connection holding the reporter's lock, if this worker could take it.
-async fn take_reporter_lock(db: &PgPool) -> Option<sqlx::PgConnection> {
-    let mut connection = db.acquire().await.ok()?;
+async fn take_reporter_lock(db: &Db) -> Option<sqlx::PgConnection> {
+    // A session advisory lock needs a session of its own: the direct connection.
+    let mut connection = db.direct().acquire().await.ok()?;
     let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
         .bind(BACKLOG_REPORTER_LOCK)
         .fetch_one(&mut *connection)
@@ -668,7 +665,7 @@ mod tests {
             let metrics = WorkerMetrics::register(registry);
             let stop = CancellationToken::new();
             tokio::spawn(housekeeping(
-                pool.clone(),
+                pool.clone().into(),
                 vec![JobKind::PushSend],
                 Duration::from_millis(50),
                 metrics,

@@ -177,9 +177,10 @@ async fn login(
     login_guard::succeeded(&state, &email, ip).await;
 
     let refresh = refresh::generate();
-    let mut conn = state.db.acquire().await?;
+    let mut tx = state.db.begin().await?;
     let session =
-        sessions::create_session(&mut conn, user.id, &refresh.hash, refresh_expiry(&state)).await?;
+        sessions::create_session(&mut tx, user.id, &refresh.hash, refresh_expiry(&state)).await?;
+    tx.commit().await?;
     let tokens = token_pair(&state, user.id, session, refresh.token)?;
     tracing::info!(user_id = %user.id, "signed in");
     Ok(axum::Json(AuthResponse {

@@ -30,11 +30,19 @@ pub const INTERNAL_TOKEN: &str = "test-only-internal-token-0123456789abcdef";
 pub struct Builder {
     vars: Vec<(String, String)>,
     redis_url: String,
+    direct_database: bool,
 }
 
 impl Builder {
     pub fn env(mut self, name: &str, value: &str) -> Self {
         self.vars.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Straight to PostgreSQL even when the suite runs through PgBouncer, for a test
+    /// of what a direct connection does.
+    pub fn direct_database(mut self) -> Self {
+        self.direct_database = true;
         self
     }
 
@@ -58,7 +66,6 @@ impl Builder {
             ),
             ("INTERNAL_API_TOKEN".to_owned(), INTERNAL_TOKEN.to_owned()),
             ("APP_ENV".to_owned(), "test".to_owned()),
-            ("DATABASE_URL".to_owned(), db.url().to_owned()),
             ("REDIS_URL".to_owned(), self.redis_url),
             ("REDIS_KEY_PREFIX".to_owned(), redis_prefix.clone()),
             (
@@ -70,6 +77,11 @@ impl Builder {
             ("RATE_LIMIT_WRITE_PER_MINUTE".to_owned(), "10000".to_owned()),
             ("SHUTDOWN_TIMEOUT_SECONDS".to_owned(), "5".to_owned()),
         ];
+        if self.direct_database {
+            vars.push(("DATABASE_URL".to_owned(), db.url().to_owned()));
+        } else {
+            vars.extend(db.service_env());
+        }
         vars.extend(self.vars);
         let settings = ApiSettings::from_env(&Env::from_pairs(vars)).expect("valid test settings");
 
@@ -105,6 +117,7 @@ impl TestApp {
         Builder {
             vars: Vec::new(),
             redis_url: mobile_testkit::redis_url(),
+            direct_database: false,
         }
     }
 

@@ -250,7 +250,6 @@ impl Worker {
     async fn start(app: &TestApp, storage: &[(String, String)]) -> Self {
         let mut vars: Vec<(String, String)> = vec![
             ("APP_ENV".into(), "test".into()),
-            ("DATABASE_URL".into(), app.db.url().to_owned()),
             ("REDIS_URL".into(), mobile_testkit::redis_url()),
             ("REDIS_KEY_PREFIX".into(), app.redis_prefix.clone()),
             (
@@ -259,6 +258,7 @@ impl Worker {
             ),
             ("JOB_POLL_INTERVAL_SECONDS".into(), "1".into()),
         ];
+        vars.extend(app.db.service_env());
         vars.extend(storage.iter().cloned());
         let settings = mobile_worker::WorkerSettings::from_env(&Env::from_pairs(vars)).unwrap();
         let shutdown = Shutdown::new();

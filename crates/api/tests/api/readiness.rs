@@ -126,8 +126,10 @@ async fn readiness_turns_503_when_shutdown_starts() {
 
 #[tokio::test]
 async fn a_connection_postgresql_cut_is_a_retryable_503_and_then_replaced() {
-    // One connection, so the request after the cut gets the one that was cut.
+    // One connection, so the request after the cut gets the one that was cut. (A
+    // PgBouncer in between would absorb the cut: this is about a direct connection.)
     let app = TestApp::builder()
+        .direct_database()
         .env("DATABASE_MAX_CONNECTIONS", "1")
         .spawn()
         .await;

@@ -61,14 +61,15 @@ impl Stack {
         let keys = TestKeys::generate(2);
         let prefix = mobile_testkit::unique_redis_prefix();
         let common = |listen: &str| -> Vec<(String, String)> {
-            vec![
+            let mut vars: Vec<(String, String)> = vec![
                 ("APP_ENV".into(), "test".into()),
-                ("DATABASE_URL".into(), db.url().into()),
                 ("REDIS_URL".into(), redis_url.clone()),
                 ("REDIS_KEY_PREFIX".into(), prefix.clone()),
                 ("LISTEN_ADDR".into(), listen.into()),
                 ("SHUTDOWN_TIMEOUT_SECONDS".into(), "4".into()),
-            ]
+            ];
+            vars.extend(db.service_env());
+            vars
         };
 
         let mut api_env = common("127.0.0.1:0");

@@ -12,13 +12,13 @@ pub mod fcm;
 
 use std::{sync::Arc, time::Duration};
 
+use mobile_db::Db;
 use mobile_db::{
     jobs::Job,
     push::{self, DeviceNotification, Notification},
 };
 use mobile_domain::{ApnsEnvironment, Platform};
 use serde_json::{Map, Value};
-use sqlx::PgPool;
 
 use crate::{
     metrics::{PushLabel, WorkerMetrics},
@@ -57,7 +57,7 @@ pub const MAX_PAYLOAD_BYTES: usize = 4096;
 /// `push.notify`: fan out to the user's devices.
 #[derive(Debug, Clone)]
 pub struct Fanout {
-    pub db: PgPool,
+    pub db: Db,
 }
 
 impl Handler for Fanout {
@@ -65,8 +65,7 @@ impl Handler for Fanout {
         let db = self.db.clone();
         Box::pin(async move {
             let notification: Notification = job.payload().map_err(JobError::permanent)?;
-            let mut conn = db.acquire().await?;
-            let sent = push::fan_out(&mut conn, job.id, &lease.worker, &notification).await?;
+            let sent = push::fan_out(&db, job.id, &lease.worker, &notification).await?;
             tracing::debug!(job_id = %job.id, devices = ?sent, "fanned out");
             Ok(Done::AlreadyCompleted)
         })
@@ -76,7 +75,7 @@ impl Handler for Fanout {
 /// `push.send`: one notification to one device.
 #[derive(Debug, Clone)]
 pub struct Deliver {
-    pub db: PgPool,
+    pub db: Db,
     pub apns: Option<Arc<apns::Apns>>,
     pub fcm: Option<Arc<fcm::Fcm>>,
     pub metrics: WorkerMetrics,

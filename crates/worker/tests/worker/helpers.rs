@@ -29,7 +29,6 @@ pub fn settings(
         std::env::temp_dir().join(format!("worker-media-{}", Uuid::new_v4().simple()));
     let mut vars: Vec<(String, String)> = vec![
         ("APP_ENV".into(), "test".into()),
-        ("DATABASE_URL".into(), db.url().to_owned()),
         ("REDIS_URL".into(), mobile_testkit::redis_url()),
         ("REDIS_KEY_PREFIX".into(), prefix.clone()),
         (
@@ -40,6 +39,7 @@ pub fn settings(
         ("JOB_BACKOFF_BASE_MS".into(), "100".into()),
         ("SHUTDOWN_TIMEOUT_SECONDS".into(), "10".into()),
     ];
+    vars.extend(db.service_env());
     vars.extend(extra.iter().cloned());
     let settings = WorkerSettings::from_env(&Env::from_pairs(vars)).expect("valid test settings");
     (settings, prefix, storage_dir)

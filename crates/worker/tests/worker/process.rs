@@ -15,14 +15,14 @@ const BIN: &str = env!("CARGO_BIN_EXE_mobile-worker");
 /// `mobile-worker` as a process against `db` and the fake APNs.
 async fn start_worker(db: &TestDb, apns: &FakeApns, extra: &[(&str, &str)]) -> ServiceProcess {
     let storage = std::env::temp_dir().join(format!("worker-media-{}", Uuid::new_v4().simple()));
-    let mut env: Vec<(String, String)> = vec![
-        ("DATABASE_URL".into(), db.url().into()),
+    let mut env: Vec<(String, String)> = db.service_env();
+    env.extend([
         (
             "STORAGE_URL".into(),
             format!("file://{}", storage.display()),
         ),
         ("JOB_POLL_INTERVAL_SECONDS".into(), "1".into()),
-    ];
+    ]);
     env.extend(apns.env());
     env.extend(
         extra

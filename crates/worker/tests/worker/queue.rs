@@ -101,7 +101,7 @@ fn start(
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = WorkerMetrics::register(&mut registry);
     let queue = Queue::new(
-        pool.clone(),
+        pool.clone().into(),
         QueueSettings {
             worker_id: format!("test-{}", uuid::Uuid::new_v4().simple()),
             poll_interval: poll,
