@@ -24,7 +24,7 @@
 use std::{sync::LazyLock, time::Duration};
 
 use mobile_domain::Email;
-use mobile_runtime::client_ip::ClientIp;
+use mobile_runtime::{client_ip::ClientIp, redis::Feature};
 use sha2::{Digest as _, Sha256};
 
 use crate::{
@@ -74,7 +74,7 @@ pub async fn before_attempt(state: &AppState, email: &Email, ip: ClientIp) -> Re
         .get(&keys.account)
         .get(&keys.pair)
         .pttl(&keys.pair)
-        .query_async(&mut state.redis.conn())
+        .query_async(&mut state.redis.conn(Feature::LoginGuard))
         .await;
     let (account, pair, pair_ttl_ms) = match counts {
         Ok(counts) => counts,
@@ -132,7 +132,7 @@ pub async fn failed(state: &AppState, email: &Email, ip: ClientIp) {
         .key(&keys.account)
         .key(&keys.pair)
         .arg(window)
-        .invoke_async(&mut state.redis.conn())
+        .invoke_async(&mut state.redis.conn(Feature::LoginGuard))
         .await;
     if let Err(e) = counted {
         degraded(state, &e);
@@ -145,7 +145,7 @@ pub async fn succeeded(state: &AppState, email: &Email, ip: ClientIp) {
     let keys = Keys::new(state, email, ip);
     let cleared: Result<(), _> = redis::cmd("DEL")
         .arg(&keys.pair)
-        .query_async(&mut state.redis.conn())
+        .query_async(&mut state.redis.conn(Feature::LoginGuard))
         .await;
     if let Err(e) = cleared {
         degraded(state, &e);

@@ -7,6 +7,7 @@
 //! 3, ... with no gaps, in commit order.
 
 use crate::Db;
+use crate::metrics::timed;
 use mobile_domain::{ClientMsgId, ConversationId, MediaId, MessageId, MessageText, Title, UserId};
 use sqlx::{PgConnection, PgExecutor};
 use time::OffsetDateTime;
@@ -51,43 +52,46 @@ pub async fn create_conversation(
     members: &[UserId],
     title: Option<&Title>,
 ) -> Result<CreateConversation, sqlx::Error> {
-    let mut all: Vec<UserId> = members.to_vec();
-    all.push(creator);
-    all.sort_unstable();
-    all.dedup();
+    timed("conversations.create_conversation", async move {
+        let mut all: Vec<UserId> = members.to_vec();
+        all.push(creator);
+        all.sort_unstable();
+        all.dedup();
 
-    let mut tx = db.begin().await?;
-    let id = ConversationId::new();
-    let created_at: OffsetDateTime =
-        sqlx::query_scalar("INSERT INTO conversations (id, title, created_by) VALUES ($1, $2, $3) RETURNING created_at")
-            .bind(id)
-            .bind(title.map(Title::as_str))
-            .bind(creator)
-            .fetch_one(&mut *tx)
-            .await?;
-    // One statement for every member; only ids that name a user are inserted.
-    let inserted: Vec<UserId> = sqlx::query_scalar(
-        "INSERT INTO conversation_members (conversation_id, user_id)
-         SELECT $1, u.id FROM users u WHERE u.id = ANY($2)
-         RETURNING user_id",
-    )
-    .bind(id)
-    .bind(&all)
-    .fetch_all(&mut *tx)
-    .await?;
-    if inserted.len() != all.len() {
-        let unknown: Vec<UserId> = all.into_iter().filter(|m| !inserted.contains(m)).collect();
-        tx.rollback().await?;
-        return Ok(CreateConversation::UnknownMembers(unknown));
-    }
-    tx.commit().await?;
-    Ok(CreateConversation::Created(Conversation {
-        id,
-        title: title.map(|t| t.as_str().to_owned()),
-        member_ids: all,
-        created_at,
-        last_seq: 0,
-    }))
+        let mut tx = db.begin().await?;
+        let id = ConversationId::new();
+        let created_at: OffsetDateTime =
+            sqlx::query_scalar("INSERT INTO conversations (id, title, created_by) VALUES ($1, $2, $3) RETURNING created_at")
+                .bind(id)
+                .bind(title.map(Title::as_str))
+                .bind(creator)
+                .fetch_one(&mut *tx)
+                .await?;
+        // One statement for every member; only ids that name a user are inserted.
+        let inserted: Vec<UserId> = sqlx::query_scalar(
+            "INSERT INTO conversation_members (conversation_id, user_id)
+             SELECT $1, u.id FROM users u WHERE u.id = ANY($2)
+             RETURNING user_id",
+        )
+        .bind(id)
+        .bind(&all)
+        .fetch_all(&mut *tx)
+        .await?;
+        if inserted.len() != all.len() {
+            let unknown: Vec<UserId> = all.into_iter().filter(|m| !inserted.contains(m)).collect();
+            tx.rollback().await?;
+            return Ok(CreateConversation::UnknownMembers(unknown));
+        }
+        tx.commit().await?;
+        Ok(CreateConversation::Created(Conversation {
+            id,
+            title: title.map(|t| t.as_str().to_owned()),
+            member_ids: all,
+            created_at,
+            last_seq: 0,
+        }))
+    })
+    .await
 }
 
 const CONVERSATION_COLUMNS: &str = "c.id, c.title, c.created_at, c.last_seq,
@@ -99,15 +103,18 @@ pub async fn find_conversation(
     user: UserId,
     id: ConversationId,
 ) -> Result<Option<Conversation>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {CONVERSATION_COLUMNS}
-         FROM conversations c
-         JOIN conversation_members me ON me.conversation_id = c.id AND me.user_id = $1
-         WHERE c.id = $2"
-    ))
-    .bind(user)
-    .bind(id)
-    .fetch_optional(db)
+    timed("conversations.find_conversation", async move {
+        sqlx::query_as(&format!(
+            "SELECT {CONVERSATION_COLUMNS}
+             FROM conversations c
+             JOIN conversation_members me ON me.conversation_id = c.id AND me.user_id = $1
+             WHERE c.id = $2"
+        ))
+        .bind(user)
+        .bind(id)
+        .fetch_optional(db)
+        .await
+    })
     .await
 }
 
@@ -118,18 +125,21 @@ pub async fn list_conversations(
     before: Option<ConversationId>,
     limit: i64,
 ) -> Result<Vec<Conversation>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {CONVERSATION_COLUMNS}
-         FROM conversation_members me
-         JOIN conversations c ON c.id = me.conversation_id
-         WHERE me.user_id = $1 AND ($2::uuid IS NULL OR me.conversation_id < $2)
-         ORDER BY me.conversation_id DESC
-         LIMIT $3"
-    ))
-    .bind(user)
-    .bind(before)
-    .bind(limit)
-    .fetch_all(db)
+    timed("conversations.list_conversations", async move {
+        sqlx::query_as(&format!(
+            "SELECT {CONVERSATION_COLUMNS}
+             FROM conversation_members me
+             JOIN conversations c ON c.id = me.conversation_id
+             WHERE me.user_id = $1 AND ($2::uuid IS NULL OR me.conversation_id < $2)
+             ORDER BY me.conversation_id DESC
+             LIMIT $3"
+        ))
+        .bind(user)
+        .bind(before)
+        .bind(limit)
+        .fetch_all(db)
+        .await
+    })
     .await
 }
 
@@ -139,14 +149,17 @@ pub async fn member_last_seq(
     user: UserId,
     conversation: ConversationId,
 ) -> Result<Option<i64>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT c.last_seq FROM conversations c
-         JOIN conversation_members m ON m.conversation_id = c.id AND m.user_id = $1
-         WHERE c.id = $2",
-    )
-    .bind(user)
-    .bind(conversation)
-    .fetch_optional(db)
+    timed("conversations.member_last_seq", async move {
+        sqlx::query_scalar(
+            "SELECT c.last_seq FROM conversations c
+             JOIN conversation_members m ON m.conversation_id = c.id AND m.user_id = $1
+             WHERE c.id = $2",
+        )
+        .bind(user)
+        .bind(conversation)
+        .fetch_optional(db)
+        .await
+    })
     .await
 }
 
@@ -156,10 +169,13 @@ pub async fn last_seqs(
     db: impl PgExecutor<'_>,
     ids: &[ConversationId],
 ) -> Result<Vec<(ConversationId, i64)>, sqlx::Error> {
-    sqlx::query_as("SELECT id, last_seq FROM conversations WHERE id = ANY($1)")
-        .bind(ids)
-        .fetch_all(db)
-        .await
+    timed("conversations.last_seqs", async move {
+        sqlx::query_as("SELECT id, last_seq FROM conversations WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(db)
+            .await
+    })
+    .await
 }
 
 /// The members of a conversation with their display names: for a post, whom to
@@ -168,14 +184,17 @@ pub async fn members_with_names(
     db: impl PgExecutor<'_>,
     conversation: ConversationId,
 ) -> Result<Vec<(UserId, String)>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT m.user_id, u.display_name
-         FROM conversation_members m JOIN users u ON u.id = m.user_id
-         WHERE m.conversation_id = $1
-         ORDER BY m.user_id",
-    )
-    .bind(conversation)
-    .fetch_all(db)
+    timed("conversations.members_with_names", async move {
+        sqlx::query_as(
+            "SELECT m.user_id, u.display_name
+             FROM conversation_members m JOIN users u ON u.id = m.user_id
+             WHERE m.conversation_id = $1
+             ORDER BY m.user_id",
+        )
+        .bind(conversation)
+        .fetch_all(db)
+        .await
+    })
     .await
 }
 
@@ -207,56 +226,59 @@ pub async fn insert_message(
     conn: &mut PgConnection,
     message: &NewMessage<'_>,
 ) -> Result<PostMessage, sqlx::Error> {
-    // Take the conversation's lock and the next seq in one statement; members only.
-    let seq: Option<i64> = sqlx::query_scalar(
-        "UPDATE conversations c SET last_seq = c.last_seq + 1
-         WHERE c.id = $1
-           AND EXISTS (SELECT 1 FROM conversation_members m WHERE m.conversation_id = c.id AND m.user_id = $2)
-         RETURNING c.last_seq",
-    )
-    .bind(message.conversation_id)
-    .bind(message.sender_id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(seq) = seq else {
-        return Ok(PostMessage::NotFound);
-    };
-
-    let created = sqlx::query_as::<_, Message>(&format!(
-        "INSERT INTO messages (conversation_id, seq, id, sender_id, client_msg_id, body, media_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)
-         ON CONFLICT ON CONSTRAINT messages_client_msg_id_key DO NOTHING
-         RETURNING {MESSAGE_COLUMNS}"
-    ))
-    .bind(message.conversation_id)
-    .bind(seq)
-    .bind(MessageId::new())
-    .bind(message.sender_id)
-    .bind(message.client_msg_id.as_str())
-    .bind(message.body.as_str())
-    .bind(message.media_id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    if let Some(created) = created {
-        return Ok(PostMessage::Created(created));
-    }
-
-    // A retry of a message already posted. We still hold the lock (so the original is
-    // committed and nobody took a seq after ours): give the seq back, return the first.
-    sqlx::query("UPDATE conversations SET last_seq = last_seq - 1 WHERE id = $1")
+    timed("conversations.insert_message", async move {
+        // Take the conversation's lock and the next seq in one statement; members only.
+        let seq: Option<i64> = sqlx::query_scalar(
+            "UPDATE conversations c SET last_seq = c.last_seq + 1
+             WHERE c.id = $1
+               AND EXISTS (SELECT 1 FROM conversation_members m WHERE m.conversation_id = c.id AND m.user_id = $2)
+             RETURNING c.last_seq",
+        )
         .bind(message.conversation_id)
-        .execute(&mut *conn)
+        .bind(message.sender_id)
+        .fetch_optional(&mut *conn)
         .await?;
-    let first = sqlx::query_as(&format!(
-        "SELECT {MESSAGE_COLUMNS} FROM messages
-         WHERE conversation_id = $1 AND sender_id = $2 AND client_msg_id = $3"
-    ))
-    .bind(message.conversation_id)
-    .bind(message.sender_id)
-    .bind(message.client_msg_id.as_str())
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(PostMessage::Duplicate(first))
+        let Some(seq) = seq else {
+            return Ok(PostMessage::NotFound);
+        };
+
+        let created = sqlx::query_as::<_, Message>(&format!(
+            "INSERT INTO messages (conversation_id, seq, id, sender_id, client_msg_id, body, media_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT ON CONSTRAINT messages_client_msg_id_key DO NOTHING
+             RETURNING {MESSAGE_COLUMNS}"
+        ))
+        .bind(message.conversation_id)
+        .bind(seq)
+        .bind(MessageId::new())
+        .bind(message.sender_id)
+        .bind(message.client_msg_id.as_str())
+        .bind(message.body.as_str())
+        .bind(message.media_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some(created) = created {
+            return Ok(PostMessage::Created(created));
+        }
+
+        // A retry of a message already posted. We still hold the lock (so the original is
+        // committed and nobody took a seq after ours): give the seq back, return the first.
+        sqlx::query("UPDATE conversations SET last_seq = last_seq - 1 WHERE id = $1")
+            .bind(message.conversation_id)
+            .execute(&mut *conn)
+            .await?;
+        let first = sqlx::query_as(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages
+             WHERE conversation_id = $1 AND sender_id = $2 AND client_msg_id = $3"
+        ))
+        .bind(message.conversation_id)
+        .bind(message.sender_id)
+        .bind(message.client_msg_id.as_str())
+        .fetch_one(&mut *conn)
+        .await?;
+        Ok(PostMessage::Duplicate(first))
+    })
+    .await
 }
 
 const MESSAGE_COLUMNS: &str =
@@ -280,29 +302,32 @@ pub async fn list_messages(
     window: Window,
     limit: i64,
 ) -> Result<Vec<Message>, sqlx::Error> {
-    let query = match window {
-        Window::After(_) => format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages
-             WHERE conversation_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
-        ),
-        Window::Before(_) | Window::Latest => format!(
-            "SELECT * FROM (
-                 SELECT {MESSAGE_COLUMNS} FROM messages
-                 WHERE conversation_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3
-             ) newest ORDER BY seq"
-        ),
-    };
-    let bound = match window {
-        Window::After(after) => after,
-        Window::Before(before) => before,
-        Window::Latest => i64::MAX,
-    };
-    sqlx::query_as(&query)
-        .bind(conversation)
-        .bind(bound)
-        .bind(limit)
-        .fetch_all(db)
-        .await
+    timed("conversations.list_messages", async move {
+        let query = match window {
+            Window::After(_) => format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages
+                 WHERE conversation_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+            ),
+            Window::Before(_) | Window::Latest => format!(
+                "SELECT * FROM (
+                     SELECT {MESSAGE_COLUMNS} FROM messages
+                     WHERE conversation_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3
+                 ) newest ORDER BY seq"
+            ),
+        };
+        let bound = match window {
+            Window::After(after) => after,
+            Window::Before(before) => before,
+            Window::Latest => i64::MAX,
+        };
+        sqlx::query_as(&query)
+            .bind(conversation)
+            .bind(bound)
+            .bind(limit)
+            .fetch_all(db)
+            .await
+    })
+    .await
 }
 
 #[cfg(test)]

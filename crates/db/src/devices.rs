@@ -1,6 +1,7 @@
 //! Devices: the app installations a user receives pushes on.
 
 use crate::Db;
+use crate::metrics::timed;
 use mobile_domain::{ApnsEnvironment, AppVersion, DeviceId, Locale, Platform, PushToken, UserId};
 use sqlx::PgExecutor;
 use time::OffsetDateTime;
@@ -52,52 +53,55 @@ pub async fn upsert_device(
     user_id: UserId,
     device: &DeviceRegistration,
 ) -> Result<Option<(Device, Upsert)>, sqlx::Error> {
-    let mut tx = db.begin().await?;
-    sqlx::query("DELETE FROM devices WHERE platform = $1 AND push_token = $2 AND id <> $3")
-        .bind(device.platform)
-        .bind(device.push_token.as_str())
-        .bind(device.id)
-        .execute(&mut *tx)
-        .await?;
-    // `xmax = 0` holds only for a row this statement inserted, not one it updated.
-    let (inserted, row): (bool, Device) = {
-        let row = sqlx::query_as::<_, DeviceWithFlag>(
-            "INSERT INTO devices (id, user_id, platform, push_token, app_version, locale, apns_environment)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (id) DO UPDATE SET
-                 user_id = EXCLUDED.user_id,
-                 platform = EXCLUDED.platform,
-                 push_token = EXCLUDED.push_token,
-                 app_version = EXCLUDED.app_version,
-                 locale = EXCLUDED.locale,
-                 apns_environment = EXCLUDED.apns_environment,
-                 updated_at = now()
-             WHERE devices.user_id = EXCLUDED.user_id
-             RETURNING (xmax = 0) AS inserted, id, user_id, platform, push_token, app_version,
-                       locale, apns_environment, created_at, updated_at",
-        )
-        .bind(device.id)
-        .bind(user_id)
-        .bind(device.platform)
-        .bind(device.push_token.as_str())
-        .bind(device.app_version.as_ref().map(AppVersion::as_str))
-        .bind(device.locale.as_ref().map(Locale::as_str))
-        .bind(device.apns_environment)
-        .fetch_optional(&mut *tx)
-        .await?;
-        // No row: the id is another user's. Dropping `tx` undoes the token clean-up.
-        let Some(row) = row else {
-            return Ok(None);
+    timed("devices.upsert_device", async move {
+        let mut tx = db.begin().await?;
+        sqlx::query("DELETE FROM devices WHERE platform = $1 AND push_token = $2 AND id <> $3")
+            .bind(device.platform)
+            .bind(device.push_token.as_str())
+            .bind(device.id)
+            .execute(&mut *tx)
+            .await?;
+        // `xmax = 0` holds only for a row this statement inserted, not one it updated.
+        let (inserted, row): (bool, Device) = {
+            let row = sqlx::query_as::<_, DeviceWithFlag>(
+                "INSERT INTO devices (id, user_id, platform, push_token, app_version, locale, apns_environment)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (id) DO UPDATE SET
+                     user_id = EXCLUDED.user_id,
+                     platform = EXCLUDED.platform,
+                     push_token = EXCLUDED.push_token,
+                     app_version = EXCLUDED.app_version,
+                     locale = EXCLUDED.locale,
+                     apns_environment = EXCLUDED.apns_environment,
+                     updated_at = now()
+                 WHERE devices.user_id = EXCLUDED.user_id
+                 RETURNING (xmax = 0) AS inserted, id, user_id, platform, push_token, app_version,
+                           locale, apns_environment, created_at, updated_at",
+            )
+            .bind(device.id)
+            .bind(user_id)
+            .bind(device.platform)
+            .bind(device.push_token.as_str())
+            .bind(device.app_version.as_ref().map(AppVersion::as_str))
+            .bind(device.locale.as_ref().map(Locale::as_str))
+            .bind(device.apns_environment)
+            .fetch_optional(&mut *tx)
+            .await?;
+            // No row: the id is another user's. Dropping `tx` undoes the token clean-up.
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            (row.inserted, row.device)
         };
-        (row.inserted, row.device)
-    };
-    tx.commit().await?;
-    let outcome = if inserted {
-        Upsert::Created
-    } else {
-        Upsert::Updated
-    };
-    Ok(Some((row, outcome)))
+        tx.commit().await?;
+        let outcome = if inserted {
+            Upsert::Created
+        } else {
+            Upsert::Updated
+        };
+        Ok(Some((row, outcome)))
+    })
+    .await
 }
 
 #[derive(sqlx::FromRow)]
@@ -114,18 +118,21 @@ pub async fn list_devices(
     after: Option<DeviceId>,
     limit: i64,
 ) -> Result<Vec<Device>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, user_id, platform, push_token, app_version, locale, apns_environment,
-                created_at, updated_at
-         FROM devices
-         WHERE user_id = $1 AND ($2::uuid IS NULL OR id > $2)
-         ORDER BY id
-         LIMIT $3",
-    )
-    .bind(user_id)
-    .bind(after)
-    .bind(limit)
-    .fetch_all(db)
+    timed("devices.list_devices", async move {
+        sqlx::query_as(
+            "SELECT id, user_id, platform, push_token, app_version, locale, apns_environment,
+                    created_at, updated_at
+             FROM devices
+             WHERE user_id = $1 AND ($2::uuid IS NULL OR id > $2)
+             ORDER BY id
+             LIMIT $3",
+        )
+        .bind(user_id)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(db)
+        .await
+    })
     .await
 }
 
@@ -135,12 +142,15 @@ pub async fn delete_device(
     user_id: UserId,
     id: DeviceId,
 ) -> Result<bool, sqlx::Error> {
-    let result = sqlx::query("DELETE FROM devices WHERE id = $1 AND user_id = $2")
-        .bind(id)
-        .bind(user_id)
-        .execute(db)
-        .await?;
-    Ok(result.rows_affected() == 1)
+    timed("devices.delete_device", async move {
+        let result = sqlx::query("DELETE FROM devices WHERE id = $1 AND user_id = $2")
+            .bind(id)
+            .bind(user_id)
+            .execute(db)
+            .await?;
+        Ok(result.rows_affected() == 1)
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@
 //! kind cannot be enqueued with another kind's payload, and the handler reads it back
 //! with [`Job::payload`].
 
+use crate::metrics::timed;
 use std::time::Duration;
 
 use mobile_domain::JobId;
@@ -79,22 +80,25 @@ pub enum Enqueued {
 }
 
 pub async fn enqueue(db: impl PgExecutor<'_>, job: &NewJob<'_>) -> Result<Enqueued, sqlx::Error> {
-    let id: Option<JobId> = sqlx::query_scalar(
-        "INSERT INTO jobs (id, kind, payload, unique_key, max_attempts, run_at)
-         VALUES ($1, $2, $3, $4, $5, coalesce($6, now()))
-         ON CONFLICT (kind, unique_key) WHERE unique_key IS NOT NULL AND state IN ('queued', 'running')
-         DO NOTHING
-         RETURNING id",
-    )
-    .bind(JobId::new())
-    .bind(job.kind)
-    .bind(&job.payload)
-    .bind(job.unique_key)
-    .bind(job.max_attempts)
-    .bind(job.run_at)
-    .fetch_optional(db)
-    .await?;
-    Ok(id.map_or(Enqueued::Duplicate, Enqueued::Enqueued))
+    timed("jobs.enqueue", async move {
+        let id: Option<JobId> = sqlx::query_scalar(
+            "INSERT INTO jobs (id, kind, payload, unique_key, max_attempts, run_at)
+             VALUES ($1, $2, $3, $4, $5, coalesce($6, now()))
+             ON CONFLICT (kind, unique_key) WHERE unique_key IS NOT NULL AND state IN ('queued', 'running')
+             DO NOTHING
+             RETURNING id",
+        )
+        .bind(JobId::new())
+        .bind(job.kind)
+        .bind(&job.payload)
+        .bind(job.unique_key)
+        .bind(job.max_attempts)
+        .bind(job.run_at)
+        .fetch_optional(db)
+        .await?;
+        Ok(id.map_or(Enqueued::Duplicate, Enqueued::Enqueued))
+    })
+    .await
 }
 
 /// Enqueues many jobs of one kind in one statement (one notification).
@@ -117,21 +121,24 @@ pub async fn enqueue_values(
     payloads: &[Value],
     max_attempts: i32,
 ) -> Result<u64, sqlx::Error> {
-    if payloads.is_empty() {
-        return Ok(0);
-    }
-    let ids: Vec<JobId> = payloads.iter().map(|_| JobId::new()).collect();
-    let result = sqlx::query(
-        "INSERT INTO jobs (id, kind, payload, max_attempts)
-         SELECT id, $2, payload, $4 FROM unnest($1::uuid[], $3::jsonb[]) AS j(id, payload)",
-    )
-    .bind(&ids)
-    .bind(kind)
-    .bind(payloads)
-    .bind(max_attempts)
-    .execute(db)
-    .await?;
-    Ok(result.rows_affected())
+    timed("jobs.enqueue_values", async move {
+        if payloads.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<JobId> = payloads.iter().map(|_| JobId::new()).collect();
+        let result = sqlx::query(
+            "INSERT INTO jobs (id, kind, payload, max_attempts)
+             SELECT id, $2, payload, $4 FROM unnest($1::uuid[], $3::jsonb[]) AS j(id, payload)",
+        )
+        .bind(&ids)
+        .bind(kind)
+        .bind(payloads)
+        .bind(max_attempts)
+        .execute(db)
+        .await?;
+        Ok(result.rows_affected())
+    })
+    .await
 }
 
 /// A claimed job.
@@ -163,39 +170,45 @@ pub async fn claim(
     lease: Duration,
     limit: i64,
 ) -> Result<Vec<Job>, sqlx::Error> {
-    sqlx::query_as(
-        "UPDATE jobs SET state = 'running', attempts = attempts + 1, locked_by = $2, locked_until = now() + $3
-         WHERE id IN (
-             SELECT id FROM jobs
-             WHERE kind = $1 AND state = 'queued' AND run_at <= now()
-             ORDER BY run_at
-             LIMIT $4
-             FOR UPDATE SKIP LOCKED
-         )
-         RETURNING id, kind, payload, attempts, max_attempts",
-    )
-    .bind(kind)
-    .bind(worker)
-    .bind(interval(lease))
-    .bind(limit)
-    .fetch_all(db)
+    timed("jobs.claim", async move {
+        sqlx::query_as(
+            "UPDATE jobs SET state = 'running', attempts = attempts + 1, locked_by = $2, locked_until = now() + $3
+             WHERE id IN (
+                 SELECT id FROM jobs
+                 WHERE kind = $1 AND state = 'queued' AND run_at <= now()
+                 ORDER BY run_at
+                 LIMIT $4
+                 FOR UPDATE SKIP LOCKED
+             )
+             RETURNING id, kind, payload, attempts, max_attempts",
+        )
+        .bind(kind)
+        .bind(worker)
+        .bind(interval(lease))
+        .bind(limit)
+        .fetch_all(db)
+        .await
+    })
     .await
 }
 
 /// Returns jobs of `kind` whose lease expired to the queue (or buries those that had
 /// used their last attempt). Returns how many were returned or buried.
 pub async fn reclaim_expired(db: impl PgExecutor<'_>, kind: JobKind) -> Result<u64, sqlx::Error> {
-    let result = sqlx::query(
-        "UPDATE jobs SET
-             state = CASE WHEN attempts >= max_attempts THEN 'dead' ELSE 'queued' END,
-             last_error = 'the lease expired: the worker running it stopped (killed, or over its timeout)',
-             run_at = now(), locked_by = NULL, locked_until = NULL
-         WHERE kind = $1 AND state = 'running' AND locked_until < now()",
-    )
-    .bind(kind)
-    .execute(db)
-    .await?;
-    Ok(result.rows_affected())
+    timed("jobs.reclaim_expired", async move {
+        let result = sqlx::query(
+            "UPDATE jobs SET
+                 state = CASE WHEN attempts >= max_attempts THEN 'dead' ELSE 'queued' END,
+                 last_error = 'the lease expired: the worker running it stopped (killed, or over its timeout)',
+                 run_at = now(), locked_by = NULL, locked_until = NULL
+             WHERE kind = $1 AND state = 'running' AND locked_until < now()",
+        )
+        .bind(kind)
+        .execute(db)
+        .await?;
+        Ok(result.rows_affected())
+    })
+    .await
 }
 
 /// Deletes finished jobs this worker holds. Returns how many it still held.
@@ -204,12 +217,15 @@ pub async fn complete(
     ids: &[JobId],
     worker: &str,
 ) -> Result<u64, sqlx::Error> {
-    let result = sqlx::query("DELETE FROM jobs WHERE id = ANY($1) AND locked_by = $2")
-        .bind(ids)
-        .bind(worker)
-        .execute(db)
-        .await?;
-    Ok(result.rows_affected())
+    timed("jobs.complete", async move {
+        let result = sqlx::query("DELETE FROM jobs WHERE id = ANY($1) AND locked_by = $2")
+            .bind(ids)
+            .bind(worker)
+            .execute(db)
+            .await?;
+        Ok(result.rows_affected())
+    })
+    .await
 }
 
 /// What happened to a failed job.
@@ -233,25 +249,28 @@ pub async fn fail(
     retry_in: Duration,
     permanent: bool,
 ) -> Result<Failed, sqlx::Error> {
-    let state: Option<String> = sqlx::query_scalar(
-        "UPDATE jobs SET
-             state = CASE WHEN $5 OR attempts >= max_attempts THEN 'dead' ELSE 'queued' END,
-             run_at = now() + $4, last_error = $3, locked_by = NULL, locked_until = NULL
-         WHERE id = $1 AND locked_by = $2
-         RETURNING state",
-    )
-    .bind(id)
-    .bind(worker)
-    .bind(error)
-    .bind(interval(retry_in))
-    .bind(permanent)
-    .fetch_optional(db)
-    .await?;
-    Ok(match state.as_deref() {
-        Some("dead") => Failed::Dead,
-        Some(_) => Failed::Retrying,
-        None => Failed::NotHeld,
+    timed("jobs.fail", async move {
+        let state: Option<String> = sqlx::query_scalar(
+            "UPDATE jobs SET
+                 state = CASE WHEN $5 OR attempts >= max_attempts THEN 'dead' ELSE 'queued' END,
+                 run_at = now() + $4, last_error = $3, locked_by = NULL, locked_until = NULL
+             WHERE id = $1 AND locked_by = $2
+             RETURNING state",
+        )
+        .bind(id)
+        .bind(worker)
+        .bind(error)
+        .bind(interval(retry_in))
+        .bind(permanent)
+        .fetch_optional(db)
+        .await?;
+        Ok(match state.as_deref() {
+            Some("dead") => Failed::Dead,
+            Some(_) => Failed::Retrying,
+            None => Failed::NotHeld,
+        })
     })
+    .await
 }
 
 /// Hands back claimed jobs that never started (shutdown): queued again at once, the
@@ -261,15 +280,18 @@ pub async fn release(
     ids: &[JobId],
     worker: &str,
 ) -> Result<u64, sqlx::Error> {
-    let result = sqlx::query(
-        "UPDATE jobs SET state = 'queued', attempts = attempts - 1, locked_by = NULL, locked_until = NULL
-         WHERE id = ANY($1) AND locked_by = $2 AND state = 'running'",
-    )
-    .bind(ids)
-    .bind(worker)
-    .execute(db)
-    .await?;
-    Ok(result.rows_affected())
+    timed("jobs.release", async move {
+        let result = sqlx::query(
+            "UPDATE jobs SET state = 'queued', attempts = attempts - 1, locked_by = NULL, locked_until = NULL
+             WHERE id = ANY($1) AND locked_by = $2 AND state = 'running'",
+        )
+        .bind(ids)
+        .bind(worker)
+        .execute(db)
+        .await?;
+        Ok(result.rows_affected())
+    })
+    .await
 }
 
 /// The queued jobs of one kind: those due now (what more workers would run sooner:
@@ -284,13 +306,16 @@ pub struct Backlog {
 
 /// The backlog of every kind that has queued jobs.
 pub async fn backlog(db: impl PgExecutor<'_>) -> Result<Vec<Backlog>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT kind,
-                count(*) FILTER (WHERE run_at <= now()) AS due,
-                count(*) FILTER (WHERE run_at > now()) AS scheduled
-         FROM jobs WHERE state = 'queued' GROUP BY kind ORDER BY kind",
-    )
-    .fetch_all(db)
+    timed("jobs.backlog", async move {
+        sqlx::query_as(
+            "SELECT kind,
+                    count(*) FILTER (WHERE run_at <= now()) AS due,
+                    count(*) FILTER (WHERE run_at > now()) AS scheduled
+             FROM jobs WHERE state = 'queued' GROUP BY kind ORDER BY kind",
+        )
+        .fetch_all(db)
+        .await
+    })
     .await
 }
 
@@ -305,10 +330,13 @@ pub struct JobRecord {
 }
 
 pub async fn find(db: impl PgExecutor<'_>, id: JobId) -> Result<Option<JobRecord>, sqlx::Error> {
-    sqlx::query_as("SELECT id, state, attempts, last_error, run_at FROM jobs WHERE id = $1")
-        .bind(id)
-        .fetch_optional(db)
-        .await
+    timed("jobs.find", async move {
+        sqlx::query_as("SELECT id, state, attempts, last_error, run_at FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(db)
+            .await
+    })
+    .await
 }
 
 fn interval(duration: Duration) -> PgInterval {

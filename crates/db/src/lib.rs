@@ -14,6 +14,7 @@ pub mod conversations;
 pub mod devices;
 pub mod jobs;
 pub mod media;
+pub mod metrics;
 
 mod pool;
 pub mod push;

@@ -4,6 +4,7 @@
 //! processes it; the worker marks it [`mark_ready`] with the variants it stored, or
 //! [`mark_failed`] with the reason.
 
+use crate::metrics::timed;
 use std::collections::BTreeMap;
 
 use mobile_domain::{JobKind, MediaId, MediaStatus, UserId};
@@ -57,25 +58,31 @@ pub async fn insert(
     content_type: &str,
     byte_size: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO media (id, owner_id, content_type, byte_size) VALUES ($1, $2, $3, $4)",
-    )
-    .bind(id)
-    .bind(owner_id)
-    .bind(content_type)
-    .bind(byte_size)
-    .execute(db)
-    .await?;
-    Ok(())
+    timed("media.insert", async move {
+        sqlx::query(
+            "INSERT INTO media (id, owner_id, content_type, byte_size) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(owner_id)
+        .bind(content_type)
+        .bind(byte_size)
+        .execute(db)
+        .await?;
+        Ok(())
+    })
+    .await
 }
 
 pub async fn find(db: impl PgExecutor<'_>, id: MediaId) -> Result<Option<Media>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, owner_id, status, content_type, byte_size, variants, failure_reason, created_at, updated_at
-         FROM media WHERE id = $1",
-    )
-    .bind(id)
-    .fetch_optional(db)
+    timed("media.find", async move {
+        sqlx::query_as(
+            "SELECT id, owner_id, status, content_type, byte_size, variants, failure_reason, created_at, updated_at
+             FROM media WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(db)
+        .await
+    })
     .await
 }
 
@@ -86,20 +93,23 @@ pub async fn find_visible(
     id: MediaId,
     user_id: UserId,
 ) -> Result<Option<Media>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, owner_id, status, content_type, byte_size, variants, failure_reason, created_at, updated_at
-         FROM media m
-         WHERE m.id = $1 AND (
-             m.owner_id = $2 OR EXISTS (
-                 SELECT 1 FROM messages msg
-                 JOIN conversation_members cm ON cm.conversation_id = msg.conversation_id
-                 WHERE msg.media_id = m.id AND cm.user_id = $2
-             )
-         )",
-    )
-    .bind(id)
-    .bind(user_id)
-    .fetch_optional(db)
+    timed("media.find_visible", async move {
+        sqlx::query_as(
+            "SELECT id, owner_id, status, content_type, byte_size, variants, failure_reason, created_at, updated_at
+             FROM media m
+             WHERE m.id = $1 AND (
+                 m.owner_id = $2 OR EXISTS (
+                     SELECT 1 FROM messages msg
+                     JOIN conversation_members cm ON cm.conversation_id = msg.conversation_id
+                     WHERE msg.media_id = m.id AND cm.user_id = $2
+                 )
+             )",
+        )
+        .bind(id)
+        .bind(user_id)
+        .fetch_optional(db)
+        .await
+    })
     .await
 }
 
@@ -109,12 +119,15 @@ pub async fn attachable(
     id: MediaId,
     owner_id: UserId,
 ) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM media WHERE id = $1 AND owner_id = $2 AND status <> 'failed')",
-    )
-    .bind(id)
-    .bind(owner_id)
-    .fetch_one(db)
+    timed("media.attachable", async move {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM media WHERE id = $1 AND owner_id = $2 AND status <> 'failed')",
+        )
+        .bind(id)
+        .bind(owner_id)
+        .fetch_one(db)
+        .await
+    })
     .await
 }
 
@@ -125,16 +138,19 @@ pub async fn mark_ready(
     id: MediaId,
     variants: &BTreeMap<String, Variant>,
 ) -> Result<bool, sqlx::Error> {
-    let variants = serde_json::to_value(variants).unwrap_or(Value::Null);
-    let result = sqlx::query(
-        "UPDATE media SET status = 'ready', variants = $2, failure_reason = NULL, updated_at = now()
-         WHERE id = $1 AND status = 'processing'",
-    )
-    .bind(id)
-    .bind(variants)
-    .execute(db)
-    .await?;
-    Ok(result.rows_affected() == 1)
+    timed("media.mark_ready", async move {
+        let variants = serde_json::to_value(variants).unwrap_or(Value::Null);
+        let result = sqlx::query(
+            "UPDATE media SET status = 'ready', variants = $2, failure_reason = NULL, updated_at = now()
+             WHERE id = $1 AND status = 'processing'",
+        )
+        .bind(id)
+        .bind(variants)
+        .execute(db)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    })
+    .await
 }
 
 /// Marks the media failed with a reason a client can show.
@@ -143,15 +159,18 @@ pub async fn mark_failed(
     id: MediaId,
     reason: &str,
 ) -> Result<bool, sqlx::Error> {
-    let result = sqlx::query(
-        "UPDATE media SET status = 'failed', failure_reason = $2, updated_at = now()
-         WHERE id = $1 AND status = 'processing'",
-    )
-    .bind(id)
-    .bind(reason)
-    .execute(db)
-    .await?;
-    Ok(result.rows_affected() == 1)
+    timed("media.mark_failed", async move {
+        let result = sqlx::query(
+            "UPDATE media SET status = 'failed', failure_reason = $2, updated_at = now()
+             WHERE id = $1 AND status = 'processing'",
+        )
+        .bind(id)
+        .bind(reason)
+        .execute(db)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //!    job, and each send job retries on its own: a 429 from APNs for one phone does not
 //!    resend to the user's tablet.
 
+use crate::metrics::timed;
 use mobile_domain::{ApnsEnvironment, DeviceId, JobId, JobKind, Platform, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -72,31 +73,34 @@ pub async fn fan_out(
     worker: &str,
     notification: &Notification,
 ) -> Result<Option<u64>, sqlx::Error> {
-    let mut tx = db.begin().await?;
-    if jobs::complete(&mut *tx, &[notify_job], worker).await? == 0 {
-        return Ok(None);
-    }
-    let devices: Vec<(DeviceId, Platform, String, Option<ApnsEnvironment>)> = sqlx::query_as(
-        "SELECT id, platform, push_token, apns_environment FROM devices WHERE user_id = $1 ORDER BY id",
-    )
-    .bind(notification.user_id)
-    .fetch_all(&mut *tx)
-    .await?;
-    let sends: Vec<DeviceNotification> = devices
-        .into_iter()
-        .map(
-            |(device_id, platform, push_token, apns_environment)| DeviceNotification {
-                device_id,
-                platform,
-                push_token,
-                apns_environment,
-                notification: notification.clone(),
-            },
+    timed("push.fan_out", async move {
+        let mut tx = db.begin().await?;
+        if jobs::complete(&mut *tx, &[notify_job], worker).await? == 0 {
+            return Ok(None);
+        }
+        let devices: Vec<(DeviceId, Platform, String, Option<ApnsEnvironment>)> = sqlx::query_as(
+            "SELECT id, platform, push_token, apns_environment FROM devices WHERE user_id = $1 ORDER BY id",
         )
-        .collect();
-    let sent = jobs::enqueue_many(&mut *tx, &sends).await?;
-    tx.commit().await?;
-    Ok(Some(sent))
+        .bind(notification.user_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let sends: Vec<DeviceNotification> = devices
+            .into_iter()
+            .map(
+                |(device_id, platform, push_token, apns_environment)| DeviceNotification {
+                    device_id,
+                    platform,
+                    push_token,
+                    apns_environment,
+                    notification: notification.clone(),
+                },
+            )
+            .collect();
+        let sent = jobs::enqueue_many(&mut *tx, &sends).await?;
+        tx.commit().await?;
+        Ok(Some(sent))
+    })
+    .await
 }
 
 /// Forgets a device whose token the platform says is dead, unless the app registered a
@@ -106,12 +110,15 @@ pub async fn remove_dead_token(
     device_id: DeviceId,
     push_token: &str,
 ) -> Result<bool, sqlx::Error> {
-    let result = sqlx::query("DELETE FROM devices WHERE id = $1 AND push_token = $2")
-        .bind(device_id)
-        .bind(push_token)
-        .execute(db)
-        .await?;
-    Ok(result.rows_affected() == 1)
+    timed("push.remove_dead_token", async move {
+        let result = sqlx::query("DELETE FROM devices WHERE id = $1 AND push_token = $2")
+            .bind(device_id)
+            .bind(push_token)
+            .execute(db)
+            .await?;
+        Ok(result.rows_affected() == 1)
+    })
+    .await
 }
 
 #[cfg(test)]

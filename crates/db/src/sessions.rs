@@ -8,6 +8,7 @@
 //! never come out of one token.
 
 use crate::Db;
+use crate::metrics::timed;
 use mobile_domain::{SessionId, UserId};
 use sqlx::{PgConnection, PgExecutor};
 use time::OffsetDateTime;
@@ -38,14 +39,17 @@ pub async fn create_session(
     token_hash: &TokenHash,
     expires_at: OffsetDateTime,
 ) -> Result<SessionId, sqlx::Error> {
-    let session_id = SessionId::new();
-    sqlx::query("INSERT INTO sessions (id, user_id) VALUES ($1, $2)")
-        .bind(session_id)
-        .bind(user_id)
-        .execute(&mut *conn)
-        .await?;
-    insert_refresh_token(&mut *conn, session_id, token_hash, expires_at).await?;
-    Ok(session_id)
+    timed("sessions.create_session", async move {
+        let session_id = SessionId::new();
+        sqlx::query("INSERT INTO sessions (id, user_id) VALUES ($1, $2)")
+            .bind(session_id)
+            .bind(user_id)
+            .execute(&mut *conn)
+            .await?;
+        insert_refresh_token(&mut *conn, session_id, token_hash, expires_at).await?;
+        Ok(session_id)
+    })
+    .await
 }
 
 async fn insert_refresh_token(
@@ -92,59 +96,62 @@ pub async fn rotate_refresh_token(
     successor_expires_at: OffsetDateTime,
     session_max_age: std::time::Duration,
 ) -> Result<Rotation, sqlx::Error> {
-    let max_age_seconds = i64::try_from(session_max_age.as_secs()).unwrap_or(i64::MAX);
-    let mut tx = db.begin().await?;
-    let rotated: Option<(SessionId, UserId)> = sqlx::query_as(
-        "UPDATE refresh_tokens AS t
-         SET rotated_at = now()
-         FROM sessions AS s
-         WHERE t.token_hash = $1
-           AND t.rotated_at IS NULL
-           AND t.expires_at > now()
-           AND s.id = t.session_id
-           AND s.revoked_at IS NULL
-           AND s.created_at > now() - $2::bigint * interval '1 second'
-         RETURNING s.id, s.user_id",
-    )
-    .bind(presented.as_slice())
-    .bind(max_age_seconds)
-    .fetch_optional(&mut *tx)
-    .await?;
+    timed("sessions.rotate_refresh_token", async move {
+        let max_age_seconds = i64::try_from(session_max_age.as_secs()).unwrap_or(i64::MAX);
+        let mut tx = db.begin().await?;
+        let rotated: Option<(SessionId, UserId)> = sqlx::query_as(
+            "UPDATE refresh_tokens AS t
+             SET rotated_at = now()
+             FROM sessions AS s
+             WHERE t.token_hash = $1
+               AND t.rotated_at IS NULL
+               AND t.expires_at > now()
+               AND s.id = t.session_id
+               AND s.revoked_at IS NULL
+               AND s.created_at > now() - $2::bigint * interval '1 second'
+             RETURNING s.id, s.user_id",
+        )
+        .bind(presented.as_slice())
+        .bind(max_age_seconds)
+        .fetch_optional(&mut *tx)
+        .await?;
 
-    if let Some((session_id, user_id)) = rotated {
-        insert_refresh_token(&mut *tx, session_id, successor, successor_expires_at).await?;
-        sqlx::query("UPDATE sessions SET last_refreshed_at = now() WHERE id = $1")
-            .bind(session_id)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        return Ok(Rotation::Rotated {
-            user_id,
-            session_id,
-        });
-    }
-
-    // Not rotatable. A token that exists and was rotated before is a replay.
-    let previous: Option<(SessionId, UserId, Option<OffsetDateTime>)> = sqlx::query_as(
-        "SELECT t.session_id, s.user_id, t.rotated_at
-         FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id
-         WHERE t.token_hash = $1",
-    )
-    .bind(presented.as_slice())
-    .fetch_optional(&mut *tx)
-    .await?;
-    let outcome = match previous {
-        Some((session_id, user_id, Some(_))) => {
-            revoke_session(&mut *tx, session_id, RevokeReason::RefreshTokenReuse).await?;
-            Rotation::Reused {
+        if let Some((session_id, user_id)) = rotated {
+            insert_refresh_token(&mut *tx, session_id, successor, successor_expires_at).await?;
+            sqlx::query("UPDATE sessions SET last_refreshed_at = now() WHERE id = $1")
+                .bind(session_id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Ok(Rotation::Rotated {
                 user_id,
                 session_id,
-            }
+            });
         }
-        _ => Rotation::Invalid,
-    };
-    tx.commit().await?;
-    Ok(outcome)
+
+        // Not rotatable. A token that exists and was rotated before is a replay.
+        let previous: Option<(SessionId, UserId, Option<OffsetDateTime>)> = sqlx::query_as(
+            "SELECT t.session_id, s.user_id, t.rotated_at
+             FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id
+             WHERE t.token_hash = $1",
+        )
+        .bind(presented.as_slice())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let outcome = match previous {
+            Some((session_id, user_id, Some(_))) => {
+                revoke_session(&mut *tx, session_id, RevokeReason::RefreshTokenReuse).await?;
+                Rotation::Reused {
+                    user_id,
+                    session_id,
+                }
+            }
+            _ => Rotation::Invalid,
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    })
+    .await
 }
 
 /// Revokes a session; revoking a revoked session keeps the first reason.
@@ -153,15 +160,18 @@ pub async fn revoke_session(
     session_id: SessionId,
     reason: RevokeReason,
 ) -> Result<bool, sqlx::Error> {
-    let result = sqlx::query(
-        "UPDATE sessions SET revoked_at = now(), revoked_reason = $2
-         WHERE id = $1 AND revoked_at IS NULL",
-    )
-    .bind(session_id)
-    .bind(reason.as_str())
-    .execute(db)
-    .await?;
-    Ok(result.rows_affected() == 1)
+    timed("sessions.revoke_session", async move {
+        let result = sqlx::query(
+            "UPDATE sessions SET revoked_at = now(), revoked_reason = $2
+             WHERE id = $1 AND revoked_at IS NULL",
+        )
+        .bind(session_id)
+        .bind(reason.as_str())
+        .execute(db)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    })
+    .await
 }
 
 /// Revokes the session a refresh token belongs to (logout). Returns the session (and
@@ -171,15 +181,18 @@ pub async fn revoke_session_of_token(
     token_hash: &TokenHash,
     reason: RevokeReason,
 ) -> Result<Option<(SessionId, UserId)>, sqlx::Error> {
-    sqlx::query_as(
-        "UPDATE sessions SET revoked_at = now(), revoked_reason = $2
-         WHERE id = (SELECT session_id FROM refresh_tokens WHERE token_hash = $1)
-           AND revoked_at IS NULL
-         RETURNING id, user_id",
-    )
-    .bind(token_hash.as_slice())
-    .bind(reason.as_str())
-    .fetch_optional(db)
+    timed("sessions.revoke_session_of_token", async move {
+        sqlx::query_as(
+            "UPDATE sessions SET revoked_at = now(), revoked_reason = $2
+             WHERE id = (SELECT session_id FROM refresh_tokens WHERE token_hash = $1)
+               AND revoked_at IS NULL
+             RETURNING id, user_id",
+        )
+        .bind(token_hash.as_slice())
+        .bind(reason.as_str())
+        .fetch_optional(db)
+        .await
+    })
     .await
 }
 
@@ -190,10 +203,13 @@ pub async fn live_sessions(
     db: impl PgExecutor<'_>,
     sessions: &[SessionId],
 ) -> Result<Vec<SessionId>, sqlx::Error> {
-    sqlx::query_scalar("SELECT id FROM sessions WHERE id = ANY($1) AND revoked_at IS NULL")
-        .bind(sessions)
-        .fetch_all(db)
-        .await
+    timed("sessions.live_sessions", async move {
+        sqlx::query_scalar("SELECT id FROM sessions WHERE id = ANY($1) AND revoked_at IS NULL")
+            .bind(sessions)
+            .fetch_all(db)
+            .await
+    })
+    .await
 }
 
 /// The revocation reason of a session, `None` while it is live.
@@ -201,10 +217,13 @@ pub async fn revoked_reason(
     db: impl PgExecutor<'_>,
     session_id: SessionId,
 ) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar("SELECT revoked_reason FROM sessions WHERE id = $1")
-        .bind(session_id)
-        .fetch_one(db)
-        .await
+    timed("sessions.revoked_reason", async move {
+        sqlx::query_scalar("SELECT revoked_reason FROM sessions WHERE id = $1")
+            .bind(session_id)
+            .fetch_one(db)
+            .await
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Users: registration, lookup for login, profile updates.
 
+use crate::metrics::timed;
 use mobile_domain::{DisplayName, Email, UserId};
 use sqlx::PgExecutor;
 use time::OffsetDateTime;
@@ -35,45 +36,54 @@ pub async fn insert_user(
     password_hash: &str,
     display_name: &DisplayName,
 ) -> Result<InsertUser, sqlx::Error> {
-    let result = sqlx::query_as::<_, User>(
-        "INSERT INTO users (id, email, password_hash, display_name)
-         VALUES ($1, $2, $3, $4)
-         RETURNING id, email, display_name, created_at, updated_at",
-    )
-    .bind(UserId::new())
-    .bind(email.as_str())
-    .bind(password_hash)
-    .bind(display_name.as_str())
-    .fetch_one(db)
-    .await;
-    match result {
-        Ok(user) => Ok(InsertUser::Inserted(user)),
-        Err(e) if crate::violated_constraint(&e) == Some("users_email_key") => {
-            Ok(InsertUser::EmailTaken)
+    timed("users.insert_user", async move {
+        let result = sqlx::query_as::<_, User>(
+            "INSERT INTO users (id, email, password_hash, display_name)
+             VALUES ($1, $2, $3, $4)
+             RETURNING id, email, display_name, created_at, updated_at",
+        )
+        .bind(UserId::new())
+        .bind(email.as_str())
+        .bind(password_hash)
+        .bind(display_name.as_str())
+        .fetch_one(db)
+        .await;
+        match result {
+            Ok(user) => Ok(InsertUser::Inserted(user)),
+            Err(e) if crate::violated_constraint(&e) == Some("users_email_key") => {
+                Ok(InsertUser::EmailTaken)
+            }
+            Err(e) => Err(e),
         }
-        Err(e) => Err(e),
-    }
+    })
+    .await
 }
 
 pub async fn find_credentials(
     db: impl PgExecutor<'_>,
     email: &Email,
 ) -> Result<Option<Credentials>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, email, display_name, created_at, updated_at, password_hash
-         FROM users WHERE email = $1",
-    )
-    .bind(email.as_str())
-    .fetch_optional(db)
+    timed("users.find_credentials", async move {
+        sqlx::query_as(
+            "SELECT id, email, display_name, created_at, updated_at, password_hash
+             FROM users WHERE email = $1",
+        )
+        .bind(email.as_str())
+        .fetch_optional(db)
+        .await
+    })
     .await
 }
 
 pub async fn find_user(db: impl PgExecutor<'_>, id: UserId) -> Result<Option<User>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, email, display_name, created_at, updated_at FROM users WHERE id = $1",
-    )
-    .bind(id)
-    .fetch_optional(db)
+    timed("users.find_user", async move {
+        sqlx::query_as(
+            "SELECT id, email, display_name, created_at, updated_at FROM users WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(db)
+        .await
+    })
     .await
 }
 
@@ -82,10 +92,13 @@ pub async fn find_user_for_update(
     db: impl PgExecutor<'_>,
     id: UserId,
 ) -> Result<Option<User>, sqlx::Error> {
-    sqlx::query_as("SELECT id, email, display_name, created_at, updated_at FROM users WHERE id = $1 FOR UPDATE")
-        .bind(id)
-        .fetch_optional(db)
-        .await
+    timed("users.find_user_for_update", async move {
+        sqlx::query_as("SELECT id, email, display_name, created_at, updated_at FROM users WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(db)
+            .await
+    })
+    .await
 }
 
 /// Sets the display name; `updated_at` moves only when the name really changes, so a
@@ -95,16 +108,19 @@ pub async fn update_display_name(
     id: UserId,
     display_name: &DisplayName,
 ) -> Result<Option<User>, sqlx::Error> {
-    sqlx::query_as(
-        "UPDATE users
-         SET display_name = $2,
-             updated_at = CASE WHEN display_name = $2 THEN updated_at ELSE now() END
-         WHERE id = $1
-         RETURNING id, email, display_name, created_at, updated_at",
-    )
-    .bind(id)
-    .bind(display_name.as_str())
-    .fetch_optional(db)
+    timed("users.update_display_name", async move {
+        sqlx::query_as(
+            "UPDATE users
+             SET display_name = $2,
+                 updated_at = CASE WHEN display_name = $2 THEN updated_at ELSE now() END
+             WHERE id = $1
+             RETURNING id, email, display_name, created_at, updated_at",
+        )
+        .bind(id)
+        .bind(display_name.as_str())
+        .fetch_optional(db)
+        .await
+    })
     .await
 }
 

@@ -15,7 +15,7 @@ pub mod presence;
 use std::{collections::BTreeMap, fmt, str::FromStr};
 
 use mobile_domain::{ConversationId, MediaId, MediaStatus, MessageId, SessionId, UserId};
-use mobile_runtime::redis::Redis;
+use mobile_runtime::redis::{Feature, Redis};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -283,7 +283,7 @@ pub async fn publish(redis: &Redis, frames: &[(Channel, String)]) -> redis::Redi
     for (channel, frame) in frames {
         pipe.publish(redis.key(channel), frame).ignore();
     }
-    pipe.query_async(&mut redis.conn()).await
+    pipe.query_async(&mut redis.conn(Feature::Events)).await
 }
 
 /// The part of a published frame the gateway needs to route it.

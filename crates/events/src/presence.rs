@@ -14,7 +14,7 @@ use std::{
 };
 
 use mobile_domain::UserId;
-use mobile_runtime::redis::Redis;
+use mobile_runtime::redis::{Feature, Redis};
 use redis::RedisResult;
 
 /// How long an entry lives without renewal.
@@ -48,7 +48,7 @@ pub async fn renew(redis: &Redis, entries: &[(UserId, &str)]) -> RedisResult<()>
         pipe.expire(&key, i64::try_from(TTL.as_secs()).unwrap_or(60))
             .ignore();
     }
-    pipe.query_async(&mut redis.conn()).await
+    pipe.query_async(&mut redis.conn(Feature::Presence)).await
 }
 
 /// Marks one connection offline.
@@ -56,7 +56,7 @@ pub async fn remove(redis: &Redis, user: UserId, connection: &str) -> RedisResul
     redis::cmd("ZREM")
         .arg(key(redis, user))
         .arg(connection)
-        .query_async(&mut redis.conn())
+        .query_async(&mut redis.conn(Feature::Presence))
         .await
 }
 
@@ -70,7 +70,7 @@ pub async fn online(redis: &Redis, users: &[UserId]) -> RedisResult<HashSet<User
     for user in users {
         pipe.zcount(key(redis, *user), format!("({now}"), "+inf");
     }
-    let counts: Vec<u64> = pipe.query_async(&mut redis.conn()).await?;
+    let counts: Vec<u64> = pipe.query_async(&mut redis.conn(Feature::Presence)).await?;
     Ok(users
         .iter()
         .zip(counts)
@@ -111,7 +111,7 @@ mod tests {
             .arg(key(&redis, eve))
             .arg(now_ms() - 1)
             .arg("stale")
-            .query_async(&mut redis.conn())
+            .query_async(&mut redis.conn(Feature::Presence))
             .await
             .unwrap();
         assert!(online(&redis, &[eve]).await.unwrap().is_empty());

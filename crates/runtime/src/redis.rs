@@ -6,13 +6,93 @@
 //! presence, live fan-out), so the handle is built to degrade, not to block: it
 //! connects lazily (a process starts while Redis is down), reconnects by itself, and
 //! gives up on a command within about a second, so callers can fail open.
+//!
+//! Every command names the feature it serves ([`Redis::conn`]), and is timed under it:
+//! `redis_command_duration_seconds{feature}` and `redis_command_errors_total{feature}`,
+//! so a slow or failing Redis shows, and shows whom it hurts, before users notice.
 
-use std::{fmt::Display, sync::Arc, time::Duration};
-
-use redis::{
-    AsyncCommands, RedisError,
-    aio::{ConnectionManager, ConnectionManagerConfig, PubSub},
+use std::{
+    fmt::Display,
+    sync::Arc,
+    time::{Duration, Instant},
 };
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::{Registry, Unit},
+};
+use redis::{
+    AsyncCommands, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, ServerErrorKind, Value,
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, PubSub},
+};
+
+/// What a Redis command is for: the `feature` label of the Redis metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Feature {
+    /// The API's per-client and per-user rate limits.
+    RateLimit,
+    /// The API's `Idempotency-Key` records.
+    Idempotency,
+    /// The API's failed-sign-in counters.
+    LoginGuard,
+    /// Who is online (gateways write it, the API and worker read it).
+    Presence,
+    /// Publishing event frames to the gateways.
+    Events,
+    /// The readiness check's `PING`.
+    Health,
+}
+
+impl Feature {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::RateLimit => "rate_limit",
+            Self::Idempotency => "idempotency",
+            Self::LoginGuard => "login_guard",
+            Self::Presence => "presence",
+            Self::Events => "events",
+            Self::Health => "health",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct FeatureLabel {
+    feature: &'static str,
+}
+
+/// Buckets in seconds: 0.25 ms to the 1 s a command may take before it is given up.
+const BUCKETS: [f64; 12] = [
+    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+#[derive(Debug)]
+struct CommandMetrics {
+    duration: Family<FeatureLabel, Histogram, fn() -> Histogram>,
+    errors: Family<FeatureLabel, Counter>,
+}
+
+impl CommandMetrics {
+    fn new() -> Self {
+        Self {
+            duration: Family::new_with_constructor(|| Histogram::new(BUCKETS)),
+            errors: Family::default(),
+        }
+    }
+
+    fn observe(&self, feature: Feature, started: Instant, failed: bool) {
+        let label = FeatureLabel {
+            feature: feature.as_str(),
+        };
+        self.duration
+            .get_or_create(&label)
+            .observe(started.elapsed().as_secs_f64());
+        if failed {
+            self.errors.get_or_create(&label).inc();
+        }
+    }
+}
 
 /// How long connecting (a command connection or a Pub/Sub one) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -23,6 +103,7 @@ pub struct Redis {
     client: redis::Client,
     conn: ConnectionManager,
     prefix: Arc<str>,
+    metrics: Arc<CommandMetrics>,
 }
 
 impl std::fmt::Debug for Redis {
@@ -67,13 +148,34 @@ impl Redis {
             client,
             conn,
             prefix: Arc::from(prefix),
+            metrics: Arc::new(CommandMetrics::new()),
         })
     }
 
-    /// A connection to run commands on. Cloning is cheap: all clones share one
+    /// Registers `redis_command_duration_seconds{feature}` and
+    /// `redis_command_errors_total{feature}` on a binary's registry.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        registry.register_with_unit(
+            "redis_command_duration",
+            "Redis command (or pipeline) round trips by the feature they serve",
+            Unit::Seconds,
+            self.metrics.duration.clone(),
+        );
+        registry.register(
+            "redis_command_errors",
+            "Redis commands that failed or timed out, by the feature they serve",
+            self.metrics.errors.clone(),
+        );
+    }
+
+    /// A connection to run `feature`'s commands on. Cloning is cheap: all share one
     /// multiplexed connection.
-    pub fn conn(&self) -> ConnectionManager {
-        self.conn.clone()
+    pub fn conn(&self, feature: Feature) -> Conn {
+        Conn {
+            inner: self.conn.clone(),
+            feature,
+            metrics: Arc::clone(&self.metrics),
+        }
     }
 
     /// A new connection of its own for Pub/Sub (a subscribed connection can run no
@@ -95,8 +197,70 @@ impl Redis {
     }
 
     pub async fn ping(&self) -> Result<(), RedisError> {
-        let mut conn = self.conn();
+        let mut conn = self.conn(Feature::Health);
         let _: String = conn.ping().await?;
         Ok(())
     }
+}
+
+/// The shared connection, timing each command under its feature.
+#[derive(Clone)]
+pub struct Conn {
+    inner: ConnectionManager,
+    feature: Feature,
+    metrics: Arc<CommandMetrics>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("feature", &self.feature)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let result = self.inner.req_packed_command(cmd).await;
+            let failed = match &result {
+                Ok(value) => matches!(value, Value::ServerError(_)),
+                Err(error) => !is_script_miss(error),
+            };
+            self.metrics.observe(self.feature, started, failed);
+            result
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let result = self
+                .inner
+                .req_packed_commands(pipeline, offset, count)
+                .await;
+            let failed = match &result {
+                Ok(values) => values.iter().any(|v| matches!(v, Value::ServerError(_))),
+                Err(_) => true,
+            };
+            self.metrics.observe(self.feature, started, failed);
+            result
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.get_db()
+    }
+}
+
+/// `NOSCRIPT`: a script's first run on a Redis that has not cached it yet, which the
+/// client answers by loading it; part of running a script, not a failure.
+fn is_script_miss(error: &RedisError) -> bool {
+    error.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
 }

@@ -140,6 +140,8 @@ impl Foundation {
         let mut registry = Registry::default();
         metrics::register_common(&mut registry, S::VERSION);
         registry.register_collector(Box::new(PoolCollector::new(&db)));
+        mobile_db::metrics::register(&mut registry);
+        redis.register_metrics(&mut registry);
         let serve_options = ServeOptions {
             limits: Arc::new(common.connections.clone()),
             metrics: ConnectionMetrics::register(&mut registry),

@@ -35,6 +35,7 @@ use axum::{
 };
 use base64::{Engine, engine::general_purpose::STANDARD};
 use futures_util::{StreamExt as _, stream};
+use mobile_runtime::redis::Feature;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -180,7 +181,7 @@ async fn claim(
     redis_key: &str,
     fingerprint: &str,
 ) -> Result<Claim, redis::RedisError> {
-    let mut conn = state.redis.conn();
+    let mut conn = state.redis.conn(Feature::Idempotency);
     let in_flight = serde_json::to_string(&Record::InFlight {
         fingerprint: fingerprint.to_owned(),
     })
@@ -256,7 +257,7 @@ async fn store(
     response: Response,
 ) -> Response {
     let status = response.status();
-    let mut conn = state.redis.conn();
+    let mut conn = state.redis.conn(Feature::Idempotency);
     if status.is_server_error()
         || status == StatusCode::TOO_MANY_REQUESTS
         || status == StatusCode::METHOD_NOT_ALLOWED

@@ -28,6 +28,7 @@ use axum::{
     middleware::Next,
     response::{IntoResponse, Response},
 };
+use mobile_runtime::redis::Feature;
 
 use crate::{
     error::ApiError,
@@ -219,7 +220,7 @@ async fn check(
         .key(state.redis.key(bucket))
         .arg(interval_ms)
         .arg(tolerance_ms)
-        .invoke_async(&mut state.redis.conn())
+        .invoke_async(&mut state.redis.conn(Feature::RateLimit))
         .await?;
     Ok((wait_ms > 0).then(|| Duration::from_millis(wait_ms)))
 }

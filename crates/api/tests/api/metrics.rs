@@ -79,3 +79,49 @@ async fn metrics_use_route_templates_and_the_briefs_names() {
     let response = app.request(Method::GET, "/metrics").send().await.unwrap();
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
 }
+
+/// Every named query and every Redis-backed feature a request used is timed, and a
+/// healthy run records no errors.
+#[tokio::test]
+async fn the_data_tier_is_timed_per_named_query_and_per_redis_feature() {
+    let app = TestApp::spawn().await;
+    let session = app.register("timed@example.com").await;
+    let me = app
+        .authed(Method::GET, "/v1/me", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me.status(), StatusCode::OK);
+
+    let text = app.metrics_text().await;
+    for query in [
+        "users.insert_user",
+        "sessions.create_session",
+        "users.find_user",
+    ] {
+        let count = format!(r#"database_query_duration_seconds_count{{query="{query}"}}"#);
+        assert!(
+            sample(&text, &count).unwrap_or(0.0) >= 1.0,
+            "{count}: {text}"
+        );
+    }
+    assert!(
+        text.contains(
+            r#"database_query_duration_seconds_bucket{le="0.0005",query="users.find_user"}"#
+        ),
+        "a histogram with sub-millisecond buckets: {text}"
+    );
+    let count = r#"redis_command_duration_seconds_count{feature="rate_limit"}"#;
+    assert!(
+        sample(&text, count).unwrap_or(0.0) >= 1.0,
+        "{count}: {text}"
+    );
+    assert!(
+        !text
+            .lines()
+            .any(|line| (line.starts_with("redis_command_errors_total")
+                || line.starts_with("database_query_errors_total"))
+                && !line.ends_with(" 0")),
+        "no errors in a healthy run: {text}"
+    );
+}

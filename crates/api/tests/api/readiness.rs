@@ -68,6 +68,11 @@ async fn a_redis_outage_degrades_the_api_without_taking_it_out_of_service() {
     assert!(
         sample(&metrics, "redis_degraded_total{feature=\"idempotency\"}").unwrap_or(0.0) >= 1.0
     );
+    // The failed commands show per feature, as do the readiness check's pings.
+    for feature in ["rate_limit", "idempotency", "health"] {
+        let errors = format!("redis_command_errors_total{{feature=\"{feature}\"}}");
+        assert!(sample(&metrics, &errors).unwrap_or(0.0) >= 1.0, "{errors}");
+    }
 
     // Redis comes back (empty): ready again, on its own.
     redis.restart().await;
