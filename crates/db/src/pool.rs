@@ -158,10 +158,7 @@ impl Db {
         &self.pool
     }
 
-    pub fn mode(&self) -> PoolMode {
-        self.mode
-    }
-
+    /// Closes both pools, waiting for their connections to end.
     pub async fn close(&self) {
         self.pool.close().await;
         self.direct.close().await;
