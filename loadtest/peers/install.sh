@@ -3,7 +3,7 @@
 #   loadtest/peers/install.sh
 set -euo pipefail
 cd "$(dirname "$0")"
-for peer in fastify socketio; do
+for peer in fastify socketio node-apn graphile-worker; do
     [ -f "$peer/package.json" ] || continue
     (cd "$peer" && npm install --no-audit --no-fund --loglevel=error)
 done

@@ -9,11 +9,14 @@
 //! - **push**: the fake APNs in a child process (`mobile-loadtest fake-apns`), TLS and
 //!   HTTP/2, and `mobile_worker::push::apns::Apns` sending `--pushes` notifications,
 //!   `--concurrency` at a time over its one connection. Pushes per second of wall time
-//!   and per CPU-second of this (client) process. The fake runs pinned to CPU 1;
+//!   and per CPU-second of the client process. The fake runs pinned to CPU 1;
 //!   run the benchmark as `taskset -c 0 mobile-loadtest push` to give the client CPU 0.
+//!   Each of `--rounds` rounds then runs the peer (`--peer node-apn`, or `none`):
+//!   `@parse/node-apn` sending the same alerts to the same fake, on CPU 0 too.
 //! - **jobs**: `--jobs` no-op jobs enqueued in batches, then drained by
 //!   `mobile_worker::queue::Queue` (concurrency 512) on this machine's PostgreSQL.
-//!   Jobs per second of wall time, PostgreSQL included.
+//!   Jobs per second of wall time, PostgreSQL included. Each round then runs the peer
+//!   (`--peer graphile-worker`, or `none`) on a fresh database of the same server.
 
 use std::{
     path::Path,
@@ -188,9 +191,11 @@ pub async fn fake_apns() -> anyhow::Result<()> {
 pub async fn push(flags: &Flags) -> anyhow::Result<()> {
     let pushes = flags.number("pushes", 100_000)?;
     let concurrency = usize::try_from(flags.number("concurrency", 256)?)?;
+    let rounds = flags.number("rounds", 3)?;
+    let peer = Peer::from_flag(flags, "node-apn")?;
 
     // The fake gets CPU 1 to itself; run this process under `taskset -c 0` so the two
-    // do not compete for a core (see BENCHMARKS.md).
+    // do not compete for a core (see BENCHMARKS.md). The peer runs on CPU 0 too.
     let mut child = tokio::process::Command::new("taskset")
         .args(["-c", "1"])
         .arg(sibling("mobile-loadtest")?)
@@ -219,6 +224,64 @@ pub async fn push(flags: &Flags) -> anyhow::Result<()> {
         &settings,
         mobile_worker::push::http_client(Some(&ca))?,
     )?);
+    let peer_env = [
+        ("APNS_URL", settings.base_url.clone()),
+        ("APNS_KEY_FILE", text("key_file")?),
+        ("APNS_CA_FILE", text("ca_file")?),
+        ("APNS_KEY_ID", settings.key_id.clone()),
+        ("APNS_TEAM_ID", settings.team_id.clone()),
+        ("APNS_TOPIC", settings.topic.clone()),
+        ("PUSHES", pushes.to_string()),
+        ("CONCURRENCY", concurrency.to_string()),
+    ];
+
+    // Alternating, so a drift of the machine hits both.
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let run = push_round(&apns, pushes, concurrency).await?;
+        eprintln!(
+            "round {round}: mobile-worker {:.0} pushes per client CPU-s",
+            run["pushes_per_client_cpu_second"]
+                .as_f64()
+                .unwrap_or(f64::NAN)
+        );
+        ours.push(run);
+        if let Some(peer) = &peer {
+            let run = peer
+                .run(&["taskset", "-c", "0", "node", "bench.js"], &peer_env)
+                .await?;
+            eprintln!(
+                "round {round}: node-apn {:.0} pushes per client CPU-s",
+                run["pushes_per_client_cpu_second"]
+                    .as_f64()
+                    .unwrap_or(f64::NAN)
+            );
+            theirs.push(run);
+        }
+    }
+    drop(child);
+
+    let key = "pushes_per_client_cpu_second";
+    let result = json!({
+        "scenario": "push",
+        "pushes": pushes,
+        "concurrency": concurrency,
+        "rounds": rounds,
+        "mobile_worker": ours,
+        "node_apn": theirs,
+        "median_pushes_per_client_cpu_second": median_of(&ours, key),
+        "node_apn_median_pushes_per_client_cpu_second": median_of(&theirs, key),
+        "ratio_of_medians": ratio(median_of(&ours, key), median_of(&theirs, key)),
+    });
+    save(&flags.out_dir(), "push", &result)
+}
+
+/// One timed run of the worker's own APNs client.
+async fn push_round(
+    apns: &Arc<Apns>,
+    pushes: u64,
+    concurrency: usize,
+) -> anyhow::Result<serde_json::Value> {
     let notification = Notification {
         user_id: mobile_domain::UserId::new(),
         title: "Ada".into(),
@@ -245,19 +308,81 @@ pub async fn push(flags: &Flags) -> anyhow::Result<()> {
         .await;
     let wall = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds().0 - cpu_before;
-    drop(child);
-
-    let result = json!({
-        "scenario": "push",
-        "pushes": pushes,
-        "concurrency": concurrency,
+    Ok(json!({
         "failures": failures,
         "wall_seconds": wall,
         "client_cpu_seconds": cpu,
         "pushes_per_second": pushes as f64 / wall,
         "pushes_per_client_cpu_second": pushes as f64 / cpu.max(0.01),
-    });
-    save(&flags.out_dir(), "push", &result)
+    }))
+}
+
+/// A peer under `loadtest/peers/<name>` (Node.js, installed by
+/// `loadtest/peers/install.sh`), run once per round; it prints one JSON line.
+struct Peer {
+    dir: std::path::PathBuf,
+}
+
+impl Peer {
+    /// `--peer <name>` (default `default`), or `--peer none` for no peer.
+    fn from_flag(flags: &Flags, default: &str) -> anyhow::Result<Option<Self>> {
+        let name = flags.text("peer", default);
+        if name == "none" {
+            return Ok(None);
+        }
+        let dir = Path::new("loadtest/peers").join(&name);
+        if !dir.join("node_modules").exists() {
+            bail!(
+                "the {name} peer is not installed: run loadtest/peers/install.sh (from the repository root)"
+            );
+        }
+        Ok(Some(Self { dir }))
+    }
+
+    async fn run(
+        &self,
+        command: &[&str],
+        env: &[(&str, String)],
+    ) -> anyhow::Result<serde_json::Value> {
+        let (program, args) = command.split_first().context("a command")?;
+        let output = tokio::process::Command::new(program)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .current_dir(&self.dir)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .await
+            .context("run node (is Node.js installed?)")?;
+        if !output.status.success() {
+            bail!(
+                "the peer in {} failed: {}",
+                self.dir.display(),
+                output.status
+            );
+        }
+        let stdout = String::from_utf8(output.stdout)?;
+        let last = stdout.lines().last().context("the peer printed nothing")?;
+        Ok(serde_json::from_str(last)?)
+    }
+}
+
+/// The median of `key` over runs.
+fn median_of(runs: &[serde_json::Value], key: &str) -> f64 {
+    let mut values: Vec<f64> = runs.iter().filter_map(|run| run[key].as_f64()).collect();
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+fn ratio(ours: f64, theirs: f64) -> f64 {
+    if theirs > 0.0 {
+        ours / theirs
+    } else {
+        f64::NAN
+    }
 }
 
 /// A handler that does nothing: what is left is the queue's own cost. It runs under a
@@ -274,10 +399,57 @@ const BENCH_KIND: JobKind = JobKind::PushSend;
 
 pub async fn jobs(flags: &Flags) -> anyhow::Result<()> {
     let count = flags.number("jobs", 200_000)?;
+    let rounds = flags.number("rounds", 3)?;
+    let peer = Peer::from_flag(flags, "graphile-worker")?;
     let database_url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/mobile_bench_jobs".to_owned());
-    let db = crate::ws::fresh_database(&database_url).await?;
+    let peer_url = {
+        let options: sqlx::postgres::PgConnectOptions = database_url.parse()?;
+        let name = options.get_database().unwrap_or("mobile_bench_jobs");
+        database_url.replacen(name, &format!("{name}_graphile"), 1)
+    };
 
+    // Alternating, on the same PostgreSQL, each run on a fresh database.
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let run = jobs_round(&database_url, count).await?;
+        eprintln!(
+            "round {round}: mobile-worker {:.0} jobs/s",
+            run["jobs_per_second"].as_f64().unwrap_or(f64::NAN)
+        );
+        ours.push(run);
+        if let Some(peer) = &peer {
+            crate::ws::fresh_database(&peer_url).await?.close().await;
+            let env = [
+                ("DATABASE_URL", peer_url.clone()),
+                ("JOBS", count.to_string()),
+            ];
+            let run = peer.run(&["node", "bench.js"], &env).await?;
+            eprintln!(
+                "round {round}: graphile-worker {:.0} jobs/s",
+                run["jobs_per_second"].as_f64().unwrap_or(f64::NAN)
+            );
+            theirs.push(run);
+        }
+    }
+
+    let key = "jobs_per_second";
+    let result = json!({
+        "scenario": "jobs",
+        "jobs": count,
+        "rounds": rounds,
+        "mobile_worker": ours,
+        "graphile_worker": theirs,
+        "median_jobs_per_second": median_of(&ours, key),
+        "graphile_worker_median_jobs_per_second": median_of(&theirs, key),
+        "ratio_of_medians": ratio(median_of(&ours, key), median_of(&theirs, key)),
+    });
+    save(&flags.out_dir(), "jobs", &result)
+}
+
+/// `count` jobs enqueued on a fresh database, then drained by the worker's queue.
+async fn jobs_round(database_url: &str, count: u64) -> anyhow::Result<serde_json::Value> {
+    let db = crate::ws::fresh_database(database_url).await?;
     let batch: Vec<serde_json::Value> = (0..5_000).map(|n| json!({ "n": n })).collect();
     let mut enqueued = 0;
     let started = Instant::now();
@@ -289,7 +461,7 @@ pub async fn jobs(flags: &Flags) -> anyhow::Result<()> {
     eprintln!("{count} jobs enqueued in {enqueue_seconds:.1} s; draining");
 
     let pool = mobile_db::Db::connect_lazy(
-        &database_url,
+        database_url,
         &mobile_db::PoolSettings::new("mobile-loadtest", 20),
     )?;
     let metrics = WorkerMetrics::register(&mut prometheus_client::registry::Registry::default());
@@ -328,13 +500,11 @@ pub async fn jobs(flags: &Flags) -> anyhow::Result<()> {
     stop.cancel();
     runner.await?;
 
-    let result = json!({
-        "scenario": "jobs",
-        "jobs": count,
+    db.close().await;
+    Ok(json!({
         "enqueue_seconds": enqueue_seconds,
         "enqueued_per_second": count as f64 / enqueue_seconds,
         "drain_seconds": drain_seconds,
         "jobs_per_second": count as f64 / drain_seconds,
-    });
-    save(&flags.out_dir(), "jobs", &result)
+    }))
 }
