@@ -259,7 +259,18 @@ async fn run_against_baseline(flags: &Flags) -> anyhow::Result<()> {
     // The baseline may also be this build on another connection (`--baseline-database-url`:
     // PostgreSQL over TLS beside plain, say).
     let base_url = flags.text("baseline-database-url", &database_url);
-    let this = Service::start(&sibling("mobile-api")?, &api_env(&database_url)).await?;
+    // `--this-env 'NAME=value;NAME=value'`: settings for this build only (through
+    // PgBouncer in transaction mode beside a direct connection, say).
+    let this_overrides = flags.text("this-env", "");
+    let mut this_env: Vec<(&str, String)> = api_env(&database_url);
+    for pair in this_overrides.split(';').filter(|p| !p.is_empty()) {
+        let (name, value) = pair
+            .split_once('=')
+            .context("--this-env takes NAME=value pairs separated by ';'")?;
+        this_env.retain(|(existing, _)| *existing != name);
+        this_env.push((name, value.to_owned()));
+    }
+    let this = Service::start(&sibling("mobile-api")?, &this_env).await?;
     let base = Service::start(&baseline, &api_env(&base_url)).await?;
     let servers = [("this", &this), ("baseline", &base)];
     let mut samples: Vec<[Vec<f64>; 2]> = vec![[Vec::new(), Vec::new()]; ladder.len()];
