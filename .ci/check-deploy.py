@@ -13,6 +13,9 @@
 4. Checks consistency with the code: ports, probe paths, metric ports and grace
    periods in the manifests and docker-compose.yml against the defaults and timeouts
    the binaries are built with (read from their settings source).
+5. Models what a cluster would do that a schema cannot see: the order Argo CD syncs
+   each overlay in (hook phases, sync waves, kind order; `check_sync_order`), and
+   Deployments whose replicas an autoscaler owns.
 """
 
 import argparse
@@ -369,6 +372,170 @@ def check_compose(defaults, shutdown_default):
     print("ok   docker-compose.yml and Prometheus targets agree with the binaries")
 
 
+# Argo CD's order within a phase and wave (gitops-engine, pkg/sync/sync_tasks.go):
+# kinds in this list first, in this order; every other kind (custom resources) after.
+ARGO_KIND_ORDER = [
+    "Namespace", "NetworkPolicy", "ResourceQuota", "LimitRange", "PodSecurityPolicy",
+    "PodDisruptionBudget", "ServiceAccount", "Secret", "SecretList", "ConfigMap",
+    "StorageClass", "PersistentVolume", "PersistentVolumeClaim",
+    "CustomResourceDefinition", "ClusterRole", "ClusterRoleList", "ClusterRoleBinding",
+    "ClusterRoleBindingList", "Role", "RoleList", "RoleBinding", "RoleBindingList",
+    "Service", "DaemonSet", "Pod", "ReplicationController", "ReplicaSet", "Deployment",
+    "HorizontalPodAutoscaler", "StatefulSet", "Job", "CronJob", "IngressClass",
+    "Ingress", "APIService",
+]
+ARGO_PHASES = {"PreSync": -1, "Sync": 0, "PostSync": 1}
+
+
+def argo_step(doc):
+    """Where Argo CD applies `doc`: (phase, wave, kind order, name), compared as a
+    tuple. Objects without a hook annotation are in the Sync phase."""
+    annotations = doc.get("metadata", {}).get("annotations") or {}
+    phase = annotations.get("argocd.argoproj.io/hook", "Sync")
+    try:
+        wave = int(annotations.get("argocd.argoproj.io/sync-wave", "0"))
+    except ValueError:
+        wave = 0
+    kind = doc.get("kind")
+    order = ARGO_KIND_ORDER.index(kind) - len(ARGO_KIND_ORDER) if kind in ARGO_KIND_ORDER else 0
+    return (ARGO_PHASES.get(phase, 0), wave, order, doc["metadata"]["name"])
+
+
+def pod_references(spec):
+    """(kind, name) of the ServiceAccount, ConfigMaps, Secrets and PVCs a pod needs."""
+    refs = [("ServiceAccount", spec.get("serviceAccountName", "default"))]
+    for container in spec.get("initContainers", []) + spec.get("containers", []):
+        for source in container.get("envFrom", []):
+            if "configMapRef" in source and not source["configMapRef"].get("optional"):
+                refs.append(("ConfigMap", source["configMapRef"]["name"]))
+            if "secretRef" in source and not source["secretRef"].get("optional"):
+                refs.append(("Secret", source["secretRef"]["name"]))
+        for var in container.get("env", []):
+            value_from = var.get("valueFrom", {})
+            for key, kind in (("configMapKeyRef", "ConfigMap"), ("secretKeyRef", "Secret")):
+                if key in value_from and not value_from[key].get("optional"):
+                    refs.append((kind, value_from[key]["name"]))
+    for volume in spec.get("volumes", []):
+        if "configMap" in volume and not volume["configMap"].get("optional"):
+            refs.append(("ConfigMap", volume["configMap"]["name"]))
+        if "secret" in volume and not volume["secret"].get("optional"):
+            refs.append(("Secret", volume["secret"]["secretName"]))
+        if "persistentVolumeClaim" in volume:
+            refs.append(("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]))
+        for source in volume.get("projected", {}).get("sources", []):
+            for key, kind, field in (("configMap", "ConfigMap", "name"),
+                                     ("secret", "Secret", "name")):
+                if key in source and not source[key].get("optional"):
+                    refs.append((kind, source[key][field]))
+    return refs
+
+
+def service_account_refs(value):
+    """Every `serviceAccountRef: {name}` in a custom resource (a SecretStore that
+    authenticates with workload identity)."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            if key == "serviceAccountRef" and isinstance(inner, dict) and "name" in inner:
+                yield ("ServiceAccount", inner["name"])
+            else:
+                yield from service_account_refs(inner)
+    elif isinstance(value, list):
+        for inner in value:
+            yield from service_account_refs(inner)
+
+
+def pod_spec(doc):
+    spec = doc.get("spec", {})
+    if doc.get("kind") == "Pod":
+        return spec
+    if doc.get("kind") == "CronJob":
+        return spec.get("jobTemplate", {}).get("spec", {}).get("template", {}).get("spec")
+    return spec.get("template", {}).get("spec")
+
+
+def check_sync_order(overlay, docs, create_namespace):
+    """Orders `docs` as Argo CD syncs them and fails when an object needs a Namespace,
+    ConfigMap, Secret, ServiceAccount or PVC that the same render creates only later.
+    An object applied in the same phase and wave but earlier in kind order exists in
+    time (one apply, in that order). A Secret made by an ExternalSecret exists only
+    once Argo CD has seen the ExternalSecret healthy, which it waits for at the end of
+    that wave: it must be in an earlier wave or phase. A referenced object the render
+    does not create at all is a prerequisite made by hand (docs/deployment.md) and is
+    not checked here."""
+    failed_before = len(failures)
+    created = {}
+    for doc in docs:
+        step = argo_step(doc)
+        created[(doc["kind"], doc["metadata"]["name"])] = (step, False)
+        if doc["kind"] == "ExternalSecret":
+            target = doc["spec"].get("target", {}).get("name", doc["metadata"]["name"])
+            created[("Secret", target)] = (step, True)
+    for doc in sorted(docs, key=argo_step):
+        step = argo_step(doc)
+        where = f"{overlay}: {doc['kind']}/{doc['metadata']['name']}"
+        needs = []
+        namespace = doc["metadata"].get("namespace")
+        if namespace and not create_namespace:
+            needs.append(("Namespace", namespace))
+        spec = pod_spec(doc) if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet",
+                                                  "Job", "CronJob", "Pod") else None
+        if spec:
+            needs += pod_references(spec)
+        if doc["kind"] == "ExternalSecret":
+            store = doc["spec"].get("secretStoreRef", {})
+            needs.append((store.get("kind", "SecretStore"), store.get("name")))
+        if doc["kind"] in ("SecretStore", "ExternalSecret"):
+            needs += service_account_refs(doc.get("spec", {}))
+        for need in needs:
+            if need not in created:
+                continue
+            made_at, after_health = created[need]
+            in_time = made_at[:2] < step[:2] if after_health else made_at < step
+            if not in_time:
+                phase = {v: k for k, v in ARGO_PHASES.items()}
+                fail(f"{where} (phase {phase[step[0]]}, wave {step[1]}) needs "
+                     f"{need[0]}/{need[1]}, which Argo CD creates "
+                     + ("only once its ExternalSecret is healthy, "
+                        if after_health else "")
+                     + f"in phase {phase[made_at[0]]}, wave {made_at[1]}: not before it")
+    if len(failures) == failed_before:
+        print(f"ok   {overlay}: Argo CD sync order (phases, waves, kinds) creates what each "
+              f"object needs before it")
+
+
+def check_autoscaled_replicas(overlay, docs):
+    """A Deployment an HPA or a KEDA ScaledObject scales must not set `replicas`: every
+    sync (and every `kubectl apply -k`) would reset what the autoscaler chose."""
+    failed_before = len(failures)
+    scaled = set()
+    for doc in docs:
+        if doc["kind"] == "HorizontalPodAutoscaler":
+            target = doc["spec"]["scaleTargetRef"]
+            scaled.add((target["kind"], target["name"]))
+        if doc["kind"] == "ScaledObject":
+            target = doc["spec"]["scaleTargetRef"]
+            scaled.add((target.get("kind", "Deployment"), target["name"]))
+    for doc in docs:
+        if (doc["kind"], doc["metadata"]["name"]) in scaled and "replicas" in doc["spec"]:
+            fail(f"{overlay}: {doc['kind']}/{doc['metadata']['name']} sets replicas "
+                 f"({doc['spec']['replicas']}) although an autoscaler owns them")
+    if len(failures) == failed_before:
+        print(f"ok   {overlay}: no replicas on what an autoscaler scales")
+
+
+def argo_applications():
+    """overlay name -> whether its Argo CD Application creates the namespace."""
+    apps = {}
+    for path in sorted((ROOT / "k8s/argocd").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc or doc.get("kind") != "Application":
+                continue
+            overlay = pathlib.PurePosixPath(doc["spec"]["source"]["path"]).name
+            options = doc["spec"].get("syncPolicy", {}).get("syncOptions", [])
+            apps[overlay] = "CreateNamespace=true" in options
+    return apps
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--schemas", default=str(ROOT.parent / "shared/schemas"))
@@ -387,8 +554,11 @@ def main():
         validate_workflows()
         check_deployments(rendered, defaults, shutdown, longest_job, live, ready)
         limits = api_limits()
+        applications = argo_applications()
         for overlay, (_, docs) in rendered.items():
             check_timeouts(overlay, docs, limits)
+            check_sync_order(overlay, docs, applications.get(overlay, False))
+            check_autoscaled_replicas(overlay, docs)
         check_compose(defaults, shutdown)
     if failures:
         sys.exit(f"\n{len(failures)} deployment check(s) failed")
