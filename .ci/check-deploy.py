@@ -523,6 +523,37 @@ def check_autoscaled_replicas(overlay, docs):
         print(f"ok   {overlay}: no replicas on what an autoscaler scales")
 
 
+CLOUD_IDENTITY = ("iam.gke.io/gcp-service-account", "eks.amazonaws.com/role-arn",
+                  "azure.workload.identity/client-id")
+
+
+def check_service_accounts(overlay, docs):
+    """Each workload runs as a ServiceAccount of its own, and only those that reach the
+    bucket (the API, the worker) carry a cloud identity: the gateway and the migration
+    Job must not inherit one."""
+    failed_before = len(failures)
+    accounts = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceAccount"}
+    users = {}
+    for doc in docs:
+        if doc["kind"] not in ("Deployment", "StatefulSet", "Job"):
+            continue
+        if doc["metadata"]["name"] in ("postgres", "redis"):
+            continue  # the dev overlay's data services
+        account = pod_spec(doc).get("serviceAccountName", "default")
+        users.setdefault(account, []).append(doc["metadata"]["name"])
+        annotations = accounts.get(account, {}).get("metadata", {}).get("annotations") or {}
+        identity = [key for key in CLOUD_IDENTITY if key in annotations]
+        if doc["metadata"]["name"] in ("gateway", "migrate") and identity:
+            fail(f"{overlay}: {doc['kind']}/{doc['metadata']['name']} runs as "
+                 f"{account}, which carries a cloud identity ({identity[0]})")
+    for account, workloads in users.items():
+        if len(workloads) > 1:
+            fail(f"{overlay}: {', '.join(workloads)} share the ServiceAccount {account}")
+    if len(failures) == failed_before:
+        print(f"ok   {overlay}: one ServiceAccount per workload; cloud identity only "
+              f"where the bucket is used")
+
+
 def argo_applications():
     """overlay name -> whether its Argo CD Application creates the namespace."""
     apps = {}
@@ -559,6 +590,7 @@ def main():
             check_timeouts(overlay, docs, limits)
             check_sync_order(overlay, docs, applications.get(overlay, False))
             check_autoscaled_replicas(overlay, docs)
+            check_service_accounts(overlay, docs)
         check_compose(defaults, shutdown)
     if failures:
         sys.exit(f"\n{len(failures)} deployment check(s) failed")
