@@ -13,7 +13,9 @@
 4. Checks consistency with the code: ports, probe paths, metric ports and grace
    periods in the manifests and docker-compose.yml against the defaults and timeouts
    the binaries are built with (read from their settings source).
-5. Models what a cluster would do that a schema cannot see: the order Argo CD syncs
+5. Checks the alert rules with promtool (syntax and `.ci/alerts-test.yaml`), their
+   runbooks and the label kube-prometheus-stack selects them by.
+6. Models what a cluster would do that a schema cannot see: the order Argo CD syncs
    each overlay in (hook phases, sync waves, kind order; `check_sync_order`), and
    Deployments whose replicas an autoscaler owns.
 """
@@ -554,6 +556,93 @@ def check_service_accounts(overlay, docs):
               f"where the bucket is used")
 
 
+RUNBOOKS = "docs/runbooks.md"
+RUNBOOK_BASE = "https://github.com/mobile-backend/mobile-backend/blob/main/" + RUNBOOKS
+
+
+def check_alerts(rendered):
+    """The alert rules as Prometheus loads them: `promtool check rules`; their unit
+    tests, `.ci/alerts-test.yaml`, with `promtool test rules` (annotations stripped:
+    promtool compares them exactly); every alert with a case that fires and one that
+    stays quiet, and a runbook_url into docs/runbooks.md that names it; and the
+    `release` label kube-prometheus-stack selects on."""
+    failed_before = len(failures)
+    rules = [d for _, docs in rendered.values() for d in docs if d["kind"] == "PrometheusRule"]
+    if not rules:
+        fail("no PrometheusRule in any overlay")
+        return
+    spec = rules[0]["spec"]
+    alerts = [r for g in spec["groups"] for r in g["rules"] if "alert" in r]
+    runbooks = (ROOT / RUNBOOKS).read_text() if (ROOT / RUNBOOKS).exists() else ""
+    for alert in alerts:
+        name = alert["alert"]
+        url = alert.get("annotations", {}).get("runbook_url", "")
+        if url != f"{RUNBOOK_BASE}#{name.lower()}":
+            fail(f"alert {name}: runbook_url should be {RUNBOOK_BASE}#{name.lower()}, is {url!r}")
+        if f"\n## {name}\n" not in runbooks:
+            fail(f"alert {name}: {RUNBOOKS} has no section '## {name}'")
+    tests = yaml.safe_load((ROOT / ".ci/alerts-test.yaml").read_text())["tests"]
+    cases = [case for test in tests for case in test.get("alert_rule_test", [])]
+    for alert in alerts:
+        name = alert["alert"]
+        mine = [case for case in cases if case["alertname"] == name]
+        if not any(case.get("exp_alerts") for case in mine):
+            fail(f"alert {name}: no test in .ci/alerts-test.yaml where it fires")
+        if not any(not case.get("exp_alerts") for case in mine):
+            fail(f"alert {name}: no test in .ci/alerts-test.yaml where it stays quiet")
+    for overlay, (_, docs) in rendered.items():
+        for doc in docs:
+            if doc["kind"] in ("ServiceMonitor", "PrometheusRule") and \
+                    "release" not in (doc["metadata"].get("labels") or {}):
+                fail(f"{overlay}: {doc['kind']}/{doc['metadata']['name']} has no `release` "
+                     f"label: a default kube-prometheus-stack ignores it")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        (tmp / "rules-full.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        stripped = {"groups": [{**g, "rules": [{k: v for k, v in r.items() if k != "annotations"}
+                                               for r in g["rules"]]} for g in spec["groups"]]}
+        (tmp / "rules.yaml").write_text(yaml.safe_dump(stripped, sort_keys=False))
+        (tmp / "alerts-test.yaml").write_text((ROOT / ".ci/alerts-test.yaml").read_text())
+        for args in (["promtool", "check", "rules", "rules-full.yaml"],
+                     ["promtool", "test", "rules", "alerts-test.yaml"]):
+            try:
+                result = run(args, cwd=tmp)
+            except FileNotFoundError:
+                fail("promtool not found (Debian package prometheus)")
+                return
+            if result.returncode != 0:
+                fail(f"{' '.join(args[:3])}: {(result.stdout + result.stderr).strip()}")
+    if len(failures) == failed_before:
+        print(f"ok   {len(alerts)} alerts: promtool check and unit tests (each fires and stays "
+              f"quiet), runbooks, the release label")
+
+
+def check_adapter_rule(rendered):
+    """The prometheus-adapter values serve every Pods metric an HPA scales on, and the
+    gateway exports it."""
+    failed_before = len(failures)
+    values = yaml.safe_load((ROOT / "k8s/components/hpa-gateway-connections/"
+                             "prometheus-adapter-values.yaml").read_text())
+    served = {rule["name"]["as"] for rule in values["rules"]["custom"]}
+    exported = (ROOT / "crates/gateway/src/metrics.rs").read_text()
+    for overlay, (_, docs) in rendered.items():
+        for doc in docs:
+            if doc["kind"] != "HorizontalPodAutoscaler":
+                continue
+            for metric in doc["spec"].get("metrics", []):
+                if metric["type"] != "Pods":
+                    continue
+                name = metric["pods"]["metric"]["name"]
+                if name not in served:
+                    fail(f"{overlay}: HPA {doc['metadata']['name']} scales on {name}, which "
+                         f"the prometheus-adapter values do not serve")
+                if f'"{name}"' not in exported:
+                    fail(f"{overlay}: HPA {doc['metadata']['name']} scales on {name}, which "
+                         f"the gateway does not export")
+    if len(failures) == failed_before:
+        print("ok   prometheus-adapter serves every per-pod metric an HPA scales on")
+
+
 def argo_applications():
     """overlay name -> whether its Argo CD Application creates the namespace."""
     apps = {}
@@ -591,6 +680,8 @@ def main():
             check_sync_order(overlay, docs, applications.get(overlay, False))
             check_autoscaled_replicas(overlay, docs)
             check_service_accounts(overlay, docs)
+        check_alerts(rendered)
+        check_adapter_rule(rendered)
         check_compose(defaults, shutdown)
     if failures:
         sys.exit(f"\n{len(failures)} deployment check(s) failed")
