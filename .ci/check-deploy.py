@@ -21,6 +21,7 @@
 """
 
 import argparse
+import ipaddress
 import json
 import pathlib
 import re
@@ -214,6 +215,9 @@ def validate_custom(rendered, schemas):
                 continue
             kind = doc["kind"]
             schema = schemas / group / f"{kind.lower()}_{version}.json"
+            if not schema.exists():
+                # Written here for what ../shared/schemas does not carry (.ci/schemas).
+                schema = ROOT / ".ci/schemas" / group / f"{kind.lower()}_{version}.json"
             label = f"{name}: {kind} {doc['metadata']['name']} ({doc['apiVersion']})"
             if not schema.exists():
                 fail(f"{label}: no schema at {schema}")
@@ -222,7 +226,7 @@ def validate_custom(rendered, schemas):
             if errors:
                 fail(f"{label}:\n  " + "\n  ".join(errors))
             else:
-                print(f"ok   {label} against {schema.relative_to(schemas.parent)}")
+                print(f"ok   {label} against {schema.name}")
 
 
 def schema_errors(schema, doc):
@@ -643,6 +647,157 @@ def check_adapter_rule(rendered):
         print("ok   prometheus-adapter serves every per-pod metric an HPA scales on")
 
 
+def selects(selector, labels):
+    """Whether a label selector (matchLabels, matchExpressions) selects `labels`."""
+    if selector is None:
+        return False
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator = expression["key"], expression["operator"]
+        values = expression.get("values", [])
+        if operator == "In" and labels.get(key) not in values:
+            return False
+        if operator == "NotIn" and labels.get(key) in values:
+            return False
+        if operator == "Exists" and key not in labels:
+            return False
+        if operator == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def peer_matches(peer, address, namespace_labels):
+    """Whether a NetworkPolicy peer admits a host at `address` (an IPv4 string), in a
+    namespace labelled `namespace_labels` (None: not a pod, such as a load balancer's
+    proxy or a node-local address)."""
+    if "ipBlock" in peer:
+        block = ipaddress.ip_network(peer["ipBlock"]["cidr"])
+        ip = ipaddress.ip_address(address)
+        return ip in block and not any(ip in ipaddress.ip_network(e)
+                                       for e in peer["ipBlock"].get("except", []))
+    if namespace_labels is None:
+        return False
+    if "namespaceSelector" in peer and not selects(peer["namespaceSelector"], namespace_labels):
+        return False
+    # A podSelector alone means this namespace; the model's peers are not pods here.
+    return "podSelector" not in peer
+
+
+def port_matches(ports, port, protocol):
+    if not ports:
+        return True
+    return any(p.get("protocol", "TCP") == protocol and p.get("port") in (None, port)
+               for p in ports)
+
+
+def allowed(docs, pod_labels, direction, address, port, protocol="TCP",
+            namespace_labels=None):
+    """Whether the NetworkPolicies in `docs` let a pod labelled `pod_labels` receive
+    (direction "Ingress") or send ("Egress") a connection from or to `address`:`port`.
+    Kubernetes' semantics: a pod no policy selects for a direction is open; once any
+    selects it, only what one of them allows gets through."""
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"
+                and selects(d["spec"]["podSelector"], pod_labels)
+                and direction in d["spec"].get("policyTypes", ["Ingress"])]
+    if not policies:
+        return True
+    key, peers_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+    for policy in policies:
+        for rule in policy["spec"].get(key, []):
+            peers = rule.get(peers_key)
+            if not port_matches(rule.get("ports"), port, protocol):
+                continue
+            if not peers or any(peer_matches(p, address, namespace_labels) for p in peers):
+                return True
+    return False
+
+
+# The network paths a GKE cluster needs, as (workloads, direction, address, port,
+# protocol, why). Addresses stand for their ranges: a Google front end or health
+# checker, NodeLocal DNSCache, the metadata server, the GKE metadata server, a
+# Memorystore instance on a private address.
+GKE_PATHS = [
+    (["api", "gateway"], "Ingress", "35.191.4.20", None, "TCP",
+     "Google's load balancer and health checks (35.191.0.0/16)"),
+    (["api", "gateway"], "Ingress", "130.211.1.9", None, "TCP",
+     "Google's load balancer and health checks (130.211.0.0/22)"),
+    (["api", "gateway", "worker", "migrate"], "Egress", "169.254.20.10", 53, "UDP",
+     "NodeLocal DNSCache"),
+    (["api", "gateway", "worker", "migrate"], "Egress", "169.254.169.254", 53, "UDP",
+     "Cloud DNS through the metadata server"),
+    (["api", "worker"], "Egress", "169.254.169.254", 80, "TCP",
+     "Workload Identity tokens (metadata server)"),
+    (["api", "worker"], "Egress", "169.254.169.252", 988, "TCP",
+     "Workload Identity tokens (GKE metadata server)"),
+    (["api", "gateway", "worker"], "Egress", "10.20.0.3", 6378, "TCP",
+     "Memorystore with in-transit encryption"),
+]
+SERVING_PORT = {"api": 8080, "gateway": 8081}
+
+
+def check_network_paths(overlay, docs):
+    """Replays the paths a cloud needs against the overlay's NetworkPolicies (only for
+    overlays on that cloud: those with GKE's HealthCheckPolicy), and checks the
+    gateway, which needs no cloud identity, cannot reach the metadata server."""
+    if not any(d["kind"] == "HealthCheckPolicy" for d in docs):
+        return
+    failed_before = len(failures)
+    for workloads, direction, address, port, protocol, why in GKE_PATHS:
+        for workload in workloads:
+            labels = {"app.kubernetes.io/name": workload}
+            at = port or SERVING_PORT[workload]
+            if not allowed(docs, labels, direction, address, at, protocol):
+                fail(f"{overlay}: NetworkPolicies block {why}: {direction.lower()} "
+                     f"{address}:{at}/{protocol} for {workload}")
+    if allowed(docs, {"app.kubernetes.io/name": "gateway"}, "Egress", "169.254.169.254", 80):
+        fail(f"{overlay}: the gateway can reach the metadata server (a cloud identity)")
+    if len(failures) == failed_before:
+        print(f"ok   {overlay}: NetworkPolicies open GKE's load balancer, DNS, Workload "
+              f"Identity and Memorystore paths, and no more")
+
+
+# How long a WebSocket may live behind a proxy: the gateway's clients reconnect and
+# resume after it, so an hour is the floor every proxy in front must allow.
+WEBSOCKET_FLOOR = 3600
+
+
+def check_gke_policies(overlay, docs, limits, ready):
+    """Behind GKE's Gateway, every Service an HTTPRoute sends to has a HealthCheckPolicy
+    asking the readiness path (GKE checks `/` otherwise: 404 here, every backend
+    unhealthy) and a GCPBackendPolicy whose timeout lets its longest request finish:
+    an upload for the API, a WebSocket for the gateway (GKE's default is 30 s)."""
+    if not any(d["kind"] == "HealthCheckPolicy" for d in docs):
+        return
+    failed_before = len(failures)
+    backends = {ref["name"] for d in docs if d["kind"] == "HTTPRoute"
+                for rule in d["spec"].get("rules", []) for ref in rule.get("backendRefs", [])}
+    policies = {(d["kind"], d["spec"]["targetRef"]["name"]): d["spec"]["default"]
+                for d in docs if d["kind"] in ("HealthCheckPolicy", "GCPBackendPolicy")}
+    floors = {"api": limits["upload"] + 1, "gateway": WEBSOCKET_FLOOR}
+    # Google's load balancer appends the client and its own address to X-Forwarded-For.
+    for config in (d for d in docs if d["kind"] == "ConfigMap"
+                   and d["metadata"]["name"].startswith("mobile-config")):
+        hops = config.get("data", {}).get("TRUSTED_PROXY_HOPS")
+        if hops != "2":
+            fail(f"{overlay}: TRUSTED_PROXY_HOPS is {hops} behind GKE's load balancer, "
+                 f"which appends two X-Forwarded-For entries: 2")
+    for service in sorted(backends):
+        check = policies.get(("HealthCheckPolicy", service))
+        path = (check or {}).get("config", {}).get("httpHealthCheck", {}).get("requestPath")
+        if path != ready:
+            fail(f"{overlay}: Service {service}: GKE health checks ask {path or '/'}, "
+                 f"not {ready}")
+        timeout = policies.get(("GCPBackendPolicy", service), {}).get("timeoutSec", 30)
+        if timeout < floors.get(service, limits["request"]):
+            fail(f"{overlay}: Service {service}: GKE's backend timeout {timeout} s is under "
+                 f"{floors.get(service, limits['request'])} s")
+    if len(failures) == failed_before:
+        print(f"ok   {overlay}: GKE health checks ask {ready}; backend timeouts outlast "
+              f"uploads and WebSockets; TRUSTED_PROXY_HOPS=2")
+
+
 def argo_applications():
     """overlay name -> whether its Argo CD Application creates the namespace."""
     apps = {}
@@ -680,6 +835,8 @@ def main():
             check_sync_order(overlay, docs, applications.get(overlay, False))
             check_autoscaled_replicas(overlay, docs)
             check_service_accounts(overlay, docs)
+            check_network_paths(overlay, docs)
+            check_gke_policies(overlay, docs, limits, ready)
         check_alerts(rendered)
         check_adapter_rule(rendered)
         check_compose(defaults, shutdown)

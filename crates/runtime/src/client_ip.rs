@@ -128,6 +128,17 @@ mod tests {
         assert_eq!(client(&["6.6.6.6", "203.0.113.7"], 2), ip("6.6.6.6"));
     }
 
+    /// Google's external Application Load Balancer appends two entries, the client and
+    /// its own forwarding-rule address (`<claimed>, <client>, <lb>`): the GKE
+    /// component's TRUSTED_PROXY_HOPS=2 takes the client, and 1 would take the load
+    /// balancer, making every client one rate-limit bucket.
+    #[test]
+    fn behind_gkes_load_balancer_two_hops_are_the_client() {
+        let from_google = ["6.6.6.6, 198.51.100.23, 34.120.1.1"];
+        assert_eq!(client(&from_google, 2), ip("198.51.100.23"));
+        assert_eq!(client(&from_google, 1), ip("34.120.1.1"));
+    }
+
     #[test]
     fn ports_are_dropped() {
         assert_eq!(client(&["6.6.6.6, 203.0.113.9:4431"], 1), ip("203.0.113.9"));
