@@ -798,6 +798,39 @@ def check_gke_policies(overlay, docs, limits, ready):
               f"uploads and WebSockets; TRUSTED_PROXY_HOPS=2")
 
 
+def check_image_pipeline():
+    """What the schema cannot see in the image workflow: it runs only after the tests
+    passed on main, builds only when the image's inputs changed, no job holds both
+    write permissions, it builds amd64 and arm64 with an SBOM and provenance, signs the
+    image, and pins the overlay to a digest, retrying when main moved."""
+    failed_before = len(failures)
+    path = ROOT / ".github/workflows/image.yml"
+    text = path.read_text()
+    workflow = yaml.safe_load(text)
+    triggers = workflow.get(True, workflow.get("on", {}))  # YAML reads `on` as True
+    run = triggers.get("workflow_run", {}) if isinstance(triggers, dict) else {}
+    if set(triggers) - {"workflow_run", "workflow_dispatch"} or run.get("workflows") != ["ci"]:
+        fail(f"{path.name}: must run only after the ci workflow (workflow_run), not on push")
+    if "conclusion == 'success'" not in text:
+        fail(f"{path.name}: must build only when the ci run succeeded")
+    if workflow.get("permissions") != {}:
+        fail(f"{path.name}: top-level permissions must be {{}} (each job asks for its own)")
+    for name, job in workflow["jobs"].items():
+        granted = job.get("permissions", {})
+        if granted.get("contents") == "write" and granted.get("packages") == "write":
+            fail(f"{path.name}: job {name} holds both contents: write and packages: write")
+    for needle, why in (("git diff --quiet", "build only when the image's inputs changed"),
+                        ("linux/arm64", "build arm64"), ("linux/amd64", "build amd64"),
+                        ("sbom: true", "attach an SBOM"), ("provenance: mode=max", "attach provenance"),
+                        ("cosign sign", "sign the image"), ("digest: $DIGEST", "pin the digest"),
+                        ("for attempt in", "retry the bump when main moved")):
+        if needle not in text:
+            fail(f"{path.name}: does not {why} ({needle!r})")
+    if len(failures) == failed_before:
+        print(f"ok   {path.name}: after the tests, only on changed inputs, least privilege, "
+              f"amd64 and arm64, SBOM, provenance, signed, pinned by digest")
+
+
 def argo_applications():
     """overlay name -> whether its Argo CD Application creates the namespace."""
     apps = {}
@@ -827,6 +860,7 @@ def main():
         validate_builtin(rendered, args.kubernetes_version)
         validate_custom(rendered, schemas)
         validate_workflows()
+        check_image_pipeline()
         check_deployments(rendered, defaults, shutdown, longest_job, live, ready)
         limits = api_limits()
         applications = argo_applications()
