@@ -153,7 +153,7 @@ def check_timeouts(overlay, docs, limits):
                 elif timeout is not None and seconds(timeout) <= floor:
                     fail(f"{where}: {method} {path} is cut at {timeout}, but the API allows "
                          f"it {floor} s")
-        elif doc["kind"] == "Ingress":
+        elif doc["kind"] == "Ingress" and doc["spec"].get("ingressClassName") == "nginx":
             notes = doc["metadata"].get("annotations", {})
             for name in ("proxy-read-timeout", "proxy-send-timeout"):
                 value = notes.get(f"nginx.ingress.kubernetes.io/{name}", "60")
@@ -734,28 +734,70 @@ GKE_PATHS = [
     (["api", "gateway", "worker"], "Egress", "10.20.0.3", 6378, "TCP",
      "Memorystore with in-transit encryption"),
 ]
+EKS_PATHS = [
+    (["api", "gateway"], "Ingress", "10.0.3.7", None, "TCP",
+     "the ALB's nodes in the VPC (IP targets)"),
+    (["api", "worker"], "Egress", "169.254.170.23", 80, "TCP",
+     "EKS Pod Identity's agent"),
+    (["api", "worker"], "Egress", "52.94.0.10", 443, "TCP", "STS (IRSA) and S3"),
+    (["api", "gateway", "worker"], "Egress", "10.0.9.5", 6379, "TCP",
+     "ElastiCache (TLS on 6379)"),
+]
+AKS_PATHS = [
+    (["api", "gateway"], "Ingress", "10.225.0.10", None, "TCP",
+     "Application Gateway for Containers from its association subnet"),
+    (["api", "worker"], "Egress", "20.190.128.1", 443, "TCP",
+     "Microsoft Entra ID (Workload ID tokens) and Blob Storage"),
+    (["api", "gateway", "worker"], "Egress", "10.1.0.4", 6380, "TCP",
+     "Azure Cache for Redis (TLS on 6380)"),
+]
+# Per cloud: the paths, the address of the endpoint that hands out a cloud identity
+# (the gateway must not reach it), and how many X-Forwarded-For entries its load
+# balancer appends.
+CLOUDS = {
+    "gke": (GKE_PATHS, ("169.254.169.254", 80), "2"),
+    "eks": (EKS_PATHS, ("169.254.170.23", 80), "1"),
+    "aks": (AKS_PATHS, ("169.254.169.254", 80), "1"),
+}
 SERVING_PORT = {"api": 8080, "gateway": 8081}
 
 
+def cloud_of(docs):
+    """Which cloud an overlay is for, from what its load balancer needs."""
+    groups = {d["apiVersion"].rpartition("/")[0] for d in docs}
+    if "networking.gke.io" in groups:
+        return "gke"
+    if "alb.networking.azure.io" in groups:
+        return "aks"
+    if any(d["kind"] == "Ingress" and d["spec"].get("ingressClassName") == "alb" for d in docs):
+        return "eks"
+    return None
+
+
 def check_network_paths(overlay, docs):
-    """Replays the paths a cloud needs against the overlay's NetworkPolicies (only for
-    overlays on that cloud: those with GKE's HealthCheckPolicy), and checks the
-    gateway, which needs no cloud identity, cannot reach the metadata server."""
-    if not any(d["kind"] == "HealthCheckPolicy" for d in docs):
+    """Replays the paths a cloud needs against the overlay's NetworkPolicies (for the
+    overlays made for a cloud: `cloud_of`), and checks the gateway, which needs no
+    cloud identity, cannot reach the endpoint that hands one out."""
+    cloud = cloud_of(docs)
+    if cloud is None:
         return
+    paths, (identity_address, identity_port), _ = CLOUDS[cloud]
     failed_before = len(failures)
-    for workloads, direction, address, port, protocol, why in GKE_PATHS:
+    for workloads, direction, address, port, protocol, why in paths:
         for workload in workloads:
             labels = {"app.kubernetes.io/name": workload}
             at = port or SERVING_PORT[workload]
             if not allowed(docs, labels, direction, address, at, protocol):
                 fail(f"{overlay}: NetworkPolicies block {why}: {direction.lower()} "
                      f"{address}:{at}/{protocol} for {workload}")
-    if allowed(docs, {"app.kubernetes.io/name": "gateway"}, "Egress", "169.254.169.254", 80):
-        fail(f"{overlay}: the gateway can reach the metadata server (a cloud identity)")
+    if allowed(docs, {"app.kubernetes.io/name": "gateway"}, "Egress", identity_address,
+               identity_port):
+        fail(f"{overlay}: the gateway can reach {identity_address}:{identity_port}, where "
+             f"{cloud.upper()} hands out cloud identities")
     if len(failures) == failed_before:
-        print(f"ok   {overlay}: NetworkPolicies open GKE's load balancer, DNS, Workload "
-              f"Identity and Memorystore paths, and no more")
+        print(f"ok   {overlay}: NetworkPolicies open the paths {cloud.upper()} needs (load "
+              f"balancer, identity, managed Redis) and keep the gateway off the identity "
+              f"endpoint")
 
 
 # How long a WebSocket may live behind a proxy: the gateway's clients reconnect and
@@ -763,40 +805,60 @@ def check_network_paths(overlay, docs):
 WEBSOCKET_FLOOR = 3600
 
 
-def check_gke_policies(overlay, docs, limits, ready):
-    """Behind GKE's Gateway, every Service an HTTPRoute sends to has a HealthCheckPolicy
-    asking the readiness path (GKE checks `/` otherwise: 404 here, every backend
-    unhealthy) and a GCPBackendPolicy whose timeout lets its longest request finish:
-    an upload for the API, a WebSocket for the gateway (GKE's default is 30 s)."""
-    if not any(d["kind"] == "HealthCheckPolicy" for d in docs):
+def check_cloud_load_balancer(overlay, docs, limits, ready):
+    """The cloud's load balancer health-checks the readiness path of every Service it
+    sends to (GKE and AGC check `/` otherwise: 404 here, every backend unhealthy), lets
+    its longest request finish (an upload for the API, an hour-long WebSocket for the
+    gateway; GKE's default is 30 s, AGC's 60 s, an ALB's idle timeout 60 s), and the
+    X-Forwarded-For entries it appends are the TRUSTED_PROXY_HOPS the services trust."""
+    cloud = cloud_of(docs)
+    if cloud is None:
         return
     failed_before = len(failures)
-    backends = {ref["name"] for d in docs if d["kind"] == "HTTPRoute"
-                for rule in d["spec"].get("rules", []) for ref in rule.get("backendRefs", [])}
-    policies = {(d["kind"], d["spec"]["targetRef"]["name"]): d["spec"]["default"]
-                for d in docs if d["kind"] in ("HealthCheckPolicy", "GCPBackendPolicy")}
     floors = {"api": limits["upload"] + 1, "gateway": WEBSOCKET_FLOOR}
-    # Google's load balancer appends the client and its own address to X-Forwarded-For.
+    hops = CLOUDS[cloud][2]
     for config in (d for d in docs if d["kind"] == "ConfigMap"
                    and d["metadata"]["name"].startswith("mobile-config")):
-        hops = config.get("data", {}).get("TRUSTED_PROXY_HOPS")
-        if hops != "2":
-            fail(f"{overlay}: TRUSTED_PROXY_HOPS is {hops} behind GKE's load balancer, "
-                 f"which appends two X-Forwarded-For entries: 2")
-    for service in sorted(backends):
-        check = policies.get(("HealthCheckPolicy", service))
-        path = (check or {}).get("config", {}).get("httpHealthCheck", {}).get("requestPath")
-        if path != ready:
-            fail(f"{overlay}: Service {service}: GKE health checks ask {path or '/'}, "
-                 f"not {ready}")
-        timeout = policies.get(("GCPBackendPolicy", service), {}).get("timeoutSec", 30)
-        if timeout < floors.get(service, limits["request"]):
-            fail(f"{overlay}: Service {service}: GKE's backend timeout {timeout} s is under "
-                 f"{floors.get(service, limits['request'])} s")
+        if config.get("data", {}).get("TRUSTED_PROXY_HOPS") != hops:
+            fail(f"{overlay}: TRUSTED_PROXY_HOPS is "
+                 f"{config.get('data', {}).get('TRUSTED_PROXY_HOPS')}, but {cloud.upper()}'s "
+                 f"load balancer appends {hops} X-Forwarded-For entries")
+    if cloud == "eks":
+        for doc in (d for d in docs if d["kind"] == "Ingress"):
+            notes = doc["metadata"].get("annotations", {})
+            path = notes.get("alb.ingress.kubernetes.io/healthcheck-path", "/")
+            if path != ready:
+                fail(f"{overlay}: the ALB health checks ask {path}, not {ready}")
+            attributes = notes.get("alb.ingress.kubernetes.io/load-balancer-attributes", "")
+            idle = re.search(r"idle_timeout\.timeout_seconds=(\d+)", attributes)
+            if not idle or int(idle.group(1)) < WEBSOCKET_FLOOR:
+                fail(f"{overlay}: the ALB's idle timeout must be at least {WEBSOCKET_FLOOR} s "
+                     f"(default 60) for WebSockets")
+    else:
+        group = "networking.gke.io" if cloud == "gke" else "alb.networking.azure.io"
+        backends = {ref["name"] for d in docs if d["kind"] == "HTTPRoute"
+                    for rule in d["spec"].get("rules", []) for ref in rule.get("backendRefs", [])}
+        policies = {(d["kind"], d["spec"]["targetRef"]["name"]): d["spec"]["default"]
+                    for d in docs if d["apiVersion"].startswith(group + "/")}
+        for service in sorted(backends):
+            check = policies.get(("HealthCheckPolicy", service)) or {}
+            path = (check.get("config", {}).get("httpHealthCheck", {}).get("requestPath")
+                    if cloud == "gke" else check.get("http", {}).get("path"))
+            if path != ready:
+                fail(f"{overlay}: Service {service}: {cloud.upper()} health checks ask "
+                     f"{path or '/'}, not {ready}")
+            if cloud == "gke":
+                timeout = policies.get(("GCPBackendPolicy", service), {}).get("timeoutSec", 30)
+            else:
+                route = next((p for (kind, _), p in policies.items() if kind == "RoutePolicy"), {})
+                timeout = seconds(route.get("timeouts", {}).get("routeTimeout", "60s"))
+            if timeout < floors.get(service, limits["request"]):
+                fail(f"{overlay}: Service {service}: {cloud.upper()}'s timeout {timeout} s is "
+                     f"under {floors.get(service, limits['request'])} s")
     if len(failures) == failed_before:
-        print(f"ok   {overlay}: GKE health checks ask {ready}; backend timeouts outlast "
-              f"uploads and WebSockets; TRUSTED_PROXY_HOPS=2")
-
+        print(f"ok   {overlay}: {cloud.upper()}'s load balancer checks {ready}, lets uploads "
+              f"and WebSockets finish, and appends the {hops} X-Forwarded-For "
+              f"entries trusted")
 
 def check_image_pipeline():
     """What the schema cannot see in the image workflow: it runs only after the tests
@@ -870,7 +932,7 @@ def main():
             check_autoscaled_replicas(overlay, docs)
             check_service_accounts(overlay, docs)
             check_network_paths(overlay, docs)
-            check_gke_policies(overlay, docs, limits, ready)
+            check_cloud_load_balancer(overlay, docs, limits, ready)
         check_alerts(rendered)
         check_adapter_rule(rendered)
         check_compose(defaults, shutdown)
