@@ -13,9 +13,11 @@
 4. Checks consistency with the code: ports, probe paths, metric ports and grace
    periods in the manifests and docker-compose.yml against the defaults and timeouts
    the binaries are built with (read from their settings source).
-5. Checks the alert rules with promtool (syntax and `.ci/alerts-test.yaml`), their
+5. Runs checkov on the dev overlay: its PostgreSQL and Redis pass what the services
+   pass, or a waiver says why (.ci/checkov-waivers.yaml).
+6. Checks the alert rules with promtool (syntax and `.ci/alerts-test.yaml`), their
    runbooks and the label kube-prometheus-stack selects them by.
-6. Models what a cluster would do that a schema cannot see: the order Argo CD syncs
+7. Models what a cluster would do that a schema cannot see: the order Argo CD syncs
    each overlay in (hook phases, sync waves, kind order; `check_sync_order`), and
    Deployments whose replicas an autoscaler owns.
 """
@@ -893,6 +895,44 @@ def check_image_pipeline():
               f"amd64 and arm64, SBOM, provenance, signed, pinned by digest")
 
 
+def check_dev_data_services(rendered):
+    """checkov on the dev overlay: its PostgreSQL and Redis pass every check the
+    services' own workloads pass, or a waiver in .ci/checkov-waivers.yaml says why not."""
+    if "dev" not in rendered:
+        return
+    failed_before = len(failures)
+    path, _ = rendered["dev"]
+    try:
+        result = run(["checkov", "-f", str(path), "--framework", "kubernetes", "-o", "json"])
+    except FileNotFoundError:
+        fail("checkov not found (.ci/run installs it)")
+        return
+    report = json.loads(result.stdout)
+    results = (report[0] if isinstance(report, list) else report)["results"]
+    passed, failed = {}, {}
+    for key, into in (("passed_checks", passed), ("failed_checks", failed)):
+        for check in results[key]:
+            into.setdefault(check["resource"], set()).add(check["check_id"])
+    ours = ["Deployment.mobile.api", "Deployment.mobile.gateway", "Deployment.mobile.worker",
+            "Job.mobile.migrate"]
+    bar = set.intersection(*(passed.get(r, set()) for r in ours))
+    waivers = {(w["resource"], w["check"]) for w in
+               yaml.safe_load((ROOT / ".ci/checkov-waivers.yaml").read_text())}
+    for resource in ("StatefulSet.mobile.postgres", "Deployment.mobile.redis"):
+        if resource not in passed and resource not in failed:
+            fail(f"dev: checkov did not see {resource}")
+        for check in sorted(failed.get(resource, set()) & bar):
+            if (resource, check) not in waivers:
+                fail(f"dev: {resource} fails checkov {check}, which the services pass "
+                     f"(fix it, or waive it with a reason in .ci/checkov-waivers.yaml)")
+    for resource, check in sorted(waivers):
+        if check not in failed.get(resource, set()) or check not in bar:
+            fail(f"dev: the waiver of {check} for {resource} no longer applies: remove it")
+    if len(failures) == failed_before:
+        print(f"ok   dev: PostgreSQL and Redis pass the {len(bar)} checkov checks the "
+              f"services pass ({len(waivers)} waived with a reason)")
+
+
 def argo_applications():
     """overlay name -> whether its Argo CD Application creates the namespace."""
     apps = {}
@@ -935,6 +975,7 @@ def main():
             check_cloud_load_balancer(overlay, docs, limits, ready)
         check_alerts(rendered)
         check_adapter_rule(rendered)
+        check_dev_data_services(rendered)
         check_compose(defaults, shutdown)
     if failures:
         sys.exit(f"\n{len(failures)} deployment check(s) failed")
