@@ -193,8 +193,14 @@ def render_overlays(out_dir):
         path = out_dir / f"{overlay.name}.yaml"
         path.write_text(result.stdout)
         rendered[overlay.name] = (path, [d for d in yaml.safe_load_all(result.stdout) if d])
+        # `kubectl apply -k` twice in a row must be a no-op: the render may not change
+        # between runs (a generated name or value that does would re-apply, and make the
+        # migration Job's immutable template fail).
+        again = run(["kubectl", "kustomize", str(overlay)])
+        if again.stdout != result.stdout:
+            fail(f"kubectl kustomize {overlay.relative_to(ROOT)} renders differently each time")
         print(f"ok   kubectl kustomize {overlay.relative_to(ROOT)} "
-              f"({len(rendered[overlay.name][1])} objects)")
+              f"({len(rendered[overlay.name][1])} objects, the same twice)")
     return rendered
 
 
