@@ -225,7 +225,9 @@ impl ConnectionLike for Conn {
             let started = Instant::now();
             let result = self.inner.req_packed_command(cmd).await;
             let failed = match &result {
-                Ok(value) => matches!(value, Value::ServerError(_)),
+                // A server's error reply arrives as a value; the caller's
+                // `query_async` turns it into an error later.
+                Ok(value) => is_error_reply(value),
                 Err(error) => !is_script_miss(error),
             };
             self.metrics.observe(self.feature, started, failed);
@@ -246,7 +248,7 @@ impl ConnectionLike for Conn {
                 .req_packed_commands(pipeline, offset, count)
                 .await;
             let failed = match &result {
-                Ok(values) => values.iter().any(|v| matches!(v, Value::ServerError(_))),
+                Ok(values) => values.iter().any(is_error_reply),
                 Err(_) => true,
             };
             self.metrics.observe(self.feature, started, failed);
@@ -259,8 +261,14 @@ impl ConnectionLike for Conn {
     }
 }
 
-/// `NOSCRIPT`: a script's first run on a Redis that has not cached it yet, which the
-/// client answers by loading it; part of running a script, not a failure.
+/// `NOSCRIPT`: a script's first run on a Redis that has not cached it yet (after a
+/// start or a failover), which the client answers by loading it; part of running a
+/// script, not a failure.
 fn is_script_miss(error: &RedisError) -> bool {
     error.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+}
+
+/// An error reply from the server, other than a script miss.
+fn is_error_reply(value: &Value) -> bool {
+    matches!(value, Value::ServerError(error) if error.kind() != Some(ServerErrorKind::NoScript))
 }
