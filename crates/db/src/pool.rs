@@ -118,10 +118,8 @@ impl Db {
     pub fn connect_lazy(database_url: &str, settings: &PoolSettings) -> Result<Self, sqlx::Error> {
         let mut options = named(database_url.parse()?, settings);
         if settings.mode == PoolMode::Transaction {
-            // No statement outlives its transaction, so none is cached; and PgBouncer
-            // refuses the `extra_float_digits` start-up parameter unless told to
-            // ignore it (PostgreSQL's default since 12 round-trips floats anyway).
-            options = options.statement_cache_capacity(0).extra_float_digits(None);
+            // No statement outlives its transaction, so none is cached.
+            options = options.statement_cache_capacity(0);
         }
         let pool = pool_options(settings.max_connections, settings.acquire_timeout)
             .connect_lazy_with(options);
@@ -235,8 +233,12 @@ impl<'c> Executor<'c> for &'c Db {
     }
 }
 
-/// `application_name` is the binary's unless the URL names one.
+/// `application_name` is the binary's unless the URL names one. sqlx's
+/// `extra_float_digits` start-up parameter is not sent: PgBouncer, in either mode,
+/// refuses a connection that sends it unless told to ignore it, and PostgreSQL's default
+/// since 12 writes floats exactly anyway (the schema has none).
 fn named(options: PgConnectOptions, settings: &PoolSettings) -> PgConnectOptions {
+    let options = options.extra_float_digits(None);
     match options.get_application_name() {
         Some(_) => options,
         None => options.application_name(settings.application_name),
