@@ -694,10 +694,25 @@ def peer_matches(peer, address, namespace_labels):
 
 
 def port_matches(ports, port, protocol):
+    """A rule's ports: a number, a range (`endPort`), or any. A named port (a container
+    port's name) is not modelled: it fails the check rather than guess."""
     if not ports:
         return True
-    return any(p.get("protocol", "TCP") == protocol and p.get("port") in (None, port)
+    for p in ports:
+        if isinstance(p.get("port"), str):
+            fail(f"NetworkPolicy port {p['port']!r}: named ports are not modelled here")
+            return False
+    return any(p.get("protocol", "TCP") == protocol
+               and (p.get("port") is None
+                    or p["port"] <= port <= p.get("endPort", p["port"]))
                for p in ports)
+
+
+def policy_types(policy):
+    """Kubernetes' default when `policyTypes` is unset: Ingress, plus Egress if the
+    policy has egress rules."""
+    spec = policy["spec"]
+    return spec.get("policyTypes") or (["Ingress"] + (["Egress"] if "egress" in spec else []))
 
 
 def allowed(docs, pod_labels, direction, address, port, protocol="TCP",
@@ -708,7 +723,7 @@ def allowed(docs, pod_labels, direction, address, port, protocol="TCP",
     selects it, only what one of them allows gets through."""
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"
                 and selects(d["spec"]["podSelector"], pod_labels)
-                and direction in d["spec"].get("policyTypes", ["Ingress"])]
+                and direction in policy_types(d)]
     if not policies:
         return True
     key, peers_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
