@@ -405,6 +405,30 @@ mod through_pgbouncer {
         assert_eq!(count, 160);
     }
 
+    /// Through PgBouncer in session mode a connection is a session: the pool needs no
+    /// setting, and PgBouncer accepts its start-up parameters (it refuses
+    /// `extra_float_digits`, which sqlx sends unless told not to).
+    #[tokio::test]
+    async fn session_mode_through_pgbouncer_needs_nothing() {
+        let test_db = TestDb::new().await;
+        let server: PgConnectOptions = test_db.url().parse().unwrap();
+        let bouncer = PgBouncer::start_in("session", server.get_host(), server.get_port(), 2);
+        let db = Db::connect_lazy(
+            &bouncer.url(test_db.name()),
+            &PoolSettings::new("mobile-db-test", 4),
+        )
+        .unwrap();
+        let email = Email::parse("session@example.com").unwrap();
+        let name = DisplayName::parse("Session").unwrap();
+        let InsertUser::Inserted(user) = users::insert_user(&db, &email, "hash", &name)
+            .await
+            .unwrap()
+        else {
+            panic!("a fresh address is not taken");
+        };
+        assert_eq!(users::find_user(&db, user.id).await.unwrap(), Some(user));
+    }
+
     /// A write through the pooler is committed before the caller hears of it, so a
     /// reader elsewhere sees it at once; and `LISTEN` on the direct connection hears
     /// what a transaction through the pooler notified.

@@ -25,6 +25,11 @@ impl PgBouncer {
     /// Starts PgBouncer in transaction mode in front of the PostgreSQL at
     /// `host:port`, serving every database there, and waits until it accepts.
     pub fn start(host: &str, port: u16, pool_size: u32) -> Self {
+        Self::start_in("transaction", host, port, pool_size)
+    }
+
+    /// As [`PgBouncer::start`], in `pool_mode` (`session`, `transaction`).
+    pub fn start_in(pool_mode: &str, host: &str, port: u16, pool_size: u32) -> Self {
         let dir = std::env::temp_dir().join(format!("mb-pgb-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("create PgBouncer's directory");
         let listen = free_port();
@@ -37,7 +42,7 @@ impl PgBouncer {
              unix_socket_dir =\n\
              auth_type = trust\n\
              auth_file = {users}\n\
-             pool_mode = transaction\n\
+             pool_mode = {pool_mode}\n\
              default_pool_size = {pool_size}\n\
              max_client_conn = 500\n\
              server_lifetime = 3600\n\
