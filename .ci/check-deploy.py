@@ -23,6 +23,7 @@
 """
 
 import argparse
+import copy
 import ipaddress
 import json
 import pathlib
@@ -517,6 +518,33 @@ def check_sync_order(overlay, docs, create_namespace):
               f"object needs before it")
 
 
+def check_hand_apply(overlay, docs):
+    """Models `kubectl apply -k` run again right after a release: the second render
+    differs from the first in the image (and, with a config change, in the hashed
+    ConfigMap's name). Every object the first apply made is patched, and a Job still in
+    the cluster cannot take a new pod template ("field is immutable"). A finished Job
+    stays until its `ttlSecondsAfterFinished` runs out (for ever when unset), so the
+    next apply works at once only if that is 0."""
+    failed_before = len(failures)
+    for doc in docs:
+        if doc["kind"] != "Job" or "generateName" in doc["metadata"]:
+            continue
+        released = copy.deepcopy(doc)
+        for container in pod_spec(released).get("containers", []):
+            container["image"] = container["image"].split("@")[0].split(":")[0] + ":next"
+        if released["spec"]["template"] == doc["spec"]["template"]:
+            continue
+        ttl = doc["spec"].get("ttlSecondsAfterFinished")
+        if ttl != 0:
+            left = "until deleted by hand" if ttl is None else f"for {ttl} s"
+            fail(f"{overlay}: Job/{doc['metadata']['name']} stays {left} after it "
+                 "finishes, so the next `kubectl apply -k` with a new image fails on its "
+                 "immutable pod template (set ttlSecondsAfterFinished: 0)")
+    if len(failures) == failed_before:
+        print(f"ok   {overlay}: a second `kubectl apply -k` with a new image finds no "
+              "finished Job in its way")
+
+
 def check_autoscaled_replicas(overlay, docs):
     """A Deployment an HPA or a KEDA ScaledObject scales must not set `replicas`: every
     sync (and every `kubectl apply -k`) would reset what the autoscaler chose."""
@@ -991,6 +1019,7 @@ def main():
             check_timeouts(overlay, docs, limits)
             check_sync_order(overlay, docs, applications.get(overlay, False))
             check_autoscaled_replicas(overlay, docs)
+            check_hand_apply(overlay, docs)
             check_service_accounts(overlay, docs)
             check_network_paths(overlay, docs)
             check_cloud_load_balancer(overlay, docs, limits, ready)
