@@ -18,6 +18,7 @@ Exits non-zero on any failure. Needs PostgreSQL and Redis on their usual ports, 
 """
 
 import argparse
+import base64
 import importlib
 import json
 import os
@@ -72,6 +73,12 @@ def tiny_png() -> bytes:
         + chunk(b"IDAT", zlib.compress(rows))
         + chunk(b"IEND", b"")
     )
+
+
+def session_of(access_token: str) -> str:
+    """The session id (`sid`) inside an access token."""
+    claims = access_token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4)))["sid"]
 
 
 class Api:
@@ -134,6 +141,7 @@ def schemathesis(api: Api, token: str, fixtures: dict, seed: str, workdir: Path)
         CONTRACT_INTERNAL_TOKEN=INTERNAL_TOKEN,
         CONTRACT_MEDIA_ID=fixtures["media"],
         CONTRACT_CONVERSATION_ID=fixtures["conversation"],
+        CONTRACT_SESSION_ID=fixtures["session"],
     )
     command = [
         "schemathesis",
@@ -271,7 +279,17 @@ def main() -> int:
         token = body["access_token"]
         _, media = request("POST", f"{api.base}/v1/media", tiny_png(), token, "image/png")
         _, conversation = request("POST", f"{api.base}/v1/conversations", {"member_ids": []}, token)
-        fixtures = {"media": media["id"], "conversation": conversation["id"]}
+        # A second sign-in: a session of the run's user for DELETE /v1/sessions/{id}.
+        _, other = request(
+            "POST",
+            f"{api.base}/v1/auth/login",
+            {"email": "contract@example.com", "password": "correct horse battery"},
+        )
+        fixtures = {
+            "media": media["id"],
+            "conversation": conversation["id"],
+            "session": session_of(other["access_token"]),
+        }
         contract_ok = schemathesis(api, token, fixtures, seed, workdir)
         package = generated_client(api, workdir)
         if package is not None:

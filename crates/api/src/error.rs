@@ -90,6 +90,7 @@ error_codes! {
     InvalidToken = (UNAUTHORIZED, "invalid_token", "the access token is malformed, forged, or signed by a key this server does not know"),
     InvalidCredentials = (UNAUTHORIZED, "invalid_credentials", "the email or password is wrong"),
     InvalidRefreshToken = (UNAUTHORIZED, "invalid_refresh_token", "the refresh token is unknown, expired, spent or revoked; sign in again"),
+    WrongPassword = (FORBIDDEN, "wrong_password", "the current password given is wrong"),
     NotFound = (NOT_FOUND, "not_found", "no such resource, or not one the caller may see"),
     BodyTimeout = (REQUEST_TIMEOUT, "body_timeout", "the request body did not arrive within REQUEST_BODY_TIMEOUT_SECONDS"),
     UploadTooSlow = (REQUEST_TIMEOUT, "upload_too_slow", "the upload arrived slower than UPLOAD_MIN_BYTES_PER_SECOND over a window of UPLOAD_RATE_WINDOW_SECONDS; nothing was stored"),

@@ -37,6 +37,7 @@ use crate::error::{ErrorCode, PROBLEM_JSON, Problem};
     tags(
         (name = "auth", description = "Accounts, sessions and tokens"),
         (name = "me", description = "The signed-in user"),
+        (name = "sessions", description = "Where the user is signed in; ending a session"),
         (name = "devices", description = "Push-notification devices"),
         (name = "conversations", description = "Conversations and messages"),
         (name = "media", description = "Image uploads and their variants"),

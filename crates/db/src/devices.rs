@@ -2,7 +2,9 @@
 
 use crate::Db;
 use crate::metrics::timed;
-use mobile_domain::{ApnsEnvironment, AppVersion, DeviceId, Locale, Platform, PushToken, UserId};
+use mobile_domain::{
+    ApnsEnvironment, AppVersion, DeviceId, Locale, Platform, PushToken, SessionId, UserId,
+};
 use sqlx::PgExecutor;
 use time::OffsetDateTime;
 
@@ -48,9 +50,13 @@ pub enum Upsert {
 /// token names one installation, so any other row holding the same token is stale and
 /// goes, in the same transaction: that is what moves a phone from one account to the
 /// next.
+///
+/// The device is tied to `session_id`, the session registering it; ending that session
+/// removes it (see `crate::sessions`).
 pub async fn upsert_device(
     db: &Db,
     user_id: UserId,
+    session_id: SessionId,
     device: &DeviceRegistration,
 ) -> Result<Option<(Device, Upsert)>, sqlx::Error> {
     timed("devices.upsert_device", async move {
@@ -64,10 +70,11 @@ pub async fn upsert_device(
         // `xmax = 0` holds only for a row this statement inserted, not one it updated.
         let (inserted, row): (bool, Device) = {
             let row = sqlx::query_as::<_, DeviceWithFlag>(
-                "INSERT INTO devices (id, user_id, platform, push_token, app_version, locale, apns_environment)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                "INSERT INTO devices (id, user_id, platform, push_token, app_version, locale, apns_environment, session_id)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                  ON CONFLICT (id) DO UPDATE SET
                      user_id = EXCLUDED.user_id,
+                     session_id = EXCLUDED.session_id,
                      platform = EXCLUDED.platform,
                      push_token = EXCLUDED.push_token,
                      app_version = EXCLUDED.app_version,
@@ -85,6 +92,7 @@ pub async fn upsert_device(
             .bind(device.app_version.as_ref().map(AppVersion::as_str))
             .bind(device.locale.as_ref().map(Locale::as_str))
             .bind(device.apns_environment)
+            .bind(session_id)
             .fetch_optional(&mut *tx)
             .await?;
             // No row: the id is another user's. Dropping `tx` undoes the token clean-up.
@@ -160,13 +168,20 @@ mod tests {
     use super::*;
     use crate::users::{InsertUser, insert_user};
 
-    async fn user(pool: &crate::Db, email: &str) -> UserId {
+    /// A user and a session of theirs, whose refresh token hashes to `[token; 32]`.
+    async fn user(pool: &crate::Db, email: &str, token: u8) -> (UserId, SessionId) {
         let email = Email::parse(email).unwrap();
         let name = DisplayName::parse("Someone").unwrap();
-        match insert_user(pool, &email, "hash", &name).await.unwrap() {
+        let id = match insert_user(pool, &email, "hash", &name).await.unwrap() {
             InsertUser::Inserted(user) => user.id,
             InsertUser::EmailTaken => unreachable!(),
-        }
+        };
+        let mut conn = pool.pool().acquire().await.unwrap();
+        let later = OffsetDateTime::now_utc() + time::Duration::days(1);
+        let session = crate::sessions::create_session(&mut conn, id, &[token; 32], later, None)
+            .await
+            .unwrap();
+        (id, session)
     }
 
     fn registration(id: DeviceId, token: &str) -> DeviceRegistration {
@@ -184,17 +199,17 @@ mod tests {
     async fn upsert_is_idempotent_and_an_id_stays_with_its_user() {
         let db = mobile_testkit::TestDb::new().await;
         let pool = crate::Db::from(db.pool().await);
-        let ann = user(&pool, "ann@example.com").await;
-        let bob = user(&pool, "bob@example.com").await;
+        let (ann, anns_session) = user(&pool, "ann@example.com", 1).await;
+        let (bob, bobs_session) = user(&pool, "bob@example.com", 2).await;
         let id = DeviceId::new();
         let token = "ab".repeat(32);
 
-        let (first, outcome) = upsert_device(&pool, ann, &registration(id, &token))
+        let (first, outcome) = upsert_device(&pool, ann, anns_session, &registration(id, &token))
             .await
             .unwrap()
             .unwrap();
         assert_eq!(outcome, Upsert::Created);
-        let (again, outcome) = upsert_device(&pool, ann, &registration(id, &token))
+        let (again, outcome) = upsert_device(&pool, ann, anns_session, &registration(id, &token))
             .await
             .unwrap()
             .unwrap();
@@ -205,7 +220,7 @@ mod tests {
         // nothing of Ann's moved or went.
         let bobs_token = "cd".repeat(32);
         assert!(
-            upsert_device(&pool, bob, &registration(id, &bobs_token))
+            upsert_device(&pool, bob, bobs_session, &registration(id, &bobs_token))
                 .await
                 .unwrap()
                 .is_none()
@@ -219,7 +234,7 @@ mod tests {
         // token, which moves the phone to him. A reinstall looks the same: a new id,
         // the token APNs hands out again; the stale row goes.
         let reinstall = DeviceId::new();
-        upsert_device(&pool, bob, &registration(reinstall, &token))
+        upsert_device(&pool, bob, bobs_session, &registration(reinstall, &token))
             .await
             .unwrap()
             .unwrap();

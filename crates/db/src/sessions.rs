@@ -6,10 +6,13 @@
 //! exactly one rotates it; the other then sees a rotated token, which is what a thief
 //! replaying a stolen token looks like, and revokes the family. Two live families can
 //! never come out of one token.
+//!
+//! Ending a session, for whatever reason, also removes the devices it registered
+//! (`devices.session_id`): a phone signed out from elsewhere gets no more pushes.
 
 use crate::Db;
 use crate::metrics::timed;
-use mobile_domain::{SessionId, UserId};
+use mobile_domain::{DeviceId, Platform, SessionId, UserId};
 use sqlx::{PgConnection, PgExecutor};
 use time::OffsetDateTime;
 
@@ -21,6 +24,12 @@ pub type TokenHash = [u8; 32];
 pub enum RevokeReason {
     Logout,
     RefreshTokenReuse,
+    /// Ended by its user from another session (`DELETE /v1/sessions/{id}`).
+    Ended,
+    /// `POST /v1/auth/logout-all`.
+    LogoutAll,
+    /// The password changed (every session but the one that changed it).
+    PasswordChanged,
 }
 
 impl RevokeReason {
@@ -28,22 +37,39 @@ impl RevokeReason {
         match self {
             Self::Logout => "logout",
             Self::RefreshTokenReuse => "refresh_token_reuse",
+            Self::Ended => "ended",
+            Self::LogoutAll => "logout_all",
+            Self::PasswordChanged => "password_changed",
         }
     }
 }
 
-/// Starts a session for `user_id` with its first refresh token.
+/// The longest User-Agent kept with a session, in characters.
+pub const MAX_USER_AGENT_CHARS: usize = 256;
+
+/// Starts a session for `user_id` with its first refresh token. `user_agent` is what
+/// the app sent at sign-in, shown back in the user's list of sessions (cut to
+/// [`MAX_USER_AGENT_CHARS`]).
 pub async fn create_session(
     conn: &mut PgConnection,
     user_id: UserId,
     token_hash: &TokenHash,
     expires_at: OffsetDateTime,
+    user_agent: Option<&str>,
 ) -> Result<SessionId, sqlx::Error> {
     timed("sessions.create_session", async move {
         let session_id = SessionId::new();
-        sqlx::query("INSERT INTO sessions (id, user_id) VALUES ($1, $2)")
+        let user_agent =
+            user_agent.map(
+                |agent| match agent.char_indices().nth(MAX_USER_AGENT_CHARS) {
+                    Some((end, _)) => &agent[..end],
+                    None => agent,
+                },
+            );
+        sqlx::query("INSERT INTO sessions (id, user_id, user_agent) VALUES ($1, $2, $3)")
             .bind(session_id)
             .bind(user_id)
+            .bind(user_agent)
             .execute(&mut *conn)
             .await?;
         insert_refresh_token(&mut *conn, session_id, token_hash, expires_at).await?;
@@ -161,15 +187,21 @@ pub async fn revoke_session(
     reason: RevokeReason,
 ) -> Result<bool, sqlx::Error> {
     timed("sessions.revoke_session", async move {
-        let result = sqlx::query(
-            "UPDATE sessions SET revoked_at = now(), revoked_reason = $2
-             WHERE id = $1 AND revoked_at IS NULL",
+        let ended: Option<SessionId> = sqlx::query_scalar(
+            "WITH ended AS (
+                 UPDATE sessions SET revoked_at = now(), revoked_reason = $2
+                 WHERE id = $1 AND revoked_at IS NULL
+                 RETURNING id
+             ), unregistered AS (
+                 DELETE FROM devices WHERE session_id IN (SELECT id FROM ended)
+             )
+             SELECT id FROM ended",
         )
         .bind(session_id)
         .bind(reason.as_str())
-        .execute(db)
+        .fetch_optional(db)
         .await?;
-        Ok(result.rows_affected() == 1)
+        Ok(ended.is_some())
     })
     .await
 }
@@ -183,14 +215,133 @@ pub async fn revoke_session_of_token(
 ) -> Result<Option<(SessionId, UserId)>, sqlx::Error> {
     timed("sessions.revoke_session_of_token", async move {
         sqlx::query_as(
-            "UPDATE sessions SET revoked_at = now(), revoked_reason = $2
-             WHERE id = (SELECT session_id FROM refresh_tokens WHERE token_hash = $1)
-               AND revoked_at IS NULL
-             RETURNING id, user_id",
+            "WITH ended AS (
+                 UPDATE sessions SET revoked_at = now(), revoked_reason = $2
+                 WHERE id = (SELECT session_id FROM refresh_tokens WHERE token_hash = $1)
+                   AND revoked_at IS NULL
+                 RETURNING id, user_id
+             ), unregistered AS (
+                 DELETE FROM devices WHERE session_id IN (SELECT id FROM ended)
+             )
+             SELECT id, user_id FROM ended",
         )
         .bind(token_hash.as_slice())
         .bind(reason.as_str())
         .fetch_optional(db)
+        .await
+    })
+    .await
+}
+
+/// Which of a user's sessions [`end_sessions`] ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// One session, if it is the user's.
+    One(SessionId),
+    /// Every session but this one.
+    AllBut(SessionId),
+    All,
+}
+
+/// Ends the live sessions of `user_id` that `which` names, with their devices, and
+/// returns those it ended (none of another user's).
+pub async fn end_sessions(
+    db: impl PgExecutor<'_>,
+    user_id: UserId,
+    which: Ending,
+    reason: RevokeReason,
+) -> Result<Vec<SessionId>, sqlx::Error> {
+    timed("sessions.end_sessions", async move {
+        let (only, keep) = match which {
+            Ending::One(id) => (Some(id), None),
+            Ending::AllBut(id) => (None, Some(id)),
+            Ending::All => (None, None),
+        };
+        sqlx::query_scalar(
+            "WITH ended AS (
+                 UPDATE sessions SET revoked_at = now(), revoked_reason = $4
+                 WHERE user_id = $1 AND revoked_at IS NULL
+                   AND ($2::uuid IS NULL OR id = $2)
+                   AND ($3::uuid IS NULL OR id <> $3)
+                 RETURNING id
+             ), unregistered AS (
+                 DELETE FROM devices WHERE session_id IN (SELECT id FROM ended)
+             )
+             SELECT id FROM ended",
+        )
+        .bind(user_id)
+        .bind(only)
+        .bind(keep)
+        .bind(reason.as_str())
+        .fetch_all(db)
+        .await
+    })
+    .await
+}
+
+/// Whether `session_id` is (or was) a session of `user_id`.
+pub async fn is_session_of(
+    db: impl PgExecutor<'_>,
+    user_id: UserId,
+    session_id: SessionId,
+) -> Result<bool, sqlx::Error> {
+    timed("sessions.is_session_of", async move {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sessions WHERE id = $1 AND user_id = $2)")
+            .bind(session_id)
+            .bind(user_id)
+            .fetch_one(db)
+            .await
+    })
+    .await
+}
+
+/// A live session as its user sees it: what signed in, and the device it registered.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct SessionSummary {
+    pub id: SessionId,
+    pub created_at: OffsetDateTime,
+    /// The sign-in or the last refresh, whichever is later.
+    pub last_refreshed_at: OffsetDateTime,
+    pub user_agent: Option<String>,
+    pub device_id: Option<DeviceId>,
+    pub platform: Option<Platform>,
+    pub app_version: Option<String>,
+}
+
+/// One page of the live sessions of `user_id`, newest first, starting after (older
+/// than) `before`. Live: not revoked, younger than `session_max_age`, and holding a
+/// refresh token that can still be used.
+pub async fn list_sessions(
+    db: impl PgExecutor<'_>,
+    user_id: UserId,
+    session_max_age: std::time::Duration,
+    before: Option<SessionId>,
+    limit: i64,
+) -> Result<Vec<SessionSummary>, sqlx::Error> {
+    timed("sessions.list_sessions", async move {
+        let max_age_seconds = i64::try_from(session_max_age.as_secs()).unwrap_or(i64::MAX);
+        sqlx::query_as(
+            "SELECT s.id, s.created_at, s.last_refreshed_at, s.user_agent,
+                    d.id AS device_id, d.platform, d.app_version
+             FROM sessions s
+             LEFT JOIN LATERAL (
+                 SELECT id, platform, app_version FROM devices
+                 WHERE session_id = s.id ORDER BY updated_at DESC LIMIT 1
+             ) d ON true
+             WHERE s.user_id = $1 AND s.revoked_at IS NULL
+               AND s.created_at > now() - $2::bigint * interval '1 second'
+               AND EXISTS (SELECT 1 FROM refresh_tokens t
+                           WHERE t.session_id = s.id AND t.rotated_at IS NULL
+                             AND t.expires_at > now())
+               AND ($3::uuid IS NULL OR s.id < $3)
+             ORDER BY s.id DESC
+             LIMIT $4",
+        )
+        .bind(user_id)
+        .bind(max_age_seconds)
+        .bind(before)
+        .bind(limit)
+        .fetch_all(db)
         .await
     })
     .await
@@ -255,7 +406,7 @@ mod tests {
         let pool = crate::Db::from(db.pool().await);
         let user_id = user(&pool).await;
         let mut conn = pool.pool().acquire().await.unwrap();
-        let session = create_session(&mut conn, user_id, &[1; 32], later())
+        let session = create_session(&mut conn, user_id, &[1; 32], later(), None)
             .await
             .unwrap();
 
@@ -299,7 +450,7 @@ mod tests {
         let user_id = user(&pool).await;
         let mut conn = pool.pool().acquire().await.unwrap();
         let past = OffsetDateTime::now_utc() - Duration::seconds(1);
-        create_session(&mut conn, user_id, &[1; 32], past)
+        create_session(&mut conn, user_id, &[1; 32], past, None)
             .await
             .unwrap();
 
@@ -323,7 +474,7 @@ mod tests {
         let pool = crate::Db::from(db.pool().await);
         let user_id = user(&pool).await;
         let mut conn = pool.pool().acquire().await.unwrap();
-        let session = create_session(&mut conn, user_id, &[1; 32], later())
+        let session = create_session(&mut conn, user_id, &[1; 32], later(), None)
             .await
             .unwrap();
         sqlx::query("UPDATE sessions SET created_at = now() - interval '89 days' WHERE id = $1")
@@ -356,7 +507,7 @@ mod tests {
         let pool = crate::Db::from(db.pool().await);
         let user_id = user(&pool).await;
         let mut conn = pool.pool().acquire().await.unwrap();
-        let session = create_session(&mut conn, user_id, &[1; 32], later())
+        let session = create_session(&mut conn, user_id, &[1; 32], later(), None)
             .await
             .unwrap();
 

@@ -75,6 +75,58 @@ pub async fn find_credentials(
     .await
 }
 
+/// The credentials of the user `id`.
+pub async fn find_credentials_by_id(
+    db: impl PgExecutor<'_>,
+    id: UserId,
+) -> Result<Option<Credentials>, sqlx::Error> {
+    timed("users.find_credentials_by_id", async move {
+        sqlx::query_as(
+            "SELECT id, email, display_name, created_at, updated_at, password_hash
+             FROM users WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(db)
+        .await
+    })
+    .await
+}
+
+/// The credentials of the user `id`, locked until the transaction ends (a password
+/// change reads the hash it checks and writes the new one in one transaction).
+pub async fn find_credentials_for_update(
+    db: impl PgExecutor<'_>,
+    id: UserId,
+) -> Result<Option<Credentials>, sqlx::Error> {
+    timed("users.find_credentials_for_update", async move {
+        sqlx::query_as(
+            "SELECT id, email, display_name, created_at, updated_at, password_hash
+             FROM users WHERE id = $1 FOR UPDATE",
+        )
+        .bind(id)
+        .fetch_optional(db)
+        .await
+    })
+    .await
+}
+
+/// Replaces the password hash.
+pub async fn update_password_hash(
+    db: impl PgExecutor<'_>,
+    id: UserId,
+    password_hash: &str,
+) -> Result<(), sqlx::Error> {
+    timed("users.update_password_hash", async move {
+        sqlx::query("UPDATE users SET password_hash = $2, updated_at = now() WHERE id = $1")
+            .bind(id)
+            .bind(password_hash)
+            .execute(db)
+            .await?;
+        Ok(())
+    })
+    .await
+}
+
 pub async fn find_user(db: impl PgExecutor<'_>, id: UserId) -> Result<Option<User>, sqlx::Error> {
     timed("users.find_user", async move {
         sqlx::query_as(

@@ -1,14 +1,19 @@
-//! `/v1/auth`: register, login, refresh, logout.
+//! `/v1/auth`: register, login, refresh, logout, logout everywhere.
 //!
 //! Register and login start a session (a refresh-token family) and return an access
 //! token plus the session's first refresh token. Refresh rotates: the presented token
 //! is spent and a new pair returned; presenting a spent token again revokes the whole
-//! session (see `mobile_db::sessions`). Logout revokes the session.
+//! session (see `mobile_db::sessions`). Logout revokes the session; logout-all every
+//! session of the user. The User-Agent at sign-in is kept with the session, for the
+//! user's list of sessions (`/v1/sessions`).
 
-use axum::{extract::State, http::StatusCode};
+use axum::{
+    extract::State,
+    http::{HeaderMap, StatusCode, header},
+};
 use mobile_auth::{password, refresh};
 use mobile_db::{
-    sessions::{self, RevokeReason, Rotation},
+    sessions::{self, Ending, RevokeReason, Rotation},
     users::{self, InsertUser},
 };
 use mobile_domain::{DisplayName, Email, Password, SessionId, UserId, ValidationCode};
@@ -22,7 +27,7 @@ use super::User;
 use crate::{
     error::{ApiError, ErrorCode},
     events,
-    extract::{ClientAddr, Json},
+    extract::{AuthUser, ClientAddr, Json},
     login_guard,
     middleware::rate_limit::{self, Class},
     problems,
@@ -35,6 +40,7 @@ pub fn router(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(login))
         .routes(routes!(refresh_tokens))
         .routes(routes!(logout))
+        .routes(routes!(logout_all))
         .route_layer(axum::middleware::from_fn_with_state(
             (state.clone(), Class::Auth),
             rate_limit::limit,
@@ -108,6 +114,7 @@ problems!(RegisterProblems: EmailTaken, Invalid(InvalidEmail), Invalid(WeakPassw
 #[tracing::instrument(skip_all)]
 async fn register(
     State(state): State<AppState>,
+    headers: HeaderMap,
     Json(body): Json<RegisterRequest>,
 ) -> Result<(StatusCode, axum::Json<AuthResponse>), ApiError> {
     let email = Email::parse(&body.email)?;
@@ -120,12 +127,10 @@ async fn register(
         InsertUser::Inserted(user) => user,
         InsertUser::EmailTaken => return Err(ErrorCode::EmailTaken.into()),
     };
-    let refresh = refresh::generate();
-    let session =
-        sessions::create_session(&mut tx, user.id, &refresh.hash, refresh_expiry(&state)).await?;
+    let (session, refresh_token) = start_session(&mut tx, &state, user.id, &headers).await?;
     tx.commit().await?;
 
-    let tokens = token_pair(&state, user.id, session, refresh.token)?;
+    let tokens = token_pair(&state, user.id, session, refresh_token)?;
     tracing::info!(user_id = %user.id, "registered");
     Ok((
         StatusCode::CREATED,
@@ -155,6 +160,7 @@ problems!(LoginProblems: InvalidCredentials, Invalid(InvalidEmail), Invalid(Inva
 async fn login(
     State(state): State<AppState>,
     ClientAddr(ip): ClientAddr,
+    headers: HeaderMap,
     Json(body): Json<LoginRequest>,
 ) -> Result<axum::Json<AuthResponse>, ApiError> {
     let email = Email::parse(&body.email)?;
@@ -176,12 +182,10 @@ async fn login(
     };
     login_guard::succeeded(&state, &email, ip).await;
 
-    let refresh = refresh::generate();
     let mut tx = state.db.begin().await?;
-    let session =
-        sessions::create_session(&mut tx, user.id, &refresh.hash, refresh_expiry(&state)).await?;
+    let (session, refresh_token) = start_session(&mut tx, &state, user.id, &headers).await?;
     tx.commit().await?;
-    let tokens = token_pair(&state, user.id, session, refresh.token)?;
+    let tokens = token_pair(&state, user.id, session, refresh_token)?;
     tracing::info!(user_id = %user.id, "signed in");
     Ok(axum::Json(AuthResponse {
         user: user.into(),
@@ -270,6 +274,62 @@ async fn logout(
         events::revoke(&state, user, Revoke::Session(session)).await;
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Sign out everywhere: end every session of the signed-in user, this one included.
+///
+/// Every refresh token stops working, every WebSocket of the user closes (4001
+/// `session_revoked`), and the devices the sessions registered are removed. Access
+/// tokens already issued stay valid for REST until they expire.
+#[utoipa::path(
+    post,
+    path = "/v1/auth/logout-all",
+    tag = "auth",
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Every session ended"),
+    )
+)]
+#[tracing::instrument(skip_all)]
+async fn logout_all(State(state): State<AppState>, auth: AuthUser) -> Result<StatusCode, ApiError> {
+    let ended = sessions::end_sessions(
+        &state.db,
+        auth.user_id,
+        Ending::All,
+        RevokeReason::LogoutAll,
+    )
+    .await?;
+    tracing::info!(user_id = %auth.user_id, sessions = ended.len(), "signed out everywhere");
+    events::revoke(&state, auth.user_id, Revoke::All).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Starts a session of `user`: its first refresh token (returned), and the User-Agent
+/// of the sign-in.
+async fn start_session(
+    conn: &mut sqlx::PgConnection,
+    state: &AppState,
+    user: UserId,
+    headers: &HeaderMap,
+) -> Result<(SessionId, String), ApiError> {
+    let refresh = refresh::generate();
+    let session = sessions::create_session(
+        conn,
+        user,
+        &refresh.hash,
+        refresh_expiry(state),
+        user_agent(headers),
+    )
+    .await?;
+    Ok((session, refresh.token))
+}
+
+/// The User-Agent of a sign-in, if it is printable ASCII.
+fn user_agent(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::USER_AGENT)
+        .and_then(|value| value.to_str().ok())
+        .filter(|agent| !agent.is_empty())
 }
 
 fn refresh_expiry(state: &AppState) -> OffsetDateTime {

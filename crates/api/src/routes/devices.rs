@@ -217,7 +217,7 @@ async fn put_device(
 ) -> Result<(StatusCode, axum::Json<Device>), ApiError> {
     let registration = body.parse(device_id)?;
     let Some((device, outcome)) =
-        devices::upsert_device(&state.db, auth.user_id, &registration).await?
+        devices::upsert_device(&state.db, auth.user_id, auth.session_id, &registration).await?
     else {
         return Err(ApiError::new(ErrorCode::NotFound)
             .detail("this device id is registered to another account; register under a new id"));

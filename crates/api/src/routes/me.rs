@@ -4,14 +4,24 @@
 //! back in `If-None-Match` gets `304 Not Modified` and no body, which saves a phone's
 //! data plan on every app start. `PATCH` honours `If-Match`, so two devices editing the
 //! profile at once cannot silently overwrite each other (412 for the loser).
+//!
+//! `POST /v1/me/password` changes the password given the current one, and ends every
+//! other session (their sockets close, their devices go); the session that changed it
+//! stays signed in. Wrong current passwords are counted like failed sign-ins
+//! (`crate::login_guard`), so a stolen access token cannot be used to guess it.
 
 use axum::{
     extract::State,
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use mobile_db::users;
-use mobile_domain::DisplayName;
+use mobile_auth::password;
+use mobile_db::{
+    sessions::{self, Ending, RevokeReason},
+    users,
+};
+use mobile_domain::{DisplayName, Email, Password, ValidationCode};
+use mobile_events::Revoke;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
@@ -20,19 +30,28 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::User;
 use crate::{
     error::{ApiError, ErrorCode},
-    extract::{AuthUser, Json},
+    events,
+    extract::{AuthUser, ClientAddr, Json},
+    login_guard,
     middleware::rate_limit::{self, Class},
     problems,
     state::AppState,
 };
 
 pub fn router(state: &AppState) -> OpenApiRouter<AppState> {
+    let password = OpenApiRouter::new()
+        .routes(routes!(change_password))
+        .route_layer(axum::middleware::from_fn_with_state(
+            (state.clone(), Class::Auth),
+            rate_limit::limit,
+        ));
     OpenApiRouter::new()
         .routes(routes!(get_me, patch_me))
         .route_layer(axum::middleware::from_fn_with_state(
             (state.clone(), Class::Write),
             rate_limit::limit,
         ))
+        .merge(password)
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -119,6 +138,87 @@ async fn patch_me(
     tx.commit().await?;
     let (body, etag) = representation(updated.into())?;
     Ok(json_with_etag(StatusCode::OK, body, etag))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangePassword {
+    #[schema(schema_with = mobile_domain::schema::presented_password)]
+    pub current_password: String,
+    #[schema(schema_with = mobile_domain::schema::new_password)]
+    pub new_password: String,
+}
+
+problems!(ChangePasswordProblems: WrongPassword, NotFound, Invalid(WeakPassword), Invalid(InvalidPassword));
+
+/// Change the password, and end every other session.
+///
+/// The session that asks stays signed in; every other one ends (its refresh tokens
+/// stop working, its WebSockets close, its device is removed). A wrong
+/// `current_password` is 403 `wrong_password` and counts as a failed sign-in of the
+/// account from this address (429 once too many).
+#[utoipa::path(
+    post,
+    path = "/v1/me/password",
+    tag = "me",
+    security(("bearer" = [])),
+    request_body = ChangePassword,
+    responses(
+        (status = 204, description = "Changed; the other sessions ended"),
+        ChangePasswordProblems,
+    )
+)]
+#[tracing::instrument(skip_all)]
+async fn change_password(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    ClientAddr(ip): ClientAddr,
+    Json(body): Json<ChangePassword>,
+) -> Result<StatusCode, ApiError> {
+    if body.current_password.chars().count() > Password::MAX_PRESENTED_CHARS {
+        return Err(ApiError::new(ValidationCode::InvalidPassword.into())
+            .detail("current_password is too long"));
+    }
+    let new_password = Password::parse(&body.new_password)?;
+    let credentials = users::find_credentials_by_id(&state.db, auth.user_id)
+        .await?
+        .ok_or_else(no_user)?;
+    let email = Email::parse(&credentials.user.email).map_err(ApiError::internal)?;
+    login_guard::before_attempt(&state, &email, ip).await?;
+    if !password::verify(
+        body.current_password,
+        Some(credentials.password_hash.clone()),
+    )
+    .await?
+    {
+        login_guard::failed(&state, &email, ip).await;
+        return Err(ErrorCode::WrongPassword.into());
+    }
+    login_guard::succeeded(&state, &email, ip).await;
+    let new_hash = password::hash(new_password).await?;
+
+    let mut tx = state.db.begin().await?;
+    // The hash checked above must still be the one replaced: two changes at once
+    // with the same current password cannot both succeed.
+    let locked = users::find_credentials_for_update(&mut *tx, auth.user_id)
+        .await?
+        .ok_or_else(no_user)?;
+    if locked.password_hash != credentials.password_hash {
+        return Err(ApiError::new(ErrorCode::WrongPassword)
+            .detail("the password changed meanwhile; sign in with the new one"));
+    }
+    users::update_password_hash(&mut *tx, auth.user_id, &new_hash).await?;
+    let ended = sessions::end_sessions(
+        &mut *tx,
+        auth.user_id,
+        Ending::AllBut(auth.session_id),
+        RevokeReason::PasswordChanged,
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(user_id = %auth.user_id, ended = ended.len(), "password changed");
+    events::revoke(&state, auth.user_id, Revoke::AllBut(auth.session_id)).await;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 fn no_user() -> ApiError {

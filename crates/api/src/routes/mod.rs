@@ -8,6 +8,7 @@ pub mod internal;
 pub mod me;
 pub mod media;
 pub mod pagination;
+pub mod sessions;
 
 use mobile_domain::UserId;
 use serde::Serialize;

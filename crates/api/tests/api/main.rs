@@ -22,3 +22,4 @@ mod openapi;
 mod process;
 mod rate_limit;
 mod readiness;
+mod sessions;

@@ -187,6 +187,25 @@ impl Stack {
             .as_u16()
     }
 
+    /// Sends `method` to the API's `path` as `user` (with `body`, if any); the status.
+    pub async fn api_as(
+        &self,
+        user: &User,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> u16 {
+        let request = self
+            .http
+            .request(method, format!("{}{path}", self.api))
+            .bearer_auth(&user.token);
+        let request = match body {
+            Some(body) => request.json(body),
+            None => request,
+        };
+        request.send().await.unwrap().status().as_u16()
+    }
+
     pub async fn conversation(&self, creator: &User, members: &[&User]) -> String {
         let ids: Vec<&str> = members.iter().map(|m| m.id.as_str()).collect();
         let body: Value = self

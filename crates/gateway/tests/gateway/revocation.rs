@@ -1,5 +1,6 @@
 //! Tokens on open sockets: a revoked session's sockets close on every gateway within
-//! 2 s (logout, refresh-token reuse, and a revocation whose Redis message was lost),
+//! 2 s (logout, refresh-token reuse, a session ended from another, logout everywhere,
+//! a password change, and a revocation whose Redis message was lost),
 //! an expired token closes its socket, and `refresh` keeps it open.
 
 use std::time::Duration;
@@ -72,6 +73,77 @@ async fn logout_closes_the_sessions_sockets_on_every_gateway_within_2_s() {
             1.0
         );
     }
+}
+
+#[tokio::test]
+async fn a_session_ended_from_another_closes_its_sockets_only() {
+    let stack = Stack::start(2, &[]).await;
+    let desk = stack.register("ann").await;
+    let lost = stack.login("ann").await;
+    let mut lost_socket = Client::connect(&stack.gateways[1].addr, &lost.token).await;
+    let mut desk_socket = Client::connect(&stack.gateways[0].addr, &desk.token).await;
+    let path = format!("/v1/sessions/{}", session_of(&lost.token));
+    assert_eq!(
+        stack
+            .api_as(&desk, reqwest::Method::DELETE, &path, None)
+            .await,
+        204
+    );
+    expect_revoked(&mut lost_socket).await;
+    assert!(
+        desk_socket
+            .next_within(Duration::from_millis(500))
+            .await
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn logout_everywhere_closes_every_socket_of_the_user() {
+    let stack = Stack::start(2, &[]).await;
+    let ann = stack.register("ann").await;
+    let tablet = stack.login("ann").await;
+    let bob = stack.register("bob").await;
+    let mut sockets = vec![
+        Client::connect(&stack.gateways[0].addr, &ann.token).await,
+        Client::connect(&stack.gateways[1].addr, &tablet.token).await,
+    ];
+    let mut bobs = Client::connect(&stack.gateways[0].addr, &bob.token).await;
+    let status = stack
+        .api_as(&tablet, reqwest::Method::POST, "/v1/auth/logout-all", None)
+        .await;
+    assert_eq!(status, 204);
+    for socket in &mut sockets {
+        expect_revoked(socket).await;
+    }
+    assert!(bobs.next_within(Duration::from_millis(500)).await.is_none());
+}
+
+#[tokio::test]
+async fn a_password_change_closes_the_other_sessions_sockets() {
+    let stack = Stack::start(1, &[]).await;
+    let here = stack.register("ann").await;
+    let there = stack.login("ann").await;
+    let mut here_socket = Client::connect(&stack.gateways[0].addr, &here.token).await;
+    let mut there_socket = Client::connect(&stack.gateways[0].addr, &there.token).await;
+    let change = json!({"current_password": mobile_testkit::api::PASSWORD,
+                        "new_password": "a much better passphrase"});
+    let status = stack
+        .api_as(
+            &here,
+            reqwest::Method::POST,
+            "/v1/me/password",
+            Some(&change),
+        )
+        .await;
+    assert_eq!(status, 204);
+    expect_revoked(&mut there_socket).await;
+    assert!(
+        here_socket
+            .next_within(Duration::from_millis(500))
+            .await
+            .is_none()
+    );
 }
 
 #[tokio::test]
