@@ -40,7 +40,7 @@ pub struct Message {
 #[derive(Debug)]
 pub enum CreateConversation {
     Created(Conversation),
-    /// These member ids name no user.
+    /// These member ids name no user (or a deleted account, which may be the creator's).
     UnknownMembers(Vec<UserId>),
 }
 
@@ -70,7 +70,8 @@ pub async fn create_conversation(
         // One statement for every member; only ids that name a user are inserted.
         let inserted: Vec<UserId> = sqlx::query_scalar(
             "INSERT INTO conversation_members (conversation_id, user_id)
-             SELECT $1, u.id FROM users u WHERE u.id = ANY($2)
+             SELECT $1, u.id FROM users u WHERE u.id = ANY($2) AND u.deleted_at IS NULL
+             FOR SHARE
              RETURNING user_id",
         )
         .bind(id)

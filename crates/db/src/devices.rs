@@ -41,7 +41,7 @@ pub enum Upsert {
 }
 
 /// Registers a device for `user_id`, idempotently; `None` (and nothing changed) if the
-/// installation id is another user's.
+/// installation id is another user's, or the account was deleted.
 ///
 /// The row is keyed by the app's installation id, and an id stays with the account
 /// that registered it: another account presenting it cannot move it (or learn more
@@ -71,7 +71,8 @@ pub async fn upsert_device(
         let (inserted, row): (bool, Device) = {
             let row = sqlx::query_as::<_, DeviceWithFlag>(
                 "INSERT INTO devices (id, user_id, platform, push_token, app_version, locale, apns_environment, session_id)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8
+                 WHERE EXISTS (SELECT 1 FROM users WHERE id = $2 AND deleted_at IS NULL FOR SHARE)
                  ON CONFLICT (id) DO UPDATE SET
                      user_id = EXCLUDED.user_id,
                      session_id = EXCLUDED.session_id,
@@ -95,7 +96,9 @@ pub async fn upsert_device(
             .bind(session_id)
             .fetch_optional(&mut *tx)
             .await?;
-            // No row: the id is another user's. Dropping `tx` undoes the token clean-up.
+            // No row: the id is another user's, or the user's account was deleted
+            // (with an access token still unexpired). Dropping `tx` undoes the token
+            // clean-up.
             let Some(row) = row else {
                 return Ok(None);
             };

@@ -10,6 +10,7 @@
 //! database (and no `.sqlx/` offline data) is needed to build the image. The tests in
 //! each module run every query against a real PostgreSQL.
 
+pub mod accounts;
 pub mod conversations;
 pub mod devices;
 pub mod jobs;

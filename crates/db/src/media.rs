@@ -50,17 +50,20 @@ impl Payload for ProcessJob {
     const KIND: JobKind = JobKind::MediaProcess;
 }
 
-/// Records an upload whose original is already in object storage.
+/// Records an upload whose original is already in object storage; `false` (nothing
+/// recorded) if the owner's account was deleted meanwhile.
 pub async fn insert(
     db: impl PgExecutor<'_>,
     id: MediaId,
     owner_id: UserId,
     content_type: &str,
     byte_size: i64,
-) -> Result<(), sqlx::Error> {
+) -> Result<bool, sqlx::Error> {
     timed("media.insert", async move {
-        sqlx::query(
-            "INSERT INTO media (id, owner_id, content_type, byte_size) VALUES ($1, $2, $3, $4)",
+        let result = sqlx::query(
+            "INSERT INTO media (id, owner_id, content_type, byte_size)
+             SELECT $1, $2, $3, $4
+             WHERE EXISTS (SELECT 1 FROM users WHERE id = $2 AND deleted_at IS NULL FOR SHARE)",
         )
         .bind(id)
         .bind(owner_id)
@@ -68,7 +71,7 @@ pub async fn insert(
         .bind(byte_size)
         .execute(db)
         .await?;
-        Ok(())
+        Ok(result.rows_affected() == 1)
     })
     .await
 }

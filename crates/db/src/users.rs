@@ -66,7 +66,7 @@ pub async fn find_credentials(
     timed("users.find_credentials", async move {
         sqlx::query_as(
             "SELECT id, email, display_name, created_at, updated_at, password_hash
-             FROM users WHERE email = $1",
+             FROM users WHERE email = $1 AND deleted_at IS NULL",
         )
         .bind(email.as_str())
         .fetch_optional(db)
@@ -83,7 +83,7 @@ pub async fn find_credentials_by_id(
     timed("users.find_credentials_by_id", async move {
         sqlx::query_as(
             "SELECT id, email, display_name, created_at, updated_at, password_hash
-             FROM users WHERE id = $1",
+             FROM users WHERE id = $1 AND deleted_at IS NULL",
         )
         .bind(id)
         .fetch_optional(db)
@@ -101,7 +101,7 @@ pub async fn find_credentials_for_update(
     timed("users.find_credentials_for_update", async move {
         sqlx::query_as(
             "SELECT id, email, display_name, created_at, updated_at, password_hash
-             FROM users WHERE id = $1 FOR UPDATE",
+             FROM users WHERE id = $1 AND deleted_at IS NULL FOR UPDATE",
         )
         .bind(id)
         .fetch_optional(db)
@@ -130,7 +130,7 @@ pub async fn update_password_hash(
 pub async fn find_user(db: impl PgExecutor<'_>, id: UserId) -> Result<Option<User>, sqlx::Error> {
     timed("users.find_user", async move {
         sqlx::query_as(
-            "SELECT id, email, display_name, created_at, updated_at FROM users WHERE id = $1",
+            "SELECT id, email, display_name, created_at, updated_at FROM users WHERE id = $1 AND deleted_at IS NULL",
         )
         .bind(id)
         .fetch_optional(db)
@@ -145,7 +145,7 @@ pub async fn find_user_for_update(
     id: UserId,
 ) -> Result<Option<User>, sqlx::Error> {
     timed("users.find_user_for_update", async move {
-        sqlx::query_as("SELECT id, email, display_name, created_at, updated_at FROM users WHERE id = $1 FOR UPDATE")
+        sqlx::query_as("SELECT id, email, display_name, created_at, updated_at FROM users WHERE id = $1 AND deleted_at IS NULL FOR UPDATE")
             .bind(id)
             .fetch_optional(db)
             .await

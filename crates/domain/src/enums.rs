@@ -167,6 +167,10 @@ text_enum!(
     JobKind, "kind" {
         /// Render an upload's variants.
         MediaProcess => "media.process",
+        /// Remove an upload's objects from storage (its row is gone).
+        MediaDelete => "media.delete",
+        /// Remove what Redis holds under a deleted account's id.
+        AccountForget => "account.forget",
         /// Tell a user: one `push.send` per device.
         PushNotify => "push.notify",
         /// Send one notification to one device.

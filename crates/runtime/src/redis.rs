@@ -44,6 +44,12 @@ pub enum Feature {
     Health,
 }
 
+/// Where the API keeps a user's `Idempotency-Key` records (under the deployment's
+/// prefix): one prefix per user, so that deleting an account finds them all.
+pub fn idempotency_prefix(user: impl Display) -> String {
+    format!("idem:user:{user}:")
+}
+
 impl Feature {
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -194,6 +200,21 @@ impl Redis {
     /// `mb:` + `rl:auth:1.2.3.4`, `mb:` + `conversation:<id>`.
     pub fn key(&self, name: impl Display) -> String {
         format!("{}{name}", self.prefix)
+    }
+
+    /// A `SCAN MATCH` pattern for every key under `prefix` (itself under this
+    /// deployment's prefix), with the glob's special characters in both escaped.
+    pub fn pattern_under(&self, prefix: impl Display) -> String {
+        let literal = self.key(prefix);
+        let mut pattern = String::with_capacity(literal.len() + 2);
+        for c in literal.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.push('*');
+        pattern
     }
 
     pub async fn ping(&self) -> Result<(), RedisError> {

@@ -8,11 +8,14 @@
 //! | `media.process` | [`media::ProcessMedia`] | decodes an upload once (`mobile_media`), stores `thumb`/`medium`/`large`, publishes `media.ready` |
 //! | `push.notify` | [`push::Fanout`] | one `push.send` per device of a user |
 //! | `push.send` | [`push::Deliver`] | one notification to one device over APNs or FCM |
+//! | `media.delete` | [`erase::DeleteMedia`] | removes a deleted account's upload (original and variants) from storage |
+//! | `account.forget` | [`erase::ForgetAccount`] | deletes what Redis holds under a deleted account's id |
 //!
 //! The process serves only health on `LISTEN_ADDR` and metrics on `METRICS_ADDR`. On
 //! SIGTERM it goes unready, stops claiming, lets in-flight jobs finish within the
 //! drain, releases what is still running, and exits 0.
 
+pub mod erase;
 pub mod media;
 pub mod metrics;
 pub mod push;
@@ -43,6 +46,9 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// `push.notify` jobs are one short transaction each: a few at once keep up with any
 /// number of senders.
 const FANOUT_CONCURRENCY: usize = 8;
+/// `media.delete` jobs at once: storage deletes are small requests, and an account
+/// with thousands of uploads should not wait on one at a time.
+const ERASE_CONCURRENCY: usize = 8;
 /// Stop waiting for in-flight jobs this long before the drain deadline, to release
 /// the rest while the process may still write.
 const RELEASE_MARGIN: Duration = Duration::from_secs(2);
@@ -128,11 +134,25 @@ pub async fn serve(
             timeout: settings.image_timeout,
             handler: Arc::new(media::ProcessMedia {
                 db: db.clone(),
-                storage,
+                storage: storage.clone(),
                 redis: redis.clone(),
                 metrics: metrics.clone(),
                 max_pixels: settings.media_max_pixels,
                 quality: settings.image_quality,
+            }),
+        },
+        Kind {
+            kind: JobKind::MediaDelete,
+            concurrency: ERASE_CONCURRENCY,
+            timeout: settings.image_timeout,
+            handler: Arc::new(erase::DeleteMedia { storage }),
+        },
+        Kind {
+            kind: JobKind::AccountForget,
+            concurrency: 1,
+            timeout: settings.image_timeout,
+            handler: Arc::new(erase::ForgetAccount {
+                redis: redis.clone(),
             }),
         },
         Kind {

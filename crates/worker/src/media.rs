@@ -93,7 +93,16 @@ impl ProcessMedia {
                 .map_err(|e| JobError::transient(e.to_string()))?;
             variants.insert(name.to_owned(), variant);
         }
-        media::mark_ready(&self.db, media_id, &variants).await?;
+        if !media::mark_ready(&self.db, media_id, &variants).await?
+            && media::find(&self.db, media_id).await?.is_none()
+        {
+            // Its owner deleted the account while it was rendered: the `media.delete`
+            // job may have run before these variants were stored, so remove them here.
+            crate::erase::delete_objects(&self.storage, media_id)
+                .await
+                .map_err(|e| JobError::transient(e.to_string()))?;
+            return Ok(Done::Complete);
+        }
         self.announce(row.owner_id, media_id, "media.ready").await;
         Ok(Done::Complete)
     }

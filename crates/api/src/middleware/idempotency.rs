@@ -131,7 +131,8 @@ pub async fn idempotency(State(state): State<AppState>, req: Request, next: Next
         hex::encode(hasher.finalize())
     };
     let redis_key = state.redis.key(format_args!(
-        "idem:user:{user}:{}",
+        "{}{}",
+        mobile_runtime::redis::idempotency_prefix(user),
         hex::encode(Sha256::digest(key.as_bytes()))
     ));
     let req = Request::from_parts(parts, Body::from(body));

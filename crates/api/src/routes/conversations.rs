@@ -91,7 +91,7 @@ pub struct MessagePage {
     pub next_cursor: Option<String>,
 }
 
-problems!(CreateConversationProblems: UnknownMembers, TooManyMembers, Invalid(InvalidTitle));
+problems!(CreateConversationProblems: NotFound, UnknownMembers, TooManyMembers, Invalid(InvalidTitle));
 
 /// Start a conversation.
 #[utoipa::path(
@@ -124,6 +124,9 @@ async fn create_conversation(
     .await?;
     let conversation: ConversationData = match created {
         CreateConversation::Created(conversation) => conversation.into(),
+        CreateConversation::UnknownMembers(unknown) if unknown.contains(&auth.user_id) => {
+            return Err(ApiError::new(ErrorCode::NotFound).detail("the user no longer exists"));
+        }
         CreateConversation::UnknownMembers(unknown) => {
             let unknown: Vec<String> = unknown.iter().map(UserId::to_string).collect();
             return Err(ApiError::new(ErrorCode::UnknownMembers)

@@ -5,6 +5,9 @@
 //! data plan on every app start. `PATCH` honours `If-Match`, so two devices editing the
 //! profile at once cannot silently overwrite each other (412 for the loser).
 //!
+//! `DELETE /v1/me` deletes the account, given its password (`mobile_db::accounts`
+//! says what goes and what stays).
+//!
 //! `POST /v1/me/password` changes the password given the current one, and ends every
 //! other session (their sockets close, their devices go); the session that changed it
 //! stays signed in. Wrong current passwords are counted like failed sign-ins
@@ -17,11 +20,13 @@ use axum::{
 };
 use mobile_auth::password;
 use mobile_db::{
+    accounts::{self, Deletion},
     sessions::{self, Ending, RevokeReason},
     users,
 };
 use mobile_domain::{DisplayName, Email, Password, ValidationCode};
 use mobile_events::Revoke;
+use mobile_runtime::client_ip::ClientIp;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
@@ -41,6 +46,7 @@ use crate::{
 pub fn router(state: &AppState) -> OpenApiRouter<AppState> {
     let password = OpenApiRouter::new()
         .routes(routes!(change_password))
+        .routes(routes!(delete_me))
         .route_layer(axum::middleware::from_fn_with_state(
             (state.clone(), Class::Auth),
             rate_limit::limit,
@@ -183,18 +189,7 @@ async fn change_password(
     let credentials = users::find_credentials_by_id(&state.db, auth.user_id)
         .await?
         .ok_or_else(no_user)?;
-    let email = Email::parse(&credentials.user.email).map_err(ApiError::internal)?;
-    login_guard::before_attempt(&state, &email, ip).await?;
-    if !password::verify(
-        body.current_password,
-        Some(credentials.password_hash.clone()),
-    )
-    .await?
-    {
-        login_guard::failed(&state, &email, ip).await;
-        return Err(ErrorCode::WrongPassword.into());
-    }
-    login_guard::succeeded(&state, &email, ip).await;
+    check_password(&state, ip, &credentials, body.current_password).await?;
     let new_hash = password::hash(new_password).await?;
 
     let mut tx = state.db.begin().await?;
@@ -219,6 +214,88 @@ async fn change_password(
     tracing::info!(user_id = %auth.user_id, ended = ended.len(), "password changed");
     events::revoke(&state, auth.user_id, Revoke::AllBut(auth.session_id)).await;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteMe {
+    /// The account's password: deleting needs it, not only an access token.
+    #[schema(schema_with = mobile_domain::schema::presented_password)]
+    pub password: String,
+}
+
+problems!(DeleteMeProblems: WrongPassword, NotFound, Invalid(InvalidPassword));
+
+/// Delete the account, given its password.
+///
+/// At once: every session ends (WebSockets close with 4001 `session_revoked`), every
+/// device, upload, membership and session is deleted, and conversations no one else is
+/// in go whole; uploads' objects leave storage by a job. Messages sent to conversations
+/// others are still in stay with them under "Deleted account" (without their media).
+/// The email may register a new account right after. Deleting again (the access token
+/// is still unexpired) is 204. A wrong password is 403 `wrong_password` and counts as a
+/// failed sign-in.
+#[utoipa::path(
+    delete,
+    path = "/v1/me",
+    tag = "me",
+    security(("bearer" = [])),
+    request_body = DeleteMe,
+    responses(
+        (status = 204, description = "Deleted (or deleted before)"),
+        DeleteMeProblems,
+    )
+)]
+#[tracing::instrument(skip_all)]
+async fn delete_me(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    ClientAddr(ip): ClientAddr,
+    Json(body): Json<DeleteMe>,
+) -> Result<StatusCode, ApiError> {
+    if body.password.chars().count() > Password::MAX_PRESENTED_CHARS {
+        return Err(
+            ApiError::new(ValidationCode::InvalidPassword.into()).detail("password is too long")
+        );
+    }
+    let Some(credentials) = users::find_credentials_by_id(&state.db, auth.user_id).await? else {
+        return if accounts::is_deleted(&state.db, auth.user_id).await? {
+            Ok(StatusCode::NO_CONTENT)
+        } else {
+            Err(no_user())
+        };
+    };
+    check_password(&state, ip, &credentials, body.password).await?;
+
+    let mut tx = state.db.begin().await?;
+    match accounts::delete_account(&mut tx, auth.user_id).await? {
+        Deletion::Deleted { uploads } => {
+            tx.commit().await?;
+            tracing::info!(user_id = %auth.user_id, uploads, "account deleted");
+            events::revoke(&state, auth.user_id, Revoke::All).await;
+        }
+        Deletion::AlreadyDeleted => {}
+        Deletion::NotFound => return Err(no_user()),
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Checks a password given to confirm a sensitive change, under the sign-in guard: a
+/// wrong one is 403 `wrong_password` and counts as a failed sign-in of the account.
+async fn check_password(
+    state: &AppState,
+    ip: ClientIp,
+    credentials: &users::Credentials,
+    given: String,
+) -> Result<(), ApiError> {
+    let email = Email::parse(&credentials.user.email).map_err(ApiError::internal)?;
+    login_guard::before_attempt(state, &email, ip).await?;
+    if !password::verify(given, Some(credentials.password_hash.clone())).await? {
+        login_guard::failed(state, &email, ip).await;
+        return Err(ErrorCode::WrongPassword.into());
+    }
+    login_guard::succeeded(state, &email, ip).await;
+    Ok(())
 }
 
 fn no_user() -> ApiError {

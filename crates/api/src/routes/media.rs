@@ -197,7 +197,7 @@ async fn store(
 
     let stored_type = format.media_type();
     let mut tx = state.db.begin().await?;
-    media::insert(
+    let recorded = media::insert(
         &mut *tx,
         id,
         auth.user_id,
@@ -205,6 +205,13 @@ async fn store(
         i64::try_from(size).unwrap_or(i64::MAX),
     )
     .await?;
+    if !recorded {
+        // The account was deleted while its access token was still unexpired.
+        if let Err(error) = state.storage.delete(&key).await {
+            tracing::warn!(media_id = %id, %error, "removing an upload of a deleted account failed");
+        }
+        return Err(ApiError::new(ErrorCode::NotFound).detail("the user no longer exists"));
+    }
     let unique = id.to_string();
     let mut job = ProcessJob { media_id: id }.to_job()?;
     job.unique_key = Some(&unique);
@@ -310,6 +317,7 @@ fn check_head(head: &[u8], declared: Option<Format>, max_pixels: u64) -> Result<
 }
 
 problems!(UploadProblems:
+    NotFound,
     PayloadTooLarge,
     UnsupportedMediaType,
     ContentTypeMismatch,

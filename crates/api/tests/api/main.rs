@@ -8,6 +8,7 @@
 
 mod helpers;
 
+mod account;
 mod auth;
 mod bad_input;
 mod conversations;

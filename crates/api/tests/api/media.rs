@@ -14,7 +14,7 @@ use crate::{
     helpers::{Session, TestApp, assert_problem},
 };
 
-fn image_bytes(width: u32, height: u32, format: ImageFormat) -> Vec<u8> {
+pub(crate) fn image_bytes(width: u32, height: u32, format: ImageFormat) -> Vec<u8> {
     let image = RgbImage::from_fn(width, height, |x, y| {
         Rgb([(x % 256) as u8, (y % 256) as u8, 90])
     });
@@ -25,7 +25,7 @@ fn image_bytes(width: u32, height: u32, format: ImageFormat) -> Vec<u8> {
     out.into_inner()
 }
 
-async fn upload(
+pub(crate) async fn upload(
     app: &TestApp,
     session: &Session,
     content_type: &str,
@@ -51,7 +51,7 @@ async fn get(app: &TestApp, session: &Session, path: &str) -> reqwest::Response 
     app.authed(Method::GET, path, session).send().await.unwrap()
 }
 
-async fn post_with_media(
+pub(crate) async fn post_with_media(
     app: &TestApp,
     session: &Session,
     conversation: &Value,
@@ -71,7 +71,7 @@ async fn post_with_media(
 }
 
 /// Files under the app's storage directory.
-fn stored_files(app: &TestApp) -> usize {
+pub(crate) fn stored_files(app: &TestApp) -> usize {
     fn count(dir: &std::path::Path) -> usize {
         std::fs::read_dir(dir).map_or(0, |entries| {
             entries
@@ -241,13 +241,13 @@ fn png_header(width: u32, height: u32) -> Vec<u8> {
 }
 
 /// Runs the worker in-process on the app's database and storage until dropped.
-struct Worker {
+pub(crate) struct Worker {
     shutdown: Shutdown,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl Worker {
-    async fn start(app: &TestApp, storage: &[(String, String)]) -> Self {
+    pub(crate) async fn start(app: &TestApp, storage: &[(String, String)]) -> Self {
         let mut vars: Vec<(String, String)> = vec![
             ("APP_ENV".into(), "test".into()),
             ("REDIS_URL".into(), mobile_testkit::redis_url()),
@@ -270,13 +270,13 @@ impl Worker {
         Self { shutdown, task }
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.shutdown.trigger();
         self.task.await.unwrap().unwrap();
     }
 }
 
-async fn wait_until_ready(app: &TestApp, session: &Session, id: &str) -> Value {
+pub(crate) async fn wait_until_ready(app: &TestApp, session: &Session, id: &str) -> Value {
     for _ in 0..200 {
         let media = app.get_json(&format!("/v1/media/{id}"), session).await;
         if media["status"] != "processing" {

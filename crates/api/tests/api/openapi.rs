@@ -26,6 +26,7 @@ async fn the_document_covers_every_route() {
         ("/v1/auth/logout-all", "post"),
         ("/v1/me", "get"),
         ("/v1/me", "patch"),
+        ("/v1/me", "delete"),
         ("/v1/me/password", "post"),
         ("/v1/sessions", "get"),
         ("/v1/sessions/{session_id}", "delete"),

@@ -1,6 +1,6 @@
 //! Tokens on open sockets: a revoked session's sockets close on every gateway within
 //! 2 s (logout, refresh-token reuse, a session ended from another, logout everywhere,
-//! a password change, and a revocation whose Redis message was lost),
+//! a password change, account deletion, and a revocation whose Redis message was lost),
 //! an expired token closes its socket, and `refresh` keeps it open.
 
 use std::time::Duration;
@@ -144,6 +144,32 @@ async fn a_password_change_closes_the_other_sessions_sockets() {
             .await
             .is_none()
     );
+}
+
+#[tokio::test]
+async fn deleting_the_account_closes_every_socket_and_no_new_one_opens() {
+    let stack = Stack::start(2, &[]).await;
+    let ann = stack.register("ann").await;
+    let tablet = stack.login("ann").await;
+    let mut sockets = vec![
+        Client::connect(&stack.gateways[0].addr, &ann.token).await,
+        Client::connect(&stack.gateways[1].addr, &tablet.token).await,
+    ];
+    let body = json!({"password": mobile_testkit::api::PASSWORD});
+    let status = stack
+        .api_as(&ann, reqwest::Method::DELETE, "/v1/me", Some(&body))
+        .await;
+    assert_eq!(status, 204);
+    for socket in &mut sockets {
+        expect_revoked(socket).await;
+    }
+    let mut socket = crate::helpers::Client::connect_raw(&format!(
+        "{}?access_token={}",
+        stack.gateways[0].addr, ann.token
+    ))
+    .await;
+    let (code, reason) = close_frame(&mut socket, Duration::from_secs(2)).await;
+    assert_eq!((code, reason.as_str()), (4001, "session_revoked"));
 }
 
 #[tokio::test]

@@ -1,0 +1,179 @@
+//! Account deletion: what goes at once, what a job removes after, and what stays.
+//!
+//! [`delete_account`] does, in one transaction (the user's row locked first, so an
+//! upload, a device or a conversation created at the same moment with a still-valid
+//! access token either commits before and is deleted with the rest, or sees the account
+//! gone and is refused):
+//!
+//! - ends and deletes every session and refresh token, and deletes every device;
+//! - deletes every upload's row and enqueues a `media.delete` job per upload for its
+//!   objects (the original and the variants) in storage; a message that carried one
+//!   keeps no reference to it;
+//! - removes the user from every conversation, and deletes the conversations no one else
+//!   is in (with their messages);
+//! - deletes the jobs that carry the user's data (pushes to them, their uploads'
+//!   processing) and enqueues one `account.forget` job, which deletes what Redis holds
+//!   under their id (stored idempotent responses);
+//! - keeps the row as a tombstone: the id, `display_name` "Deleted account", an
+//!   address under `.invalid` that no one can sign in with, no password, `deleted_at`.
+//!
+//! What stays, by policy: the messages the user sent in conversations others are still
+//! in, under that tombstone. They are the other members' history too (as an email sent
+//! is the recipient's), and their seqs must stay gap-free; their text is kept, their
+//! media is not. Everything else of the user is gone from PostgreSQL at commit, from
+//! storage and Redis when the jobs have run, and from Redis's short-lived counters
+//! (rate limits, sign-in failures, presence) within their TTLs.
+
+use mobile_domain::{JobKind, MediaId, UserId};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::PgConnection;
+
+use crate::jobs::{self, Payload};
+use crate::metrics::timed;
+
+/// The display name a deleted account shows under its messages.
+pub const DELETED_DISPLAY_NAME: &str = "Deleted account";
+
+/// The `media.delete` job: remove one upload's objects from storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteMediaJob {
+    pub media_id: MediaId,
+}
+
+impl Payload for DeleteMediaJob {
+    const KIND: JobKind = JobKind::MediaDelete;
+}
+
+/// The `account.forget` job: remove what Redis holds under a deleted user's id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForgetAccountJob {
+    pub user_id: UserId,
+}
+
+impl Payload for ForgetAccountJob {
+    const KIND: JobKind = JobKind::AccountForget;
+}
+
+/// The outcome of [`delete_account`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deletion {
+    /// Deleted now; how many uploads wait for their objects to be removed.
+    Deleted { uploads: usize },
+    /// Deleted before: nothing to do.
+    AlreadyDeleted,
+    /// No such user.
+    NotFound,
+}
+
+/// Deletes the account `user_id` inside the caller's transaction (see the module).
+pub async fn delete_account(
+    conn: &mut PgConnection,
+    user_id: UserId,
+) -> Result<Deletion, sqlx::Error> {
+    timed("accounts.delete_account", async move {
+        let deleted: Option<bool> =
+            sqlx::query_scalar("SELECT deleted_at IS NOT NULL FROM users WHERE id = $1 FOR UPDATE")
+                .bind(user_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+        match deleted {
+            None => return Ok(Deletion::NotFound),
+            Some(true) => return Ok(Deletion::AlreadyDeleted),
+            Some(false) => {}
+        }
+
+        let uploads: Vec<MediaId> = sqlx::query_scalar("SELECT id FROM media WHERE owner_id = $1")
+            .bind(user_id)
+            .fetch_all(&mut *conn)
+            .await?;
+        let payloads = uploads
+            .iter()
+            .map(|&media_id| serde_json::to_value(DeleteMediaJob { media_id }))
+            .collect::<Result<Vec<Value>, _>>()
+            .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        jobs::enqueue_values(
+            &mut *conn,
+            JobKind::MediaDelete,
+            &payloads,
+            DeleteMediaJob::MAX_ATTEMPTS,
+        )
+        .await?;
+        jobs::enqueue(&mut *conn, &ForgetAccountJob { user_id }.to_job()?).await?;
+
+        let upload_ids: Vec<String> = uploads.iter().map(ToString::to_string).collect();
+        sqlx::query(
+            "DELETE FROM jobs
+             WHERE (kind = 'push.notify' AND payload->>'user_id' = $1::uuid::text)
+                OR (kind = 'push.send' AND payload->'notification'->>'user_id' = $1::uuid::text)
+                OR (kind = 'media.process' AND payload->>'media_id' = ANY($2))",
+        )
+        .bind(user_id)
+        .bind(&upload_ids)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(
+            "UPDATE messages SET media_id = NULL WHERE sender_id = $1 AND media_id IS NOT NULL",
+        )
+        .bind(user_id)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query("DELETE FROM media WHERE owner_id = $1")
+            .bind(user_id)
+            .execute(&mut *conn)
+            .await?;
+        // Conversations no one else is in go whole; from the others, the user leaves.
+        sqlx::query(
+            "DELETE FROM conversations c
+             WHERE EXISTS (SELECT 1 FROM conversation_members m
+                           WHERE m.conversation_id = c.id AND m.user_id = $1)
+               AND NOT EXISTS (SELECT 1 FROM conversation_members m
+                               WHERE m.conversation_id = c.id AND m.user_id <> $1)",
+        )
+        .bind(user_id)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query("DELETE FROM conversation_members WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("DELETE FROM devices WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("DELETE FROM sessions WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query(
+            "UPDATE users
+             SET email = id::text || '@deleted.invalid', password_hash = '',
+                 display_name = $2, deleted_at = now(), updated_at = now()
+             WHERE id = $1",
+        )
+        .bind(user_id)
+        .bind(DELETED_DISPLAY_NAME)
+        .execute(&mut *conn)
+        .await?;
+        Ok(Deletion::Deleted {
+            uploads: uploads.len(),
+        })
+    })
+    .await
+}
+
+/// Whether `user_id` names an account that was deleted.
+pub async fn is_deleted(
+    db: impl sqlx::PgExecutor<'_>,
+    user_id: UserId,
+) -> Result<bool, sqlx::Error> {
+    timed("accounts.is_deleted", async move {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM users WHERE id = $1 AND deleted_at IS NOT NULL)",
+        )
+        .bind(user_id)
+        .fetch_one(db)
+        .await
+    })
+    .await
+}
