@@ -18,6 +18,7 @@ pub mod login_guard;
 pub mod messaging;
 pub mod metrics;
 pub mod middleware;
+pub mod oidc;
 pub mod openapi;
 pub mod routes;
 pub mod settings;
@@ -154,6 +155,40 @@ pub fn app(state: AppState, health: &Health) -> Router {
         .with_state(state)
 }
 
+/// The Apple and Google verifiers, each off unless its client ids are set.
+fn sign_in(settings: &ApiSettings) -> anyhow::Result<state::SignIn> {
+    let config = &settings.sign_in;
+    let extra_root = match &config.ca_file {
+        Some(path) => Some(
+            std::fs::read(path)
+                .with_context(|| format!("OIDC_CA_FILE: cannot read {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let http = oidc::http_client(extra_root.as_deref()).context("OIDC_CA_FILE")?;
+    let verifier = |provider, settings: &oidc::ProviderSettings| {
+        let verifier = oidc::Verifier::new(
+            provider,
+            settings.clone(),
+            http.clone(),
+            config.jwks_min_refresh,
+        );
+        if verifier.enabled() {
+            tracing::info!(provider = provider.as_str(), issuer = %settings.issuer, "native sign-in is on");
+        } else {
+            tracing::info!(
+                provider = provider.as_str(),
+                "native sign-in is off (no client ids)"
+            );
+        }
+        verifier
+    };
+    Ok(state::SignIn {
+        apple: verifier(oidc::Provider::Apple, &config.apple),
+        google: verifier(oidc::Provider::Google, &config.google),
+    })
+}
+
 /// Serves on listeners the caller bound (tests bind port 0) until `shutdown` triggers,
 /// then drains.
 pub async fn serve(
@@ -177,7 +212,9 @@ pub async fn serve(
     if settings.internal_api_token.is_none() {
         tracing::info!("INTERNAL_API_TOKEN is not set: /internal/v1/* answers 404");
     }
+    let sign_in = sign_in(&settings)?;
     let state = AppState::new(Shared {
+        sign_in,
         storage,
         db,
         redis,

@@ -37,6 +37,17 @@ pub struct ActionLabel {
     pub action: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SignInLabels {
+    /// `password`, `apple` or `google`.
+    pub provider: &'static str,
+    /// `existing` (signed in to an account), `created` (a new account), `linked` (a
+    /// provider identity joined the account with its email), `invalid` (wrong
+    /// credentials or token), `refused` (no account can be made: the email is taken or
+    /// missing), `unavailable` (the provider's keys could not be fetched).
+    pub outcome: &'static str,
+}
+
 /// Handles on the API's metrics, cloned into the middleware that records them.
 #[derive(Debug, Clone)]
 pub struct ApiMetrics {
@@ -50,6 +61,8 @@ pub struct ApiMetrics {
     pub events_published: Family<OutcomeLabel, Counter>,
     /// Sign-in attempts on an account under attack, by action (`delayed`, `refused`).
     pub login_throttled: Family<ActionLabel, Counter>,
+    /// Sign-ins and sign-ups by provider and outcome.
+    pub sign_ins: Family<SignInLabels, Counter>,
 }
 
 impl ApiMetrics {
@@ -63,6 +76,7 @@ impl ApiMetrics {
             redis_degraded: Family::default(),
             events_published: Family::default(),
             login_throttled: Family::default(),
+            sign_ins: Family::default(),
         };
         registry.register(
             "http_requests",
@@ -95,6 +109,18 @@ impl ApiMetrics {
             "Sign-in attempts slowed or refused for the failures on their account",
             metrics.login_throttled.clone(),
         );
+        registry.register(
+            "auth_sign_ins",
+            "Sign-ins and sign-ups by provider (password, apple, google) and outcome",
+            metrics.sign_ins.clone(),
+        );
         metrics
+    }
+
+    /// Counts one sign-in attempt.
+    pub fn sign_in(&self, provider: &'static str, outcome: &'static str) {
+        self.sign_ins
+            .get_or_create(&SignInLabels { provider, outcome })
+            .inc();
     }
 }

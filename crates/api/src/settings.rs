@@ -5,7 +5,10 @@ use std::{path::PathBuf, time::Duration};
 use mobile_auth::TokenConfig;
 use mobile_runtime::{CommonSettings, Defaults, Env, SettingsError};
 
-use crate::login_guard::LoginGuardSettings;
+use crate::{
+    login_guard::LoginGuardSettings,
+    oidc::{Provider, ProviderSettings},
+};
 use secrecy::{ExposeSecret as _, SecretString};
 
 /// Everything `mobile-api` reads from the environment. README's settings table lists
@@ -64,6 +67,46 @@ pub struct ApiSettings {
     /// `INTERNAL_API_TOKEN`: the bearer token of `/internal/v1/*` (for the app's other
     /// backends). Unset: those endpoints answer 404.
     pub internal_api_token: Option<SecretString>,
+    /// Sign in with Apple and Google (`crate::oidc`).
+    pub sign_in: SignInSettings,
+}
+
+/// Native sign-in with Apple and Google.
+#[derive(Debug, Clone)]
+pub struct SignInSettings {
+    /// `APPLE_CLIENT_IDS` (comma-separated bundle and service ids; unset: Sign in with
+    /// Apple is off) and `APPLE_ISSUER` (default `https://appleid.apple.com`).
+    pub apple: ProviderSettings,
+    /// `GOOGLE_CLIENT_IDS` (comma-separated OAuth client ids of the iOS, Android and web
+    /// apps; unset: off) and `GOOGLE_ISSUER` (default `https://accounts.google.com`).
+    pub google: ProviderSettings,
+    /// `OIDC_CA_FILE`: an extra trusted root (PEM) for the issuers: a private issuer's,
+    /// or the tests'.
+    pub ca_file: Option<PathBuf>,
+    /// `OIDC_JWKS_MIN_REFRESH_SECONDS` (default 60): an id_token signed by a key not in
+    /// the cache refetches the issuer's keys at most this often.
+    pub jwks_min_refresh: Duration,
+    /// `REAUTH_MAX_AGE_SECONDS` (default 300): how recent an id_token must be to
+    /// confirm an account's deletion.
+    pub reauth_max_age: Duration,
+}
+
+fn provider_settings(env: &Env, provider: Provider) -> Result<ProviderSettings, SettingsError> {
+    let name = provider.as_str().to_ascii_uppercase();
+    let issuer_var = format!("{name}_ISSUER");
+    let issuer = env.string(&issuer_var, provider.default_issuer());
+    if !issuer.starts_with("https://") {
+        return Err(SettingsError::new(&issuer_var, "must be an https:// URL"));
+    }
+    let client_ids = env
+        .optional(&format!("{name}_CLIENT_IDS"))
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|id| !id.is_empty())
+        .map(str::to_owned)
+        .collect();
+    Ok(ProviderSettings { issuer, client_ids })
 }
 
 /// How long an upload may take: as long as it keeps moving, up to a ceiling.
@@ -131,6 +174,13 @@ impl ApiSettings {
                 .optional("INTERNAL_API_TOKEN")
                 .filter(|t| !t.is_empty())
                 .map(|t| SecretString::from(t.to_owned())),
+            sign_in: SignInSettings {
+                apple: provider_settings(env, Provider::Apple)?,
+                google: provider_settings(env, Provider::Google)?,
+                ca_file: env.optional("OIDC_CA_FILE").map(PathBuf::from),
+                jwks_min_refresh: env.seconds("OIDC_JWKS_MIN_REFRESH_SECONDS", 60)?,
+                reauth_max_age: env.seconds("REAUTH_MAX_AGE_SECONDS", 300)?,
+            },
         };
         if let Some(token) = &settings.internal_api_token
             && token.expose_secret().len() < 32

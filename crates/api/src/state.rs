@@ -10,7 +10,12 @@ use mobile_auth::AccessTokens;
 use mobile_db::Db;
 use mobile_runtime::redis::Redis;
 
-use crate::{metrics::ApiMetrics, middleware::rate_limit::LocalLimits, settings::ApiSettings};
+use crate::{
+    metrics::ApiMetrics,
+    middleware::rate_limit::LocalLimits,
+    oidc::{Provider, Verifier},
+    settings::ApiSettings,
+};
 
 #[derive(Debug, Clone)]
 pub struct AppState(Arc<Shared>);
@@ -26,6 +31,24 @@ pub struct Shared {
     pub storage: mobile_storage::Storage,
     /// The rate limits this process keeps while Redis cannot.
     pub local_limits: LocalLimits,
+    /// Sign in with Apple and Google.
+    pub sign_in: SignIn,
+}
+
+/// The id_token verifiers of the native sign-in providers.
+#[derive(Debug)]
+pub struct SignIn {
+    pub apple: Verifier,
+    pub google: Verifier,
+}
+
+impl SignIn {
+    pub fn verifier(&self, provider: Provider) -> &Verifier {
+        match provider {
+            Provider::Apple => &self.apple,
+            Provider::Google => &self.google,
+        }
+    }
 }
 
 impl AppState {

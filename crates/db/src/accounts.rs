@@ -5,7 +5,8 @@
 //! access token either commits before and is deleted with the rest, or sees the account
 //! gone and is refused):
 //!
-//! - ends and deletes every session and refresh token, and deletes every device;
+//! - ends and deletes every session and refresh token, every device, and every identity
+//!   at Apple or Google (signing in with them again makes a new account);
 //! - deletes every upload's row and enqueues a `media.delete` job per upload for its
 //!   objects (the original and the variants) in storage; a message that carried one
 //!   keeps no reference to it;
@@ -138,6 +139,10 @@ pub async fn delete_account(
             .execute(&mut *conn)
             .await?;
         sqlx::query("DELETE FROM devices WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("DELETE FROM identities WHERE user_id = $1")
             .bind(user_id)
             .execute(&mut *conn)
             .await?;

@@ -30,6 +30,8 @@ pub enum RevokeReason {
     LogoutAll,
     /// The password changed (every session but the one that changed it).
     PasswordChanged,
+    /// A provider's verified identity took over the account (`crate::identities`).
+    IdentityLinked,
 }
 
 impl RevokeReason {
@@ -40,6 +42,7 @@ impl RevokeReason {
             Self::Ended => "ended",
             Self::LogoutAll => "logout_all",
             Self::PasswordChanged => "password_changed",
+            Self::IdentityLinked => "identity_linked",
         }
     }
 }

@@ -20,7 +20,8 @@ pub struct User {
 pub struct Credentials {
     #[sqlx(flatten)]
     pub user: User,
-    pub password_hash: String,
+    /// `None` for an account without a password (signed up with Apple or Google).
+    pub password_hash: Option<String>,
 }
 
 /// The outcome of [`insert_user`].
@@ -65,7 +66,7 @@ pub async fn find_credentials(
 ) -> Result<Option<Credentials>, sqlx::Error> {
     timed("users.find_credentials", async move {
         sqlx::query_as(
-            "SELECT id, email, display_name, created_at, updated_at, password_hash
+            "SELECT id, email, display_name, created_at, updated_at, NULLIF(password_hash, '') AS password_hash
              FROM users WHERE email = $1 AND deleted_at IS NULL",
         )
         .bind(email.as_str())
@@ -82,7 +83,7 @@ pub async fn find_credentials_by_id(
 ) -> Result<Option<Credentials>, sqlx::Error> {
     timed("users.find_credentials_by_id", async move {
         sqlx::query_as(
-            "SELECT id, email, display_name, created_at, updated_at, password_hash
+            "SELECT id, email, display_name, created_at, updated_at, NULLIF(password_hash, '') AS password_hash
              FROM users WHERE id = $1 AND deleted_at IS NULL",
         )
         .bind(id)
@@ -100,7 +101,7 @@ pub async fn find_credentials_for_update(
 ) -> Result<Option<Credentials>, sqlx::Error> {
     timed("users.find_credentials_for_update", async move {
         sqlx::query_as(
-            "SELECT id, email, display_name, created_at, updated_at, password_hash
+            "SELECT id, email, display_name, created_at, updated_at, NULLIF(password_hash, '') AS password_hash
              FROM users WHERE id = $1 AND deleted_at IS NULL FOR UPDATE",
         )
         .bind(id)
@@ -199,7 +200,7 @@ mod tests {
 
         let found = find_credentials(&pool, &email).await.unwrap().unwrap();
         assert_eq!(found.user, user);
-        assert_eq!(found.password_hash, "hash");
+        assert_eq!(found.password_hash.as_deref(), Some("hash"));
 
         let same = update_display_name(&pool, user.id, &name)
             .await

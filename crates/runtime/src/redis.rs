@@ -36,6 +36,8 @@ pub enum Feature {
     Idempotency,
     /// The API's failed-sign-in counters.
     LoginGuard,
+    /// The API's record of the Apple and Google sign-in nonces already used.
+    Nonces,
     /// Who is online (gateways write it, the API and worker read it).
     Presence,
     /// Publishing event frames to the gateways.
@@ -56,6 +58,7 @@ impl Feature {
             Self::RateLimit => "rate_limit",
             Self::Idempotency => "idempotency",
             Self::LoginGuard => "login_guard",
+            Self::Nonces => "nonces",
             Self::Presence => "presence",
             Self::Events => "events",
             Self::Health => "health",

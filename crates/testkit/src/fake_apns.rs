@@ -126,16 +126,7 @@ impl FakeApns {
             .to_public_key_pem(LineEnding::LF)
             .expect("encode the public key");
 
-        let certified = rcgen::generate_simple_self_signed(vec![
-            "127.0.0.1".to_owned(),
-            "localhost".to_owned(),
-        ])
-        .expect("generate a TLS certificate");
-        std::fs::write(dir.join("ca.pem"), certified.cert.pem()).expect("write the certificate");
-        let tls = crate::tls::h2_server_config(
-            certified.cert.der().clone(),
-            certified.signing_key.serialize_der(),
-        );
+        let tls = crate::tls::self_signed_h2(&dir);
 
         let shared = Arc::new(Shared {
             key: DecodingKey::from_ec_pem(public.as_bytes()).expect("decoding key"),

@@ -30,6 +30,19 @@ pub(crate) fn h2_server_config(
     Arc::new(config)
 }
 
+/// A self-signed certificate for `127.0.0.1` and `localhost`, written to `dir/ca.pem`
+/// (what a client is told to trust), and the server config that presents it.
+pub(crate) fn self_signed_h2(dir: &std::path::Path) -> Arc<rustls::ServerConfig> {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .expect("generate a TLS certificate");
+    std::fs::write(dir.join("ca.pem"), certified.cert.pem()).expect("write the certificate");
+    h2_server_config(
+        certified.cert.der().clone(),
+        certified.signing_key.serialize_der(),
+    )
+}
+
 pub(crate) async fn serve_h2(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: Router) {
     let acceptor = TlsAcceptor::from(tls);
     loop {

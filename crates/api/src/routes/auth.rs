@@ -13,12 +13,15 @@ use axum::{
 };
 use mobile_auth::{password, refresh};
 use mobile_db::{
+    identities::{self, SignIn as IdentitySignIn, VerifiedIdentity},
     sessions::{self, Ending, RevokeReason, Rotation},
     users::{self, InsertUser},
 };
 use mobile_domain::{DisplayName, Email, Password, SessionId, UserId, ValidationCode};
 use mobile_events::Revoke;
+use mobile_runtime::redis::Feature;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -29,7 +32,9 @@ use crate::{
     events,
     extract::{AuthUser, ClientAddr, Json},
     login_guard,
+    metrics::FeatureLabel,
     middleware::rate_limit::{self, Class},
+    oidc::{Identity, OidcError, Provider},
     problems,
     state::AppState,
 };
@@ -41,6 +46,8 @@ pub fn router(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(refresh_tokens))
         .routes(routes!(logout))
         .routes(routes!(logout_all))
+        .routes(routes!(sign_in_with_apple))
+        .routes(routes!(sign_in_with_google))
         .route_layer(axum::middleware::from_fn_with_state(
             (state.clone(), Class::Auth),
             rate_limit::limit,
@@ -132,6 +139,7 @@ async fn register(
 
     let tokens = token_pair(&state, user.id, session, refresh_token)?;
     tracing::info!(user_id = %user.id, "registered");
+    state.metrics.sign_in("password", "created");
     Ok((
         StatusCode::CREATED,
         axum::Json(AuthResponse {
@@ -171,16 +179,18 @@ async fn login(
     }
     login_guard::before_attempt(&state, &email, ip).await?;
     let credentials = users::find_credentials(&state.db, &email).await?;
-    let stored_hash = credentials.as_ref().map(|c| c.password_hash.clone());
+    let stored_hash = credentials.as_ref().and_then(|c| c.password_hash.clone());
     let matches = password::verify(body.password, stored_hash).await?;
     let user = match credentials {
         Some(credentials) if matches => credentials.user,
         _ => {
             login_guard::failed(&state, &email, ip).await;
+            state.metrics.sign_in("password", "invalid");
             return Err(ErrorCode::InvalidCredentials.into());
         }
     };
     login_guard::succeeded(&state, &email, ip).await;
+    state.metrics.sign_in("password", "existing");
 
     let mut tx = state.db.begin().await?;
     let (session, refresh_token) = start_session(&mut tx, &state, user.id, &headers).await?;
@@ -330,6 +340,230 @@ fn user_agent(headers: &HeaderMap) -> Option<&str> {
         .get(header::USER_AGENT)
         .and_then(|value| value.to_str().ok())
         .filter(|agent| !agent.is_empty())
+}
+
+/// The body of `POST /v1/auth/apple` and `POST /v1/auth/google`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSignInRequest {
+    /// The id_token the platform's sign-in SDK returned.
+    #[schema(
+        max_length = 8192,
+        example = "eyJraWQiOiJXNldjT0tCIiwiYWxnIjoiUlMyNTYifQ..."
+    )]
+    pub id_token: String,
+    /// The raw nonce the app generated; it gave the provider its SHA-256 (hex).
+    #[schema(
+        min_length = 16,
+        max_length = 256,
+        example = "5f0b2c0c4d3e4a9b8f1a6c7d2e3f4a5b"
+    )]
+    pub nonce: String,
+    /// A name for a new account (Apple gives the app the user's name on the first
+    /// sign-in only, and never in the token). Left out: the token's name, or "Apple
+    /// user" / "Google user".
+    #[schema(schema_with = mobile_domain::schema::display_name_or_null)]
+    pub display_name: Option<String>,
+}
+
+problems!(ProviderSignInProblems:
+    InvalidIdToken,
+    ProviderNotConfigured,
+    EmailTakenUnverified,
+    EmailRequired,
+    ProviderUnavailable,
+    Invalid(InvalidDisplayName),
+);
+
+/// Sign in with Apple: the id_token of `ASAuthorizationAppleIDCredential`.
+///
+/// 200 for an existing account, 201 for a new one (without a password). The account is
+/// found by Apple's stable user id; failing that, the account with the same email is
+/// linked (its password, which no one verified, is removed and its sessions end); failing
+/// that, one is made. The id_token's `nonce` claim must be the SHA-256 of `nonce`, and
+/// each nonce signs in once.
+#[utoipa::path(
+    post,
+    path = "/v1/auth/apple",
+    tag = "auth",
+    request_body = ProviderSignInRequest,
+    responses(
+        (status = 200, description = "Signed in", body = AuthResponse),
+        (status = 201, description = "Signed up and in", body = AuthResponse),
+        ProviderSignInProblems,
+    )
+)]
+async fn sign_in_with_apple(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Json(body): Json<ProviderSignInRequest>,
+) -> Result<(StatusCode, axum::Json<AuthResponse>), ApiError> {
+    provider_sign_in(&state, Provider::Apple, &headers, body).await
+}
+
+/// Sign in with Google: the id_token of Google Sign-In or Credential Manager.
+///
+/// As `POST /v1/auth/apple`, with Google's issuer and client ids.
+#[utoipa::path(
+    post,
+    path = "/v1/auth/google",
+    tag = "auth",
+    request_body = ProviderSignInRequest,
+    responses(
+        (status = 200, description = "Signed in", body = AuthResponse),
+        (status = 201, description = "Signed up and in", body = AuthResponse),
+        ProviderSignInProblems,
+    )
+)]
+async fn sign_in_with_google(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Json(body): Json<ProviderSignInRequest>,
+) -> Result<(StatusCode, axum::Json<AuthResponse>), ApiError> {
+    provider_sign_in(&state, Provider::Google, &headers, body).await
+}
+
+#[tracing::instrument(skip_all, fields(provider = provider.as_str()))]
+async fn provider_sign_in(
+    state: &AppState,
+    provider: Provider,
+    headers: &HeaderMap,
+    body: ProviderSignInRequest,
+) -> Result<(StatusCode, axum::Json<AuthResponse>), ApiError> {
+    let name = provider.as_str();
+    let count = |outcome| state.metrics.sign_in(name, outcome);
+    let display_name = body
+        .display_name
+        .as_deref()
+        .map(DisplayName::parse)
+        .transpose()?;
+    let identity = match verify_id_token(state, provider, &body.id_token, &body.nonce).await {
+        Ok(identity) => identity,
+        Err(error) => {
+            count(if error.code() == ErrorCode::ProviderUnavailable {
+                "unavailable"
+            } else {
+                "invalid"
+            });
+            return Err(error);
+        }
+    };
+    let email = identity.email.as_deref().and_then(|e| Email::parse(e).ok());
+    let display_name = match display_name.or_else(|| {
+        identity
+            .name
+            .as_deref()
+            .and_then(|n| DisplayName::parse(n).ok())
+    }) {
+        Some(name) => name,
+        None => DisplayName::parse(match provider {
+            Provider::Apple => "Apple user",
+            Provider::Google => "Google user",
+        })
+        .map_err(ApiError::internal)?,
+    };
+    let verified = VerifiedIdentity {
+        provider: name,
+        subject: &identity.subject,
+        email: email.as_ref(),
+        email_verified: identity.email_verified,
+    };
+    // Two first sign-ins of one person at once: the loser finds the winner's account.
+    for _ in 0..2 {
+        let mut tx = state.db.begin().await?;
+        let (user, status, ended) =
+            match identities::sign_in(&mut tx, verified, &display_name).await? {
+                IdentitySignIn::Existing(user) => (user, StatusCode::OK, Vec::new()),
+                IdentitySignIn::Linked { user, ended } => (user, StatusCode::OK, ended),
+                IdentitySignIn::Created(user) => (user, StatusCode::CREATED, Vec::new()),
+                IdentitySignIn::EmailTaken => {
+                    count("refused");
+                    return Err(ErrorCode::EmailTakenUnverified.into());
+                }
+                IdentitySignIn::NoEmail => {
+                    count("refused");
+                    return Err(ErrorCode::EmailRequired.into());
+                }
+                IdentitySignIn::Raced => continue,
+            };
+        let (session, refresh_token) = start_session(&mut tx, state, user.id, headers).await?;
+        tx.commit().await?;
+        if !ended.is_empty() {
+            tracing::warn!(user_id = %user.id, sessions = ended.len(), "a provider identity took over an account with the same email; its password was removed");
+            events::revoke(state, user.id, Revoke::AllBut(session)).await;
+        }
+        count(match (status, ended.is_empty()) {
+            (StatusCode::CREATED, _) => "created",
+            (_, false) => "linked",
+            _ => "existing",
+        });
+        let tokens = token_pair(state, user.id, session, refresh_token)?;
+        tracing::info!(user_id = %user.id, "signed in");
+        return Ok((
+            status,
+            axum::Json(AuthResponse {
+                user: user.into(),
+                tokens,
+            }),
+        ));
+    }
+    Err(ApiError::internal(anyhow::anyhow!(
+        "two first sign-ins of one identity raced twice"
+    )))
+}
+
+/// Verifies an id_token of `provider` and spends its nonce: each nonce signs in once
+/// (kept in Redis until the token expires; without Redis, the token's expiry alone
+/// bounds a replay, and `redis_degraded_total{feature="nonces"}` counts it).
+pub(crate) async fn verify_id_token(
+    state: &AppState,
+    provider: Provider,
+    id_token: &str,
+    nonce: &str,
+) -> Result<Identity, ApiError> {
+    let verifier = state.sign_in.verifier(provider);
+    if !verifier.enabled() {
+        return Err(ErrorCode::ProviderNotConfigured.into());
+    }
+    let identity = verifier.verify(id_token, nonce).await.map_err(|error| match error {
+        OidcError::Invalid(reason) => {
+            tracing::info!(provider = provider.as_str(), %reason, "id_token refused");
+            ApiError::new(ErrorCode::InvalidIdToken).detail(reason)
+        }
+        OidcError::Unavailable(reason) => {
+            tracing::warn!(provider = provider.as_str(), %reason, "the provider's keys could not be fetched");
+            ApiError::new(ErrorCode::ProviderUnavailable)
+        }
+    })?;
+    let key = state.redis.key(format_args!(
+        "nonce:{}:{}",
+        provider.as_str(),
+        hex::encode(Sha256::digest(nonce.as_bytes()))
+    ));
+    let ttl =
+        (identity.expires_at - OffsetDateTime::now_utc().unix_timestamp()).clamp(1, 86_400) + 60;
+    let first: Result<Option<String>, _> = redis::cmd("SET")
+        .arg(&key)
+        .arg(1)
+        .arg("NX")
+        .arg("EX")
+        .arg(ttl)
+        .query_async(&mut state.redis.conn(Feature::Nonces))
+        .await;
+    match first {
+        Ok(Some(_)) => Ok(identity),
+        Ok(None) => Err(ApiError::new(ErrorCode::InvalidIdToken)
+            .detail("this nonce was used for a sign-in before")),
+        Err(error) => {
+            tracing::warn!(%error, "the nonce store is unavailable; accepting the id_token on its expiry alone");
+            state
+                .metrics
+                .redis_degraded
+                .get_or_create(&FeatureLabel { feature: "nonces" })
+                .inc();
+            Ok(identity)
+        }
+    }
 }
 
 fn refresh_expiry(state: &AppState) -> OffsetDateTime {

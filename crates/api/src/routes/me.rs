@@ -21,6 +21,7 @@ use axum::{
 use mobile_auth::password;
 use mobile_db::{
     accounts::{self, Deletion},
+    identities,
     sessions::{self, Ending, RevokeReason},
     users,
 };
@@ -39,6 +40,7 @@ use crate::{
     extract::{AuthUser, ClientAddr, Json},
     login_guard,
     middleware::rate_limit::{self, Class},
+    oidc::Provider,
     problems,
     state::AppState,
 };
@@ -216,25 +218,72 @@ async fn change_password(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// What confirms an account's deletion: its password, or (for an account that signs
+/// in with Apple or Google) a fresh id_token of its identity there.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum DeleteMe {
+    Password(PasswordConfirmation),
+    Provider(ProviderConfirmation),
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct DeleteMe {
-    /// The account's password: deleting needs it, not only an access token.
+pub struct PasswordConfirmation {
+    /// The account's password.
     #[schema(schema_with = mobile_domain::schema::presented_password)]
     pub password: String,
 }
 
-problems!(DeleteMeProblems: WrongPassword, NotFound, Invalid(InvalidPassword));
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfirmation {
+    pub provider: ProviderName,
+    /// An id_token of the account's identity at the provider, issued within
+    /// `REAUTH_MAX_AGE_SECONDS` (the app signs in with the provider again).
+    #[schema(max_length = 8192)]
+    pub id_token: String,
+    /// The raw nonce whose SHA-256 the app gave the provider.
+    #[schema(min_length = 16, max_length = 256)]
+    pub nonce: String,
+}
 
-/// Delete the account, given its password.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderName {
+    Apple,
+    Google,
+}
+
+impl From<ProviderName> for Provider {
+    fn from(name: ProviderName) -> Self {
+        match name {
+            ProviderName::Apple => Self::Apple,
+            ProviderName::Google => Self::Google,
+        }
+    }
+}
+
+problems!(DeleteMeProblems:
+    WrongPassword,
+    ReauthenticationRequired,
+    InvalidIdToken,
+    ProviderNotConfigured,
+    ProviderUnavailable,
+    NotFound,
+    Invalid(InvalidPassword),
+);
+
+/// Delete the account, confirmed by its password or a fresh sign-in with its provider.
 ///
 /// At once: every session ends (WebSockets close with 4001 `session_revoked`), every
-/// device, upload, membership and session is deleted, and conversations no one else is
-/// in go whole; uploads' objects leave storage by a job. Messages sent to conversations
-/// others are still in stay with them under "Deleted account" (without their media).
-/// The email may register a new account right after. Deleting again (the access token
-/// is still unexpired) is 204. A wrong password is 403 `wrong_password` and counts as a
-/// failed sign-in.
+/// device, upload, identity, membership and session is deleted, and conversations no
+/// one else is in go whole; uploads' objects leave storage by a job. Messages sent to
+/// conversations others are still in stay with them under "Deleted account" (without
+/// their media). The email may register a new account right after. Deleting again
+/// (the access token is still unexpired) is 204. A wrong password is 403
+/// `wrong_password` and counts as a failed sign-in; an id_token of another identity,
+/// or older than `REAUTH_MAX_AGE_SECONDS`, is 403 `reauthentication_required`.
 #[utoipa::path(
     delete,
     path = "/v1/me",
@@ -253,7 +302,9 @@ async fn delete_me(
     ClientAddr(ip): ClientAddr,
     Json(body): Json<DeleteMe>,
 ) -> Result<StatusCode, ApiError> {
-    if body.password.chars().count() > Password::MAX_PRESENTED_CHARS {
+    if let DeleteMe::Password(PasswordConfirmation { password }) = &body
+        && password.chars().count() > Password::MAX_PRESENTED_CHARS
+    {
         return Err(
             ApiError::new(ValidationCode::InvalidPassword.into()).detail("password is too long")
         );
@@ -265,7 +316,14 @@ async fn delete_me(
             Err(no_user())
         };
     };
-    check_password(&state, ip, &credentials, body.password).await?;
+    match body {
+        DeleteMe::Password(PasswordConfirmation { password }) => {
+            check_password(&state, ip, &credentials, password).await?;
+        }
+        DeleteMe::Provider(confirmation) => {
+            check_provider(&state, auth.user_id, confirmation).await?;
+        }
+    }
 
     let mut tx = state.db.begin().await?;
     match accounts::delete_account(&mut tx, auth.user_id).await? {
@@ -280,6 +338,38 @@ async fn delete_me(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Checks that `confirmation` is a recent id_token of one of `user`'s identities.
+async fn check_provider(
+    state: &AppState,
+    user: mobile_domain::UserId,
+    confirmation: ProviderConfirmation,
+) -> Result<(), ApiError> {
+    let provider = Provider::from(confirmation.provider);
+    let identity = crate::routes::auth::verify_id_token(
+        state,
+        provider,
+        &confirmation.id_token,
+        &confirmation.nonce,
+    )
+    .await?;
+    let age = time::OffsetDateTime::now_utc().unix_timestamp() - identity.issued_at;
+    let max_age =
+        i64::try_from(state.settings.sign_in.reauth_max_age.as_secs()).unwrap_or(i64::MAX);
+    if age > max_age {
+        return Err(
+            ApiError::new(ErrorCode::ReauthenticationRequired).detail(format!(
+                "the id_token was issued {age} s ago; sign in with {} again (at most {max_age} s)",
+                provider.as_str()
+            )),
+        );
+    }
+    if !identities::has_identity(&state.db, user, provider.as_str(), &identity.subject).await? {
+        return Err(ApiError::new(ErrorCode::ReauthenticationRequired)
+            .detail("the id_token is of another account's identity"));
+    }
+    Ok(())
+}
+
 /// Checks a password given to confirm a sensitive change, under the sign-in guard: a
 /// wrong one is 403 `wrong_password` and counts as a failed sign-in of the account.
 async fn check_password(
@@ -290,7 +380,7 @@ async fn check_password(
 ) -> Result<(), ApiError> {
     let email = Email::parse(&credentials.user.email).map_err(ApiError::internal)?;
     login_guard::before_attempt(state, &email, ip).await?;
-    if !password::verify(given, Some(credentials.password_hash.clone())).await? {
+    if !password::verify(given, credentials.password_hash.clone()).await? {
         login_guard::failed(state, &email, ip).await;
         return Err(ErrorCode::WrongPassword.into());
     }

@@ -24,3 +24,4 @@ mod process;
 mod rate_limit;
 mod readiness;
 mod sessions;
+mod social;

@@ -24,6 +24,8 @@ async fn the_document_covers_every_route() {
         ("/v1/auth/refresh", "post"),
         ("/v1/auth/logout", "post"),
         ("/v1/auth/logout-all", "post"),
+        ("/v1/auth/apple", "post"),
+        ("/v1/auth/google", "post"),
         ("/v1/me", "get"),
         ("/v1/me", "patch"),
         ("/v1/me", "delete"),

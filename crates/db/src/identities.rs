@@ -1,0 +1,164 @@
+//! Accounts' identities at Sign in with Apple and Google, keyed by the provider's
+//! stable subject.
+//!
+//! [`sign_in`] finds the account of a verified identity, or links it to the account
+//! that has its email, or creates an account for it:
+//!
+//! - a known `(provider, subject)` signs in to its account;
+//! - otherwise, an account with the same email is linked only when the provider says
+//!   the email is verified. Nothing here has verified that account's own address, so
+//!   whoever registered it may not own it: its password is removed and its sessions
+//!   end (the caller closes their sockets), and the provider's word decides. This
+//!   defeats an attacker who registers a victim's address first and waits for the
+//!   victim to sign in with Apple. The owner can set a password again by reset;
+//! - an account with the email whose address the provider does not vouch for is not
+//!   linked: [`SignIn::EmailTaken`];
+//! - otherwise a new account, without a password, is created.
+
+use mobile_domain::{DisplayName, Email, SessionId, UserId};
+use sqlx::PgConnection;
+
+use crate::metrics::timed;
+use crate::users::User;
+
+/// What a provider said, once its token was verified.
+#[derive(Debug, Clone, Copy)]
+pub struct VerifiedIdentity<'a> {
+    /// `apple` or `google`.
+    pub provider: &'a str,
+    pub subject: &'a str,
+    pub email: Option<&'a Email>,
+    pub email_verified: bool,
+}
+
+/// The outcome of [`sign_in`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignIn {
+    /// The identity's account.
+    Existing(User),
+    /// The account with the identity's email, now linked to it; these sessions (all
+    /// of the account's) ended with the password that was removed.
+    Linked { user: User, ended: Vec<SessionId> },
+    /// A new account.
+    Created(User),
+    /// An account has the email, which the provider does not vouch for.
+    EmailTaken,
+    /// A new account needs an email, and the token carries none.
+    NoEmail,
+    /// Another request created the same account at the same moment; try again.
+    Raced,
+}
+
+const USER_COLUMNS: &str = "u.id, u.email, u.display_name, u.created_at, u.updated_at";
+
+/// Signs `identity` in inside the caller's transaction (see the module); a new account
+/// is named `display_name`.
+pub async fn sign_in(
+    conn: &mut PgConnection,
+    identity: VerifiedIdentity<'_>,
+    display_name: &DisplayName,
+) -> Result<SignIn, sqlx::Error> {
+    timed("identities.sign_in", async move {
+        let known: Option<User> = sqlx::query_as(&format!(
+            "SELECT {USER_COLUMNS} FROM identities i JOIN users u ON u.id = i.user_id
+             WHERE i.provider = $1 AND i.subject = $2 AND u.deleted_at IS NULL"
+        ))
+        .bind(identity.provider)
+        .bind(identity.subject)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some(user) = known {
+            return Ok(SignIn::Existing(user));
+        }
+        let Some(email) = identity.email else {
+            return Ok(SignIn::NoEmail);
+        };
+
+        let holder: Option<User> = sqlx::query_as(&format!(
+            "SELECT {USER_COLUMNS} FROM users u WHERE u.email = $1 AND u.deleted_at IS NULL FOR UPDATE"
+        ))
+        .bind(email.as_str())
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some(user) = holder {
+            if !identity.email_verified {
+                return Ok(SignIn::EmailTaken);
+            }
+            if !link(&mut *conn, identity, user.id, email).await? {
+                return Ok(SignIn::Raced);
+            }
+            sqlx::query("UPDATE users SET password_hash = '', updated_at = now() WHERE id = $1")
+                .bind(user.id)
+                .execute(&mut *conn)
+                .await?;
+            let ended = crate::sessions::end_sessions(
+                &mut *conn,
+                user.id,
+                crate::sessions::Ending::All,
+                crate::sessions::RevokeReason::IdentityLinked,
+            )
+            .await?;
+            return Ok(SignIn::Linked { user, ended });
+        }
+
+        let created: Option<User> = sqlx::query_as(
+            "INSERT INTO users (id, email, password_hash, display_name) VALUES ($1, $2, '', $3)
+             ON CONFLICT (email) DO NOTHING
+             RETURNING id, email, display_name, created_at, updated_at",
+        )
+        .bind(UserId::new())
+        .bind(email.as_str())
+        .bind(display_name.as_str())
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some(user) = created else {
+            return Ok(SignIn::Raced);
+        };
+        if !link(&mut *conn, identity, user.id, email).await? {
+            return Ok(SignIn::Raced);
+        }
+        Ok(SignIn::Created(user))
+    })
+    .await
+}
+
+/// Records the identity for `user_id`; `false` if another request recorded it first.
+async fn link(
+    conn: &mut PgConnection,
+    identity: VerifiedIdentity<'_>,
+    user_id: UserId,
+    email: &Email,
+) -> Result<bool, sqlx::Error> {
+    let result = sqlx::query(
+        "INSERT INTO identities (provider, subject, user_id, email) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (provider, subject) DO NOTHING",
+    )
+    .bind(identity.provider)
+    .bind(identity.subject)
+    .bind(user_id)
+    .bind(email.as_str())
+    .execute(&mut *conn)
+    .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+/// Whether `user_id` has the identity `(provider, subject)`.
+pub async fn has_identity(
+    db: impl sqlx::PgExecutor<'_>,
+    user_id: UserId,
+    provider: &str,
+    subject: &str,
+) -> Result<bool, sqlx::Error> {
+    timed("identities.has_identity", async move {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM identities
+                            WHERE provider = $1 AND subject = $2 AND user_id = $3)",
+        )
+        .bind(provider)
+        .bind(subject)
+        .bind(user_id)
+        .fetch_one(db)
+        .await
+    })
+    .await
+}
