@@ -88,6 +88,13 @@ pub enum OidcError {
     Unavailable(String),
 }
 
+/// The longest `sub` kept (Apple's are about 44 bytes, Google's 21).
+const MAX_SUBJECT_BYTES: usize = 255;
+
+/// How long fetched keys are trusted without asking the provider again: a key it
+/// withdrew stops being accepted within this.
+const KEYS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
 fn invalid(reason: impl Into<String>) -> OidcError {
     OidcError::Invalid(reason.into())
 }
@@ -99,10 +106,17 @@ pub struct Verifier {
     settings: ProviderSettings,
     http: reqwest::Client,
     min_refresh: Duration,
-    keys: RwLock<HashMap<String, DecodingKey>>,
-    /// When the keys were last fetched; held while fetching, so one fetch serves all
-    /// the requests that were waiting for it.
-    fetched: tokio::sync::Mutex<Option<Instant>>,
+    keys: RwLock<Keys>,
+    /// The last fetch: when, and whether it failed. Held while fetching, so one fetch
+    /// serves all the requests that were waiting for it.
+    fetched: tokio::sync::Mutex<Option<(Instant, bool)>>,
+}
+
+/// The cached keys by `kid`, and when they were fetched.
+#[derive(Debug, Default)]
+struct Keys {
+    by_kid: HashMap<String, DecodingKey>,
+    fetched_at: Option<Instant>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -149,7 +163,7 @@ impl Verifier {
             settings,
             http,
             min_refresh,
-            keys: RwLock::new(HashMap::new()),
+            keys: RwLock::new(Keys::default()),
             fetched: tokio::sync::Mutex::new(None),
         }
     }
@@ -180,13 +194,30 @@ impl Verifier {
 
         let mut validation = Validation::new(Algorithm::RS256);
         validation.leeway = 60;
-        validation.set_issuer(&[self.settings.issuer.as_str()]);
+        // Google's tokens carry its issuer with or without the scheme.
+        let bare = self
+            .settings
+            .issuer
+            .strip_prefix("https://")
+            .unwrap_or_default();
+        if self.provider == Provider::Google
+            && self.settings.issuer == Provider::Google.default_issuer()
+        {
+            validation.set_issuer(&[self.settings.issuer.as_str(), bare]);
+        } else {
+            validation.set_issuer(&[self.settings.issuer.as_str()]);
+        }
         validation.set_audience(&self.settings.client_ids);
         validation.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
         let claims = jsonwebtoken::decode::<Claims>(id_token, &key, &validation)
             .map_err(|e| invalid(format!("the id_token is not valid: {e}")))?
             .claims;
 
+        if claims.sub.is_empty() || claims.sub.len() > MAX_SUBJECT_BYTES {
+            return Err(invalid(
+                "the id_token's sub is empty or longer than 255 bytes",
+            ));
+        }
         let expected = hex::encode(Sha256::digest(raw_nonce.as_bytes()));
         if claims.nonce.as_deref() != Some(expected.as_str()) {
             return Err(invalid(
@@ -206,6 +237,7 @@ impl Verifier {
     }
 
     /// The key `kid`, from the cache or (at most once per `min_refresh`) the provider.
+    /// Keys older than a day are fetched again before use.
     async fn key(&self, kid: &str) -> Result<DecodingKey, OidcError> {
         if let Some(key) = self.cached(kid) {
             return Ok(key);
@@ -215,15 +247,18 @@ impl Verifier {
         if let Some(key) = self.cached(kid) {
             return Ok(key);
         }
-        if let Some(at) = *fetched
+        if let Some((at, ok)) = *fetched
             && at.elapsed() < self.min_refresh
         {
-            return Err(invalid(format!(
-                "the id_token's key {kid:?} is not the provider's"
-            )));
+            return Err(if ok {
+                invalid(format!("the id_token's key {kid:?} is not the provider's"))
+            } else {
+                OidcError::Unavailable("the last fetch of the keys failed".to_owned())
+            });
         }
-        *fetched = Some(Instant::now());
-        let keys = self.fetch().await?;
+        let result = self.fetch().await;
+        *fetched = Some((Instant::now(), result.is_ok()));
+        let keys = result?;
         tracing::info!(
             provider = self.provider.as_str(),
             keys = keys.len(),
@@ -231,16 +266,22 @@ impl Verifier {
         );
         let found = keys.get(kid).cloned();
         if let Ok(mut cache) = self.keys.write() {
-            *cache = keys;
+            // An empty set is a provider's hiccup, not a withdrawal of every key.
+            if !keys.is_empty() {
+                cache.by_kid = keys;
+            }
+            cache.fetched_at = Some(Instant::now());
         }
         found.ok_or_else(|| invalid(format!("the id_token's key {kid:?} is not the provider's")))
     }
 
+    /// A cached key, unless the cache is older than [`KEYS_MAX_AGE`].
     fn cached(&self, kid: &str) -> Option<DecodingKey> {
-        self.keys
-            .read()
-            .ok()
-            .and_then(|keys| keys.get(kid).cloned())
+        let keys = self.keys.read().ok()?;
+        let fresh = keys
+            .fetched_at
+            .is_some_and(|at| at.elapsed() < KEYS_MAX_AGE);
+        fresh.then(|| keys.by_kid.get(kid).cloned()).flatten()
     }
 
     /// The provider's signing keys: discovery, then the JWKS it names.

@@ -124,6 +124,17 @@ pub async fn delete_account(
             .execute(&mut *conn)
             .await?;
         // Conversations no one else is in go whole; from the others, the user leaves.
+        // Their rows are locked first, in id order (as every deletion does), so two
+        // members deleting their accounts at once cannot each see the other still in
+        // and leave a conversation with no one.
+        sqlx::query(
+            "SELECT c.id FROM conversations c
+             JOIN conversation_members m ON m.conversation_id = c.id AND m.user_id = $1
+             ORDER BY c.id FOR UPDATE OF c",
+        )
+        .bind(user_id)
+        .execute(&mut *conn)
+        .await?;
         sqlx::query(
             "DELETE FROM conversations c
              WHERE EXISTS (SELECT 1 FROM conversation_members m

@@ -228,6 +228,19 @@ pub async fn insert_message(
     message: &NewMessage<'_>,
 ) -> Result<PostMessage, sqlx::Error> {
     timed("conversations.insert_message", async move {
+        // The sender's row first, in the mode the foreign key would take it later: an
+        // account being deleted (which locks its row, then its conversations) is waited
+        // for here rather than while holding the conversation, and a deleted account
+        // (with a still-unexpired access token) posts nothing.
+        let live: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM users WHERE id = $1 AND deleted_at IS NULL FOR KEY SHARE",
+        )
+        .bind(message.sender_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if live.is_none() {
+            return Ok(PostMessage::NotFound);
+        }
         // Take the conversation's lock and the next seq in one statement; members only.
         let seq: Option<i64> = sqlx::query_scalar(
             "UPDATE conversations c SET last_seq = c.last_seq + 1

@@ -41,7 +41,9 @@ pub enum Upsert {
 }
 
 /// Registers a device for `user_id`, idempotently; `None` (and nothing changed) if the
-/// installation id is another user's, or the account was deleted.
+/// installation id is another user's, or `session_id` has ended (its access token is
+/// still unexpired: a device registered now would outlive the session's end), or the
+/// account was deleted (which deletes its sessions).
 ///
 /// The row is keyed by the app's installation id, and an id stays with the account
 /// that registered it: another account presenting it cannot move it (or learn more
@@ -72,7 +74,9 @@ pub async fn upsert_device(
             let row = sqlx::query_as::<_, DeviceWithFlag>(
                 "INSERT INTO devices (id, user_id, platform, push_token, app_version, locale, apns_environment, session_id)
                  SELECT $1, $2, $3, $4, $5, $6, $7, $8
-                 WHERE EXISTS (SELECT 1 FROM users WHERE id = $2 AND deleted_at IS NULL FOR SHARE)
+                 WHERE EXISTS (SELECT 1 FROM sessions
+                               WHERE id = $8 AND user_id = $2 AND revoked_at IS NULL
+                               FOR SHARE)
                  ON CONFLICT (id) DO UPDATE SET
                      user_id = EXCLUDED.user_id,
                      session_id = EXCLUDED.session_id,
@@ -96,9 +100,8 @@ pub async fn upsert_device(
             .bind(session_id)
             .fetch_optional(&mut *tx)
             .await?;
-            // No row: the id is another user's, or the user's account was deleted
-            // (with an access token still unexpired). Dropping `tx` undoes the token
-            // clean-up.
+            // No row: the id is another user's, or the session ended (the account may
+            // be deleted). Dropping `tx` undoes the token clean-up.
             let Some(row) = row else {
                 return Ok(None);
             };

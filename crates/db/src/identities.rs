@@ -11,8 +11,12 @@
 //!   end (the caller closes their sockets), and the provider's word decides. This
 //!   defeats an attacker who registers a victim's address first and waits for the
 //!   victim to sign in with Apple. The owner can set a password again by reset;
-//! - an account with the email whose address the provider does not vouch for is not
-//!   linked: [`SignIn::EmailTaken`];
+//! - an account that already has another identity at the same provider is not linked
+//!   to a second one by email (an address a company recycled for a new employee):
+//!   [`SignIn::OtherIdentity`];
+//! - an email the provider does not vouch for links nothing and makes nothing: no
+//!   account may hold an address no one proved ([`SignIn::EmailTaken`],
+//!   [`SignIn::EmailUnverified`]);
 //! - otherwise a new account, without a password, is created.
 
 use mobile_domain::{DisplayName, Email, SessionId, UserId};
@@ -43,6 +47,10 @@ pub enum SignIn {
     Created(User),
     /// An account has the email, which the provider does not vouch for.
     EmailTaken,
+    /// The account with the email has another identity at this provider.
+    OtherIdentity,
+    /// A new account needs an email the provider vouches for, and this one is not.
+    EmailUnverified,
     /// A new account needs an email, and the token carries none.
     NoEmail,
     /// Another request created the same account at the same moment; try again.
@@ -84,6 +92,16 @@ pub async fn sign_in(
             if !identity.email_verified {
                 return Ok(SignIn::EmailTaken);
             }
+            let other: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM identities WHERE user_id = $1 AND provider = $2)",
+            )
+            .bind(user.id)
+            .bind(identity.provider)
+            .fetch_one(&mut *conn)
+            .await?;
+            if other {
+                return Ok(SignIn::OtherIdentity);
+            }
             if !link(&mut *conn, identity, user.id, email).await? {
                 return Ok(SignIn::Raced);
             }
@@ -101,6 +119,9 @@ pub async fn sign_in(
             return Ok(SignIn::Linked { user, ended });
         }
 
+        if !identity.email_verified {
+            return Ok(SignIn::EmailUnverified);
+        }
         let created: Option<User> = sqlx::query_as(
             "INSERT INTO users (id, email, password_hash, display_name) VALUES ($1, $2, '', $3)
              ON CONFLICT (email) DO NOTHING

@@ -268,7 +268,11 @@ pub async fn end_sessions(
                    AND ($3::uuid IS NULL OR id <> $3)
                  RETURNING id
              ), unregistered AS (
-                 DELETE FROM devices WHERE session_id IN (SELECT id FROM ended)
+                 -- Devices of the ended sessions; when every session but one (or all)
+                 -- ended, also those registered before devices knew their session.
+                 DELETE FROM devices
+                 WHERE session_id IN (SELECT id FROM ended)
+                    OR (user_id = $1 AND session_id IS NULL AND $2::uuid IS NULL)
              )
              SELECT id FROM ended",
         )

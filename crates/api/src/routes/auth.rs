@@ -369,8 +369,10 @@ pub struct ProviderSignInRequest {
 problems!(ProviderSignInProblems:
     InvalidIdToken,
     ProviderNotConfigured,
+    EmailTaken,
     EmailTakenUnverified,
     EmailRequired,
+    EmailUnverified,
     ProviderUnavailable,
     Invalid(InvalidDisplayName),
 );
@@ -471,14 +473,24 @@ async fn provider_sign_in(
     // Two first sign-ins of one person at once: the loser finds the winner's account.
     for _ in 0..2 {
         let mut tx = state.db.begin().await?;
-        let (user, status, ended) =
+        let (user, outcome, ended) =
             match identities::sign_in(&mut tx, verified, &display_name).await? {
-                IdentitySignIn::Existing(user) => (user, StatusCode::OK, Vec::new()),
-                IdentitySignIn::Linked { user, ended } => (user, StatusCode::OK, ended),
-                IdentitySignIn::Created(user) => (user, StatusCode::CREATED, Vec::new()),
+                IdentitySignIn::Existing(user) => (user, "existing", Vec::new()),
+                IdentitySignIn::Linked { user, ended } => (user, "linked", ended),
+                IdentitySignIn::Created(user) => (user, "created", Vec::new()),
                 IdentitySignIn::EmailTaken => {
                     count("refused");
                     return Err(ErrorCode::EmailTakenUnverified.into());
+                }
+                IdentitySignIn::OtherIdentity => {
+                    count("refused");
+                    return Err(ApiError::new(ErrorCode::EmailTaken).detail(format!(
+                        "the account with this email signs in with another {name} account"
+                    )));
+                }
+                IdentitySignIn::EmailUnverified => {
+                    count("refused");
+                    return Err(ErrorCode::EmailUnverified.into());
                 }
                 IdentitySignIn::NoEmail => {
                     count("refused");
@@ -492,11 +504,12 @@ async fn provider_sign_in(
             tracing::warn!(user_id = %user.id, sessions = ended.len(), "a provider identity took over an account with the same email; its password was removed");
             events::revoke(state, user.id, Revoke::AllBut(session)).await;
         }
-        count(match (status, ended.is_empty()) {
-            (StatusCode::CREATED, _) => "created",
-            (_, false) => "linked",
-            _ => "existing",
-        });
+        count(outcome);
+        let status = if outcome == "created" {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
         let tokens = token_pair(state, user.id, session, refresh_token)?;
         tracing::info!(user_id = %user.id, "signed in");
         return Ok((
@@ -512,6 +525,9 @@ async fn provider_sign_in(
     )))
 }
 
+/// The longest id_token taken (Apple's and Google's are about 1 KiB).
+const MAX_ID_TOKEN_BYTES: usize = 8192;
+
 /// Verifies an id_token of `provider` and spends its nonce: each nonce signs in once
 /// (kept in Redis until the token expires; without Redis, the token's expiry alone
 /// bounds a replay, and `redis_degraded_total{feature="nonces"}` counts it).
@@ -521,6 +537,11 @@ pub(crate) async fn verify_id_token(
     id_token: &str,
     nonce: &str,
 ) -> Result<Identity, ApiError> {
+    if id_token.len() > MAX_ID_TOKEN_BYTES || !(16..=256).contains(&nonce.chars().count()) {
+        return Err(ApiError::new(ErrorCode::ValidationFailed).detail(format!(
+            "id_token is at most {MAX_ID_TOKEN_BYTES} bytes, and nonce 16 to 256 characters"
+        )));
+    }
     let verifier = state.sign_in.verifier(provider);
     if !verifier.enabled() {
         return Err(ErrorCode::ProviderNotConfigured.into());

@@ -157,7 +157,7 @@ pub struct ChangePassword {
     pub new_password: String,
 }
 
-problems!(ChangePasswordProblems: WrongPassword, NotFound, Invalid(WeakPassword), Invalid(InvalidPassword));
+problems!(ChangePasswordProblems: WrongPassword, NoPassword, NotFound, Invalid(WeakPassword), Invalid(InvalidPassword));
 
 /// Change the password, and end every other session.
 ///
@@ -191,6 +191,9 @@ async fn change_password(
     let credentials = users::find_credentials_by_id(&state.db, auth.user_id)
         .await?
         .ok_or_else(no_user)?;
+    if credentials.password_hash.is_none() {
+        return Err(ErrorCode::NoPassword.into());
+    }
     check_password(&state, ip, &credentials, body.current_password).await?;
     let new_hash = password::hash(new_password).await?;
 

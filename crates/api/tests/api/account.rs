@@ -245,10 +245,19 @@ async fn a_deleted_accounts_unexpired_token_creates_nothing() {
     let app = TestApp::spawn().await;
     let ann = app.register("ann@example.com").await;
     let bob = app.register("bob@example.com").await;
+    let shared = create(&app, &bob, &[&ann.user_id]).await;
+    let shared_id = shared["id"].as_str().unwrap().to_owned();
     assert_eq!(
         delete_me(&app, &ann, PASSWORD).await.status(),
         StatusCode::NO_CONTENT
     );
+    // Her token posts nothing to a conversation she was in.
+    assert_problem(
+        post(&app, &ann, &shared_id, "late", "still here?").await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
 
     let device = uuid::Uuid::now_v7();
     let response = app

@@ -150,6 +150,16 @@ async fn ending_a_session_revokes_it_and_removes_its_device() {
         .map(|d| d["device_id"].as_str().unwrap())
         .collect();
     assert_eq!(device_ids, [kept.as_str()]);
+    // The ended session's access token is still unexpired; it registers no device
+    // that would outlive the session.
+    let again = uuid::Uuid::now_v7();
+    let response = app
+        .authed(Method::PUT, &format!("/v1/devices/{again}"), &lost)
+        .json(&json!({"platform": "ios", "push_token": "ef".repeat(32)}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, StatusCode::NOT_FOUND, "not_found").await;
     assert_eq!(
         app.get_json("/v1/sessions", &desk).await["items"]
             .as_array()

@@ -58,6 +58,17 @@ async fn apple_creates_an_account_then_signs_it_in_across_a_key_rotation() {
     )
     .await;
 
+    // Nor a password to change.
+    let change =
+        json!({"current_password": "anything at all", "new_password": "a long new passphrase"});
+    let response = app
+        .authed(Method::POST, "/v1/me/password", &ann)
+        .json(&change)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, StatusCode::CONFLICT, "no_password").await;
+
     // Again, with a new nonce: the same account, 200.
     let second = nonce();
     let token = issuer.id_token(APP_ID, "001234.abcd.0999", relay, &second);
@@ -245,6 +256,26 @@ async fn a_verified_email_links_the_password_account_and_removes_its_password() 
         sign_in(&app, "/v1/auth/google", &issuer.sign(&claims), &raw).await,
         StatusCode::CONFLICT,
         "email_taken_unverified",
+    )
+    .await;
+    // Nor makes an account for an address no one proved.
+    let raw = nonce();
+    let mut claims = issuer.claims(APP_ID, "2004", "dave@example.com", &raw);
+    claims["email_verified"] = json!(false);
+    assert_problem(
+        sign_in(&app, "/v1/auth/google", &issuer.sign(&claims), &raw).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "email_unverified",
+    )
+    .await;
+    // An account with a Google identity is not linked to a second one by email (an
+    // address handed to someone else).
+    let raw = nonce();
+    let token = issuer.id_token(APP_ID, "2099", "bob@example.com", &raw);
+    assert_problem(
+        sign_in(&app, "/v1/auth/google", &token, &raw).await,
+        StatusCode::CONFLICT,
+        "email_taken",
     )
     .await;
     // A first sign-in without an email cannot make an account.
