@@ -186,6 +186,7 @@ mod tests {
         let later = OffsetDateTime::now_utc() + time::Duration::days(1);
         let session = crate::sessions::create_session(&mut conn, id, &[token; 32], later, None)
             .await
+            .unwrap()
             .unwrap();
         (id, session)
     }

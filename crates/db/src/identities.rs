@@ -10,7 +10,7 @@
 //!   whoever registered it may not own it: its password is removed and its sessions
 //!   end (the caller closes their sockets), and the provider's word decides. This
 //!   defeats an attacker who registers a victim's address first and waits for the
-//!   victim to sign in with Apple. The owner can set a password again by reset;
+//!   victim to sign in with Apple. The account then signs in with the provider;
 //! - an account that already has another identity at the same provider is not linked
 //!   to a second one by email (an address a company recycled for a new employee):
 //!   [`SignIn::OtherIdentity`];

@@ -52,14 +52,15 @@ pub const MAX_USER_AGENT_CHARS: usize = 256;
 
 /// Starts a session for `user_id` with its first refresh token. `user_agent` is what
 /// the app sent at sign-in, shown back in the user's list of sessions (cut to
-/// [`MAX_USER_AGENT_CHARS`]).
+/// [`MAX_USER_AGENT_CHARS`]). `None` if the account was deleted meanwhile (the check
+/// waits for a deletion in progress).
 pub async fn create_session(
     conn: &mut PgConnection,
     user_id: UserId,
     token_hash: &TokenHash,
     expires_at: OffsetDateTime,
     user_agent: Option<&str>,
-) -> Result<SessionId, sqlx::Error> {
+) -> Result<Option<SessionId>, sqlx::Error> {
     timed("sessions.create_session", async move {
         let session_id = SessionId::new();
         let user_agent =
@@ -69,14 +70,21 @@ pub async fn create_session(
                     None => agent,
                 },
             );
-        sqlx::query("INSERT INTO sessions (id, user_id, user_agent) VALUES ($1, $2, $3)")
-            .bind(session_id)
-            .bind(user_id)
-            .bind(user_agent)
-            .execute(&mut *conn)
-            .await?;
+        let created = sqlx::query(
+            "INSERT INTO sessions (id, user_id, user_agent)
+             SELECT $1, $2, $3
+             WHERE EXISTS (SELECT 1 FROM users WHERE id = $2 AND deleted_at IS NULL FOR KEY SHARE)",
+        )
+        .bind(session_id)
+        .bind(user_id)
+        .bind(user_agent)
+        .execute(&mut *conn)
+        .await?;
+        if created.rows_affected() == 0 {
+            return Ok(None);
+        }
         insert_refresh_token(&mut *conn, session_id, token_hash, expires_at).await?;
-        Ok(session_id)
+        Ok(Some(session_id))
     })
     .await
 }
@@ -415,6 +423,7 @@ mod tests {
         let mut conn = pool.pool().acquire().await.unwrap();
         let session = create_session(&mut conn, user_id, &[1; 32], later(), None)
             .await
+            .unwrap()
             .unwrap();
 
         let first = rotate_refresh_token(&pool, &[1; 32], &[2; 32], later(), MAX_AGE)
@@ -459,6 +468,7 @@ mod tests {
         let past = OffsetDateTime::now_utc() - Duration::seconds(1);
         create_session(&mut conn, user_id, &[1; 32], past, None)
             .await
+            .unwrap()
             .unwrap();
 
         assert_eq!(
@@ -483,6 +493,7 @@ mod tests {
         let mut conn = pool.pool().acquire().await.unwrap();
         let session = create_session(&mut conn, user_id, &[1; 32], later(), None)
             .await
+            .unwrap()
             .unwrap();
         sqlx::query("UPDATE sessions SET created_at = now() - interval '89 days' WHERE id = $1")
             .bind(session)
@@ -509,6 +520,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_deleted_account_gets_no_new_session() {
+        let db = mobile_testkit::TestDb::new().await;
+        let pool = crate::Db::from(db.pool().await);
+        let user_id = user(&pool).await;
+        let mut conn = pool.pool().acquire().await.unwrap();
+        // Signed in (password checked), then deleted before the session was made.
+        crate::accounts::delete_account(&mut conn, user_id)
+            .await
+            .unwrap();
+        let session = create_session(&mut conn, user_id, &[1; 32], later(), None)
+            .await
+            .unwrap();
+        assert_eq!(session, None);
+    }
+
+    #[tokio::test]
     async fn logout_revokes_once() {
         let db = mobile_testkit::TestDb::new().await;
         let pool = crate::Db::from(db.pool().await);
@@ -516,6 +543,7 @@ mod tests {
         let mut conn = pool.pool().acquire().await.unwrap();
         let session = create_session(&mut conn, user_id, &[1; 32], later(), None)
             .await
+            .unwrap()
             .unwrap();
 
         assert_eq!(

@@ -134,7 +134,9 @@ async fn register(
         InsertUser::Inserted(user) => user,
         InsertUser::EmailTaken => return Err(ErrorCode::EmailTaken.into()),
     };
-    let (session, refresh_token) = start_session(&mut tx, &state, user.id, &headers).await?;
+    let (session, refresh_token) = start_session(&mut tx, &state, user.id, &headers)
+        .await?
+        .ok_or_else(|| ApiError::internal(anyhow::anyhow!("a user inserted just now is gone")))?;
     tx.commit().await?;
 
     let tokens = token_pair(&state, user.id, session, refresh_token)?;
@@ -193,7 +195,10 @@ async fn login(
     state.metrics.sign_in("password", "existing");
 
     let mut tx = state.db.begin().await?;
-    let (session, refresh_token) = start_session(&mut tx, &state, user.id, &headers).await?;
+    // The account may have been deleted since its password was checked.
+    let (session, refresh_token) = start_session(&mut tx, &state, user.id, &headers)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::InvalidCredentials))?;
     tx.commit().await?;
     let tokens = token_pair(&state, user.id, session, refresh_token)?;
     tracing::info!(user_id = %user.id, "signed in");
@@ -315,13 +320,13 @@ async fn logout_all(State(state): State<AppState>, auth: AuthUser) -> Result<Sta
 }
 
 /// Starts a session of `user`: its first refresh token (returned), and the User-Agent
-/// of the sign-in.
+/// of the sign-in. `None` if the account was deleted since it was read.
 async fn start_session(
     conn: &mut sqlx::PgConnection,
     state: &AppState,
     user: UserId,
     headers: &HeaderMap,
-) -> Result<(SessionId, String), ApiError> {
+) -> Result<Option<(SessionId, String)>, ApiError> {
     let refresh = refresh::generate();
     let session = sessions::create_session(
         conn,
@@ -331,7 +336,7 @@ async fn start_session(
         user_agent(headers),
     )
     .await?;
-    Ok((session, refresh.token))
+    Ok(session.map(|session| (session, refresh.token)))
 }
 
 /// The User-Agent of a sign-in, if it is printable ASCII.
@@ -498,7 +503,12 @@ async fn provider_sign_in(
                 }
                 IdentitySignIn::Raced => continue,
             };
-        let (session, refresh_token) = start_session(&mut tx, state, user.id, headers).await?;
+        // Deleted since it was found: the next round finds no identity and starts over.
+        let Some((session, refresh_token)) =
+            start_session(&mut tx, state, user.id, headers).await?
+        else {
+            continue;
+        };
         tx.commit().await?;
         if !ended.is_empty() {
             tracing::warn!(user_id = %user.id, sessions = ended.len(), "a provider identity took over an account with the same email; its password was removed");
