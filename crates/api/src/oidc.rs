@@ -168,10 +168,6 @@ impl Verifier {
         }
     }
 
-    pub const fn provider(&self) -> Provider {
-        self.provider
-    }
-
     /// Whether the provider is on (it has client ids).
     pub fn enabled(&self) -> bool {
         !self.settings.client_ids.is_empty()

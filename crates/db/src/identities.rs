@@ -6,9 +6,11 @@
 //!
 //! - a known `(provider, subject)` signs in to its account;
 //! - otherwise, an account with the same email is linked only when the provider says
-//!   the email is verified. Nothing here has verified that account's own address, so
-//!   whoever registered it may not own it: its password is removed and its sessions
-//!   end (the caller closes their sockets), and the provider's word decides. This
+//!   the email is verified. An account with a password: nothing here has verified its
+//!   address, so whoever registered it may not own it: its password is removed and its
+//!   sessions end (the caller closes their sockets), and the provider's word decides.
+//!   An account without one was made by the other provider, which verified the
+//!   address: it keeps its sessions. This
 //!   defeats an attacker who registers a victim's address first and waits for the
 //!   victim to sign in with Apple. The account then signs in with the provider;
 //! - an account that already has another identity at the same provider is not linked
@@ -57,6 +59,14 @@ pub enum SignIn {
     Raced,
 }
 
+/// The account holding an email, and whether it has a password.
+#[derive(Debug, sqlx::FromRow)]
+struct Holder {
+    #[sqlx(flatten)]
+    user: User,
+    has_password: bool,
+}
+
 const USER_COLUMNS: &str = "u.id, u.email, u.display_name, u.created_at, u.updated_at";
 
 /// Signs `identity` in inside the caller's transaction (see the module); a new account
@@ -82,13 +92,14 @@ pub async fn sign_in(
             return Ok(SignIn::NoEmail);
         };
 
-        let holder: Option<User> = sqlx::query_as(&format!(
-            "SELECT {USER_COLUMNS} FROM users u WHERE u.email = $1 AND u.deleted_at IS NULL FOR UPDATE"
+        let holder: Option<Holder> = sqlx::query_as(&format!(
+            "SELECT {USER_COLUMNS}, u.password_hash <> '' AS has_password
+             FROM users u WHERE u.email = $1 AND u.deleted_at IS NULL FOR UPDATE"
         ))
         .bind(email.as_str())
         .fetch_optional(&mut *conn)
         .await?;
-        if let Some(user) = holder {
+        if let Some(Holder { user, has_password }) = holder {
             if !identity.email_verified {
                 return Ok(SignIn::EmailTaken);
             }
@@ -105,17 +116,26 @@ pub async fn sign_in(
             if !link(&mut *conn, identity, user.id, email).await? {
                 return Ok(SignIn::Raced);
             }
-            sqlx::query("UPDATE users SET password_hash = '', updated_at = now() WHERE id = $1")
+            // An account without a password was made by a provider that verified the
+            // address: it keeps its sessions. One with a password, which no one
+            // verified, loses it and them.
+            let ended = if has_password {
+                sqlx::query(
+                    "UPDATE users SET password_hash = '', updated_at = now() WHERE id = $1",
+                )
                 .bind(user.id)
                 .execute(&mut *conn)
                 .await?;
-            let ended = crate::sessions::end_sessions(
-                &mut *conn,
-                user.id,
-                crate::sessions::Ending::All,
-                crate::sessions::RevokeReason::IdentityLinked,
-            )
-            .await?;
+                crate::sessions::end_sessions(
+                    &mut *conn,
+                    user.id,
+                    crate::sessions::Ending::All,
+                    crate::sessions::RevokeReason::IdentityLinked,
+                )
+                .await?
+            } else {
+                Vec::new()
+            };
             return Ok(SignIn::Linked { user, ended });
         }
 

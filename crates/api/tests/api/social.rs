@@ -299,6 +299,44 @@ async fn a_verified_email_links_the_password_account_and_removes_its_password() 
 }
 
 #[tokio::test]
+async fn an_account_made_by_one_provider_links_the_other_and_stays_signed_in() {
+    let issuer = FakeIssuer::start().await;
+    let mut builder = TestApp::builder();
+    for provider in ["APPLE", "GOOGLE"] {
+        for (name, value) in issuer.env(provider, APP_ID) {
+            builder = builder.env(&name, &value);
+        }
+    }
+    let app = builder.spawn().await;
+    let raw = nonce();
+    let token = issuer.id_token(APP_ID, "google-erin", "erin@example.com", &raw);
+    let response = sign_in(&app, "/v1/auth/google", &token, &raw).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let created: Value = response.json().await.unwrap();
+    let phone = Session::from_body(&created);
+
+    let raw = nonce();
+    let token = issuer.id_token(APP_ID, "apple-erin", "erin@example.com", &raw);
+    let response = sign_in(&app, "/v1/auth/apple", &token, &raw).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let linked: Value = response.json().await.unwrap();
+    assert_eq!(linked["user"]["id"], created["user"]["id"]);
+    // Google had verified the address: nothing was taken over, nothing ends.
+    assert_eq!(
+        app.refresh(&phone.refresh_token).await.status(),
+        StatusCode::OK
+    );
+    let metrics = app.metrics_text().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"auth_sign_ins_total{provider="apple",outcome="linked"}"#
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
 async fn a_provider_account_is_deleted_with_a_fresh_token_of_its_own() {
     let issuer = FakeIssuer::start().await;
     let app = app_with(&issuer, "APPLE", &[("REAUTH_MAX_AGE_SECONDS", "300")]).await;
