@@ -12,6 +12,7 @@ use crate::{
     conversations::{create, post},
     helpers::{Session, TestApp, assert_problem},
     media::{Worker, image_bytes, post_with_media, stored_files, upload, wait_until_ready},
+    sessions::register_device,
 };
 
 const PASSWORD: &str = mobile_testkit::api::PASSWORD;
@@ -99,13 +100,7 @@ async fn deleting_an_account_leaves_only_what_the_policy_keeps() {
             .unwrap(),
     );
     let bob = app.register("bob@example.com").await;
-    let device = uuid::Uuid::now_v7();
-    let response = app
-        .authed(Method::PUT, &format!("/v1/devices/{device}"), &ann)
-        .json(&json!({"platform": "ios", "push_token": "ab".repeat(32)}))
-        .send()
-        .await
-        .unwrap();
+    let (_, response) = register_device(&app, &ann, "ios", &"ab".repeat(32)).await;
     assert_eq!(response.status(), StatusCode::CREATED);
 
     // An upload, rendered by the worker, posted to a conversation with Bob; a message
@@ -259,13 +254,7 @@ async fn a_deleted_accounts_unexpired_token_creates_nothing() {
     )
     .await;
 
-    let device = uuid::Uuid::now_v7();
-    let response = app
-        .authed(Method::PUT, &format!("/v1/devices/{device}"), &ann)
-        .json(&json!({"platform": "ios", "push_token": "cd".repeat(32)}))
-        .send()
-        .await
-        .unwrap();
+    let (_, response) = register_device(&app, &ann, "ios", &"cd".repeat(32)).await;
     assert_problem(response, StatusCode::NOT_FOUND, "not_found").await;
     let png = image_bytes(64, 64, ImageFormat::Png);
     assert_problem(

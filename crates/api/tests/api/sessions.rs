@@ -21,7 +21,13 @@ async fn sign_in(app: &TestApp, email: &str, user_agent: &str) -> Session {
     Session::from_body(&response.json().await.unwrap())
 }
 
-async fn put_device(app: &TestApp, session: &Session, platform: &str, token: &str) -> String {
+/// `PUT /v1/devices/{id}` under a new id as `session`; the id and the response.
+pub(crate) async fn register_device(
+    app: &TestApp,
+    session: &Session,
+    platform: &str,
+    token: &str,
+) -> (String, reqwest::Response) {
     let id = uuid::Uuid::now_v7().to_string();
     let response = app
         .authed(Method::PUT, &format!("/v1/devices/{id}"), session)
@@ -29,6 +35,11 @@ async fn put_device(app: &TestApp, session: &Session, platform: &str, token: &st
         .send()
         .await
         .unwrap();
+    (id, response)
+}
+
+async fn put_device(app: &TestApp, session: &Session, platform: &str, token: &str) -> String {
+    let (id, response) = register_device(app, session, platform, token).await;
     assert_eq!(response.status(), StatusCode::CREATED);
     id
 }
@@ -152,13 +163,7 @@ async fn ending_a_session_revokes_it_and_removes_its_device() {
     assert_eq!(device_ids, [kept.as_str()]);
     // The ended session's access token is still unexpired; it registers no device
     // that would outlive the session.
-    let again = uuid::Uuid::now_v7();
-    let response = app
-        .authed(Method::PUT, &format!("/v1/devices/{again}"), &lost)
-        .json(&json!({"platform": "ios", "push_token": "ef".repeat(32)}))
-        .send()
-        .await
-        .unwrap();
+    let (_, response) = register_device(&app, &lost, "ios", &"ef".repeat(32)).await;
     assert_problem(response, StatusCode::NOT_FOUND, "not_found").await;
     assert_eq!(
         app.get_json("/v1/sessions", &desk).await["items"]
