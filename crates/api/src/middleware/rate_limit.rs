@@ -71,10 +71,36 @@ fn gcra(tat: u64, now: u64, interval: u64, tolerance: u64) -> Result<u64, u64> {
     }
 }
 
-/// A limit as GCRA's emission interval and burst tolerance, in milliseconds.
-fn cell(per_minute: u32) -> (u64, u64) {
-    let interval_ms = 60_000 / u64::from(per_minute.max(1));
-    (interval_ms, interval_ms * u64::from(per_minute))
+/// A limit: a burst of `limit`, refilled evenly over `period`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub limit: u32,
+    pub period: Duration,
+}
+
+impl Rate {
+    pub const fn per_minute(limit: u32) -> Self {
+        Self {
+            limit,
+            period: Duration::from_secs(60),
+        }
+    }
+
+    pub const fn per_hour(limit: u32) -> Self {
+        Self {
+            limit,
+            period: Duration::from_secs(3_600),
+        }
+    }
+}
+
+/// A limit as GCRA's emission interval and burst tolerance, in milliseconds (at least
+/// one millisecond apart: a limit never opens).
+fn cell(rate: Rate) -> (u64, u64) {
+    let period_ms = u64::try_from(rate.period.as_millis()).unwrap_or(u64::MAX / 2);
+    let limit = u64::from(rate.limit.max(1));
+    let interval_ms = (period_ms / limit).max(1);
+    (interval_ms, interval_ms * limit)
 }
 
 /// The rate limits of this process alone, for when Redis cannot keep them.
@@ -105,9 +131,9 @@ impl LocalLimits {
     }
 
     /// `None` when allowed, or how long until the next request would be.
-    pub fn check(&self, bucket: &str, per_minute: u32) -> Option<Duration> {
+    pub fn check(&self, bucket: &str, rate: Rate) -> Option<Duration> {
         let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX / 2);
-        let (interval, tolerance) = cell(per_minute);
+        let (interval, tolerance) = cell(rate);
         let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         if buckets.tats.len() >= Self::CAPACITY && !buckets.tats.contains_key(bucket) {
             // A sweep at most once a second, so a flood of new subjects does not make
@@ -172,25 +198,7 @@ pub async fn limit(
             }
         }
     };
-    let verdict = match state.local_limits.check(&bucket, per_minute) {
-        Some(wait) => Ok(Some(wait)),
-        None => check(&state, &bucket, per_minute).await,
-    };
-    let verdict = match verdict {
-        Ok(verdict) => verdict,
-        Err(e) => {
-            tracing::warn!(error = %e, "Redis cannot keep the rate limit; this process keeps it");
-            state
-                .metrics
-                .redis_degraded
-                .get_or_create(&FeatureLabel {
-                    feature: "rate_limit",
-                })
-                .inc();
-            // Allowed by this process's count, which is all there is now.
-            None
-        }
-    };
+    let verdict = allow(&state, &bucket, Rate::per_minute(per_minute)).await;
     match verdict {
         None => next.run(Request::from_parts(parts, body)).await,
         Some(wait) => {
@@ -209,13 +217,37 @@ pub async fn limit(
     }
 }
 
+/// Takes one request from `bucket` if it has room: `None` when allowed, or how long
+/// until the next request would be. The bucket is counted in Redis, for every replica,
+/// and in this process, which holds alone when Redis cannot count (see the module).
+pub async fn allow(state: &AppState, bucket: &str, rate: Rate) -> Option<Duration> {
+    if let Some(wait) = state.local_limits.check(bucket, rate) {
+        return Some(wait);
+    }
+    match check(state, bucket, rate).await {
+        Ok(verdict) => verdict,
+        Err(e) => {
+            tracing::warn!(error = %e, "Redis cannot keep the rate limit; this process keeps it");
+            state
+                .metrics
+                .redis_degraded
+                .get_or_create(&FeatureLabel {
+                    feature: "rate_limit",
+                })
+                .inc();
+            // Allowed by this process's count, which is all there is now.
+            None
+        }
+    }
+}
+
 /// `None` when allowed, or how long until the next request would be.
 async fn check(
     state: &AppState,
     bucket: &str,
-    per_minute: u32,
+    rate: Rate,
 ) -> Result<Option<Duration>, redis::RedisError> {
-    let (interval_ms, tolerance_ms) = cell(per_minute);
+    let (interval_ms, tolerance_ms) = cell(rate);
     let wait_ms: u64 = GCRA
         .key(state.redis.key(bucket))
         .arg(interval_ms)
@@ -231,7 +263,7 @@ mod tests {
 
     #[test]
     fn gcra_allows_the_burst_then_one_per_interval() {
-        let (interval, tolerance) = cell(3);
+        let (interval, tolerance) = cell(Rate::per_minute(3));
         assert_eq!((interval, tolerance), (20_000, 60_000));
         let mut tat = 0;
         for _ in 0..3 {
@@ -245,7 +277,7 @@ mod tests {
     #[test]
     fn the_highest_limit_still_limits() {
         // 60 000 a minute: one a millisecond, never a zero interval.
-        let (interval, tolerance) = cell(60_000);
+        let (interval, tolerance) = cell(Rate::per_minute(60_000));
         assert_eq!(interval, 1);
         let mut tat = 0;
         for _ in 0..60_000 {
@@ -257,9 +289,10 @@ mod tests {
     #[test]
     fn local_limits_keep_each_subject_apart() {
         let limits = LocalLimits::new();
-        assert_eq!(limits.check("a", 2), None);
-        assert_eq!(limits.check("a", 2), None);
-        assert!(limits.check("a", 2).is_some());
-        assert_eq!(limits.check("b", 2), None);
+        let rate = Rate::per_minute(2);
+        assert_eq!(limits.check("a", rate), None);
+        assert_eq!(limits.check("a", rate), None);
+        assert!(limits.check("a", rate).is_some());
+        assert_eq!(limits.check("b", rate), None);
     }
 }
