@@ -13,7 +13,7 @@
 //! - removes the user from every conversation, and deletes the conversations no one else
 //!   is in (with their messages);
 //! - deletes the jobs that carry the user's data (pushes to them, their uploads'
-//!   processing) and enqueues one `account.forget` job, which deletes what Redis holds
+//!   processing, mails to them) and their email links' tokens, and enqueues one `account.forget` job, which deletes what Redis holds
 //!   under their id (stored idempotent responses);
 //! - keeps the row as a tombstone: the id, `display_name` "Deleted account", an
 //!   address under `.invalid` that no one can sign in with, no password, `deleted_at`.
@@ -73,16 +73,17 @@ pub async fn delete_account(
     user_id: UserId,
 ) -> Result<Deletion, sqlx::Error> {
     timed("accounts.delete_account", async move {
-        let deleted: Option<bool> =
-            sqlx::query_scalar("SELECT deleted_at IS NOT NULL FROM users WHERE id = $1 FOR UPDATE")
-                .bind(user_id)
-                .fetch_optional(&mut *conn)
-                .await?;
-        match deleted {
+        let row: Option<(bool, String)> = sqlx::query_as(
+            "SELECT deleted_at IS NOT NULL, email FROM users WHERE id = $1 FOR UPDATE",
+        )
+        .bind(user_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let email = match row {
             None => return Ok(Deletion::NotFound),
-            Some(true) => return Ok(Deletion::AlreadyDeleted),
-            Some(false) => {}
-        }
+            Some((true, _)) => return Ok(Deletion::AlreadyDeleted),
+            Some((false, email)) => email,
+        };
 
         let uploads: Vec<MediaId> = sqlx::query_scalar("SELECT id FROM media WHERE owner_id = $1")
             .bind(user_id)
@@ -107,10 +108,12 @@ pub async fn delete_account(
             "DELETE FROM jobs
              WHERE (kind = 'push.notify' AND payload->>'user_id' = $1::uuid::text)
                 OR (kind = 'push.send' AND payload->'notification'->>'user_id' = $1::uuid::text)
-                OR (kind = 'media.process' AND payload->>'media_id' = ANY($2))",
+                OR (kind = 'media.process' AND payload->>'media_id' = ANY($2))
+                OR (kind = 'mail.send' AND (payload->>'user_id' = $1::uuid::text OR payload->>'email' = $3))",
         )
         .bind(user_id)
         .bind(&upload_ids)
+        .bind(&email)
         .execute(&mut *conn)
         .await?;
         sqlx::query(
@@ -153,6 +156,10 @@ pub async fn delete_account(
             .bind(user_id)
             .execute(&mut *conn)
             .await?;
+        sqlx::query("DELETE FROM email_tokens WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *conn)
+            .await?;
         sqlx::query("DELETE FROM identities WHERE user_id = $1")
             .bind(user_id)
             .execute(&mut *conn)
@@ -163,7 +170,7 @@ pub async fn delete_account(
             .await?;
         sqlx::query(
             "UPDATE users
-             SET email = id::text || '@deleted.invalid', password_hash = '',
+             SET email = id::text || '@deleted.invalid', password_hash = '', email_verified_at = NULL,
                  display_name = $2, deleted_at = now(), updated_at = now()
              WHERE id = $1",
         )

@@ -6,13 +6,14 @@
 //!
 //! - a known `(provider, subject)` signs in to its account;
 //! - otherwise, an account with the same email is linked only when the provider says
-//!   the email is verified. An account with a password: nothing here has verified its
-//!   address, so whoever registered it may not own it: its password is removed and its
-//!   sessions end (the caller closes their sockets), and the provider's word decides.
-//!   An account without one was made by the other provider, which verified the
-//!   address: it keeps its sessions. This
-//!   defeats an attacker who registers a victim's address first and waits for the
-//!   victim to sign in with Apple. The account then signs in with the provider;
+//!   the email is verified, and its address counts as verified from then on. An
+//!   account whose address was proven before (a link we mailed, `crate::email`, or the
+//!   other provider) keeps its password and sessions. An account with a password whose
+//!   address no one proved may have been registered by someone who does not own it:
+//!   its password is removed and its sessions end (the caller closes their sockets),
+//!   and the provider's word decides. This defeats an attacker who registers a
+//!   victim's address first and waits for the victim to sign in with Apple. The
+//!   account then signs in with the provider (or resets the password by mail);
 //! - an account that already has another identity at the same provider is not linked
 //!   to a second one by email (an address a company recycled for a new employee):
 //!   [`SignIn::OtherIdentity`];
@@ -67,7 +68,7 @@ struct Holder {
     has_password: bool,
 }
 
-const USER_COLUMNS: &str = "u.id, u.email, u.display_name, u.created_at, u.updated_at";
+const USER_COLUMNS: &str = "u.id, u.email, u.display_name, u.email_verified_at IS NOT NULL AS email_verified, u.created_at, u.updated_at";
 
 /// Signs `identity` in inside the caller's transaction (see the module); a new account
 /// is named `display_name`.
@@ -116,16 +117,23 @@ pub async fn sign_in(
             if !link(&mut *conn, identity, user.id, email).await? {
                 return Ok(SignIn::Raced);
             }
-            // An account without a password was made by a provider that verified the
-            // address: it keeps its sessions. One with a password, which no one
-            // verified, loses it and them.
-            let ended = if has_password {
-                sqlx::query(
-                    "UPDATE users SET password_hash = '', updated_at = now() WHERE id = $1",
-                )
-                .bind(user.id)
-                .execute(&mut *conn)
-                .await?;
+            // An account whose address was proven (by a link we mailed, or by a
+            // provider) keeps its password and sessions. One with a password whose
+            // address no one proved loses both: whoever registered it may not own it.
+            let take_over = has_password && !user.email_verified;
+            let user: User = sqlx::query_as(&format!(
+                "UPDATE users u
+                 SET email_verified_at = coalesce(u.email_verified_at, now()),
+                     password_hash = CASE WHEN $2 THEN '' ELSE u.password_hash END,
+                     updated_at = CASE WHEN $2 OR u.email_verified_at IS NULL THEN now() ELSE u.updated_at END
+                 WHERE u.id = $1
+                 RETURNING {USER_COLUMNS}"
+            ))
+            .bind(user.id)
+            .bind(take_over)
+            .fetch_one(&mut *conn)
+            .await?;
+            let ended = if take_over {
                 crate::sessions::end_sessions(
                     &mut *conn,
                     user.id,
@@ -142,11 +150,13 @@ pub async fn sign_in(
         if !identity.email_verified {
             return Ok(SignIn::EmailUnverified);
         }
-        let created: Option<User> = sqlx::query_as(
-            "INSERT INTO users (id, email, password_hash, display_name) VALUES ($1, $2, '', $3)
+        let created: Option<User> = sqlx::query_as(&format!(
+            "INSERT INTO users (id, email, password_hash, display_name, email_verified_at)
+             VALUES ($1, $2, '', $3, now())
              ON CONFLICT (email) DO NOTHING
-             RETURNING id, email, display_name, created_at, updated_at",
-        )
+             RETURNING {}",
+            crate::users::user_columns!()
+        ))
         .bind(UserId::new())
         .bind(email.as_str())
         .bind(display_name.as_str())

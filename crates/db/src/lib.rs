@@ -13,6 +13,7 @@
 pub mod accounts;
 pub mod conversations;
 pub mod devices;
+pub mod email;
 pub mod identities;
 pub mod jobs;
 pub mod media;

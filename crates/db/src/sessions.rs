@@ -30,6 +30,8 @@ pub enum RevokeReason {
     LogoutAll,
     /// The password changed (every session but the one that changed it).
     PasswordChanged,
+    /// The password was reset by mail (every session).
+    PasswordReset,
     /// A provider's verified identity took over the account (`crate::identities`).
     IdentityLinked,
 }
@@ -42,6 +44,7 @@ impl RevokeReason {
             Self::Ended => "ended",
             Self::LogoutAll => "logout_all",
             Self::PasswordChanged => "password_changed",
+            Self::PasswordReset => "password_reset",
             Self::IdentityLinked => "identity_linked",
         }
     }

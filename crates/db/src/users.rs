@@ -11,9 +11,20 @@ pub struct User {
     pub id: UserId,
     pub email: String,
     pub display_name: String,
+    /// Whether the address was proven to be the account's (`crate::email`).
+    pub email_verified: bool,
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
 }
+
+/// The columns of a [`User`], for `SELECT` and `RETURNING` on `users`: a macro, so
+/// `concat!` builds each query at compile time (`GET /v1/me` allocates no SQL).
+macro_rules! user_columns {
+    () => {
+        "id, email, display_name, email_verified_at IS NOT NULL AS email_verified, created_at, updated_at"
+    };
+}
+pub(crate) use user_columns;
 
 /// A user with the password hash, for the login check only.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -38,11 +49,12 @@ pub async fn insert_user(
     display_name: &DisplayName,
 ) -> Result<InsertUser, sqlx::Error> {
     timed("users.insert_user", async move {
-        let result = sqlx::query_as::<_, User>(
+        let result = sqlx::query_as::<_, User>(concat!(
             "INSERT INTO users (id, email, password_hash, display_name)
              VALUES ($1, $2, $3, $4)
-             RETURNING id, email, display_name, created_at, updated_at",
-        )
+             RETURNING ",
+            user_columns!()
+        ))
         .bind(UserId::new())
         .bind(email.as_str())
         .bind(password_hash)
@@ -65,10 +77,12 @@ pub async fn find_credentials(
     email: &Email,
 ) -> Result<Option<Credentials>, sqlx::Error> {
     timed("users.find_credentials", async move {
-        sqlx::query_as(
-            "SELECT id, email, display_name, created_at, updated_at, NULLIF(password_hash, '') AS password_hash
-             FROM users WHERE email = $1 AND deleted_at IS NULL",
-        )
+        sqlx::query_as(concat!(
+            "SELECT ",
+            user_columns!(),
+            ", NULLIF(password_hash, '') AS password_hash
+             FROM users WHERE email = $1 AND deleted_at IS NULL"
+        ))
         .bind(email.as_str())
         .fetch_optional(db)
         .await
@@ -82,10 +96,12 @@ pub async fn find_credentials_by_id(
     id: UserId,
 ) -> Result<Option<Credentials>, sqlx::Error> {
     timed("users.find_credentials_by_id", async move {
-        sqlx::query_as(
-            "SELECT id, email, display_name, created_at, updated_at, NULLIF(password_hash, '') AS password_hash
-             FROM users WHERE id = $1 AND deleted_at IS NULL",
-        )
+        sqlx::query_as(concat!(
+            "SELECT ",
+            user_columns!(),
+            ", NULLIF(password_hash, '') AS password_hash
+             FROM users WHERE id = $1 AND deleted_at IS NULL"
+        ))
         .bind(id)
         .fetch_optional(db)
         .await
@@ -100,10 +116,12 @@ pub async fn find_credentials_for_update(
     id: UserId,
 ) -> Result<Option<Credentials>, sqlx::Error> {
     timed("users.find_credentials_for_update", async move {
-        sqlx::query_as(
-            "SELECT id, email, display_name, created_at, updated_at, NULLIF(password_hash, '') AS password_hash
-             FROM users WHERE id = $1 AND deleted_at IS NULL FOR UPDATE",
-        )
+        sqlx::query_as(concat!(
+            "SELECT ",
+            user_columns!(),
+            ", NULLIF(password_hash, '') AS password_hash
+             FROM users WHERE id = $1 AND deleted_at IS NULL FOR UPDATE"
+        ))
         .bind(id)
         .fetch_optional(db)
         .await
@@ -130,9 +148,11 @@ pub async fn update_password_hash(
 
 pub async fn find_user(db: impl PgExecutor<'_>, id: UserId) -> Result<Option<User>, sqlx::Error> {
     timed("users.find_user", async move {
-        sqlx::query_as(
-            "SELECT id, email, display_name, created_at, updated_at FROM users WHERE id = $1 AND deleted_at IS NULL",
-        )
+        sqlx::query_as(concat!(
+            "SELECT ",
+            user_columns!(),
+            " FROM users WHERE id = $1 AND deleted_at IS NULL"
+        ))
         .bind(id)
         .fetch_optional(db)
         .await
@@ -146,10 +166,14 @@ pub async fn find_user_for_update(
     id: UserId,
 ) -> Result<Option<User>, sqlx::Error> {
     timed("users.find_user_for_update", async move {
-        sqlx::query_as("SELECT id, email, display_name, created_at, updated_at FROM users WHERE id = $1 AND deleted_at IS NULL FOR UPDATE")
-            .bind(id)
-            .fetch_optional(db)
-            .await
+        sqlx::query_as(concat!(
+            "SELECT ",
+            user_columns!(),
+            " FROM users WHERE id = $1 AND deleted_at IS NULL FOR UPDATE"
+        ))
+        .bind(id)
+        .fetch_optional(db)
+        .await
     })
     .await
 }
@@ -162,13 +186,14 @@ pub async fn update_display_name(
     display_name: &DisplayName,
 ) -> Result<Option<User>, sqlx::Error> {
     timed("users.update_display_name", async move {
-        sqlx::query_as(
+        sqlx::query_as(concat!(
             "UPDATE users
              SET display_name = $2,
                  updated_at = CASE WHEN display_name = $2 THEN updated_at ELSE now() END
              WHERE id = $1
-             RETURNING id, email, display_name, created_at, updated_at",
-        )
+             RETURNING ",
+            user_columns!()
+        ))
         .bind(id)
         .bind(display_name.as_str())
         .fetch_optional(db)

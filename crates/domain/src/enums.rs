@@ -175,6 +175,8 @@ text_enum!(
         PushNotify => "push.notify",
         /// Send one notification to one device.
         PushSend => "push.send",
+        /// Send one mail (a verification link, a reset link, a notice).
+        MailSend => "mail.send",
     }
 );
 
