@@ -45,6 +45,9 @@ pub const SECRET_SETTINGS: &[&str] = &[
     "AZURE_STORAGE_SAS_KEY",
     "AZURE_CLIENT_SECRET",
     "GOOGLE_SERVICE_ACCOUNT_KEY",
+    // The worker's mail relay: a URL that may carry a password, or the password alone.
+    "SMTP_URL",
+    "SMTP_PASSWORD",
 ];
 
 /// Where settings come from: the process environment, or a map in tests.

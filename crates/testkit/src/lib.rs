@@ -1,14 +1,16 @@
 //! Test helpers shared by every crate's tests. Nothing here fakes PostgreSQL or Redis:
 //! a test gets its own real database on the machine's PostgreSQL, and a test that needs
 //! to kill Redis gets its own real `redis-server` process. The fakes stand in only for
-//! what lives outside (APNs, FCM, S3), and speak the real protocols.
+//! what lives outside (APNs, FCM, S3, Apple and Google sign-in, SMTP), and speak the
+//! real protocols.
 //!
 //! - [`TestDb`], [`RedisServer`], [`S3Server`], [`TestKeys`]: what a test runs on;
 //!   [`PgServer`] a PostgreSQL cluster of the test's own, [`TestCa`] the certificates
 //!   for servers that speak TLS.
 //! - [`ServiceProcess`]: a service binary as a process (signals, exit codes).
 //! - [`api`]: an account through the API, and reading `/metrics`.
-//! - [`FakeApns`], [`FakeFcm`]: the push services.
+//! - [`FakeApns`], [`FakeFcm`]: the push services; [`FakeIssuer`] an OpenID issuer;
+//!   [`FakeSmtp`] a mail server.
 //!
 //! Settings: `TEST_DATABASE_URL` names the server to create test databases on
 //! (default `postgres://postgres@127.0.0.1:5432/postgres`); `TEST_REDIS_URL` the shared
@@ -20,6 +22,7 @@ mod database;
 mod fake_apns;
 mod fake_fcm;
 mod fake_oidc;
+mod fake_smtp;
 mod keys;
 mod pg_server;
 mod pgbouncer;
@@ -33,6 +36,7 @@ pub use database::TestDb;
 pub use fake_apns::{ApnsDelivery, ApnsReply, FakeApns, TEST_APNS_KEY_ID, TEST_APNS_TEAM_ID};
 pub use fake_fcm::{FakeFcm, FcmReply};
 pub use fake_oidc::{FakeIssuer, nonce_hash};
+pub use fake_smtp::{FakeSmtp, ReceivedMail, Security as SmtpSecurity};
 pub use keys::TestKeys;
 pub use pg_server::PgServer;
 pub use pgbouncer::PgBouncer;

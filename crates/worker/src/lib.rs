@@ -10,12 +10,14 @@
 //! | `push.send` | [`push::Deliver`] | one notification to one device over APNs or FCM |
 //! | `media.delete` | [`erase::DeleteMedia`] | removes a deleted account's upload (original and variants) from storage |
 //! | `account.forget` | [`erase::ForgetAccount`] | deletes what Redis holds under a deleted account's id |
+//! | `mail.send` | [`mail::SendMail`] | one mail (a verification or reset link, a notice) over SMTP |
 //!
 //! The process serves only health on `LISTEN_ADDR` and metrics on `METRICS_ADDR`. On
 //! SIGTERM it goes unready, stops claiming, lets in-flight jobs finish within the
 //! drain, releases what is still running, and exits 0.
 
 pub mod erase;
+pub mod mail;
 pub mod media;
 pub mod metrics;
 pub mod push;
@@ -127,7 +129,31 @@ pub async fn serve(
         }
     };
 
+    let mailer = match settings.mail.clone() {
+        Some(mail) => {
+            let mailer = mail::Mailer::new(mail, settings.mail_timeout)?;
+            tracing::info!(smtp = %mailer.describe(), "mail is on");
+            Some(Arc::new(mailer))
+        }
+        None => {
+            tracing::warn!(
+                "mail is off (set SMTP_URL, MAIL_FROM, APP_NAME and APP_LINK_BASE_URL): no verification or password-reset mails are sent"
+            );
+            None
+        }
+    };
+
     let kinds = vec![
+        Kind {
+            kind: JobKind::MailSend,
+            concurrency: settings.mail_concurrency,
+            timeout: settings.mail_timeout,
+            handler: Arc::new(mail::SendMail {
+                db: db.clone(),
+                mailer,
+                metrics: metrics.clone(),
+            }),
+        },
         Kind {
             kind: JobKind::MediaProcess,
             concurrency: settings.image_concurrency,

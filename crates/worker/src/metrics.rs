@@ -26,6 +26,15 @@ pub struct PushLabel {
     pub outcome: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct MailLabel {
+    /// `verify_email`, `reset_password`, `email_change_requested`.
+    pub template: &'static str,
+    /// `sent`, `failed` (an attempt; retried unless permanent), `skipped` (nothing to
+    /// send: the account is gone or already verified), `disabled` (no `SMTP_URL`).
+    pub outcome: &'static str,
+}
+
 #[derive(Debug, Clone)]
 pub struct WorkerMetrics {
     /// Queued jobs due now, per kind; refreshed every poll interval by one worker of
@@ -37,6 +46,7 @@ pub struct WorkerMetrics {
     pub processed: Family<KindOutcomeLabel, Counter>,
     pub duration: Family<KindLabel, Histogram>,
     pub pushes: Family<PushLabel, Counter>,
+    pub mails: Family<MailLabel, Counter>,
     /// Decode, orient, three resizes and encodes of one image.
     pub image_resize_duration: Histogram,
 }
@@ -52,6 +62,7 @@ impl WorkerMetrics {
                 Histogram::new(mobile_runtime::metrics::DURATION_BUCKETS)
             }),
             pushes: Family::default(),
+            mails: Family::default(),
             image_resize_duration: Histogram::new(mobile_runtime::metrics::DURATION_BUCKETS),
         };
         registry.register(
@@ -85,6 +96,11 @@ impl WorkerMetrics {
             "Push sends by platform and outcome",
             metrics.pushes.clone(),
         );
+        registry.register(
+            "mails",
+            "Mails by template and outcome",
+            metrics.mails.clone(),
+        );
         registry.register_with_unit(
             "image_resize_duration",
             "Time to turn one original into its variants",
@@ -92,6 +108,12 @@ impl WorkerMetrics {
             metrics.image_resize_duration.clone(),
         );
         metrics
+    }
+
+    pub fn mail(&self, template: &'static str, outcome: &'static str) {
+        self.mails
+            .get_or_create(&MailLabel { template, outcome })
+            .inc();
     }
 
     pub fn processed(&self, kind: JobKind, outcome: &'static str) {

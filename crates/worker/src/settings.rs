@@ -1,7 +1,7 @@
 //! `mobile-worker`'s settings: the common ones plus storage, images, pushes and the
 //! job runner's tuning. README's settings table lists each with its default.
 
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, str::FromStr as _, time::Duration};
 
 use mobile_runtime::{CommonSettings, Defaults, Env, SettingsError};
 
@@ -38,6 +38,117 @@ pub struct WorkerSettings {
     /// `PUSH_CA_FILE`: an extra trusted root certificate (PEM) for the push endpoints,
     /// for a TLS-inspecting proxy or a test server. Unset: the system roots only.
     pub push_ca_file: Option<PathBuf>,
+    /// Mail over SMTP; `None` (no `SMTP_URL`) disables it.
+    pub mail: Option<MailSettings>,
+    /// `WORKER_MAIL_CONCURRENCY` (default 4): mails sent at once.
+    pub mail_concurrency: usize,
+    /// `MAIL_JOB_TIMEOUT_SECONDS` (default 30): one mail's connect, TLS, and send.
+    pub mail_timeout: Duration,
+}
+
+/// Mail: `SMTP_URL` with `MAIL_FROM`, `APP_NAME` and `APP_LINK_BASE_URL`.
+#[derive(Debug, Clone)]
+pub struct MailSettings {
+    /// `SMTP_URL`: where and how to send (see [`SmtpUrl`]).
+    pub smtp: SmtpUrl,
+    /// `MAIL_FROM`: the sender, `Name <address>` or an address.
+    pub from: String,
+    /// `APP_NAME`: the app's name as the mails say it.
+    pub app_name: String,
+    /// `APP_LINK_BASE_URL`: where the links in the mails point, the app's universal
+    /// link (iOS) / app link (Android) domain, e.g. `https://example.com/app`; the
+    /// paths `/verify-email` and `/reset-password` are added, with `?token=`.
+    pub link_base: url::Url,
+    /// `SMTP_CA_FILE`: an extra trusted root certificate (PEM) for the SMTP server,
+    /// for a private relay or a test server. Unset: the system roots only.
+    pub ca_file: Option<PathBuf>,
+    /// `EMAIL_VERIFICATION_TTL_SECONDS` (default 86400): how long a verification link works.
+    pub verification_ttl: Duration,
+    /// `PASSWORD_RESET_TTL_SECONDS` (default 3600): how long a reset link works.
+    pub reset_ttl: Duration,
+}
+
+/// `SMTP_URL`: `smtp://[user[:password]@]host[:port]` (STARTTLS, required; port 587
+/// by default) or `smtps://…` (TLS from the first byte; port 465). The password may
+/// instead be `SMTP_PASSWORD` (or the file `SMTP_PASSWORD_FILE` names). Mail never goes
+/// out in plain text: a server that does not offer STARTTLS fails the send.
+#[derive(Clone)]
+pub struct SmtpUrl {
+    pub implicit_tls: bool,
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for SmtpUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The password stays out of logs.
+        f.debug_struct("SmtpUrl")
+            .field("implicit_tls", &self.implicit_tls)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl SmtpUrl {
+    pub fn parse(value: &str, password: Option<&str>) -> Result<Self, SettingsError> {
+        let invalid = |reason: &str| SettingsError::new("SMTP_URL", reason.to_owned());
+        let url = url::Url::parse(value).map_err(|e| invalid(&format!("not a URL: {e}")))?;
+        let (implicit_tls, default_port) = match url.scheme() {
+            "smtp" => (false, 587),
+            "smtps" => (true, 465),
+            other => {
+                return Err(invalid(&format!(
+                    "the scheme is {other:?}; use smtp:// (STARTTLS) or smtps:// (TLS)"
+                )));
+            }
+        };
+        let host = url
+            .host_str()
+            .filter(|host| !host.is_empty())
+            .ok_or_else(|| invalid("the URL names no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+            return Err(invalid(
+                "only scheme, credentials, host and port are read; remove the rest",
+            ));
+        }
+        let username = Some(url.username())
+            .filter(|u| !u.is_empty())
+            .map(percent_decode);
+        let in_url = url.password().map(percent_decode);
+        if in_url.is_some() && password.is_some() {
+            return Err(SettingsError::new(
+                "SMTP_PASSWORD",
+                "SMTP_URL carries a password too; give it in one place",
+            ));
+        }
+        let password = in_url.or_else(|| password.map(str::to_owned));
+        if password.is_some() && username.is_none() {
+            return Err(invalid("a password needs a user name (smtp://user@host)"));
+        }
+        Ok(Self {
+            implicit_tls,
+            host,
+            port: url.port().unwrap_or(default_port),
+            username,
+            password,
+        })
+    }
+}
+
+/// `%40` → `@` and the like, as a URL's user and password are written.
+fn percent_decode(part: &str) -> String {
+    url::form_urlencoded::parse(format!("v={}", part.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, value)| value.into_owned())
+        .unwrap_or_default()
 }
 
 /// APNs token auth: all of `APNS_KEY_FILE`, `APNS_KEY_ID`, `APNS_TEAM_ID`, `APNS_TOPIC`.
@@ -101,6 +212,9 @@ impl WorkerSettings {
                     base_url: env.string("FCM_BASE_URL", "https://fcm.googleapis.com"),
                 }),
             push_ca_file: env.optional("PUSH_CA_FILE").map(PathBuf::from),
+            mail: mail(env)?,
+            mail_concurrency: env.parse("WORKER_MAIL_CONCURRENCY", 4)?,
+            mail_timeout: env.seconds("MAIL_JOB_TIMEOUT_SECONDS", 30)?,
         };
         for (name, value) in [
             (
@@ -117,6 +231,8 @@ impl WorkerSettings {
                 settings.image_timeout.as_secs(),
             ),
             ("PUSH_JOB_TIMEOUT_SECONDS", settings.push_timeout.as_secs()),
+            ("WORKER_MAIL_CONCURRENCY", settings.mail_concurrency as u64),
+            ("MAIL_JOB_TIMEOUT_SECONDS", settings.mail_timeout.as_secs()),
             ("MEDIA_MAX_PIXELS", settings.media_max_pixels),
         ] {
             if value == 0 {
@@ -160,6 +276,58 @@ fn apns(env: &Env) -> Result<Option<ApnsSettings>, SettingsError> {
             ))
         }
     }
+}
+
+/// Mail is on with `SMTP_URL`, which then needs `MAIL_FROM`, `APP_NAME` and
+/// `APP_LINK_BASE_URL`; the others without it are a mistake, said at start.
+fn mail(env: &Env) -> Result<Option<MailSettings>, SettingsError> {
+    const NEEDED: [&str; 3] = ["MAIL_FROM", "APP_NAME", "APP_LINK_BASE_URL"];
+    let Some(url) = env.optional("SMTP_URL") else {
+        if let Some(name) = NEEDED
+            .iter()
+            .chain(&["SMTP_PASSWORD"])
+            .find(|name| env.optional(name).is_some())
+        {
+            return Err(SettingsError::new(
+                name,
+                "is set but SMTP_URL is not: mail is off without it",
+            ));
+        }
+        return Ok(None);
+    };
+    if let Some(missing) = NEEDED.iter().find(|name| env.optional(name).is_none()) {
+        return Err(SettingsError::new(
+            missing,
+            format!("mail (SMTP_URL) needs all of {NEEDED:?}"),
+        ));
+    }
+    let smtp = SmtpUrl::parse(url, env.optional("SMTP_PASSWORD"))?;
+    let from = env.string("MAIL_FROM", "");
+    lettre::message::Mailbox::from_str(&from).map_err(|e| {
+        SettingsError::new(
+            "MAIL_FROM",
+            format!("not an address (`Name <a@example.com>`): {e}"),
+        )
+    })?;
+    let link_base = url::Url::parse(&env.string("APP_LINK_BASE_URL", ""))
+        .ok()
+        .filter(|url| matches!(url.scheme(), "https" | "http") && url.host().is_some())
+        .filter(|url| url.query().is_none() && url.fragment().is_none())
+        .ok_or_else(|| {
+            SettingsError::new(
+                "APP_LINK_BASE_URL",
+                "must be an https:// URL (http:// for development) without query or fragment, e.g. https://example.com/app",
+            )
+        })?;
+    Ok(Some(MailSettings {
+        smtp,
+        from,
+        app_name: env.string("APP_NAME", ""),
+        link_base,
+        ca_file: env.optional("SMTP_CA_FILE").map(PathBuf::from),
+        verification_ttl: env.seconds("EMAIL_VERIFICATION_TTL_SECONDS", 86_400)?,
+        reset_ttl: env.seconds("PASSWORD_RESET_TTL_SECONDS", 3_600)?,
+    }))
 }
 
 fn default_worker_id() -> String {
