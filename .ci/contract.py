@@ -106,6 +106,8 @@ class Api:
             "RATE_LIMIT_WRITE_PER_MINUTE": "60000",
             "LOGIN_SLOWDOWN_AFTER_FAILURES": "1000000",
             "LOGIN_FAILURES_PER_ADDRESS": "1000000",
+            "MAIL_PER_ADDRESS_PER_HOUR": "1000000",
+            "MAIL_PER_IP_PER_HOUR": "1000000",
             "ACCESS_TOKEN_TTL_SECONDS": "3600",
         }
         subprocess.run([binary, "migrate"], env=self.env, check=True, capture_output=True)

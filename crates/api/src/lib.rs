@@ -106,6 +106,7 @@ pub fn app(state: AppState, health: &Health) -> Router {
     let (api, document) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(routes::auth::router(&state))
         .merge(routes::me::router(&state))
+        .merge(routes::email::router(&state))
         .merge(routes::sessions::router(&state))
         .merge(routes::devices::router(&state))
         .merge(routes::conversations::router(&state))

@@ -42,6 +42,11 @@ pub struct ApiSettings {
     pub rate_limit_write_per_minute: u32,
     /// `LOGIN_*`: failed sign-ins per account (`crate::login_guard`).
     pub login_guard: LoginGuardSettings,
+    /// `MAIL_PER_ADDRESS_PER_HOUR` (default 5): mails asked for one address (reset,
+    /// verification, email change), whoever asks.
+    pub mail_per_address_per_hour: u32,
+    /// `MAIL_PER_IP_PER_HOUR` (default 30): mails asked for from one client IP.
+    pub mail_per_ip_per_hour: u32,
     /// `TRUSTED_PROXY_HOPS` (default 0): how many proxies in front of the API append
     /// to `X-Forwarded-For`. 0 uses the TCP peer address; 1 (behind one ingress) takes
     /// the right-most entry, which the client cannot forge.
@@ -157,6 +162,8 @@ impl ApiSettings {
                 max_delay: env.seconds("LOGIN_MAX_DELAY_SECONDS", 10)?,
                 per_address: env.parse("LOGIN_FAILURES_PER_ADDRESS", 10)?,
             },
+            mail_per_address_per_hour: env.parse("MAIL_PER_ADDRESS_PER_HOUR", 5)?,
+            mail_per_ip_per_hour: env.parse("MAIL_PER_IP_PER_HOUR", 30)?,
             trusted_proxy_hops: env.parse("TRUSTED_PROXY_HOPS", 0)?,
             idempotency_ttl: env.seconds("IDEMPOTENCY_TTL_SECONDS", 86_400)?,
             idempotency_max_response_bytes: env
@@ -218,6 +225,14 @@ impl ApiSettings {
                 settings.idempotency_ttl.as_secs(),
             ),
             ("MEDIA_MAX_BYTES", settings.media_max_bytes),
+            (
+                "MAIL_PER_ADDRESS_PER_HOUR",
+                u64::from(settings.mail_per_address_per_hour),
+            ),
+            (
+                "MAIL_PER_IP_PER_HOUR",
+                u64::from(settings.mail_per_ip_per_hour),
+            ),
             (
                 "LOGIN_FAILURE_WINDOW_SECONDS",
                 settings.login_guard.window.as_secs(),

@@ -108,6 +108,9 @@ pub struct TokenPair {
 problems!(RegisterProblems: EmailTaken, Invalid(InvalidEmail), Invalid(WeakPassword), Invalid(InvalidPassword), Invalid(InvalidDisplayName));
 
 /// Create an account and sign in.
+///
+/// A link that verifies the address is mailed to it (in the request's
+/// `Accept-Language`); the account works before it is used (`email_verified: false`).
 #[utoipa::path(
     post,
     path = "/v1/auth/register",
@@ -137,6 +140,8 @@ async fn register(
     let (session, refresh_token) = start_session(&mut tx, &state, user.id, &headers)
         .await?
         .ok_or_else(|| ApiError::internal(anyhow::anyhow!("a user inserted just now is gone")))?;
+    // The link that proves the address commits with the account.
+    super::email::enqueue_verification(&mut *tx, user.id, &email, &headers).await?;
     tx.commit().await?;
 
     let tokens = token_pair(&state, user.id, session, refresh_token)?;

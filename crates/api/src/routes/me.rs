@@ -221,11 +221,12 @@ async fn change_password(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// What confirms an account's deletion: its password, or (for an account that signs
-/// in with Apple or Google) a fresh id_token of its identity there.
+/// What confirms a sensitive change (deleting the account, changing its address): its
+/// password, or (for an account that signs in with Apple or Google) a fresh id_token of
+/// its identity there.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
-pub enum DeleteMe {
+pub enum Confirmation {
     Password(PasswordConfirmation),
     Provider(ProviderConfirmation),
 }
@@ -292,7 +293,7 @@ problems!(DeleteMeProblems:
     path = "/v1/me",
     tag = "me",
     security(("bearer" = [])),
-    request_body = DeleteMe,
+    request_body = Confirmation,
     responses(
         (status = 204, description = "Deleted (or deleted before)"),
         DeleteMeProblems,
@@ -303,15 +304,8 @@ async fn delete_me(
     State(state): State<AppState>,
     auth: AuthUser,
     ClientAddr(ip): ClientAddr,
-    Json(body): Json<DeleteMe>,
+    Json(body): Json<Confirmation>,
 ) -> Result<StatusCode, ApiError> {
-    if let DeleteMe::Password(PasswordConfirmation { password }) = &body
-        && password.chars().count() > Password::MAX_PRESENTED_CHARS
-    {
-        return Err(
-            ApiError::new(ValidationCode::InvalidPassword.into()).detail("password is too long")
-        );
-    }
     let Some(credentials) = users::find_credentials_by_id(&state.db, auth.user_id).await? else {
         return if accounts::is_deleted(&state.db, auth.user_id).await? {
             Ok(StatusCode::NO_CONTENT)
@@ -319,14 +313,7 @@ async fn delete_me(
             Err(no_user())
         };
     };
-    match body {
-        DeleteMe::Password(PasswordConfirmation { password }) => {
-            check_password(&state, ip, &credentials, password).await?;
-        }
-        DeleteMe::Provider(confirmation) => {
-            check_provider(&state, auth.user_id, confirmation).await?;
-        }
-    }
+    confirm(&state, auth.user_id, ip, &credentials, body).await?;
 
     let mut tx = state.db.begin().await?;
     match accounts::delete_account(&mut tx, auth.user_id).await? {
@@ -339,6 +326,27 @@ async fn delete_me(
         Deletion::NotFound => return Err(no_user()),
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Checks what the user gave to confirm a sensitive change: the password (under the
+/// sign-in guard), or a recent id_token of one of the account's identities.
+pub(crate) async fn confirm(
+    state: &AppState,
+    user: mobile_domain::UserId,
+    ip: ClientIp,
+    credentials: &users::Credentials,
+    confirmation: Confirmation,
+) -> Result<(), ApiError> {
+    match confirmation {
+        Confirmation::Password(PasswordConfirmation { password }) => {
+            if password.chars().count() > Password::MAX_PRESENTED_CHARS {
+                return Err(ApiError::new(ValidationCode::InvalidPassword.into())
+                    .detail("password is too long"));
+            }
+            check_password(state, ip, credentials, password).await
+        }
+        Confirmation::Provider(confirmation) => check_provider(state, user, confirmation).await,
+    }
 }
 
 /// Checks that `confirmation` is a recent id_token of one of `user`'s identities.

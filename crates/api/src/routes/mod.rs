@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod conversations;
 pub mod devices;
+pub mod email;
 pub mod internal;
 pub mod me;
 pub mod media;
@@ -20,6 +21,9 @@ use utoipa::ToSchema;
 pub struct User {
     pub id: UserId,
     pub email: String,
+    /// Whether the address was proven to be the account's: by the link in a mail
+    /// (`POST /v1/me/email/verify`), or by Apple or Google.
+    pub email_verified: bool,
     pub display_name: String,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
@@ -32,6 +36,7 @@ impl From<mobile_db::users::User> for User {
         Self {
             id: user.id,
             email: user.email,
+            email_verified: user.email_verified,
             display_name: user.display_name,
             created_at: user.created_at,
             updated_at: user.updated_at,

@@ -338,7 +338,8 @@ async fn a_nul_in_any_text_field_is_422_and_stores_nothing() {
     }
 
     let pool = app.db.pool().await;
-    for table in ["devices", "messages", "jobs"] {
+    // (Registration enqueued a verification mail: jobs other than mail are counted.)
+    for table in ["devices", "messages", "jobs WHERE kind <> 'mail.send'"] {
         let rows: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
             .fetch_one(&pool)
             .await

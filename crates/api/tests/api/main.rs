@@ -13,6 +13,7 @@ mod auth;
 mod bad_input;
 mod conversations;
 mod devices;
+mod email;
 mod hostile;
 mod idempotency;
 mod me;

@@ -39,9 +39,10 @@ pub(crate) async fn upload(
         .unwrap()
 }
 
+/// The queued jobs, but the verification mails every registration enqueues.
 async fn jobs(app: &TestApp) -> Vec<(String, Value)> {
     let pool = app.db.pool().await;
-    sqlx::query_as("SELECT kind, payload FROM jobs ORDER BY id")
+    sqlx::query_as("SELECT kind, payload FROM jobs WHERE kind <> 'mail.send' ORDER BY id")
         .fetch_all(&pool)
         .await
         .unwrap()
@@ -244,6 +245,8 @@ fn png_header(width: u32, height: u32) -> Vec<u8> {
 pub(crate) struct Worker {
     shutdown: Shutdown,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// `http://…/metrics` of the worker.
+    pub(crate) metrics: String,
 }
 
 impl Worker {
@@ -260,14 +263,29 @@ impl Worker {
         ];
         vars.extend(app.db.service_env());
         vars.extend(storage.iter().cloned());
-        let settings = mobile_worker::WorkerSettings::from_env(&Env::from_pairs(vars)).unwrap();
+        let env = Env::from_pairs(vars).with_secret_files().unwrap();
+        let settings = mobile_worker::WorkerSettings::from_env(&env).unwrap();
         let shutdown = Shutdown::new();
         let listeners = mobile_runtime::service::Listeners {
             public: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             metrics: TcpListener::bind("127.0.0.1:0").await.unwrap(),
         };
+        let metrics = format!("http://{}/metrics", listeners.metrics.local_addr().unwrap());
         let task = tokio::spawn(mobile_worker::serve(settings, listeners, shutdown.clone()));
-        Self { shutdown, task }
+        Self {
+            shutdown,
+            task,
+            metrics,
+        }
+    }
+
+    pub(crate) async fn metrics_text(&self) -> String {
+        reqwest::get(&self.metrics)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     pub(crate) async fn stop(self) {

@@ -44,6 +44,11 @@ async fn the_document_covers_every_route() {
         ("/v1/media/{id}", "get"),
         ("/v1/media/{id}/{variant}", "get"),
         ("/internal/v1/notifications", "post"),
+        ("/v1/auth/password/forgot", "post"),
+        ("/v1/auth/password/reset", "post"),
+        ("/v1/me/email", "post"),
+        ("/v1/me/email/verify", "post"),
+        ("/v1/me/email/verification", "post"),
     ];
     for (path, method) in expected {
         assert!(

@@ -218,6 +218,37 @@ async fn unknown_key_ids_refetch_the_keys_at_most_once_per_floor() {
 }
 
 #[tokio::test]
+async fn a_password_account_whose_address_was_proven_keeps_its_password_when_linked() {
+    let issuer = FakeIssuer::start().await;
+    let app = app_with(&issuer, "GOOGLE", &[]).await;
+    let bob = app.register("bob@example.com").await;
+    // Bob used the link mailed at registration (tests/api/email.rs follows one).
+    let pool = app.db.pool().await;
+    sqlx::query("UPDATE users SET email_verified_at = now() WHERE email = 'bob@example.com'")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let raw = nonce();
+    let token = issuer.id_token(APP_ID, "3001", "bob@example.com", &raw);
+    let response = sign_in(&app, "/v1/auth/google", &token, &raw).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["user"]["id"], bob.user_id.as_str());
+    // His session and his password both still work.
+    assert_eq!(
+        app.refresh(&bob.refresh_token).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.login("bob@example.com", mobile_testkit::api::PASSWORD)
+            .await
+            .status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
 async fn a_verified_email_links_the_password_account_and_removes_its_password() {
     let issuer = FakeIssuer::start().await;
     let app = app_with(&issuer, "GOOGLE", &[]).await;

@@ -235,7 +235,7 @@ async fn presence_comes_back_with_redis_so_a_connected_user_gets_no_push() {
     let _ann_online = Client::connect(&stack.gateways[0].addr, &ann.token).await;
     let pool = stack.db.pool().await;
     let notify_jobs = || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs")
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs WHERE kind LIKE 'push.%'")
             .fetch_one(&pool)
             .await
             .unwrap()
