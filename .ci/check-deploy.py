@@ -802,6 +802,16 @@ AKS_PATHS = [
     (["api", "gateway", "worker"], "Egress", "10.1.0.4", 6380, "TCP",
      "Azure Cache for Redis (TLS on 6380)"),
 ]
+# What every cluster needs whatever its cloud: the worker's mail leaves by SMTP
+# submission to a provider outside (SES, SendGrid, ...), on 587 (STARTTLS) or 465 (TLS);
+# port 25 is blocked by the clouds themselves.
+SMTP_PATHS = [
+    (["worker"], "Egress", "203.0.113.25", 587, "TCP", "SMTP submission (STARTTLS)"),
+    (["worker"], "Egress", "203.0.113.25", 465, "TCP", "SMTP submission (TLS)"),
+]
+GKE_PATHS += SMTP_PATHS
+EKS_PATHS += SMTP_PATHS
+AKS_PATHS += SMTP_PATHS
 # Per cloud: the paths, the address of the endpoint that hands out a cloud identity
 # (the gateway must not reach it), and how many X-Forwarded-For entries its load
 # balancer appends.
@@ -847,7 +857,7 @@ def check_network_paths(overlay, docs):
              f"{cloud.upper()} hands out cloud identities")
     if len(failures) == failed_before:
         print(f"ok   {overlay}: NetworkPolicies open the paths {cloud.upper()} needs (load "
-              f"balancer, identity, managed Redis) and keep the gateway off the identity "
+              f"balancer, identity, managed Redis, SMTP) and keep the gateway off the identity "
               f"endpoint")
 
 
