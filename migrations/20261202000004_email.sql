@@ -23,3 +23,5 @@ CREATE TABLE email_tokens (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX email_tokens_user_id_idx ON email_tokens (user_id);
+-- Expired tokens are swept whenever a token is made.
+CREATE INDEX email_tokens_expires_at_idx ON email_tokens (expires_at);

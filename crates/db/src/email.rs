@@ -107,8 +107,9 @@ fn token_hash(token: &str) -> Vec<u8> {
 }
 
 /// Makes a token for `purpose` and `email`, valid for `ttl`, and returns it: the only
-/// copy (the table keeps its hash). Deletes the account's expired tokens on the way,
-/// so the table holds only live ones and a few per account.
+/// copy (the table keeps its hash). Deletes every expired token on the way (by the
+/// `expires_at` index), so the table holds the live ones and those that expired since
+/// the last mail.
 pub async fn create_token(
     conn: &mut PgConnection,
     user_id: UserId,
@@ -120,8 +121,7 @@ pub async fn create_token(
         let mut bytes = [0u8; TOKEN_BYTES];
         rand::rngs::OsRng.fill_bytes(&mut bytes);
         let token = base64_url(&bytes);
-        sqlx::query("DELETE FROM email_tokens WHERE user_id = $1 AND expires_at <= now()")
-            .bind(user_id)
+        sqlx::query("DELETE FROM email_tokens WHERE expires_at <= now()")
             .execute(&mut *conn)
             .await?;
         sqlx::query(
@@ -215,11 +215,12 @@ pub async fn verify_email(
             }
             Err(e) => return Err(e),
         };
-        // The other links to this address are moot now. If the address changed, so
-        // are the resets sent to the old one: that mailbox is no longer the account's.
+        // The other links to this address are moot now. If the address changed, so is
+        // every other pending change, and every reset sent to the old address: that
+        // mailbox is no longer the account's.
         sqlx::query(
             "DELETE FROM email_tokens
-             WHERE user_id = $1 AND ((purpose = 'verify_email' AND email = $2)
+             WHERE user_id = $1 AND ((purpose = 'verify_email' AND (email = $2 OR $3 <> $2))
                                      OR (purpose = 'reset_password' AND email = $3 AND $3 <> $2))",
         )
         .bind(user_id)
@@ -259,7 +260,8 @@ pub enum Reset {
 }
 
 /// Spends a reset token inside the caller's transaction and sets the password (see the
-/// module). Every other reset link of the account stops working.
+/// module). Every other reset link of the account stops working, and so do the links of
+/// pending email changes ([`revoke_links`]).
 pub async fn reset_password(
     conn: &mut PgConnection,
     token: &str,
@@ -290,11 +292,30 @@ pub async fn reset_password(
         if updated.rows_affected() == 0 {
             return Ok(Reset::InvalidToken);
         }
-        sqlx::query("DELETE FROM email_tokens WHERE user_id = $1 AND purpose = 'reset_password'")
-            .bind(user_id)
-            .execute(&mut *conn)
-            .await?;
+        revoke_links(&mut *conn, user_id, &email).await?;
         Ok(Reset::Reset(user_id))
+    })
+    .await
+}
+
+/// Deletes the account's reset links, and its links for addresses other than `email`
+/// (pending changes): what a password change, a reset or signing out everywhere must
+/// take from whoever may have had the password or the session.
+pub async fn revoke_links(
+    db: impl PgExecutor<'_>,
+    user_id: UserId,
+    email: &str,
+) -> Result<u64, sqlx::Error> {
+    timed("email.revoke_links", async move {
+        let deleted = sqlx::query(
+            "DELETE FROM email_tokens
+             WHERE user_id = $1 AND (purpose = 'reset_password' OR email <> $2)",
+        )
+        .bind(user_id)
+        .bind(email)
+        .execute(db)
+        .await?;
+        Ok(deleted.rows_affected())
     })
     .await
 }

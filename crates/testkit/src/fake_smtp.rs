@@ -480,10 +480,10 @@ impl ReceivedMail {
     }
 
     /// The `token` of the first link in the body whose path ends with `path`
-    /// (`/verify-email`), and the link.
+    /// (`/verify-email`; the token in the fragment, `#token=`), and the link.
     pub fn link(&self, path: &str) -> Option<(String, String)> {
         self.body().split_whitespace().find_map(|word| {
-            let (before, token) = word.split_once("?token=")?;
+            let (before, token) = word.split_once("#token=")?;
             before
                 .ends_with(path)
                 .then(|| (word.to_owned(), token.to_owned()))

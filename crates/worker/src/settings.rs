@@ -57,7 +57,7 @@ pub struct MailSettings {
     pub app_name: String,
     /// `APP_LINK_BASE_URL`: where the links in the mails point, the app's universal
     /// link (iOS) / app link (Android) domain, e.g. `https://example.com/app`; the
-    /// paths `/verify-email` and `/reset-password` are added, with `?token=`.
+    /// paths `/verify-email` and `/reset-password` are added, with `#token=`.
     pub link_base: url::Url,
     /// `SMTP_CA_FILE`: an extra trusted root certificate (PEM) for the SMTP server,
     /// for a private relay or a test server. Unset: the system roots only.
@@ -130,8 +130,16 @@ impl SmtpUrl {
             ));
         }
         let password = in_url.or_else(|| password.map(str::to_owned));
-        if password.is_some() && username.is_none() {
-            return Err(invalid("a password needs a user name (smtp://user@host)"));
+        match (&username, &password) {
+            (None, Some(_)) => {
+                return Err(invalid("a password needs a user name (smtp://user@host)"));
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "a user name needs a password (in the URL, or SMTP_PASSWORD / SMTP_PASSWORD_FILE)",
+                ));
+            }
+            _ => {}
         }
         Ok(Self {
             implicit_tls,
@@ -143,12 +151,12 @@ impl SmtpUrl {
     }
 }
 
-/// `%40` → `@` and the like, as a URL's user and password are written.
+/// `%40` → `@` and the like, as a URL's user and password are written (every other
+/// character, `&` and `+` included, as it is).
 fn percent_decode(part: &str) -> String {
-    url::form_urlencoded::parse(format!("v={}", part.replace('+', "%2B")).as_bytes())
-        .next()
-        .map(|(_, value)| value.into_owned())
-        .unwrap_or_default()
+    percent_encoding::percent_decode_str(part)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// APNs token auth: all of `APNS_KEY_FILE`, `APNS_KEY_ID`, `APNS_TEAM_ID`, `APNS_TOPIC`.
@@ -360,6 +368,54 @@ mod tests {
         .unwrap_err();
         assert_eq!(error.name, "APNS_KEY_ID");
         assert!(error.reason.contains("APNS_TEAM_ID"), "{error}");
+    }
+
+    #[test]
+    fn smtp_urls() {
+        let url = SmtpUrl::parse(
+            "smtp://mailer%40example.com:p%40ss&w+rd@smtp.example.com",
+            None,
+        )
+        .unwrap();
+        assert!(!url.implicit_tls);
+        assert_eq!((url.host.as_str(), url.port), ("smtp.example.com", 587));
+        assert_eq!(url.username.as_deref(), Some("mailer@example.com"));
+        assert_eq!(url.password.as_deref(), Some("p@ss&w+rd"));
+        assert!(!format!("{url:?}").contains("p@ss"));
+
+        let url = SmtpUrl::parse("smtps://apikey@smtp.example.com", Some("secret")).unwrap();
+        assert!(url.implicit_tls);
+        assert_eq!(url.port, 465);
+        assert_eq!(url.password.as_deref(), Some("secret"));
+
+        for refused in [
+            "http://smtp.example.com",
+            "smtp://user@smtp.example.com",
+            "smtp://smtp.example.com/path",
+            "smtp://smtp.example.com?tls=none",
+        ] {
+            assert_eq!(
+                SmtpUrl::parse(refused, None).unwrap_err().name,
+                "SMTP_URL",
+                "{refused}"
+            );
+        }
+        let both = SmtpUrl::parse("smtp://u:p@smtp.example.com", Some("q")).unwrap_err();
+        assert_eq!(both.name, "SMTP_PASSWORD");
+    }
+
+    #[test]
+    fn mail_needs_its_settings_together() {
+        let error = WorkerSettings::from_env(&Env::from_pairs([
+            ("SMTP_URL", "smtp://smtp.example.com"),
+            ("MAIL_FROM", "App <no-reply@example.com>"),
+            ("APP_NAME", "App"),
+        ]))
+        .unwrap_err();
+        assert_eq!(error.name, "APP_LINK_BASE_URL");
+        let error = WorkerSettings::from_env(&Env::from_pairs([("MAIL_FROM", "a@example.com")]))
+            .unwrap_err();
+        assert_eq!(error.name, "MAIL_FROM");
     }
 
     #[test]

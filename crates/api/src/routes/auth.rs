@@ -13,6 +13,7 @@ use axum::{
 };
 use mobile_auth::{password, refresh};
 use mobile_db::{
+    email,
     identities::{self, SignIn as IdentitySignIn, VerifiedIdentity},
     sessions::{self, Ending, RevokeReason, Rotation},
     users::{self, InsertUser},
@@ -124,6 +125,7 @@ problems!(RegisterProblems: EmailTaken, Invalid(InvalidEmail), Invalid(WeakPassw
 #[tracing::instrument(skip_all)]
 async fn register(
     State(state): State<AppState>,
+    ClientAddr(ip): ClientAddr,
     headers: HeaderMap,
     Json(body): Json<RegisterRequest>,
 ) -> Result<(StatusCode, axum::Json<AuthResponse>), ApiError> {
@@ -131,6 +133,8 @@ async fn register(
     let password = Password::parse(&body.password)?;
     let display_name = DisplayName::parse(&body.display_name)?;
     let password_hash = password::hash(password).await?;
+    // Registering a stranger's address (and deleting, and again) must not flood it.
+    let mail = super::email::mail_room(&state, ip, &email).await.is_none();
 
     let mut tx = state.db.begin().await?;
     let user = match users::insert_user(&mut *tx, &email, &password_hash, &display_name).await? {
@@ -141,7 +145,11 @@ async fn register(
         .await?
         .ok_or_else(|| ApiError::internal(anyhow::anyhow!("a user inserted just now is gone")))?;
     // The link that proves the address commits with the account.
-    super::email::enqueue_verification(&mut *tx, user.id, &email, &headers).await?;
+    if mail {
+        super::email::enqueue_verification(&mut *tx, user.id, &email, &headers).await?;
+    } else {
+        tracing::info!(user_id = %user.id, "registered over the mail limits: no verification mail");
+    }
     tx.commit().await?;
 
     let tokens = token_pair(&state, user.id, session, refresh_token)?;
@@ -312,13 +320,15 @@ async fn logout(
 )]
 #[tracing::instrument(skip_all)]
 async fn logout_all(State(state): State<AppState>, auth: AuthUser) -> Result<StatusCode, ApiError> {
-    let ended = sessions::end_sessions(
-        &state.db,
-        auth.user_id,
-        Ending::All,
-        RevokeReason::LogoutAll,
-    )
-    .await?;
+    let mut tx = state.db.begin().await?;
+    let ended =
+        sessions::end_sessions(&mut *tx, auth.user_id, Ending::All, RevokeReason::LogoutAll)
+            .await?;
+    // Reset links and pending email changes go too: someone else may have asked for them.
+    if let Some(user) = users::find_user(&mut *tx, auth.user_id).await? {
+        email::revoke_links(&mut *tx, auth.user_id, &user.email).await?;
+    }
+    tx.commit().await?;
     tracing::info!(user_id = %auth.user_id, sessions = ended.len(), "signed out everywhere");
     events::revoke(&state, auth.user_id, Revoke::All).await;
     Ok(StatusCode::NO_CONTENT)

@@ -9,7 +9,8 @@
 //!   address counts as verified.
 //! - `POST /v1/me/email {email, password | provider…}`: asks to change the address,
 //!   confirmed like an account deletion. A link goes to the new address, a notice to
-//!   the current one; the change happens when the link is used.
+//!   the current one (if it was verified); the change happens when the link is used,
+//!   and ends the other pending changes and the old address's reset links.
 //! - `POST /v1/me/email/verify {token}`: uses a verification link (registration's, or a
 //!   change's); answers the user as it is now.
 //! - `POST /v1/me/email/verification`: sends the account's address a new link.
@@ -17,7 +18,10 @@
 //! Every request for a mail is limited per address (`MAIL_PER_ADDRESS_PER_HOUR`,
 //! counted whoever asks and whether or not an account has the address, so the answer
 //! says nothing about accounts) and per client IP (`MAIL_PER_IP_PER_HOUR`), on top of
-//! the routes' own limits. The mail's language is the request's `Accept-Language`.
+//! the routes' own limits. A registration over either allowance still creates the
+//! account but mails nothing (its owner asks for a link later): signing up is not
+//! refused to everyone behind a carrier's shared address. The mail's language is the
+//! request's `Accept-Language`.
 
 use axum::{
     extract::State,
@@ -224,7 +228,7 @@ problems!(ChangeEmailProblems:
 /// Ask to change the account's address.
 ///
 /// A link goes to the new address (valid for `EMAIL_VERIFICATION_TTL_SECONDS`), and a
-/// notice to the current one. The account keeps its address until the link is used
+/// notice to the current one if it was verified. The account keeps its address until the link is used
 /// (`POST /v1/me/email/verify`); it is then verified. 409 `email_taken` if another
 /// account has the new address; 422 `invalid_email` if it is the account's own.
 #[utoipa::path(
@@ -281,6 +285,13 @@ async fn change_email(
         return Err(ErrorCode::EmailTaken.into());
     }
     limit_mail(&state, ip, &new_email).await?;
+    // The notice goes only to an address the account proved: not to one an attacker
+    // registered without owning it. It counts against that address too.
+    let notify = credentials.user.email_verified;
+    if notify {
+        let address = Email::parse(&current).map_err(ApiError::internal)?;
+        limit_mail(&state, ip, &address).await?;
+    }
 
     let languages = languages(&headers);
     let verify = MailJob {
@@ -300,7 +311,9 @@ async fn change_email(
     };
     let mut tx = state.db.begin().await?;
     jobs::enqueue(&mut *tx, &verify.to_job()?).await?;
-    jobs::enqueue(&mut *tx, &notice.to_job()?).await?;
+    if notify {
+        jobs::enqueue(&mut *tx, &notice.to_job()?).await?;
+    }
     tx.commit().await?;
     tracing::info!(user_id = %auth.user_id, "email change asked for");
     Ok(StatusCode::ACCEPTED)
@@ -410,21 +423,34 @@ pub async fn enqueue_verification(
 
 /// One more mail to `address` from `ip`, if both have room (else 429).
 async fn limit_mail(state: &AppState, ip: ClientIp, address: &Email) -> Result<(), ApiError> {
+    match mail_room(state, ip, address).await {
+        None => Ok(()),
+        Some(wait) => Err(ApiError::rate_limited(
+            wait.as_secs_f64().ceil().max(1.0) as u64
+        )),
+    }
+}
+
+/// Takes one mail to `address` from `ip` from their allowances: `None` if both had
+/// room, else how long until they would.
+pub async fn mail_room(
+    state: &AppState,
+    ip: ClientIp,
+    address: &Email,
+) -> Option<std::time::Duration> {
     let per_ip = Rate::per_hour(state.settings.mail_per_ip_per_hour);
     let per_address = Rate::per_hour(state.settings.mail_per_address_per_hour);
-    // The address as a hash: Redis holds no one's email.
+    // Keyed by a hash of the address, not the address itself.
     let hashed = hex::encode(&Sha256::digest(address.as_str().as_bytes())[..16]);
     for (bucket, rate) in [
         (format!("rl:mail:ip:{}", ip.subject()), per_ip),
         (format!("rl:mail:address:{hashed}"), per_address),
     ] {
         if let Some(wait) = rate_limit::allow(state, &bucket, rate).await {
-            return Err(ApiError::rate_limited(
-                wait.as_secs_f64().ceil().max(1.0) as u64
-            ));
+            return Some(wait);
         }
     }
-    Ok(())
+    None
 }
 
 /// The request's `Accept-Language`, best first: at most five well-formed tags, `*` and

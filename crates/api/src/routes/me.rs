@@ -208,6 +208,8 @@ async fn change_password(
             .detail("the password changed meanwhile; sign in with the new one"));
     }
     users::update_password_hash(&mut *tx, auth.user_id, &new_hash).await?;
+    // Links someone may have asked for with the old password go with it.
+    mobile_db::email::revoke_links(&mut *tx, auth.user_id, &locked.user.email).await?;
     let ended = sessions::end_sessions(
         &mut *tx,
         auth.user_id,

@@ -51,7 +51,7 @@ fn token_of(mail: &ReceivedMail, path: &str) -> String {
         .link(path)
         .unwrap_or_else(|| panic!("no {path} link in {}", mail.body()));
     assert!(
-        link.starts_with(&format!("https://chatty.example/app{path}?token=")),
+        link.starts_with(&format!("https://chatty.example/app{path}#token=")),
         "{link}"
     );
     token
@@ -326,6 +326,9 @@ async fn an_email_change_happens_when_the_new_address_is_verified() {
     let app = TestApp::spawn().await;
     let worker = worker_for(&app, &smtp, &[]).await;
     let ann = app.register("ann@example.com").await;
+    let link = link_mail(&smtp, "ann@example.com", "/verify-email").await;
+    let response = verify(&app, &ann, &token_of(&link, "/verify-email")).await;
+    assert_eq!(response.status(), StatusCode::OK);
     app.register("taken@example.com").await;
     let change = |email: &str, password: &str| {
         app.authed(Method::POST, "/v1/me/email", &ann)
@@ -403,6 +406,116 @@ async fn an_email_change_happens_when_the_new_address_is_verified() {
         "invalid_email_token",
     )
     .await;
+
+    // An address never verified (anyone may have registered it) gets no notice.
+    let bob = app.register("bob@example.com").await;
+    link_mail(&smtp, "bob@example.com", "/verify-email").await;
+    let response = app
+        .authed(Method::POST, "/v1/me/email", &bob)
+        .json(&json!({"email": "bob@example.org", "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    link_mail(&smtp, "bob@example.org", "/verify-email").await;
+    mail_jobs_done(&app).await;
+    let to_bob = smtp
+        .mails()
+        .into_iter()
+        .filter(|m| m.to == ["bob@example.com"])
+        .count();
+    assert_eq!(to_bob, 1, "only his registration's link");
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_password_change_or_signing_out_everywhere_voids_outstanding_links() {
+    let smtp = FakeSmtp::start(SmtpSecurity::StartTls).await;
+    let app = TestApp::spawn().await;
+    let worker = worker_for(&app, &smtp, &[]).await;
+    let ann = app.register("ann@example.com").await;
+
+    // Someone with Ann's password asks for a reset and an address change...
+    forgot(&app, "ann@example.com").await;
+    let taken = link_mail(&smtp, "ann@example.com", "/reset-password").await;
+    let response = app
+        .authed(Method::POST, "/v1/me/email", &ann)
+        .json(&json!({"email": "mallory@example.org", "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let change = link_mail(&smtp, "mallory@example.org", "/verify-email").await;
+
+    // ...and Ann changes her password: neither link works any more.
+    let response = app
+        .authed(Method::POST, "/v1/me/password", &ann)
+        .json(&json!({"current_password": PASSWORD, "new_password": "a brand new passphrase"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert_problem(
+        reset(
+            &app,
+            &token_of(&taken, "/reset-password"),
+            "mallory's passphrase",
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_email_token",
+    )
+    .await;
+    assert_problem(
+        verify(&app, &ann, &token_of(&change, "/verify-email")).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_email_token",
+    )
+    .await;
+
+    // The same after signing out everywhere.
+    forgot(&app, "ann@example.com").await;
+    let pool = app.db.pool().await;
+    mail_jobs_done(&app).await;
+    let live: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM email_tokens WHERE purpose = 'reset_password'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(live, 1);
+    let response = app
+        .authed(Method::POST, "/v1/auth/logout-all", &ann)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    let live: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM email_tokens WHERE purpose = 'reset_password'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(live, 0);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_mail_goes_only_to_the_exact_address_the_account_holds() {
+    let smtp = FakeSmtp::start(SmtpSecurity::StartTls).await;
+    let app = TestApp::spawn().await;
+    let worker = worker_for(&app, &smtp, &[]).await;
+    // Accepted as an account's address, but written as a name and an address: the
+    // mail would go to someone else.
+    let response = app
+        .post_json(
+            "/v1/auth/register",
+            &json!({"email": "x<victim@corp.example>", "password": PASSWORD, "display_name": "X"}),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let (state, error) = mail_error(&app, "x<victim@corp.example>").await;
+    assert_eq!(state, "dead", "{error}");
+    assert!(error.contains("not an address"), "{error}");
+    assert!(smtp.mails().is_empty());
     worker.stop().await;
 }
 
@@ -581,6 +694,15 @@ async fn mail_requests_are_limited_per_address_and_per_ip() {
             .status(),
         StatusCode::ACCEPTED
     );
+    // A registration over the address's limit makes the account, and no mail.
+    let response = app
+        .request(Method::POST, "/v1/auth/register")
+        .header("x-forwarded-for", "203.0.113.9")
+        .json(&json!({"email": "nobody@example.com", "password": PASSWORD, "display_name": "N"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
     // Two jobs per address at most made it to the queue.
     let pool = app.db.pool().await;
     let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE kind = 'mail.send'")

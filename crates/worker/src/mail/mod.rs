@@ -7,7 +7,8 @@
 //! token, and the retry makes a new one.
 //!
 //! The connection is TLS, always: `smtp://` requires STARTTLS (a server that does not
-//! offer it fails the send), `smtps://` speaks TLS from the first byte. A 5xx answer
+//! offer it fails the send), `smtps://` speaks TLS from the first byte. The token rides
+//! in the link's fragment (`#token=`). A 5xx answer
 //! (an address the server refuses) is permanent; a 4xx, a timeout or a lost
 //! connection is retried with the queue's backoff.
 //!
@@ -19,7 +20,7 @@ pub mod templates;
 use std::sync::Arc;
 
 use lettre::{
-    AsyncSmtpTransport, AsyncTransport as _, Message, Tokio1Executor,
+    Address, AsyncSmtpTransport, AsyncTransport as _, Message, Tokio1Executor,
     message::{Mailbox, header::ContentType},
     transport::smtp::{
         authentication::Credentials,
@@ -197,13 +198,17 @@ impl Mailer {
         };
         tx.commit().await?;
 
-        let token = link.as_ref().map(|(_, token, _)| token.clone());
+        // Until the server took the mail, its link must not work: the guard deletes the
+        // token on a failed send, and also when the attempt is cancelled (its timeout,
+        // shutdown) before it returns.
+        let guard = link
+            .as_ref()
+            .map(|(_, token, _)| UnsentToken::new(db.clone(), token.clone()));
         let result = self.deliver(mail, languages, &recipient, link).await;
-        if let (Err(_), Some(token)) = (&result, token) {
-            // The mail did not leave: its link must not work. (Should this fail too,
-            // the token expires unused.)
-            if let Err(e) = email::delete_token(db, &token).await {
-                tracing::warn!(error = %e, "could not delete the token of an unsent mail");
+        if let Some(guard) = guard {
+            match &result {
+                Ok(_) => guard.sent(),
+                Err(_) => guard.delete().await,
             }
         }
         result
@@ -222,9 +227,11 @@ impl Mailer {
                 .map(String::as_str)
                 .chain(recipient.device_locale.as_deref()),
         );
+        // The token in the fragment: a browser that opens the link (no app installed)
+        // never sends it to a server, so no access log or Referer carries it.
         let url = link.as_ref().map(|(path, token, _)| {
             format!(
-                "{}/{path}?token={token}",
+                "{}/{path}#token={token}",
                 self.settings.link_base.as_str().trim_end_matches('/')
             )
         });
@@ -238,13 +245,15 @@ impl Mailer {
                 },
             )
             .map_err(JobError::permanent)?;
-        let to: Mailbox = mail
-            .to()
-            .parse()
-            .map_err(|e| JobError::permanent(format!("the address cannot be mailed: {e}")))?;
+        // A bare address, never `Name <address>`: the mail goes to exactly the text the
+        // account holds.
+        let to = plain_address(mail.to())?;
+        if let Mail::EmailChangeRequested { new_email, .. } = mail {
+            plain_address(new_email)?;
+        }
         let message = Message::builder()
             .from(self.from.clone())
-            .to(to)
+            .to(Mailbox::new(None, to))
             .subject(rendered.subject)
             .header(ContentType::TEXT_PLAIN)
             .body(rendered.body)
@@ -258,6 +267,59 @@ impl Mailer {
             ))),
             Err(e) => Err(JobError::transient(format!("SMTP: {e}"))),
         }
+    }
+}
+
+/// `text` as an address a mail can go to, exactly as written.
+fn plain_address(text: &str) -> Result<Address, JobError> {
+    text.parse::<Address>()
+        .ok()
+        .filter(|address| AsRef::<str>::as_ref(address) == text)
+        .ok_or_else(|| JobError::permanent(format!("{text:?} is not an address a mail can go to")))
+}
+
+/// The token of a mail not known to be sent; deleted unless [`UnsentToken::sent`].
+struct UnsentToken {
+    db: Db,
+    token: Option<String>,
+}
+
+impl UnsentToken {
+    fn new(db: Db, token: String) -> Self {
+        Self {
+            db,
+            token: Some(token),
+        }
+    }
+
+    fn sent(mut self) {
+        self.token = None;
+    }
+
+    async fn delete(mut self) {
+        if let Some(token) = self.token.take() {
+            delete_unsent(&self.db, &token).await;
+        }
+    }
+}
+
+impl Drop for UnsentToken {
+    fn drop(&mut self) {
+        // Dropped mid-send: the attempt was cancelled. Delete the token from a task of
+        // its own, since a destructor cannot wait.
+        if let Some(token) = self.token.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let db = self.db.clone();
+            runtime.spawn(async move { delete_unsent(&db, &token).await });
+        }
+    }
+}
+
+/// Should this fail too, the token expires unused.
+async fn delete_unsent(db: &Db, token: &str) {
+    if let Err(e) = email::delete_token(db, token).await {
+        tracing::warn!(error = %e, "could not delete the token of an unsent mail");
     }
 }
 

@@ -221,7 +221,7 @@ mod tests {
     fn every_language_renders_every_template_with_the_names_english_uses() {
         let values = Values {
             app_name: "Chatty",
-            link: Some("https://example.com/app/verify-email?token=abc"),
+            link: Some("https://example.com/app/verify-email#token=abc"),
             valid_for: Some(Duration::from_secs(86_400)),
         };
         for mail in mails() {
