@@ -288,6 +288,9 @@ async fn push_round(
         body: "a message of about the length a chat preview has, give or take".into(),
         data: Some(json!({ "conversation_id": uuid::Uuid::now_v7().to_string(), "seq": "42" })),
         collapse_id: None,
+        thread_id: None,
+        kind: mobile_db::push::PushKind::Alert,
+        localized: None,
     };
     let token = "ab".repeat(32);
     // Warm-up: the connection and the provider token.

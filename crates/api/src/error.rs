@@ -117,6 +117,7 @@ error_codes! {
     UnknownMembers = (UNPROCESSABLE_ENTITY, "unknown_members", "some member ids name no user"),
     TooManyMembers = (UNPROCESSABLE_ENTITY, "too_many_members", "a conversation has at most 1000 members"),
     UnknownMedia = (UNPROCESSABLE_ENTITY, "unknown_media", "no media of the sender's that can be attached (unknown, or its processing failed)"),
+    InvalidPushOptions = (UNPROCESSABLE_ENTITY, "invalid_push_options", "thread_id or collapse_id is not 1 to 64 printable ASCII characters, or a localisation key or its arguments break their limits"),
     InvalidData = (UNPROCESSABLE_ENTITY, "invalid_data", "data is not a JSON object of at most 2048 bytes without NUL"),
     EmptyUpload = (UNPROCESSABLE_ENTITY, "empty_upload", "the upload is empty"),
     InvalidImage = (UNPROCESSABLE_ENTITY, "invalid_image", "the upload is not a JPEG, PNG or WebP image"),

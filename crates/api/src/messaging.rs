@@ -14,7 +14,7 @@ use std::collections::HashSet;
 use mobile_db::{
     conversations::{self, Message, NewMessage, PostMessage},
     media,
-    push::{self, Notification},
+    push::{self, Notification, PushKind},
 };
 use mobile_domain::{ClientMsgId, ConversationId, MediaId, MessageText, UserId};
 use mobile_events::{Channel, MessageData, presence};
@@ -146,6 +146,10 @@ fn notifications(message: &Message, sender_name: &str, recipients: &[UserId]) ->
             body: body.clone(),
             data: Some(data.clone()),
             collapse_id: None,
+            // One thread per conversation: its messages stack together on the phone.
+            thread_id: Some(message.conversation_id.to_string()),
+            kind: PushKind::Alert,
+            localized: None,
         })
         .collect()
 }

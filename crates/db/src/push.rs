@@ -30,6 +30,53 @@ pub struct Notification {
     /// newest message replaces the previous one's banner).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub collapse_id: Option<String>,
+    /// Notifications with the same thread are grouped in the notification centre (a
+    /// conversation's id): APNs `thread-id`; on Android, `data.thread_id` for the
+    /// app's own grouping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread_id: Option<String>,
+    /// Shown to the user, or a silent hint to sync.
+    #[serde(default, skip_serializing_if = "PushKind::is_alert")]
+    pub kind: PushKind,
+    /// The title and body as keys of the app's own strings, so the phone shows them in
+    /// its user's language; `title` and `body` are the fallback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub localized: Option<Localized>,
+}
+
+/// What a push does on the phone. Jobs enqueued before this existed are alerts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PushKind {
+    /// A banner, a sound: APNs `alert` at priority 10, an FCM notification at high
+    /// priority.
+    #[default]
+    Alert,
+    /// Nothing shown; the app is woken to sync (read state moved on another device, a
+    /// message was edited): APNs `background` (`content-available`) at priority 5, an
+    /// FCM data-only message at normal priority. The platforms throttle these: they
+    /// are hints, never the only way news arrives.
+    Silent,
+}
+
+impl PushKind {
+    pub const fn is_alert(&self) -> bool {
+        matches!(self, Self::Alert)
+    }
+}
+
+/// Localisable text: a key of the app's strings (`Localizable.strings` on iOS,
+/// `strings.xml` on Android) and its arguments, for the title and for the body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Localized {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub title_args: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub body_args: Vec<String>,
 }
 
 impl Payload for Notification {
@@ -156,6 +203,9 @@ mod tests {
             body: "hello".into(),
             data: None,
             collapse_id: None,
+            thread_id: None,
+            kind: PushKind::Alert,
+            localized: None,
         }
     }
 

@@ -9,7 +9,7 @@ use axum::{
 };
 use mobile_db::{
     jobs::{self, Enqueued, Payload as _},
-    push::Notification,
+    push::{Localized, Notification, PushKind},
     users,
 };
 use mobile_domain::{JobId, NotificationText, Title, UserId};
@@ -48,6 +48,102 @@ pub struct NotifyRequest {
     /// are, other values as JSON text).
     #[schema(value_type = Option<Object>)]
     pub data: Option<serde_json::Value>,
+    /// Groups notifications in the notification centre (APNs `thread-id`; on Android
+    /// `data.thread_id`, for the app's grouping): a conversation's id, say.
+    #[schema(min_length = 1, max_length = 64, pattern = r"^[\x21-\x7e]+$")]
+    pub thread_id: Option<String>,
+    /// A notification with the same id replaces the previous one on the device.
+    #[schema(min_length = 1, max_length = 64, pattern = r"^[\x21-\x7e]+$")]
+    pub collapse_id: Option<String>,
+    /// `true`: shown to no one; the app is woken to sync (APNs `content-available` at
+    /// priority 5, an FCM data-only message at normal priority). Throttled by the
+    /// platforms: a hint, never the only way news arrives.
+    #[serde(default)]
+    pub silent: bool,
+    /// The title and body as keys of the app's strings, with arguments, so the phone
+    /// shows them in its user's language (`title` and `body` are the fallback).
+    pub localized: Option<LocalizedText>,
+}
+
+/// Keys of the app's strings (`Localizable.strings`, `strings.xml`) and their
+/// arguments.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LocalizedText {
+    #[schema(pattern = r"^[A-Za-z0-9._-]{1,100}$")]
+    pub title_key: Option<String>,
+    #[serde(default)]
+    #[schema(schema_with = loc_args)]
+    pub title_args: Vec<String>,
+    #[schema(pattern = r"^[A-Za-z0-9._-]{1,100}$")]
+    pub body_key: Option<String>,
+    #[serde(default)]
+    #[schema(schema_with = loc_args)]
+    pub body_args: Vec<String>,
+}
+
+/// At most 10 arguments of at most 200 characters, without NUL.
+fn loc_args() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    ArrayBuilder::new()
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .max_length(Some(200))
+                .pattern(Some(r"^[^\x00]*$")),
+        )
+        .max_items(Some(10))
+        .into()
+}
+
+/// Checks what [`NotifyRequest`]'s schema says about its push options.
+fn push_options(request: &NotifyRequest) -> Result<Option<Localized>, ApiError> {
+    let invalid = |what: &str| ApiError::new(ErrorCode::InvalidPushOptions).detail(what.to_owned());
+    for (name, value) in [
+        ("thread_id", &request.thread_id),
+        ("collapse_id", &request.collapse_id),
+    ] {
+        if let Some(value) = value
+            && !((1..=64).contains(&value.len())
+                && value.bytes().all(|b| (0x21..=0x7e).contains(&b)))
+        {
+            return Err(invalid(&format!(
+                "{name} must be 1 to 64 printable ASCII characters"
+            )));
+        }
+    }
+    let Some(text) = &request.localized else {
+        return Ok(None);
+    };
+    let key_ok = |key: &Option<String>| {
+        key.as_ref().is_none_or(|k| {
+            (1..=100).contains(&k.len())
+                && k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        })
+    };
+    let args_ok = |args: &[String]| {
+        args.len() <= 10
+            && args
+                .iter()
+                .all(|a| a.chars().count() <= 200 && !a.contains('\0'))
+    };
+    if !(key_ok(&text.title_key) && key_ok(&text.body_key)) {
+        return Err(invalid(
+            "a localisation key is 1 to 100 of A-Z a-z 0-9 . _ -",
+        ));
+    }
+    if !(args_ok(&text.title_args) && args_ok(&text.body_args)) {
+        return Err(invalid(
+            "at most 10 arguments of at most 200 characters, without NUL",
+        ));
+    }
+    Ok(Some(Localized {
+        title_key: text.title_key.clone(),
+        title_args: text.title_args.clone(),
+        body_key: text.body_key.clone(),
+        body_args: text.body_args.clone(),
+    }))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -56,7 +152,7 @@ pub struct NotifyResponse {
     pub job_id: JobId,
 }
 
-problems!(NotifyProblems: NotFound, InvalidData, Invalid(InvalidTitle), Invalid(InvalidBody));
+problems!(NotifyProblems: NotFound, InvalidData, InvalidPushOptions, Invalid(InvalidTitle), Invalid(InvalidBody));
 
 /// Notify a user on all their devices.
 ///
@@ -87,6 +183,7 @@ async fn notify(
             if data.to_string().len() <= MAX_DATA_BYTES && !has_nul(data) => {}
         Some(_) => return Err(ErrorCode::InvalidData.into()),
     }
+    let localized = push_options(&request)?;
     if users::find_user(&state.db, request.user_id)
         .await?
         .is_none()
@@ -98,7 +195,14 @@ async fn notify(
         title: title.as_str().to_owned(),
         body: body.as_str().to_owned(),
         data: request.data,
-        collapse_id: None,
+        collapse_id: request.collapse_id,
+        thread_id: request.thread_id,
+        kind: if request.silent {
+            PushKind::Silent
+        } else {
+            PushKind::Alert
+        },
+        localized,
     };
     let Enqueued::Enqueued(job_id) = jobs::enqueue(&state.db, &notification.to_job()?).await?
     else {

@@ -118,6 +118,60 @@ async fn internal_notifications_need_the_internal_token_and_enqueue_a_push() {
 }
 
 #[tokio::test]
+async fn internal_notifications_group_stay_silent_and_localise() {
+    let app = TestApp::spawn().await;
+    let ada = app.register("ada@example.com").await;
+    let body = json!({
+        "user_id": ada.user_id, "title": "Ann", "body": "New photo",
+        "thread_id": "album-7", "collapse_id": "album-7-latest",
+        "localized": { "title_key": "push.album.title", "title_args": ["Ann", "Trip"], "body_key": "push.album.photo" },
+    });
+    assert_eq!(
+        notify(&app, Some(INTERNAL_TOKEN), &body).await.status(),
+        StatusCode::ACCEPTED
+    );
+    let silent = json!({ "user_id": ada.user_id, "title": "sync", "body": "read", "silent": true });
+    assert_eq!(
+        notify(&app, Some(INTERNAL_TOKEN), &silent).await.status(),
+        StatusCode::ACCEPTED
+    );
+    let jobs = notify_jobs(&app).await;
+    assert_eq!(jobs[0]["thread_id"], "album-7");
+    assert_eq!(jobs[0]["collapse_id"], "album-7-latest");
+    assert_eq!(
+        jobs[0]["localized"],
+        json!({ "title_key": "push.album.title", "title_args": ["Ann", "Trip"], "body_key": "push.album.photo" })
+    );
+    assert!(
+        jobs[0].get("kind").is_none(),
+        "an alert, as before: {}",
+        jobs[0]
+    );
+    assert_eq!(jobs[1]["kind"], "silent");
+
+    for bad in [
+        json!({ "thread_id": "" }),
+        json!({ "thread_id": "has space" }),
+        json!({ "collapse_id": "x".repeat(65) }),
+        json!({ "localized": { "title_key": "not a key!" } }),
+        json!({ "localized": { "body_args": vec!["a"; 11] } }),
+        json!({ "localized": { "body_args": ["x".repeat(201)] } }),
+    ] {
+        let mut request = json!({ "user_id": ada.user_id, "title": "t", "body": "b" });
+        for (key, value) in bad.as_object().unwrap() {
+            request[key] = value.clone();
+        }
+        assert_problem(
+            notify(&app, Some(INTERNAL_TOKEN), &request).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_push_options",
+        )
+        .await;
+    }
+    assert_eq!(notify_jobs(&app).await.len(), 2);
+}
+
+#[tokio::test]
 async fn without_an_internal_token_the_endpoint_does_not_exist() {
     let app = TestApp::builder()
         .env("INTERNAL_API_TOKEN", "")
@@ -164,6 +218,8 @@ async fn a_message_enqueues_pushes_for_offline_members_only_once() {
         jobs[0]["data"],
         json!({ "type": "message", "conversation_id": conversation_id, "message_id": message["id"], "seq": "1" })
     );
+    // A conversation's pushes stack as one thread on the phone.
+    assert_eq!(jobs[0]["thread_id"], conversation_id);
 
     // A retried post is the same message: no second push.
     assert_eq!(

@@ -5,8 +5,9 @@
 //! providers that renew more often than every 20 minutes. A `403
 //! ExpiredProviderToken` renews it at once. Requests follow Apple's "Sending
 //! notification requests to APNs": `POST /3/device/<token>` with `apns-topic`,
-//! `apns-push-type`, `apns-priority`, `apns-expiration` and, when the notification has
-//! one, `apns-collapse-id`.
+//! `apns-push-type` and `apns-priority` by the kind of push (an alert at 10, a silent
+//! `background` push at 5), `apns-expiration` and, when the notification has one,
+//! `apns-collapse-id`.
 
 use std::{
     path::Path,
@@ -15,7 +16,7 @@ use std::{
 
 use anyhow::Context as _;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use mobile_db::push::Notification;
+use mobile_db::push::{Notification, PushKind};
 use reqwest::StatusCode;
 use reqwest::header::HeaderValue;
 use serde::{Deserialize, Serialize};
@@ -134,8 +135,8 @@ impl Apns {
             .post(format!("{base}/3/device/{device_token}"))
             .header(reqwest::header::AUTHORIZATION, self.authorization()?)
             .header("apns-topic", &self.topic)
-            .header("apns-push-type", "alert")
-            .header("apns-priority", "10")
+            .header("apns-push-type", push_type(notification.kind))
+            .header("apns-priority", priority(notification.kind))
             .header("apns-expiration", expiration.to_string())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body);
@@ -175,18 +176,73 @@ impl Apns {
     }
 }
 
-/// `{"aps":{"alert":{"title","body"},"sound":"default"}, <data>...}`: the app's own
-/// keys sit beside `aps`, as Apple's payload format puts them.
+/// `apns-push-type`: what the payload is, which APNs requires to match it.
+fn push_type(kind: PushKind) -> &'static str {
+    match kind {
+        PushKind::Alert => "alert",
+        PushKind::Silent => "background",
+    }
+}
+
+/// `apns-priority`: 10 delivers at once; 5 (required for background pushes) lets the
+/// phone pick a moment that saves power.
+fn priority(kind: PushKind) -> &'static str {
+    match kind {
+        PushKind::Alert => "10",
+        PushKind::Silent => "5",
+    }
+}
+
+/// `{"aps":{"alert":{"title","body"},"sound":"default","thread-id":…}, <data>...}`, or
+/// for a silent push `{"aps":{"content-available":1}, <data>...}`: the app's own keys
+/// sit beside `aps`, as Apple's payload format puts them. Localised text replaces the
+/// title or body by `title-loc-key`/`title-loc-args`, `loc-key`/`loc-args`.
 pub fn payload(notification: &Notification) -> String {
     let mut root = string_data(notification.data.as_ref());
-    root.insert(
-        "aps".to_owned(),
-        json!({
-            "alert": { "title": notification.title, "body": notification.body },
-            "sound": "default",
-        }),
-    );
+    let aps = match notification.kind {
+        PushKind::Silent => json!({ "content-available": 1 }),
+        PushKind::Alert => {
+            let mut aps = json!({ "alert": alert(notification), "sound": "default" });
+            if let Some(thread) = &notification.thread_id {
+                aps["thread-id"] = Value::String(thread.clone());
+            }
+            aps
+        }
+    };
+    root.insert("aps".to_owned(), aps);
     Value::Object(root).to_string()
+}
+
+fn alert(notification: &Notification) -> Value {
+    let mut alert = json!({ "title": notification.title, "body": notification.body });
+    if let Some(localized) = &notification.localized {
+        for (key, args, plain, key_field, args_field) in [
+            (
+                &localized.title_key,
+                &localized.title_args,
+                "title",
+                "title-loc-key",
+                "title-loc-args",
+            ),
+            (
+                &localized.body_key,
+                &localized.body_args,
+                "body",
+                "loc-key",
+                "loc-args",
+            ),
+        ] {
+            if let Some(key) = key {
+                // Apple: a loc-key is given *instead of* the text.
+                alert.as_object_mut().map(|a| a.remove(plain));
+                alert[key_field] = json!(key);
+                if !args.is_empty() {
+                    alert[args_field] = json!(args);
+                }
+            }
+        }
+    }
+    alert
 }
 
 fn unix_now() -> u64 {

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use mobile_db::push::Notification;
+use mobile_db::push::{Notification, PushKind};
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -231,21 +231,54 @@ impl Fcm {
     }
 }
 
-/// The v1 `messages:send` body.
+/// The v1 `messages:send` body. An alert carries a `notification` (localised by
+/// `android.notification.title_loc_key` and the like, with `title`/`body` as the
+/// fallback) at high priority; a silent push is data only, at normal priority. The
+/// thread goes in `data.thread_id`, for the app's own grouping.
 pub fn message(device_token: &str, notification: &Notification) -> String {
-    let mut android = json!({ "priority": "high", "ttl": TTL });
+    let mut data = string_data(notification.data.as_ref());
+    if let Some(thread) = &notification.thread_id {
+        data.insert("thread_id".to_owned(), Value::String(thread.clone()));
+    }
+    let priority = match notification.kind {
+        PushKind::Alert => "high",
+        PushKind::Silent => "normal",
+    };
+    let mut android = json!({ "priority": priority, "ttl": TTL });
     if let Some(collapse_id) = &notification.collapse_id {
         android["collapse_key"] = Value::String(collapse_id.clone());
     }
-    json!({
-        "message": {
-            "token": device_token,
-            "notification": { "title": notification.title, "body": notification.body },
-            "data": string_data(notification.data.as_ref()),
-            "android": android,
+    let mut message = json!({ "token": device_token, "data": data });
+    if notification.kind == PushKind::Alert {
+        message["notification"] = json!({ "title": notification.title, "body": notification.body });
+        if let Some(localized) = &notification.localized {
+            let mut texts = serde_json::Map::new();
+            for (key, args, key_field, args_field) in [
+                (
+                    &localized.title_key,
+                    &localized.title_args,
+                    "title_loc_key",
+                    "title_loc_args",
+                ),
+                (
+                    &localized.body_key,
+                    &localized.body_args,
+                    "body_loc_key",
+                    "body_loc_args",
+                ),
+            ] {
+                if let Some(key) = key {
+                    texts.insert(key_field.to_owned(), json!(key));
+                    if !args.is_empty() {
+                        texts.insert(args_field.to_owned(), json!(args));
+                    }
+                }
+            }
+            android["notification"] = Value::Object(texts);
         }
-    })
-    .to_string()
+    }
+    message["android"] = android;
+    json!({ "message": message }).to_string()
 }
 
 fn read(path: &Path) -> anyhow::Result<Vec<u8>> {

@@ -45,6 +45,9 @@ async fn one_push(pool: &PgPool, token: &str) {
         body: "hello".into(),
         data: None,
         collapse_id: None,
+        thread_id: None,
+        kind: mobile_db::push::PushKind::Alert,
+        localized: None,
     };
     push::enqueue_notifications(&mut conn, &[notification])
         .await

@@ -41,6 +41,9 @@ fn notification(user_id: UserId, body: &str) -> Notification {
         body: body.into(),
         data: Some(json!({ "conversation_id": "c-1", "seq": 5 })),
         collapse_id: Some("c-1".into()),
+        thread_id: None,
+        kind: mobile_db::push::PushKind::Alert,
+        localized: None,
     }
 }
 
@@ -276,4 +279,80 @@ async fn without_credentials_a_platform_is_disabled_not_failing() {
     );
     assert_eq!(device_count(&pool, ada).await, 2);
     worker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn threads_silent_pushes_and_localised_text_reach_both_platforms() {
+    let db = TestDb::new().await;
+    let pool = db.pool().await;
+    let fakes = Fakes::start().await;
+    let _worker = TestWorker::spawn(&db, &fakes.env()).await;
+    let ada = user(&pool, "Ada").await;
+    device(&pool, ada, Platform::Ios, &apns_token(7)).await;
+    device(&pool, ada, Platform::Android, "fcm-token-7").await;
+
+    let mut alert = notification(ada, "hello");
+    alert.collapse_id = None;
+    alert.thread_id = Some("conversation-1".into());
+    alert.localized = Some(push::Localized {
+        title_key: Some("push.message.title".into()),
+        title_args: vec!["Ada".into(), "Family".into()],
+        body_key: None,
+        body_args: vec![],
+    });
+    let mut silent = notification(ada, "");
+    silent.kind = push::PushKind::Silent;
+    silent.collapse_id = None;
+    silent.data = Some(json!({ "type": "read", "conversation_id": "conversation-1" }));
+    notify(&pool, &[alert]).await;
+    drained(&pool).await;
+    notify(&pool, &[silent]).await;
+    drained(&pool).await;
+
+    let deliveries = fakes.apns.deliveries();
+    assert_eq!(deliveries.len(), 2);
+    let header = |i: usize, name: &str| {
+        deliveries[i]
+            .headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    // The alert: grouped by its thread, the title from the app's strings.
+    assert_eq!(header(0, "apns-push-type").as_deref(), Some("alert"));
+    assert_eq!(header(0, "apns-priority").as_deref(), Some("10"));
+    assert_eq!(header(0, "apns-collapse-id"), None);
+    assert_eq!(
+        deliveries[0].payload["aps"],
+        json!({
+            "alert": {
+                "body": "hello",
+                "title-loc-key": "push.message.title",
+                "title-loc-args": ["Ada", "Family"],
+            },
+            "sound": "default",
+            "thread-id": "conversation-1",
+        })
+    );
+    // The silent one: a background push at priority 5, nothing shown.
+    assert_eq!(header(1, "apns-push-type").as_deref(), Some("background"));
+    assert_eq!(header(1, "apns-priority").as_deref(), Some("5"));
+    assert_eq!(
+        deliveries[1].payload["aps"],
+        json!({ "content-available": 1 })
+    );
+    assert_eq!(deliveries[1].payload["type"], "read");
+
+    let messages = fakes.fcm.messages();
+    assert_eq!(messages.len(), 2);
+    assert_eq!(messages[0]["android"]["priority"], "high");
+    assert_eq!(
+        messages[0]["android"]["notification"],
+        json!({ "title_loc_key": "push.message.title", "title_loc_args": ["Ada", "Family"] })
+    );
+    assert_eq!(messages[0]["notification"]["title"], "Ada");
+    assert_eq!(messages[0]["data"]["thread_id"], "conversation-1");
+    // Data only, at normal priority.
+    assert!(messages[1].get("notification").is_none(), "{}", messages[1]);
+    assert_eq!(messages[1]["android"]["priority"], "normal");
+    assert_eq!(messages[1]["data"]["type"], "read");
 }
