@@ -15,9 +15,10 @@ WHERE u.password_hash = '' AND u.deleted_at IS NULL
 CREATE TABLE email_tokens (
     token_hash bytea PRIMARY KEY CHECK (length(token_hash) = 32),
     user_id    uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE,
-    purpose    text NOT NULL CHECK (purpose IN ('verify_email', 'reset_password')),
+    purpose    text NOT NULL CHECK (purpose IN ('verify_email', 'reset_password', 'restore_email')),
     -- The address the mail went to: the one a verification proves (a new address, for
-    -- a change), or the one a reset was asked for (the reset fails if it changed since).
+    -- a change), the one a reset was asked for (the reset fails if it changed since),
+    -- or the one an email change would leave, which a restore puts back.
     email      text NOT NULL,
     expires_at timestamptz NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()

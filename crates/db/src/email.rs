@@ -14,6 +14,8 @@
 //!   new one, which becomes the account's (an email change).
 //! - [`reset_password`] sets a new password; the caller ends every session in the same
 //!   transaction. The link proved the mailbox, so the address counts as verified too.
+//! - [`restore_email`] undoes an email change from the notice sent to the old address:
+//!   the old address back, no password, every session ended.
 
 use mobile_domain::{Email, JobKind, UserId};
 use rand::RngCore as _;
@@ -88,6 +90,8 @@ impl Payload for MailJob {
 pub enum Purpose {
     VerifyEmail,
     ResetPassword,
+    /// Undo an email change, from the notice to the address it would leave.
+    RestoreEmail,
 }
 
 impl Purpose {
@@ -95,6 +99,7 @@ impl Purpose {
         match self {
             Self::VerifyEmail => "verify_email",
             Self::ResetPassword => "reset_password",
+            Self::RestoreEmail => "restore_email",
         }
     }
 }
@@ -298,9 +303,65 @@ pub async fn reset_password(
     .await
 }
 
-/// Deletes the account's reset links, and its links for addresses other than `email`
-/// (pending changes): what a password change, a reset or signing out everywhere must
-/// take from whoever may have had the password or the session.
+/// The outcome of [`restore_email`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Restore {
+    /// The account has its old address back, verified, without a password; the caller
+    /// ends every session.
+    Restored(UserId),
+    /// Unknown, expired or spent.
+    InvalidToken,
+    /// Another account took the old address meanwhile.
+    EmailTaken,
+}
+
+/// Spends a restore token inside the caller's transaction: the account gets back the
+/// address the change would have left, verified (its owner just proved the mailbox),
+/// and loses its password (whoever asked for the change knew it; the owner sets a new
+/// one by reset). Every other link of the account stops working.
+pub async fn restore_email(conn: &mut PgConnection, token: &str) -> Result<Restore, sqlx::Error> {
+    timed("email.restore_email", async move {
+        let spent: Option<(UserId, String)> = sqlx::query_as(
+            "DELETE FROM email_tokens
+             WHERE token_hash = $1 AND purpose = 'restore_email' AND expires_at > now()
+             RETURNING user_id, email",
+        )
+        .bind(token_hash(token))
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some((user_id, email)) = spent else {
+            return Ok(Restore::InvalidToken);
+        };
+        let restored = sqlx::query(
+            "UPDATE users
+             SET email = $2, email_verified_at = now(), password_hash = '', updated_at = now()
+             WHERE id = $1 AND deleted_at IS NULL",
+        )
+        .bind(user_id)
+        .bind(&email)
+        .execute(&mut *conn)
+        .await;
+        match restored {
+            Ok(done) if done.rows_affected() == 0 => return Ok(Restore::InvalidToken),
+            Ok(_) => {}
+            Err(e) if crate::violated_constraint(&e) == Some("users_email_key") => {
+                return Ok(Restore::EmailTaken);
+            }
+            Err(e) => return Err(e),
+        }
+        sqlx::query("DELETE FROM email_tokens WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *conn)
+            .await?;
+        Ok(Restore::Restored(user_id))
+    })
+    .await
+}
+
+/// Deletes the account's reset links, and its verification links for addresses other
+/// than `email` (pending changes): what a password change, a reset or signing out
+/// everywhere must take from whoever may have had the password or the session. Restore
+/// links stay: they are the owner's way back.
 pub async fn revoke_links(
     db: impl PgExecutor<'_>,
     user_id: UserId,
@@ -309,7 +370,8 @@ pub async fn revoke_links(
     timed("email.revoke_links", async move {
         let deleted = sqlx::query(
             "DELETE FROM email_tokens
-             WHERE user_id = $1 AND (purpose = 'reset_password' OR email <> $2)",
+             WHERE user_id = $1
+               AND (purpose = 'reset_password' OR (purpose = 'verify_email' AND email <> $2))",
         )
         .bind(user_id)
         .bind(email)

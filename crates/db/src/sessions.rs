@@ -32,6 +32,8 @@ pub enum RevokeReason {
     PasswordChanged,
     /// The password was reset by mail (every session).
     PasswordReset,
+    /// An email change was undone from its notice (every session).
+    EmailRestored,
     /// A provider's verified identity took over the account (`crate::identities`).
     IdentityLinked,
 }
@@ -45,6 +47,7 @@ impl RevokeReason {
             Self::LogoutAll => "logout_all",
             Self::PasswordChanged => "password_changed",
             Self::PasswordReset => "password_reset",
+            Self::EmailRestored => "email_restored",
             Self::IdentityLinked => "identity_linked",
         }
     }

@@ -57,7 +57,8 @@ pub struct MailSettings {
     pub app_name: String,
     /// `APP_LINK_BASE_URL`: where the links in the mails point, the app's universal
     /// link (iOS) / app link (Android) domain, e.g. `https://example.com/app`; the
-    /// paths `/verify-email` and `/reset-password` are added, with `#token=`.
+    /// paths `/verify-email`, `/reset-password` and `/restore-email` are added, with
+    /// `#token=`.
     pub link_base: url::Url,
     /// `SMTP_CA_FILE`: an extra trusted root certificate (PEM) for the SMTP server,
     /// for a private relay or a test server. Unset: the system roots only.
@@ -66,6 +67,9 @@ pub struct MailSettings {
     pub verification_ttl: Duration,
     /// `PASSWORD_RESET_TTL_SECONDS` (default 3600): how long a reset link works.
     pub reset_ttl: Duration,
+    /// `EMAIL_RESTORE_TTL_SECONDS` (default 604800): how long the link in an email
+    /// change's notice undoes the change.
+    pub restore_ttl: Duration,
 }
 
 /// `SMTP_URL`: `smtp://[user[:password]@]host[:port]` (STARTTLS, required; port 587
@@ -335,6 +339,7 @@ fn mail(env: &Env) -> Result<Option<MailSettings>, SettingsError> {
         ca_file: env.optional("SMTP_CA_FILE").map(PathBuf::from),
         verification_ttl: env.seconds("EMAIL_VERIFICATION_TTL_SECONDS", 86_400)?,
         reset_ttl: env.seconds("PASSWORD_RESET_TTL_SECONDS", 3_600)?,
+        restore_ttl: env.seconds("EMAIL_RESTORE_TTL_SECONDS", 604_800)?,
     }))
 }
 

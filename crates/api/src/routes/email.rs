@@ -14,6 +14,8 @@
 //! - `POST /v1/me/email/verify {token}`: uses a verification link (registration's, or a
 //!   change's); answers the user as it is now.
 //! - `POST /v1/me/email/verification`: sends the account's address a new link.
+//! - `POST /v1/auth/email/restore {token}`: the "this was not me" link of a change's
+//!   notice: the old address back, no password, every session ended.
 //!
 //! Every request for a mail is limited per address (`MAIL_PER_ADDRESS_PER_HOUR`,
 //! counted whoever asks and whether or not an account has the address, so the answer
@@ -29,7 +31,7 @@ use axum::{
 };
 use mobile_auth::password;
 use mobile_db::{
-    email::{self, Mail, MailJob, Reset, Verification},
+    email::{self, Mail, MailJob, Reset, Restore, Verification},
     jobs::{self, Payload as _},
     sessions::{self, Ending, RevokeReason},
     users,
@@ -60,6 +62,7 @@ pub fn router(state: &AppState) -> OpenApiRouter<AppState> {
     let per_ip = OpenApiRouter::new()
         .routes(routes!(forgot_password))
         .routes(routes!(reset_password))
+        .routes(routes!(restore_email))
         .routes(routes!(change_email))
         .route_layer(axum::middleware::from_fn_with_state(
             (state.clone(), Class::Auth),
@@ -173,6 +176,52 @@ async fn reset_password(
         sessions::end_sessions(&mut *tx, user_id, Ending::All, RevokeReason::PasswordReset).await?;
     tx.commit().await?;
     tracing::info!(%user_id, ended = ended.len(), "password reset");
+    events::revoke(&state, user_id, Revoke::All).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreEmail {
+    /// The `token` of the link in the notice of an email change.
+    #[schema(min_length = 1, max_length = 128)]
+    pub token: String,
+}
+
+problems!(RestoreEmailProblems: InvalidEmailToken, EmailTaken);
+
+/// Undo an email change with the link from its notice ("this was not me").
+///
+/// The account gets back the address the notice went to, verified; its password is
+/// removed (whoever asked for the change knew it) and every session ends. Its owner
+/// then sets a new password with `forgot`. Works for `EMAIL_RESTORE_TTL_SECONDS` (the
+/// worker's setting), once; 409 `email_taken` if another account has the address now.
+#[utoipa::path(
+    post,
+    path = "/v1/auth/email/restore",
+    tag = "auth",
+    request_body = RestoreEmail,
+    responses(
+        (status = 204, description = "The old address is back; no password; every session ended"),
+        RestoreEmailProblems,
+    )
+)]
+#[tracing::instrument(skip_all)]
+async fn restore_email(
+    State(state): State<AppState>,
+    Json(body): Json<RestoreEmail>,
+) -> Result<StatusCode, ApiError> {
+    let token = checked_token(&body.token)?;
+    let mut tx = state.db.begin().await?;
+    let user_id = match email::restore_email(&mut tx, token).await? {
+        Restore::Restored(user_id) => user_id,
+        Restore::InvalidToken => return Err(ErrorCode::InvalidEmailToken.into()),
+        Restore::EmailTaken => return Err(ErrorCode::EmailTaken.into()),
+    };
+    let ended =
+        sessions::end_sessions(&mut *tx, user_id, Ending::All, RevokeReason::EmailRestored).await?;
+    tx.commit().await?;
+    tracing::warn!(%user_id, ended = ended.len(), "email change undone from its notice");
     events::revoke(&state, user_id, Revoke::All).await;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -407,6 +407,57 @@ async fn an_email_change_happens_when_the_new_address_is_verified() {
     )
     .await;
 
+    // It was not Ann: the notice's link takes her address back, ends every session and
+    // removes the password whoever changed it knew.
+    let restore = token_of(&notice, "/restore-email");
+    assert!(notice.body().contains("for 7 days"), "{}", notice.body());
+    let response = app
+        .post_json("/v1/auth/email/restore", &json!({"token": restore}))
+        .await;
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        app.refresh(&ann.refresh_token).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    for address in ["ann@example.com", "ann@example.org"] {
+        assert_eq!(
+            app.login(address, PASSWORD).await.status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    assert_problem(
+        app.post_json("/v1/auth/email/restore", &json!({"token": restore}))
+            .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_email_token",
+    )
+    .await;
+    // She sets a new password by mail, at her old address.
+    forgot(&app, "ann@example.com").await;
+    let again = smtp
+        .wait_for_mail(MAIL_WAIT, |m| {
+            m.to == ["ann@example.com"]
+                && m.link("/reset-password")
+                    .is_some_and(|(_, token)| token != old_reset)
+        })
+        .await;
+    assert_eq!(
+        reset(
+            &app,
+            &token_of(&again, "/reset-password"),
+            "ann's own passphrase"
+        )
+        .await
+        .status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        app.login("ann@example.com", "ann's own passphrase")
+            .await
+            .status(),
+        StatusCode::OK
+    );
+
     // An address never verified (anyone may have registered it) gets no notice.
     let bob = app.register("bob@example.com").await;
     link_mail(&smtp, "bob@example.com", "/verify-email").await;

@@ -46,6 +46,7 @@ async fn the_document_covers_every_route() {
         ("/internal/v1/notifications", "post"),
         ("/v1/auth/password/forgot", "post"),
         ("/v1/auth/password/reset", "post"),
+        ("/v1/auth/email/restore", "post"),
         ("/v1/me/email", "post"),
         ("/v1/me/email/verify", "post"),
         ("/v1/me/email/verification", "post"),

@@ -189,11 +189,16 @@ impl Mailer {
                 .await?;
                 (recipient, Some(("reset-password", token, ttl)))
             }
-            Mail::EmailChangeRequested { user_id, .. } => {
+            Mail::EmailChangeRequested { user_id, email, .. } => {
                 let Some(recipient) = email::recipient_by_id(&mut *tx, *user_id).await? else {
                     return Ok(Outcome::Skipped("the account is gone"));
                 };
-                (recipient, None)
+                // The way back for the owner, if it was not them: this address again.
+                let ttl = self.settings.restore_ttl;
+                let token =
+                    email::create_token(&mut tx, *user_id, Purpose::RestoreEmail, email, span(ttl))
+                        .await?;
+                (recipient, Some(("restore-email", token, ttl)))
             }
         };
         tx.commit().await?;
