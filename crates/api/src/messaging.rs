@@ -138,6 +138,8 @@ fn notifications(message: &Message, sender_name: &str, recipients: &[UserId]) ->
         "seq": message.seq.to_string(),
     });
     let body = preview(&message.body);
+    // One thread per conversation: its messages stack together on the phone.
+    let thread_id = message.conversation_id.to_string();
     recipients
         .iter()
         .map(|&user_id| Notification {
@@ -146,8 +148,7 @@ fn notifications(message: &Message, sender_name: &str, recipients: &[UserId]) ->
             body: body.clone(),
             data: Some(data.clone()),
             collapse_id: None,
-            // One thread per conversation: its messages stack together on the phone.
-            thread_id: Some(message.conversation_id.to_string()),
+            thread_id: Some(thread_id.clone()),
             kind: PushKind::Alert,
             localized: None,
         })
