@@ -2,8 +2,6 @@
 //! nothing else of the user is left in PostgreSQL, Redis or storage once the worker (run
 //! in-process) has done its part.
 
-use std::time::Duration;
-
 use image::ImageFormat;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -70,21 +68,6 @@ async fn redis_keys_mentioning(app: &TestApp, needle: &str) -> Vec<(String, i64)
         found.push((key, ttl));
     }
     found
-}
-
-async fn wait_for_jobs_to_drain(app: &TestApp) {
-    let pool = app.db.pool().await;
-    for _ in 0..200 {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        if left == 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("jobs still queued after 20 s");
 }
 
 #[tokio::test]
@@ -164,7 +147,7 @@ async fn deleting_an_account_leaves_only_what_the_policy_keeps() {
         delete_me(&app, &anns_tablet, "anything").await.status(),
         StatusCode::NO_CONTENT
     );
-    wait_for_jobs_to_drain(&app).await;
+    crate::helpers::wait_until_no_jobs(&app, "TRUE").await;
     worker.stop().await;
 
     // PostgreSQL: the tombstone, and her messages in the conversation Bob is still in;

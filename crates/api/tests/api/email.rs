@@ -113,20 +113,7 @@ async fn mail_error(app: &TestApp, to: &str) -> (String, String) {
 
 /// Waits until no `mail.send` job is left queued or running.
 async fn mail_jobs_done(app: &TestApp) {
-    let pool = app.db.pool().await;
-    for _ in 0..200 {
-        let left: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM jobs WHERE kind = 'mail.send' AND state <> 'dead'",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        if left == 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("mail jobs still queued after 20 s");
+    crate::helpers::wait_until_no_jobs(app, "kind = 'mail.send' AND state <> 'dead'").await;
 }
 
 #[tokio::test]

@@ -215,3 +215,17 @@ pub async fn assert_problem(response: Response, status: StatusCode, code: &str) 
     }
     body
 }
+
+/// Waits until no job matching `condition` (SQL over `jobs`) is left, for at most 20 s.
+pub async fn wait_until_no_jobs(app: &TestApp, condition: &str) {
+    let pool = app.db.pool().await;
+    let query = format!("SELECT count(*) FROM jobs WHERE {condition}");
+    for _ in 0..200 {
+        let left: i64 = sqlx::query_scalar(&query).fetch_one(&pool).await.unwrap();
+        if left == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("jobs ({condition}) still left after 20 s");
+}
