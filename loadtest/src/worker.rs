@@ -291,6 +291,7 @@ async fn push_round(
         thread_id: None,
         kind: mobile_db::push::PushKind::Alert,
         localized: None,
+        badge: None,
     };
     let token = "ab".repeat(32);
     // Warm-up: the connection and the provider token.

@@ -110,6 +110,7 @@ pub fn app(state: AppState, health: &Health) -> Router {
         .merge(routes::sessions::router(&state))
         .merge(routes::devices::router(&state))
         .merge(routes::conversations::router(&state))
+        .merge(routes::members::router(&state))
         .merge(routes::media::router(&state))
         .merge(routes::internal::router())
         .split_for_parts();

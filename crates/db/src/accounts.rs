@@ -10,8 +10,9 @@
 //! - deletes every upload's row and enqueues a `media.delete` job per upload for its
 //!   objects (the original and the variants) in storage; a message that carried one
 //!   keeps no reference to it;
-//! - removes the user from every conversation, and deletes the conversations no one else
-//!   is in (with their messages);
+//! - removes the user from every conversation (a `member.removed` event, reason
+//!   `account_deleted`, in each, the ownership handed on where they owned it), and
+//!   deletes the conversations no one else is in (with their messages);
 //! - deletes the jobs that carry the user's data (pushes to them, their uploads'
 //!   processing, mails to them) and their email links' tokens, and enqueues one `account.forget` job, which deletes what Redis holds
 //!   under their id (stored idempotent responses);
@@ -25,12 +26,13 @@
 //! storage and Redis when the jobs have run, and from Redis's short-lived counters
 //! (rate limits, sign-in failures, presence) within their TTLs.
 
-use mobile_domain::{JobKind, MediaId, UserId};
+use mobile_domain::{ConversationId, JobKind, MediaId, RemovalReason, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::PgConnection;
 
 use crate::jobs::{self, Payload};
+use crate::members::{self, RemoveMember};
 use crate::metrics::timed;
 
 /// The display name a deleted account shows under its messages.
@@ -59,12 +61,21 @@ impl Payload for ForgetAccountJob {
 /// The outcome of [`delete_account`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Deletion {
-    /// Deleted now; how many uploads wait for their objects to be removed.
-    Deleted { uploads: usize },
+    /// Deleted now; how many uploads wait for their objects to be removed, and the
+    /// `member.removed` events of the conversations the user left.
+    Deleted { uploads: usize, left: Vec<Left> },
     /// Deleted before: nothing to do.
     AlreadyDeleted,
     /// No such user.
     NotFound,
+}
+
+/// A conversation a deleted account left: its `member.removed` event, to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Left {
+    pub conversation: ConversationId,
+    pub seq: i64,
+    pub data: String,
 }
 
 /// Deletes the account `user_id` inside the caller's transaction (see the module).
@@ -130,13 +141,13 @@ pub async fn delete_account(
         // Their rows are locked first, in id order (as every deletion does), so two
         // members deleting their accounts at once cannot each see the other still in
         // and leave a conversation with no one.
-        sqlx::query(
-            "SELECT c.id FROM conversations c
+        let memberships: Vec<(ConversationId, UserId)> = sqlx::query_as(
+            "SELECT c.id, c.owner_id FROM conversations c
              JOIN conversation_members m ON m.conversation_id = c.id AND m.user_id = $1
              ORDER BY c.id FOR UPDATE OF c",
         )
         .bind(user_id)
-        .execute(&mut *conn)
+        .fetch_all(&mut *conn)
         .await?;
         sqlx::query(
             "DELETE FROM conversations c
@@ -148,10 +159,26 @@ pub async fn delete_account(
         .bind(user_id)
         .execute(&mut *conn)
         .await?;
-        sqlx::query("DELETE FROM conversation_members WHERE user_id = $1")
-            .bind(user_id)
-            .execute(&mut *conn)
+        // Leaving each of the others is an event the remaining members see.
+        let mut left = Vec::new();
+        for (conversation, owner) in memberships {
+            let removal = members::remove_locked(
+                &mut *conn,
+                conversation,
+                user_id,
+                user_id,
+                RemovalReason::AccountDeleted,
+                owner,
+            )
             .await?;
+            if let RemoveMember::Removed { seq, data } = removal {
+                left.push(Left {
+                    conversation,
+                    seq,
+                    data,
+                });
+            }
+        }
         sqlx::query("DELETE FROM devices WHERE user_id = $1")
             .bind(user_id)
             .execute(&mut *conn)
@@ -180,6 +207,7 @@ pub async fn delete_account(
         .await?;
         Ok(Deletion::Deleted {
             uploads: uploads.len(),
+            left,
         })
     })
     .await

@@ -1,28 +1,54 @@
-//! Conversations, members, and messages.
+//! Conversations, their messages, and the log of everything that changes them.
 //!
-//! `seq` is assigned by incrementing `conversations.last_seq` in the insert's own
-//! transaction. The `UPDATE` takes the conversation's row lock, so concurrent posts to
-//! one conversation queue there (posts to different conversations do not contend), and
-//! a transaction that rolls back gives its number back: the seqs readers see are 1, 2,
-//! 3, ... with no gaps, in commit order.
+//! Every change to a conversation takes the next offset by incrementing
+//! `conversations.last_seq` in the change's own transaction: a message (its `seq`, the
+//! event `message.created`), an edit, a deletion, a member joining or leaving, a new
+//! title (rows of `conversation_events`). The `UPDATE` takes the conversation's row
+//! lock, so concurrent changes to one conversation queue there (changes to different
+//! conversations do not contend), and a transaction that rolls back gives its number
+//! back: the offsets readers see are 1, 2, 3, ... with no gaps, in commit order. A
+//! message's `seq` is its offset; messages alone skip the offsets of other events.
+//!
+//! Membership changes and read positions are in [`crate::members`].
 
 use crate::Db;
 use crate::metrics::timed;
-use mobile_domain::{ClientMsgId, ConversationId, MediaId, MessageId, MessageText, Title, UserId};
+use mobile_domain::{
+    ClientMsgId, ConversationEventKind, ConversationId, ConversationUpdated, MediaId, MessageId,
+    MessageText, Title, UserId,
+};
 use sqlx::{PgConnection, PgExecutor};
 use time::OffsetDateTime;
 
 /// The most members a conversation may have.
 pub const MAX_MEMBERS: usize = 1_000;
 
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+/// A conversation as one member sees it: the conversation, and their place in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Conversation {
     pub id: ConversationId,
     pub title: Option<String>,
+    pub owner_id: UserId,
     pub member_ids: Vec<UserId>,
     pub created_at: OffsetDateTime,
+    /// The newest offset: of the last event, whatever its kind.
     pub last_seq: i64,
+    /// When the newest message was posted (the creation, before any).
+    pub last_activity_at: OffsetDateTime,
+    /// The newest message, a tombstone if it was deleted.
+    pub last_message: Option<Message>,
+    /// The member's read position: the newest offset they have seen.
+    pub read_seq: i64,
+    /// Messages from others after `read_seq`, tombstones not counted, up to
+    /// [`UNREAD_CAP`].
+    pub unread_count: i64,
+    /// `None`: not muted; `Some(None)`: muted for good; `Some(Some(t))`: until `t`.
+    pub muted: Option<Option<OffsetDateTime>>,
 }
+
+/// Unread counts stop counting here: "1000" reads "1000 or more", and a list of
+/// conversations each with a long backlog costs no more than this per item.
+pub const UNREAD_CAP: i64 = 1_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Message {
@@ -34,18 +60,21 @@ pub struct Message {
     pub body: String,
     pub media_id: Option<MediaId>,
     pub created_at: OffsetDateTime,
+    pub edited_at: Option<OffsetDateTime>,
+    /// A tombstone: the body is empty and the media detached.
+    pub deleted_at: Option<OffsetDateTime>,
 }
 
 /// The outcome of [`create_conversation`].
 #[derive(Debug)]
 pub enum CreateConversation {
-    Created(Conversation),
+    Created(Box<Conversation>),
     /// These member ids name no user (or a deleted account, which may be the creator's).
     UnknownMembers(Vec<UserId>),
 }
 
-/// Creates a conversation whose members are `creator` plus `members` (duplicates
-/// ignored), in one transaction.
+/// Creates a conversation whose members are `creator` (its owner) plus `members`
+/// (duplicates ignored), in one transaction.
 pub async fn create_conversation(
     db: &Db,
     creator: UserId,
@@ -60,13 +89,15 @@ pub async fn create_conversation(
 
         let mut tx = db.begin().await?;
         let id = ConversationId::new();
-        let created_at: OffsetDateTime =
-            sqlx::query_scalar("INSERT INTO conversations (id, title, created_by) VALUES ($1, $2, $3) RETURNING created_at")
-                .bind(id)
-                .bind(title.map(Title::as_str))
-                .bind(creator)
-                .fetch_one(&mut *tx)
-                .await?;
+        let created_at: OffsetDateTime = sqlx::query_scalar(
+            "INSERT INTO conversations (id, title, created_by, owner_id, last_activity_at)
+             VALUES ($1, $2, $3, $3, now()) RETURNING created_at",
+        )
+        .bind(id)
+        .bind(title.map(Title::as_str))
+        .bind(creator)
+        .fetch_one(&mut *tx)
+        .await?;
         // One statement for every member; only ids that name a user are inserted.
         let inserted: Vec<UserId> = sqlx::query_scalar(
             "INSERT INTO conversation_members (conversation_id, user_id)
@@ -84,67 +115,186 @@ pub async fn create_conversation(
             return Ok(CreateConversation::UnknownMembers(unknown));
         }
         tx.commit().await?;
-        Ok(CreateConversation::Created(Conversation {
+        Ok(CreateConversation::Created(Box::new(Conversation {
             id,
             title: title.map(|t| t.as_str().to_owned()),
+            owner_id: creator,
             member_ids: all,
             created_at,
             last_seq: 0,
-        }))
+            last_activity_at: created_at,
+            last_message: None,
+            read_seq: 0,
+            unread_count: 0,
+            muted: None,
+        })))
     })
     .await
 }
 
-const CONVERSATION_COLUMNS: &str = "c.id, c.title, c.created_at, c.last_seq,
-    ARRAY(SELECT m.user_id FROM conversation_members m WHERE m.conversation_id = c.id ORDER BY m.user_id) AS member_ids";
+/// A conversation with one member's place in it (`me`), and its newest message (`lm`).
+/// Callers add the `WHERE`, the order and the limit.
+const VIEW: &str = "SELECT c.id, c.title, c.owner_id, c.created_at, c.last_seq, c.last_activity_at,
+        ARRAY(SELECT m.user_id FROM conversation_members m WHERE m.conversation_id = c.id ORDER BY m.user_id) AS member_ids,
+        me.user_id AS viewer_id, me.read_seq,
+        (SELECT count(*) FROM (
+             SELECT 1 FROM messages x
+             WHERE x.conversation_id = c.id AND x.seq > me.read_seq
+               AND x.sender_id <> me.user_id AND x.deleted_at IS NULL
+             LIMIT 1000) unread) AS unread_count,
+        coalesce(me.muted_until > now(), false) AS muted,
+        CASE WHEN me.muted_until > now() AND me.muted_until <> 'infinity' THEN me.muted_until END AS muted_until,
+        lm.id AS lm_id, lm.seq AS lm_seq, lm.sender_id AS lm_sender_id,
+        lm.client_msg_id AS lm_client_msg_id, lm.body AS lm_body, lm.media_id AS lm_media_id,
+        lm.created_at AS lm_created_at, lm.edited_at AS lm_edited_at, lm.deleted_at AS lm_deleted_at
+    FROM conversation_members me
+    JOIN conversations c ON c.id = me.conversation_id
+    LEFT JOIN LATERAL (
+        SELECT id, seq, sender_id, client_msg_id, body, media_id, created_at, edited_at, deleted_at
+        FROM messages WHERE conversation_id = c.id ORDER BY seq DESC LIMIT 1
+    ) lm ON true";
 
-/// A conversation `user` is a member of; `None` for others' and for unknown ids alike.
+/// A row of [`VIEW`].
+#[derive(sqlx::FromRow)]
+struct ViewRow {
+    id: ConversationId,
+    title: Option<String>,
+    owner_id: UserId,
+    created_at: OffsetDateTime,
+    last_seq: i64,
+    last_activity_at: OffsetDateTime,
+    member_ids: Vec<UserId>,
+    viewer_id: UserId,
+    read_seq: i64,
+    unread_count: i64,
+    muted: bool,
+    muted_until: Option<OffsetDateTime>,
+    lm_id: Option<MessageId>,
+    lm_seq: Option<i64>,
+    lm_sender_id: Option<UserId>,
+    lm_client_msg_id: Option<String>,
+    lm_body: Option<String>,
+    lm_media_id: Option<MediaId>,
+    lm_created_at: Option<OffsetDateTime>,
+    lm_edited_at: Option<OffsetDateTime>,
+    lm_deleted_at: Option<OffsetDateTime>,
+}
+
+impl ViewRow {
+    fn into_view(self) -> (UserId, Conversation) {
+        let last_message = match (
+            self.lm_id,
+            self.lm_seq,
+            self.lm_sender_id,
+            self.lm_client_msg_id,
+            self.lm_body,
+            self.lm_created_at,
+        ) {
+            (Some(id), Some(seq), Some(sender_id), Some(client_msg_id), Some(body), Some(at)) => {
+                Some(Message {
+                    id,
+                    conversation_id: self.id,
+                    seq,
+                    sender_id,
+                    client_msg_id,
+                    body,
+                    media_id: self.lm_media_id,
+                    created_at: at,
+                    edited_at: self.lm_edited_at,
+                    deleted_at: self.lm_deleted_at,
+                })
+            }
+            _ => None,
+        };
+        let conversation = Conversation {
+            id: self.id,
+            title: self.title,
+            owner_id: self.owner_id,
+            member_ids: self.member_ids,
+            created_at: self.created_at,
+            last_seq: self.last_seq,
+            last_activity_at: self.last_activity_at,
+            last_message,
+            read_seq: self.read_seq,
+            unread_count: self.unread_count,
+            muted: self.muted.then_some(self.muted_until),
+        };
+        (self.viewer_id, conversation)
+    }
+}
+
+/// A conversation as `user`, a member, sees it; `None` for others' and for unknown ids
+/// alike.
 pub async fn find_conversation(
     db: impl PgExecutor<'_>,
     user: UserId,
     id: ConversationId,
 ) -> Result<Option<Conversation>, sqlx::Error> {
     timed("conversations.find_conversation", async move {
-        sqlx::query_as(&format!(
-            "SELECT {CONVERSATION_COLUMNS}
-             FROM conversations c
-             JOIN conversation_members me ON me.conversation_id = c.id AND me.user_id = $1
-             WHERE c.id = $2"
+        let row: Option<ViewRow> = sqlx::query_as(&format!(
+            "{VIEW} WHERE me.user_id = $1 AND me.conversation_id = $2"
         ))
         .bind(user)
         .bind(id)
         .fetch_optional(db)
-        .await
+        .await?;
+        Ok(row.map(|row| row.into_view().1))
     })
     .await
 }
 
-/// One page of `user`'s conversations, newest first, starting below `before`.
+/// A conversation as each of `users` sees it (those who are members), for the events
+/// that tell them of it.
+pub async fn views_of(
+    db: impl PgExecutor<'_>,
+    users: &[UserId],
+    id: ConversationId,
+) -> Result<Vec<(UserId, Conversation)>, sqlx::Error> {
+    timed("conversations.views_of", async move {
+        let rows: Vec<ViewRow> = sqlx::query_as(&format!(
+            "{VIEW} WHERE me.user_id = ANY($1) AND me.conversation_id = $2"
+        ))
+        .bind(users)
+        .bind(id)
+        .fetch_all(db)
+        .await?;
+        Ok(rows.into_iter().map(ViewRow::into_view).collect())
+    })
+    .await
+}
+
+/// Where a page of conversations resumes: below this (last activity, id).
+pub type ListPosition = (OffsetDateTime, ConversationId);
+
+/// One page of `user`'s conversations, the most recently active first, starting below
+/// `after`.
 pub async fn list_conversations(
     db: impl PgExecutor<'_>,
     user: UserId,
-    before: Option<ConversationId>,
+    after: Option<ListPosition>,
     limit: i64,
 ) -> Result<Vec<Conversation>, sqlx::Error> {
     timed("conversations.list_conversations", async move {
-        sqlx::query_as(&format!(
-            "SELECT {CONVERSATION_COLUMNS}
-             FROM conversation_members me
-             JOIN conversations c ON c.id = me.conversation_id
-             WHERE me.user_id = $1 AND ($2::uuid IS NULL OR me.conversation_id < $2)
-             ORDER BY me.conversation_id DESC
-             LIMIT $3"
+        let (at, id) = after.unzip();
+        let rows: Vec<ViewRow> = sqlx::query_as(&format!(
+            "{VIEW}
+             WHERE me.user_id = $1
+               AND ($2::timestamptz IS NULL OR (c.last_activity_at, c.id) < ($2, $3))
+             ORDER BY c.last_activity_at DESC, c.id DESC
+             LIMIT $4"
         ))
         .bind(user)
-        .bind(before)
+        .bind(at)
+        .bind(id)
         .bind(limit)
         .fetch_all(db)
-        .await
+        .await?;
+        Ok(rows.into_iter().map(|row| row.into_view().1).collect())
     })
     .await
 }
 
-/// The newest seq of a conversation `user` belongs to; `None` if not a member.
+/// The newest offset of a conversation `user` belongs to; `None` if not a member.
 pub async fn member_last_seq(
     db: impl PgExecutor<'_>,
     user: UserId,
@@ -164,7 +314,7 @@ pub async fn member_last_seq(
     .await
 }
 
-/// The newest seq of each conversation in `ids` (for a gateway catching up after it
+/// The newest offset of each conversation in `ids` (for a gateway catching up after it
 /// lost its Redis subscription).
 pub async fn last_seqs(
     db: impl PgExecutor<'_>,
@@ -179,20 +329,57 @@ pub async fn last_seqs(
     .await
 }
 
-/// The members of a conversation with their display names: for a post, whom to
-/// notify and what to call the sender, in one round trip.
+/// A member as a post sees them: whom to notify, what to call the sender.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Member {
+    pub user_id: UserId,
+    pub display_name: String,
+    /// Muted now: no pushes (their unread count still grows).
+    pub muted: bool,
+}
+
+/// The members of a conversation with their display names and mute: for a post, whom
+/// to notify and what to call the sender, in one round trip.
 pub async fn members_with_names(
     db: impl PgExecutor<'_>,
     conversation: ConversationId,
-) -> Result<Vec<(UserId, String)>, sqlx::Error> {
+) -> Result<Vec<Member>, sqlx::Error> {
     timed("conversations.members_with_names", async move {
         sqlx::query_as(
-            "SELECT m.user_id, u.display_name
+            "SELECT m.user_id, u.display_name, coalesce(m.muted_until > now(), false) AS muted
              FROM conversation_members m JOIN users u ON u.id = m.user_id
              WHERE m.conversation_id = $1
              ORDER BY m.user_id",
         )
         .bind(conversation)
+        .fetch_all(db)
+        .await
+    })
+    .await
+}
+
+/// Each of `users`' total unread messages, over all their conversations (muted ones
+/// too): the badge a push carries. Users with none are left out.
+pub async fn total_unread(
+    db: impl PgExecutor<'_>,
+    users: &[UserId],
+) -> Result<Vec<(UserId, i64)>, sqlx::Error> {
+    timed("conversations.total_unread", async move {
+        sqlx::query_as(
+            "SELECT me.user_id, sum(unread.count)::bigint
+             FROM conversation_members me
+             CROSS JOIN LATERAL (
+                 SELECT count(*) FROM (
+                     SELECT 1 FROM messages x
+                     WHERE x.conversation_id = me.conversation_id AND x.seq > me.read_seq
+                       AND x.sender_id <> me.user_id AND x.deleted_at IS NULL
+                     LIMIT 1000) capped
+             ) unread
+             WHERE me.user_id = ANY($1)
+             GROUP BY me.user_id
+             HAVING sum(unread.count) > 0",
+        )
+        .bind(users)
         .fetch_all(db)
         .await
     })
@@ -243,7 +430,7 @@ pub async fn insert_message(
         }
         // Take the conversation's lock and the next seq in one statement; members only.
         let seq: Option<i64> = sqlx::query_scalar(
-            "UPDATE conversations c SET last_seq = c.last_seq + 1
+            "UPDATE conversations c SET last_seq = c.last_seq + 1, last_activity_at = now()
              WHERE c.id = $1
                AND EXISTS (SELECT 1 FROM conversation_members m WHERE m.conversation_id = c.id AND m.user_id = $2)
              RETURNING c.last_seq",
@@ -276,8 +463,15 @@ pub async fn insert_message(
         }
 
         // A retry of a message already posted. We still hold the lock (so the original is
-        // committed and nobody took a seq after ours): give the seq back, return the first.
-        sqlx::query("UPDATE conversations SET last_seq = last_seq - 1 WHERE id = $1")
+        // committed and nobody took a seq after ours): give the seq back (and the
+        // activity time, which a retry is not), return the first.
+        sqlx::query(
+            "UPDATE conversations c SET last_seq = c.last_seq - 1,
+                 last_activity_at = coalesce(
+                     (SELECT max(m.created_at) FROM messages m WHERE m.conversation_id = c.id),
+                     c.created_at)
+             WHERE c.id = $1",
+        )
             .bind(message.conversation_id)
             .execute(&mut *conn)
             .await?;
@@ -295,8 +489,7 @@ pub async fn insert_message(
     .await
 }
 
-const MESSAGE_COLUMNS: &str =
-    "id, conversation_id, seq, sender_id, client_msg_id, body, media_id, created_at";
+const MESSAGE_COLUMNS: &str = "id, conversation_id, seq, sender_id, client_msg_id, body, media_id, created_at, edited_at, deleted_at";
 
 /// Which messages of a conversation to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -342,6 +535,351 @@ pub async fn list_messages(
             .await
     })
     .await
+}
+
+/// What a member's lock on a conversation found: the conversation is theirs to change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Locked {
+    pub owner_id: UserId,
+}
+
+/// Takes the conversation's lock for a change by `user`, if `user` is a live member;
+/// `None` otherwise. The user's row first, as a post takes it: an account being deleted
+/// (which locks its row, then its conversations) is waited for here rather than while
+/// holding the conversation.
+pub(crate) async fn lock_as_member(
+    conn: &mut PgConnection,
+    conversation: ConversationId,
+    user: UserId,
+) -> Result<Option<Locked>, sqlx::Error> {
+    let live: Option<i32> = sqlx::query_scalar(
+        "SELECT 1 FROM users WHERE id = $1 AND deleted_at IS NULL FOR KEY SHARE",
+    )
+    .bind(user)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if live.is_none() {
+        return Ok(None);
+    }
+    let owner_id: Option<UserId> = sqlx::query_scalar(
+        "SELECT c.owner_id FROM conversations c
+         WHERE c.id = $1
+           AND EXISTS (SELECT 1 FROM conversation_members m WHERE m.conversation_id = c.id AND m.user_id = $2)
+         FOR NO KEY UPDATE",
+    )
+    .bind(conversation)
+    .bind(user)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(owner_id.map(|owner_id| Locked { owner_id }))
+}
+
+/// Takes the next offset of a conversation whose lock the caller holds, and records
+/// the event at it: a message event names its message, any other carries its `data`.
+pub(crate) async fn record(
+    conn: &mut PgConnection,
+    conversation: ConversationId,
+    kind: ConversationEventKind,
+    message: Option<MessageId>,
+    data: Option<&str>,
+) -> Result<i64, sqlx::Error> {
+    let seq: i64 = sqlx::query_scalar(
+        "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq",
+    )
+    .bind(conversation)
+    .fetch_one(&mut *conn)
+    .await?;
+    sqlx::query(
+        "INSERT INTO conversation_events (conversation_id, seq, kind, message_id, data)
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(conversation)
+    .bind(seq)
+    .bind(kind)
+    .bind(message)
+    .bind(data)
+    .execute(&mut *conn)
+    .await?;
+    Ok(seq)
+}
+
+/// The outcome of [`edit_message`] and [`delete_message`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangeMessage {
+    /// Changed; the event is at `seq`.
+    Changed { message: Message, seq: i64 },
+    /// Already as asked (the same body; deleted before): no event.
+    Unchanged(Message),
+    /// No such message in a conversation of the user's.
+    NotFound,
+    /// Someone else's message.
+    NotSender,
+    /// A tombstone cannot be edited.
+    Deleted,
+}
+
+/// The message `id` of `conversation`, locked, once `user` holds the conversation.
+async fn lock_message(
+    conn: &mut PgConnection,
+    conversation: ConversationId,
+    user: UserId,
+    id: MessageId,
+) -> Result<Result<Message, ChangeMessage>, sqlx::Error> {
+    if lock_as_member(&mut *conn, conversation, user)
+        .await?
+        .is_none()
+    {
+        return Ok(Err(ChangeMessage::NotFound));
+    }
+    let message: Option<Message> = sqlx::query_as(&format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 AND id = $2 FOR UPDATE"
+    ))
+    .bind(conversation)
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(match message {
+        None => Err(ChangeMessage::NotFound),
+        Some(message) if message.sender_id != user => Err(ChangeMessage::NotSender),
+        Some(message) => Ok(message),
+    })
+}
+
+/// Its sender replaces a message's body, inside the caller's transaction; the
+/// `message.updated` event takes the next offset. Anything but `Changed` leaves the
+/// database as it was.
+pub async fn edit_message(
+    conn: &mut PgConnection,
+    conversation: ConversationId,
+    user: UserId,
+    id: MessageId,
+    body: &MessageText,
+) -> Result<ChangeMessage, sqlx::Error> {
+    timed("conversations.edit_message", async move {
+        let message = match lock_message(&mut *conn, conversation, user, id).await? {
+            Ok(message) => message,
+            Err(outcome) => return Ok(outcome),
+        };
+        if message.deleted_at.is_some() {
+            return Ok(ChangeMessage::Deleted);
+        }
+        if message.body == body.as_str() {
+            return Ok(ChangeMessage::Unchanged(message));
+        }
+        let message: Message = sqlx::query_as(&format!(
+            "UPDATE messages SET body = $3, edited_at = now()
+             WHERE conversation_id = $1 AND id = $2 RETURNING {MESSAGE_COLUMNS}"
+        ))
+        .bind(conversation)
+        .bind(id)
+        .bind(body.as_str())
+        .fetch_one(&mut *conn)
+        .await?;
+        let seq = record(
+            conn,
+            conversation,
+            ConversationEventKind::MessageUpdated,
+            Some(id),
+            None,
+        )
+        .await?;
+        Ok(ChangeMessage::Changed { message, seq })
+    })
+    .await
+}
+
+/// Its sender deletes a message, inside the caller's transaction: the body and the
+/// media go, a tombstone keeps the offset, and `message.deleted` takes the next one.
+/// Anything but `Changed` leaves the database as it was.
+pub async fn delete_message(
+    conn: &mut PgConnection,
+    conversation: ConversationId,
+    user: UserId,
+    id: MessageId,
+) -> Result<ChangeMessage, sqlx::Error> {
+    timed("conversations.delete_message", async move {
+        let message = match lock_message(&mut *conn, conversation, user, id).await? {
+            Ok(message) => message,
+            Err(outcome) => return Ok(outcome),
+        };
+        if message.deleted_at.is_some() {
+            return Ok(ChangeMessage::Unchanged(message));
+        }
+        let message: Message = sqlx::query_as(&format!(
+            "UPDATE messages SET body = '', media_id = NULL, deleted_at = now()
+             WHERE conversation_id = $1 AND id = $2 RETURNING {MESSAGE_COLUMNS}"
+        ))
+        .bind(conversation)
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await?;
+        let seq = record(
+            conn,
+            conversation,
+            ConversationEventKind::MessageDeleted,
+            Some(id),
+            None,
+        )
+        .await?;
+        Ok(ChangeMessage::Changed { message, seq })
+    })
+    .await
+}
+
+/// The outcome of [`set_title`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetTitle {
+    /// `conversation.updated` is at `seq`, with `data`.
+    Changed {
+        seq: i64,
+        data: String,
+    },
+    /// The title was this already: no event.
+    Unchanged,
+    NotFound,
+}
+
+/// A member sets the title (`None`: untitled), inside the caller's transaction.
+pub async fn set_title(
+    conn: &mut PgConnection,
+    conversation: ConversationId,
+    user: UserId,
+    title: Option<&Title>,
+) -> Result<SetTitle, sqlx::Error> {
+    timed("conversations.set_title", async move {
+        if lock_as_member(&mut *conn, conversation, user)
+            .await?
+            .is_none()
+        {
+            return Ok(SetTitle::NotFound);
+        }
+        let title = title.map(|t| t.as_str().to_owned());
+        let changed = sqlx::query(
+            "UPDATE conversations SET title = $2 WHERE id = $1 AND title IS DISTINCT FROM $2",
+        )
+        .bind(conversation)
+        .bind(title.as_deref())
+        .execute(&mut *conn)
+        .await?;
+        if changed.rows_affected() == 0 {
+            return Ok(SetTitle::Unchanged);
+        }
+        let data = encode(&ConversationUpdated { title, by: user })?;
+        let seq = record(
+            conn,
+            conversation,
+            ConversationEventKind::ConversationUpdated,
+            None,
+            Some(&data),
+        )
+        .await?;
+        Ok(SetTitle::Changed { seq, data })
+    })
+    .await
+}
+
+/// The JSON text an event's `data` is stored and published as.
+pub(crate) fn encode(data: &impl serde::Serialize) -> Result<String, sqlx::Error> {
+    serde_json::to_string(data).map_err(|e| sqlx::Error::Encode(Box::new(e)))
+}
+
+/// One event of a conversation's log, as [`list_events`] reads it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// The event's offset.
+    pub seq: i64,
+    pub kind: ConversationEventKind,
+    pub body: EventBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventBody {
+    /// `message.*`: the message as it is now (edited, or a tombstone).
+    Message(Message),
+    /// Any other kind: its `data`, the JSON text that was published.
+    Data(String),
+}
+
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    seq: i64,
+    kind: ConversationEventKind,
+    data: Option<String>,
+    id: Option<MessageId>,
+    message_seq: Option<i64>,
+    sender_id: Option<UserId>,
+    client_msg_id: Option<String>,
+    body: Option<String>,
+    media_id: Option<MediaId>,
+    created_at: Option<OffsetDateTime>,
+    edited_at: Option<OffsetDateTime>,
+    deleted_at: Option<OffsetDateTime>,
+}
+
+/// The events of a conversation with offsets in `after + 1 ..= upto`, at most `limit`,
+/// in offset order: its messages (`message.created`) and its other events merged.
+/// Membership is the caller's check.
+pub async fn list_events(
+    db: impl PgExecutor<'_>,
+    conversation: ConversationId,
+    after: i64,
+    upto: i64,
+    limit: i64,
+) -> Result<Vec<Event>, sqlx::Error> {
+    timed("conversations.list_events", async move {
+        let rows: Vec<EventRow> = sqlx::query_as(
+            "SELECT e.seq, e.kind, e.data, x.id, x.seq AS message_seq, x.sender_id, x.client_msg_id,
+                    x.body, x.media_id, x.created_at, x.edited_at, x.deleted_at
+             FROM (
+                 (SELECT seq, 'message.created' AS kind, id AS message_id, NULL::text AS data
+                  FROM messages WHERE conversation_id = $1 AND seq > $2 AND seq <= $3
+                  ORDER BY seq LIMIT $4)
+                 UNION ALL
+                 (SELECT seq, kind, message_id, data
+                  FROM conversation_events WHERE conversation_id = $1 AND seq > $2 AND seq <= $3
+                  ORDER BY seq LIMIT $4)
+                 ORDER BY seq LIMIT $4
+             ) e
+             LEFT JOIN messages x ON x.id = e.message_id
+             ORDER BY e.seq",
+        )
+        .bind(conversation)
+        .bind(after)
+        .bind(upto)
+        .bind(limit)
+        .fetch_all(db)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let body = match (row.data, row.id) {
+                    (Some(data), _) => EventBody::Data(data),
+                    (None, Some(id)) => EventBody::Message(Message {
+                        id,
+                        conversation_id: conversation,
+                        seq: row.message_seq.unwrap_or(row.seq),
+                        sender_id: row.sender_id.ok_or_else(|| missing("sender_id"))?,
+                        client_msg_id: row.client_msg_id.ok_or_else(|| missing("client_msg_id"))?,
+                        body: row.body.ok_or_else(|| missing("body"))?,
+                        media_id: row.media_id,
+                        created_at: row.created_at.ok_or_else(|| missing("created_at"))?,
+                        edited_at: row.edited_at,
+                        deleted_at: row.deleted_at,
+                    }),
+                    (None, None) => return Err(missing("data")),
+                };
+                Ok(Event {
+                    seq: row.seq,
+                    kind: row.kind,
+                    body,
+                })
+            })
+            .collect()
+    })
+    .await
+}
+
+fn missing(column: &str) -> sqlx::Error {
+    sqlx::Error::ColumnNotFound(column.to_owned())
 }
 
 #[cfg(test)]
@@ -399,6 +937,7 @@ mod tests {
             panic!("created");
         };
         assert_eq!(conversation.member_ids.len(), 2, "the creator once");
+        let conversation = *conversation;
 
         let posts = (0..40).map(|i| {
             let pool = pool.clone();

@@ -17,6 +17,7 @@ pub mod email;
 pub mod identities;
 pub mod jobs;
 pub mod media;
+pub mod members;
 pub mod metrics;
 
 mod pool;

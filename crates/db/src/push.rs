@@ -42,6 +42,10 @@ pub struct Notification {
     /// its user's language; `title` and `body` are the fallback.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub localized: Option<Localized>,
+    /// The app icon's badge: the user's unread total (APNs `aps.badge`, FCM
+    /// `notification_count`, and `data.badge` for the app); `None` leaves it alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub badge: Option<u32>,
 }
 
 /// What a push does on the phone. Jobs enqueued before this existed are alerts.
@@ -206,6 +210,7 @@ mod tests {
             thread_id: None,
             kind: PushKind::Alert,
             localized: None,
+            badge: None,
         }
     }
 

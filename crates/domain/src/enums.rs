@@ -180,6 +180,37 @@ text_enum!(
     }
 );
 
+text_enum!(
+    /// What changed in a conversation: the `event` of a frame on a `conversation:`
+    /// channel, each at its own offset.
+    ConversationEventKind, "event" {
+        /// A message was posted; its `seq` is the offset.
+        MessageCreated => "message.created",
+        /// Its sender edited a message's body.
+        MessageUpdated => "message.updated",
+        /// Its sender deleted a message: a tombstone stays at its offset.
+        MessageDeleted => "message.deleted",
+        /// Members joined (added by the owner).
+        MemberAdded => "member.added",
+        /// A member left, was removed by the owner, or deleted their account.
+        MemberRemoved => "member.removed",
+        /// The title changed.
+        ConversationUpdated => "conversation.updated",
+    }
+);
+
+text_enum!(
+    /// Why a member is no longer in a conversation.
+    RemovalReason, "reason" {
+        /// The owner removed them.
+        Removed => "removed",
+        /// They left.
+        Left => "left",
+        /// They deleted their account.
+        AccountDeleted => "account_deleted",
+    }
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,7 @@
 //! This crate does no I/O and knows nothing of HTTP or Redis; the `sqlx` feature gives
 //! the ids and enums their column mapping, nothing more.
 
+mod conversation;
 mod device;
 mod enums;
 mod error;
@@ -26,8 +27,12 @@ pub mod schema;
 pub mod text;
 mod user;
 
+pub use conversation::{ConversationUpdated, MemberAdded, MemberRemoved};
 pub use device::{AppVersion, Locale, PushToken};
-pub use enums::{ApnsEnvironment, JobKind, MediaStatus, Platform, UnknownVariant};
+pub use enums::{
+    ApnsEnvironment, ConversationEventKind, JobKind, MediaStatus, Platform, RemovalReason,
+    UnknownVariant,
+};
 pub use error::{ValidationCode, ValidationError};
 pub use ids::{ConversationId, DeviceId, JobId, MediaId, MessageId, SessionId, UserId};
 pub use message::{ClientMsgId, MessageText, NotificationText, Text, Title};

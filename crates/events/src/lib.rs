@@ -14,7 +14,10 @@ pub mod presence;
 
 use std::{collections::BTreeMap, fmt, str::FromStr};
 
-use mobile_domain::{ConversationId, MediaId, MediaStatus, MessageId, SessionId, UserId};
+use mobile_domain::{
+    ConversationEventKind, ConversationId, MediaId, MediaStatus, MemberRemoved, MessageId,
+    SessionId, UserId,
+};
 use mobile_runtime::redis::{Feature, Redis};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -23,7 +26,7 @@ use uuid::Uuid;
 /// A channel a client can subscribe to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Channel {
-    /// Messages of one conversation, with offsets (the message `seq`).
+    /// Every change to one conversation, with gap-free offsets.
     Conversation(ConversationId),
     /// Events for one user (`conversation.created`, `media.ready`, `notification`),
     /// without offsets.
@@ -75,14 +78,23 @@ impl FromStr for Channel {
 pub struct MessageData {
     pub id: MessageId,
     pub conversation_id: ConversationId,
-    /// Gap-free, strictly increasing within the conversation; the event offset.
+    /// The message's offset in its conversation: strictly increasing. The conversation's
+    /// other events take the offsets in between, so messages alone may skip some.
     pub seq: i64,
     pub sender_id: UserId,
     pub client_msg_id: String,
+    /// Empty once deleted.
     pub body: String,
     pub media_id: Option<MediaId>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
+    /// When its sender last edited it (`message.updated`); `null` if never.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub edited_at: Option<OffsetDateTime>,
+    /// When its sender deleted it (`message.deleted`): a tombstone, its body empty and
+    /// its media detached; `null` if not.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub deleted_at: Option<OffsetDateTime>,
 }
 
 impl From<mobile_db::conversations::Message> for MessageData {
@@ -96,20 +108,48 @@ impl From<mobile_db::conversations::Message> for MessageData {
             body: m.body,
             media_id: m.media_id,
             created_at: m.created_at,
+            edited_at: m.edited_at,
+            deleted_at: m.deleted_at,
         }
     }
 }
 
-/// A conversation as clients see it.
+/// A conversation as one member sees it: the same for every member, but for the
+/// member's own read position, unread count and mute.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConversationData {
     pub id: ConversationId,
     pub title: Option<String>,
-    /// Every member, the creator included.
+    /// Adds and removes members; the creator, until they leave.
+    pub owner_id: UserId,
+    /// Every member, the owner included.
     pub member_ids: Vec<UserId>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
+    /// The newest offset of the `conversation:` channel (of any event).
+    pub last_offset: i64,
+    /// When the newest message was posted (the creation, before any): the list's order.
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_activity_at: OffsetDateTime,
+    /// The newest message, for the list's preview; `null` before the first.
+    pub last_message: Option<MessageData>,
+    /// The newest offset this member has read (`POST .../read`).
+    pub read_offset: i64,
+    /// Messages from others after `read_offset`, deleted ones not counted; 1000 means
+    /// 1000 or more.
+    pub unread_count: i64,
+    /// Set while this member has muted the conversation: no pushes, still unread.
+    pub mute: Option<MuteData>,
+}
+
+/// A mute in force.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct MuteData {
+    /// When it ends; `null`: for good.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub until: Option<OffsetDateTime>,
 }
 
 impl From<mobile_db::conversations::Conversation> for ConversationData {
@@ -117,10 +157,31 @@ impl From<mobile_db::conversations::Conversation> for ConversationData {
         Self {
             id: c.id,
             title: c.title,
+            owner_id: c.owner_id,
             member_ids: c.member_ids,
             created_at: c.created_at,
+            last_offset: c.last_seq,
+            last_activity_at: c.last_activity_at,
+            last_message: c.last_message.map(MessageData::from),
+            read_offset: c.read_seq,
+            unread_count: c.unread_count,
+            mute: c.muted.map(|until| MuteData { until }),
         }
     }
+}
+
+/// `conversation.read` on the reader's `user:` channel: where they have read to, for
+/// their other devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ReadData {
+    pub conversation_id: ConversationId,
+    /// The newest offset read.
+    pub read_offset: i64,
+    /// What is left unread in this conversation.
+    pub unread_count: i64,
+    /// Unread over every conversation: the badge.
+    pub total_unread: i64,
 }
 
 /// Processing status and variants of an uploaded image, in REST responses and in the
@@ -208,13 +269,53 @@ fn frame<T: Serialize>(
 
 /// `{"type":"event","channel":"conversation:<id>","event":"message.created","offset":<seq>,"data":<message>}`
 pub fn message_created(message: &MessageData) -> String {
+    message_event(ConversationEventKind::MessageCreated, message.seq, message)
+}
+
+/// A message event (`message.created`, `.updated`, `.deleted`) at `offset`: its data is
+/// the message as it is after the change.
+pub fn message_event(kind: ConversationEventKind, offset: i64, message: &MessageData) -> String {
     frame(
         Channel::Conversation(message.conversation_id),
-        "message.created",
-        Some(message.seq),
+        kind.as_str(),
+        Some(offset),
         None,
         message,
     )
+}
+
+/// Any other conversation event at `offset`, whose `data` is the JSON text that was
+/// stored with it; the same bytes live and replayed.
+pub fn conversation_event(
+    conversation: ConversationId,
+    kind: ConversationEventKind,
+    offset: i64,
+    data: &str,
+) -> (Channel, String) {
+    let channel = Channel::Conversation(conversation);
+    // Stored by us from a serialised struct: valid JSON. Should it not be, `null` goes
+    // out rather than a frame that is not JSON.
+    let data = serde_json::value::RawValue::from_string(data.to_owned())
+        .unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned());
+    (
+        channel,
+        frame(channel, kind.as_str(), Some(offset), None, &data),
+    )
+}
+
+/// An event of a conversation's log, as PostgreSQL returns it, encoded as it was
+/// published.
+pub fn logged_event(
+    conversation: ConversationId,
+    event: mobile_db::conversations::Event,
+) -> String {
+    use mobile_db::conversations::EventBody;
+    match event.body {
+        EventBody::Message(message) => {
+            message_event(event.kind, event.seq, &MessageData::from(message))
+        }
+        EventBody::Data(data) => conversation_event(conversation, event.kind, event.seq, &data).1,
+    }
 }
 
 /// `{"type":"event","channel":"user:<id>","event":<event>,"data":<data>}`: an event for
@@ -296,11 +397,28 @@ pub struct FrameHeader {
     /// Set on a [`revocation`] frame, which no client sees.
     #[serde(default)]
     pub revoke: Option<Revoke>,
+    /// The event's kind (`message.created`, ...); none on control frames.
+    #[serde(default)]
+    pub event: Option<String>,
 }
 
 impl FrameHeader {
     pub fn parse(frame: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(frame)
+    }
+
+    /// Who a `member.removed` frame removes: the gateway ends their subscriptions.
+    pub fn removal(&self, frame: &[u8]) -> Option<MemberRemoved> {
+        #[derive(Deserialize)]
+        struct Removal {
+            data: MemberRemoved,
+        }
+        if self.event.as_deref() != Some(ConversationEventKind::MemberRemoved.as_str()) {
+            return None;
+        }
+        serde_json::from_slice::<Removal>(frame)
+            .ok()
+            .map(|removal| removal.data)
     }
 }
 
@@ -362,6 +480,8 @@ mod tests {
             body: "hi \"there\"".into(),
             media_id: None,
             created_at: OffsetDateTime::UNIX_EPOCH,
+            edited_at: None,
+            deleted_at: None,
         };
         let text = message_created(&message);
         let header = FrameHeader::parse(text.as_bytes()).unwrap();

@@ -1,4 +1,5 @@
-//! Reading a conversation's events back from PostgreSQL: the one way the gateway gets
+//! Reading a conversation's events back from PostgreSQL (its messages and its other
+//! events, merged in offset order): the one way the gateway gets
 //! what Redis did not bring, for the hub's fills and for a subscriber's recovery with
 //! `since`. The frames are encoded exactly as the API encodes them when it publishes,
 //! so a client cannot tell a recovered event from a live one.
@@ -6,12 +7,12 @@
 use std::{ops::RangeInclusive, sync::Arc};
 
 use mobile_db::Db;
-use mobile_db::conversations::{self, Window};
+use mobile_db::conversations;
 use mobile_events::Channel;
 
 use crate::hub::Delivery;
 
-/// Messages read per query.
+/// Events read per query.
 const CHUNK: i64 = 1_000;
 
 /// The events of `channel` with offsets in `range` that PostgreSQL has, in order.
@@ -29,15 +30,14 @@ pub async fn read(
     let mut after = from.saturating_sub(1).max(0);
     while after < to {
         let limit = (to - after).min(CHUNK);
-        let page =
-            conversations::list_messages(db, conversation, Window::After(after), limit).await?;
-        let Some(last) = page.last().map(|m| m.seq) else {
+        let page = conversations::list_events(db, conversation, after, to, limit).await?;
+        let Some(last) = page.last().map(|event| event.seq) else {
             break;
         };
         after = last;
         deliveries.extend(
             page.into_iter()
-                .map(|m| Arc::new(Delivery::from_message(m))),
+                .map(|event| Arc::new(Delivery::from_event(conversation, event))),
         );
     }
     Ok(deliveries)

@@ -642,8 +642,12 @@ impl Connection {
                 .await;
         }
         self.ctx.hub.unsubscribe(channel, self.id).await;
-        self.send_text(ServerFrame::Unsubscribed { id, channel: name }.to_text())
-            .await
+        let frame = ServerFrame::Unsubscribed {
+            id,
+            channel: name,
+            reason: None,
+        };
+        self.send_text(frame.to_text()).await
     }
 
     async fn publish(&mut self, id: Option<u64>, name: &str, data: &RawValue) -> Result<(), End> {
@@ -729,7 +733,24 @@ impl Connection {
         }
         self.subs
             .insert(delivery.channel, Sub::Conversation { next: offset + 1 });
-        self.feed(Message::Text(delivery.frame.clone())).await
+        self.feed(Message::Text(delivery.frame.clone())).await?;
+        match delivery.removes {
+            // No longer a member: the subscription ends here, and nothing after this
+            // event reaches the client.
+            Some((user, reason)) if user == self.user => {
+                self.subs.remove(&delivery.channel);
+                self.ctx.hub.unsubscribe(delivery.channel, self.id).await;
+                let name = delivery.channel.to_string();
+                let frame = ServerFrame::Unsubscribed {
+                    id: None,
+                    channel: &name,
+                    reason: Some(reason.as_str()),
+                };
+                self.feed(Message::Text(Utf8Bytes::from(frame.to_text())))
+                    .await
+            }
+            _ => Ok(()),
+        }
     }
 
     async fn error(&mut self, id: Option<u64>, code: &str, message: &str) -> Result<(), End> {

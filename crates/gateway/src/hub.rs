@@ -40,8 +40,8 @@ use std::{
 use axum::extract::ws::Utf8Bytes;
 use mobile_db::Db;
 use mobile_db::conversations;
-use mobile_domain::{ConversationId, UserId};
-use mobile_events::{Channel, FrameHeader, MessageData, Revoke};
+use mobile_domain::{ConversationId, RemovalReason, UserId};
+use mobile_events::{Channel, FrameHeader, Revoke};
 use mobile_runtime::redis::Redis;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -61,22 +61,32 @@ pub type ConnId = u64;
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub channel: Channel,
-    /// The message seq, for conversation events; `None` for ephemeral and user events.
+    /// The event's offset, for conversation events; `None` for ephemeral and user
+    /// events.
     pub offset: Option<i64>,
     /// The sender of an ephemeral event; their own connections do not get it back.
     pub from: Option<UserId>,
+    /// On a `member.removed` event: who is no longer a member, and why. Their
+    /// subscriptions end once it is delivered.
+    pub removes: Option<(UserId, RemovalReason)>,
     pub frame: Utf8Bytes,
 }
 
 impl Delivery {
-    /// A conversation event read from PostgreSQL, encoded as the API encodes it.
-    pub fn from_message(message: conversations::Message) -> Self {
-        let message = MessageData::from(message);
+    /// A conversation event read from PostgreSQL, encoded as the API encoded it.
+    pub fn from_event(conversation: ConversationId, event: conversations::Event) -> Self {
+        let offset = event.seq;
+        let frame = mobile_events::logged_event(conversation, event);
+        let removes = FrameHeader::parse(frame.as_bytes())
+            .ok()
+            .and_then(|header| header.removal(frame.as_bytes()))
+            .map(|removed| (removed.user_id, removed.reason));
         Self {
-            channel: Channel::Conversation(message.conversation_id),
-            offset: Some(message.seq),
+            channel: Channel::Conversation(conversation),
+            offset: Some(offset),
             from: None,
-            frame: Utf8Bytes::from(mobile_events::message_created(&message)),
+            removes,
+            frame: Utf8Bytes::from(frame),
         }
     }
 
@@ -91,11 +101,15 @@ impl Delivery {
                 Channel::Conversation(_) => Err("a revocation on a conversation channel"),
             };
         }
+        let removes = header
+            .removal(payload)
+            .map(|removed| (removed.user_id, removed.reason));
         let text = String::from_utf8(payload.to_vec()).map_err(|_| "not UTF-8")?;
         Ok(Incoming::Delivery(Self {
             channel,
             offset: header.offset,
             from: header.from,
+            removes,
             frame: Utf8Bytes::from(text),
         }))
     }

@@ -142,10 +142,15 @@ pub enum ServerFrame<'a> {
         /// the client is too far behind (then page through REST).
         recovered: bool,
     },
+    /// The answer to an `unsubscribe` (with its `id`), or, with a `reason` and no `id`,
+    /// the end of a subscription the client did not ask for: `removed`, `left` or
+    /// `account_deleted` after the `member.removed` event that ended the membership.
     Unsubscribed {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
         channel: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'a str>,
     },
     Published {
         #[serde(skip_serializing_if = "Option::is_none")]

@@ -203,6 +203,7 @@ async fn notify(
             PushKind::Alert
         },
         localized,
+        badge: None,
     };
     let Enqueued::Enqueued(job_id) = jobs::enqueue(&state.db, &notification.to_job()?).await?
     else {

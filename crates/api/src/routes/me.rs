@@ -25,7 +25,7 @@ use mobile_db::{
     sessions::{self, Ending, RevokeReason},
     users,
 };
-use mobile_domain::{DisplayName, Email, Password, ValidationCode};
+use mobile_domain::{ConversationEventKind, DisplayName, Email, Password, ValidationCode};
 use mobile_events::Revoke;
 use mobile_runtime::client_ip::ClientIp;
 use serde::Deserialize;
@@ -319,10 +319,22 @@ async fn delete_me(
 
     let mut tx = state.db.begin().await?;
     match accounts::delete_account(&mut tx, auth.user_id).await? {
-        Deletion::Deleted { uploads } => {
+        Deletion::Deleted { uploads, left } => {
             tx.commit().await?;
             tracing::info!(user_id = %auth.user_id, uploads, "account deleted");
             events::revoke(&state, auth.user_id, Revoke::All).await;
+            let frames: Vec<_> = left
+                .iter()
+                .map(|left| {
+                    mobile_events::conversation_event(
+                        left.conversation,
+                        ConversationEventKind::MemberRemoved,
+                        left.seq,
+                        &left.data,
+                    )
+                })
+                .collect();
+            events::publish(&state, &frames).await;
         }
         Deletion::AlreadyDeleted => {}
         Deletion::NotFound => return Err(no_user()),

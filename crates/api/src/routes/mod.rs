@@ -8,6 +8,7 @@ pub mod email;
 pub mod internal;
 pub mod me;
 pub mod media;
+pub mod members;
 pub mod pagination;
 pub mod sessions;
 

@@ -155,19 +155,26 @@ async fn deleting_an_account_leaves_only_what_the_policy_keeps() {
     assert!(rows_mentioning(&app, "ann@example.com").await.is_empty());
     let mut left = rows_mentioning(&app, &ann.user_id).await;
     left.sort();
-    assert_eq!(left.len(), 4, "{left:#?}");
+    assert_eq!(left.len(), 5, "{left:#?}");
+    // Her leaving is an event of the conversation's log, which its members replay.
     assert!(
-        left[0].starts_with("conversations: ") && left[0].contains(&shared_id),
+        left[0].starts_with("conversation_events: ")
+            && left[0].contains("member.removed")
+            && left[0].contains("account_deleted"),
         "{left:#?}"
     );
-    for (row, body) in left[1..3].iter().zip(["a photo for Bob", "see you at ten"]) {
+    assert!(
+        left[1].starts_with("conversations: ") && left[1].contains(&shared_id),
+        "{left:#?}"
+    );
+    for (row, body) in left[2..4].iter().zip(["a photo for Bob", "see you at ten"]) {
         assert!(row.starts_with("messages: ") && row.contains(body), "{row}");
         assert!(row.contains("\"media_id\":null"), "{row}");
     }
     assert!(
-        left[3].starts_with("users: ") && left[3].contains("\"display_name\":\"Deleted account\"")
+        left[4].starts_with("users: ") && left[4].contains("\"display_name\":\"Deleted account\"")
     );
-    assert!(left[3].contains("@deleted.invalid") && left[3].contains("\"password_hash\":\"\""));
+    assert!(left[4].contains("@deleted.invalid") && left[4].contains("\"password_hash\":\"\""));
 
     // Storage: her upload's original and variants are gone.
     assert_eq!(stored_files(&app), 0);
@@ -276,12 +283,16 @@ async fn a_deleted_accounts_unexpired_token_creates_nothing() {
     )
     .await;
     // Nothing was created: her tombstone, and the job (no worker runs here) that will
-    // clear Redis of her, are all that name her.
+    // clear Redis of her, and her leaving Bob's conversation, are all that name her.
     let left = rows_mentioning(&app, &ann.user_id).await;
-    assert_eq!(left.len(), 2, "{left:#?}");
+    assert_eq!(left.len(), 3, "{left:#?}");
     assert!(
-        left[0].starts_with("jobs: ") && left[0].contains("account.forget"),
+        left[0].starts_with("conversation_events: ") && left[0].contains("member.removed"),
         "{left:#?}"
     );
-    assert!(left[1].starts_with("users: "), "{left:#?}");
+    assert!(
+        left[1].starts_with("jobs: ") && left[1].contains("account.forget"),
+        "{left:#?}"
+    );
+    assert!(left[2].starts_with("users: "), "{left:#?}");
 }

@@ -11,6 +11,7 @@ mod helpers;
 mod account;
 mod auth;
 mod bad_input;
+mod chat;
 mod conversations;
 mod devices;
 mod email;

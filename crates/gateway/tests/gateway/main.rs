@@ -6,6 +6,7 @@
 mod helpers;
 
 mod delivery;
+mod events;
 mod hostile;
 mod lifecycle;
 mod ordering;

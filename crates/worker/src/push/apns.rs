@@ -196,7 +196,8 @@ fn priority(kind: PushKind) -> &'static str {
 /// `{"aps":{"alert":{"title","body"},"sound":"default","thread-id":…}, <data>...}`, or
 /// for a silent push `{"aps":{"content-available":1}, <data>...}`: the app's own keys
 /// sit beside `aps`, as Apple's payload format puts them. Localised text replaces the
-/// title or body by `title-loc-key`/`title-loc-args`, `loc-key`/`loc-args`.
+/// title or body by `title-loc-key`/`title-loc-args`, `loc-key`/`loc-args`. A badge
+/// goes in `aps.badge`, on either kind.
 pub fn payload(notification: &Notification) -> String {
     let mut root = string_data(notification.data.as_ref());
     let aps = match notification.kind {
@@ -209,6 +210,10 @@ pub fn payload(notification: &Notification) -> String {
             aps
         }
     };
+    let mut aps = aps;
+    if let Some(badge) = notification.badge {
+        aps["badge"] = json!(badge);
+    }
     root.insert("aps".to_owned(), aps);
     Value::Object(root).to_string()
 }

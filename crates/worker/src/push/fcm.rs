@@ -234,11 +234,15 @@ impl Fcm {
 /// The v1 `messages:send` body. An alert carries a `notification` (localised by
 /// `android.notification.title_loc_key` and the like, with `title`/`body` as the
 /// fallback) at high priority; a silent push is data only, at normal priority. The
-/// thread goes in `data.thread_id`, for the app's own grouping.
+/// thread goes in `data.thread_id`, for the app's own grouping; a badge in
+/// `android.notification.notification_count` (alerts) and `data.badge` (both kinds).
 pub fn message(device_token: &str, notification: &Notification) -> String {
     let mut data = string_data(notification.data.as_ref());
     if let Some(thread) = &notification.thread_id {
         data.insert("thread_id".to_owned(), Value::String(thread.clone()));
+    }
+    if let Some(badge) = notification.badge {
+        data.insert("badge".to_owned(), Value::String(badge.to_string()));
     }
     let priority = match notification.kind {
         PushKind::Alert => "high",
@@ -275,6 +279,9 @@ pub fn message(device_token: &str, notification: &Notification) -> String {
                 }
             }
             android["notification"] = Value::Object(texts);
+        }
+        if let Some(badge) = notification.badge {
+            android["notification"]["notification_count"] = json!(badge);
         }
     }
     message["android"] = android;

@@ -48,6 +48,7 @@ async fn one_push(pool: &PgPool, token: &str) {
         thread_id: None,
         kind: mobile_db::push::PushKind::Alert,
         localized: None,
+        badge: None,
     };
     push::enqueue_notifications(&mut conn, &[notification])
         .await

@@ -44,6 +44,7 @@ fn notification(user_id: UserId, body: &str) -> Notification {
         thread_id: None,
         kind: mobile_db::push::PushKind::Alert,
         localized: None,
+        badge: None,
     }
 }
 
@@ -282,7 +283,7 @@ async fn without_credentials_a_platform_is_disabled_not_failing() {
 }
 
 #[tokio::test]
-async fn threads_silent_pushes_and_localised_text_reach_both_platforms() {
+async fn threads_silent_pushes_badges_and_localised_text_reach_both_platforms() {
     let db = TestDb::new().await;
     let pool = db.pool().await;
     let fakes = Fakes::start().await;
@@ -300,7 +301,9 @@ async fn threads_silent_pushes_and_localised_text_reach_both_platforms() {
         body_key: None,
         body_args: vec![],
     });
+    alert.badge = Some(3);
     let mut silent = notification(ada, "");
+    silent.badge = Some(0);
     silent.kind = push::PushKind::Silent;
     silent.collapse_id = None;
     silent.data = Some(json!({ "type": "read", "conversation_id": "conversation-1" }));
@@ -331,6 +334,7 @@ async fn threads_silent_pushes_and_localised_text_reach_both_platforms() {
             },
             "sound": "default",
             "thread-id": "conversation-1",
+            "badge": 3,
         })
     );
     // The silent one: a background push at priority 5, nothing shown.
@@ -338,7 +342,8 @@ async fn threads_silent_pushes_and_localised_text_reach_both_platforms() {
     assert_eq!(header(1, "apns-priority").as_deref(), Some("5"));
     assert_eq!(
         deliveries[1].payload["aps"],
-        json!({ "content-available": 1 })
+        json!({ "content-available": 1, "badge": 0 }),
+        "a read elsewhere clears the badge"
     );
     assert_eq!(deliveries[1].payload["type"], "read");
 
@@ -347,12 +352,18 @@ async fn threads_silent_pushes_and_localised_text_reach_both_platforms() {
     assert_eq!(messages[0]["android"]["priority"], "high");
     assert_eq!(
         messages[0]["android"]["notification"],
-        json!({ "title_loc_key": "push.message.title", "title_loc_args": ["Ada", "Family"] })
+        json!({
+            "title_loc_key": "push.message.title",
+            "title_loc_args": ["Ada", "Family"],
+            "notification_count": 3,
+        })
     );
+    assert_eq!(messages[0]["data"]["badge"], "3");
     assert_eq!(messages[0]["notification"]["title"], "Ada");
     assert_eq!(messages[0]["data"]["thread_id"], "conversation-1");
     // Data only, at normal priority.
     assert!(messages[1].get("notification").is_none(), "{}", messages[1]);
     assert_eq!(messages[1]["android"]["priority"], "normal");
     assert_eq!(messages[1]["data"]["type"], "read");
+    assert_eq!(messages[1]["data"]["badge"], "0");
 }

@@ -1,0 +1,292 @@
+//! Every kind of conversation event through the gateways: live in order on two
+//! gateways, replayed with `since` exactly as it went out, filled from PostgreSQL when
+//! its publish was lost, and the end of a removed member's subscription.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::helpers::{Client, Stack, User};
+
+/// Sends `method` with `body` as `user`; the JSON answer (the status must be a success).
+async fn call(
+    stack: &Stack,
+    user: &User,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Value {
+    let request = stack
+        .http
+        .request(method, format!("{}{path}", stack.api))
+        .bearer_auth(&user.token);
+    let request = match body {
+        Some(body) => request.json(&body),
+        None => request,
+    };
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    let body = response.json::<Value>().await.unwrap_or(Value::Null);
+    assert!(status.is_success(), "{path}: {status} {body}");
+    body
+}
+
+/// The next `n` events of `channel`, other frames skipped.
+async fn events(client: &mut Client, channel: &str, n: usize) -> Vec<Value> {
+    let mut events = Vec::new();
+    while events.len() < n {
+        let frame = client.next().await;
+        if frame["type"] == "event" && frame["channel"] == channel {
+            events.push(frame);
+        }
+    }
+    events
+}
+
+fn kinds(events: &[Value]) -> Vec<(i64, String)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                e["offset"].as_i64().unwrap(),
+                e["event"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn every_kind_of_change_arrives_in_order_on_both_gateways_and_replays_with_since() {
+    let stack = Stack::start(2, &[]).await;
+    let ann = stack.register("ann").await;
+    let bob = stack.register("bob").await;
+    let cat = stack.register("cat").await;
+    let conversation = stack.conversation(&ann, &[&bob]).await;
+    let channel = format!("conversation:{conversation}");
+    let mut anns = Client::connect(&stack.gateways[0].addr, &ann.token).await;
+    let mut bobs = Client::connect(&stack.gateways[1].addr, &bob.token).await;
+    anns.subscribe(&conversation, None).await;
+    bobs.subscribe(&conversation, None).await;
+
+    let messages = format!("/v1/conversations/{conversation}/messages");
+    let first = call(
+        &stack,
+        &ann,
+        Method::POST,
+        &messages,
+        Some(json!({"client_msg_id": "a", "body": "helo"})),
+    )
+    .await;
+    let first_path = format!("{messages}/{}", first["id"].as_str().unwrap());
+    call(
+        &stack,
+        &ann,
+        Method::PATCH,
+        &first_path,
+        Some(json!({"body": "hello"})),
+    )
+    .await;
+    let second = call(
+        &stack,
+        &bob,
+        Method::POST,
+        &messages,
+        Some(json!({"client_msg_id": "b", "body": "oops"})),
+    )
+    .await;
+    call(
+        &stack,
+        &bob,
+        Method::DELETE,
+        &format!("{messages}/{}", second["id"].as_str().unwrap()),
+        None,
+    )
+    .await;
+    let members = format!("/v1/conversations/{conversation}/members");
+    call(
+        &stack,
+        &ann,
+        Method::POST,
+        &members,
+        Some(json!({"user_ids": [cat.id]})),
+    )
+    .await;
+    call(
+        &stack,
+        &bob,
+        Method::PATCH,
+        &format!("/v1/conversations/{conversation}"),
+        Some(json!({"title": "Trip"})),
+    )
+    .await;
+    let left = stack
+        .api_as(&cat, Method::DELETE, &format!("{members}/{}", cat.id), None)
+        .await;
+    assert_eq!(left, 204);
+
+    let expected: Vec<(i64, String)> = [
+        "message.created",
+        "message.updated",
+        "message.created",
+        "message.deleted",
+        "member.added",
+        "conversation.updated",
+        "member.removed",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, kind)| (i as i64 + 1, (*kind).to_owned()))
+    .collect();
+    let live_ann = events(&mut anns, &channel, 7).await;
+    let live_bob = events(&mut bobs, &channel, 7).await;
+    assert_eq!(kinds(&live_ann), expected);
+    assert_eq!(live_ann, live_bob, "both gateways pass on the same frames");
+    assert!(
+        anns.next_within(Duration::from_millis(300)).await.is_none(),
+        "each once"
+    );
+
+    // Recovery on the other gateway replays every kind, in order, once. Events not about
+    // a message are replayed byte for byte; message events show the message as it is
+    // now (the first edited, the second a tombstone).
+    let mut again = Client::connect(&stack.gateways[1].addr, &ann.token).await;
+    let subscribed = again.subscribe(&conversation, Some(0)).await;
+    assert_eq!(subscribed["offset"], 7);
+    assert_eq!(subscribed["recovered"], true);
+    let replayed = events(&mut again, &channel, 7).await;
+    assert_eq!(kinds(&replayed), expected);
+    for (live, replayed) in live_ann.iter().zip(&replayed).skip(4) {
+        assert_eq!(live, replayed);
+    }
+    assert_eq!(replayed[0]["data"]["body"], "hello");
+    assert_eq!(replayed[1], live_ann[1]);
+    assert_eq!(replayed[2]["data"]["body"], "");
+    assert_eq!(replayed[3], live_ann[3]);
+    assert!(
+        again
+            .next_within(Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+
+    // From the middle: what follows offset 4.
+    let mut middle = Client::connect(&stack.gateways[0].addr, &bob.token).await;
+    middle.subscribe(&conversation, Some(4)).await;
+    let tail = events(&mut middle, &channel, 3).await;
+    assert_eq!(kinds(&tail), expected[4..].to_vec());
+}
+
+#[tokio::test]
+async fn an_event_whose_publish_was_lost_is_filled_from_postgresql() {
+    use mobile_db::conversations::{ChangeMessage, edit_message};
+    use mobile_domain::MessageText;
+
+    let stack = Stack::start(1, &[]).await;
+    let ann = stack.register("ann").await;
+    let bob = stack.register("bob").await;
+    let conversation = stack.conversation(&ann, &[&bob]).await;
+    let channel = format!("conversation:{conversation}");
+    let mut bobs = Client::connect(&stack.gateways[0].addr, &bob.token).await;
+    bobs.subscribe(&conversation, None).await;
+    let message = stack.post(&ann, &conversation, "helo").await;
+    assert_eq!(events(&mut bobs, &channel, 1).await[0]["offset"], message);
+
+    // An edit commits, but its publish never reaches Redis.
+    let pool = stack.db.pool().await;
+    let id: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM messages WHERE conversation_id = $1::uuid")
+            .bind(&conversation)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let edited = edit_message(
+        &mut tx,
+        conversation.parse().unwrap(),
+        ann.id.parse().unwrap(),
+        mobile_domain::MessageId::from_uuid(id),
+        &MessageText::parse("hello").unwrap(),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(edited, ChangeMessage::Changed { seq: 2, .. }));
+    tx.commit().await.unwrap();
+    pool.close().await;
+
+    // The next event shows the gap; the gateway reads the edit from the log first.
+    stack.post(&ann, &conversation, "next").await;
+    let got = events(&mut bobs, &channel, 2).await;
+    assert_eq!(
+        kinds(&got),
+        vec![
+            (2, "message.updated".to_owned()),
+            (3, "message.created".to_owned())
+        ]
+    );
+    assert_eq!(got[0]["data"]["body"], "hello");
+}
+
+#[tokio::test]
+async fn a_removed_member_is_unsubscribed_at_the_removal_and_reads_nothing_after() {
+    let stack = Stack::start(2, &[]).await;
+    let ann = stack.register("ann").await;
+    let bob = stack.register("bob").await;
+    let conversation = stack.conversation(&ann, &[&bob]).await;
+    let channel = format!("conversation:{conversation}");
+    // Bob on both gateways, Ann on one.
+    let mut bob_here = Client::connect(&stack.gateways[0].addr, &bob.token).await;
+    let mut bob_there = Client::connect(&stack.gateways[1].addr, &bob.token).await;
+    let mut anns = Client::connect(&stack.gateways[0].addr, &ann.token).await;
+    for client in [&mut bob_here, &mut bob_there, &mut anns] {
+        client.subscribe(&conversation, None).await;
+    }
+    stack.post(&ann, &conversation, "before").await;
+
+    let removed = stack
+        .api_as(
+            &ann,
+            Method::DELETE,
+            &format!("/v1/conversations/{conversation}/members/{}", bob.id),
+            None,
+        )
+        .await;
+    assert_eq!(removed, 204);
+    stack.post(&ann, &conversation, "after").await;
+
+    for bobs in [&mut bob_here, &mut bob_there] {
+        let mut seen = Vec::new();
+        while let Some(frame) = bobs.next_within(Duration::from_millis(700)).await {
+            seen.push(frame);
+        }
+        let on_channel: Vec<&Value> = seen.iter().filter(|f| f["channel"] == channel).collect();
+        assert_eq!(on_channel.len(), 3, "{seen:?}");
+        assert_eq!(on_channel[0]["data"]["body"], "before");
+        assert_eq!(on_channel[1]["event"], "member.removed");
+        assert_eq!(
+            on_channel[2],
+            &json!({"type": "unsubscribed", "channel": channel, "reason": "removed"})
+        );
+        assert!(
+            seen.iter().any(|f| f["event"] == "conversation.left"),
+            "the user channel says so too: {seen:?}"
+        );
+        // Subscribing again is refused: not a member.
+        bobs.send(json!({"type": "subscribe", "id": 9, "channel": channel, "since": 0}))
+            .await;
+        let answer = bobs.next().await;
+        assert_eq!(
+            (&answer["type"], &answer["code"]),
+            (&json!("error"), &json!("forbidden"))
+        );
+    }
+    // Ann is still subscribed and gets everything.
+    assert_eq!(
+        kinds(&events(&mut anns, &channel, 3).await),
+        vec![
+            (1, "message.created".to_owned()),
+            (2, "member.removed".to_owned()),
+            (3, "message.created".to_owned())
+        ]
+    );
+}
