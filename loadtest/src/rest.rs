@@ -251,7 +251,7 @@ async fn seed(db: &PgPool, users: u64) -> anyhow::Result<Vec<(Uuid, Uuid)>> {
     let mut pairs = Vec::with_capacity(ids.len());
     for group in ids.chunks(5) {
         let conversation = Uuid::now_v7();
-        sqlx::query("INSERT INTO conversations (id, title, created_by, last_seq) VALUES ($1, 'bench', $2, 50)")
+        sqlx::query("INSERT INTO conversations (id, title, created_by, owner_id, last_seq) VALUES ($1, 'bench', $2, $2, 50)")
             .bind(conversation)
             .bind(group[0])
             .execute(db)

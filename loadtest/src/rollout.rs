@@ -102,7 +102,7 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
     let mut conversations = Vec::new();
     for group in users.chunks(10) {
         let id = Uuid::now_v7();
-        sqlx::query("INSERT INTO conversations (id, created_by) VALUES ($1, $2)")
+        sqlx::query("INSERT INTO conversations (id, created_by, owner_id) VALUES ($1, $2, $2)")
             .bind(id)
             .bind(group[0])
             .execute(&db)

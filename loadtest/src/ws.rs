@@ -392,7 +392,7 @@ pub async fn insert_users(db: &PgPool, count: u64) -> anyhow::Result<Vec<Uuid>> 
 
 async fn insert_conversation(db: &PgPool, members: &[Uuid]) -> anyhow::Result<Uuid> {
     let id = Uuid::now_v7();
-    sqlx::query("INSERT INTO conversations (id, created_by) VALUES ($1, $2)")
+    sqlx::query("INSERT INTO conversations (id, created_by, owner_id) VALUES ($1, $2, $2)")
         .bind(id)
         .bind(members[0])
         .execute(db)
