@@ -183,6 +183,16 @@ pub async fn delete_account(
             .bind(user_id)
             .execute(&mut *conn)
             .await?;
+        // Their own channel's log; what others' logs say of them (a conversation's
+        // member list) is those users' record, pruned with their window.
+        sqlx::query("DELETE FROM user_events WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("DELETE FROM user_event_heads WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *conn)
+            .await?;
         sqlx::query("DELETE FROM email_tokens WHERE user_id = $1")
             .bind(user_id)
             .execute(&mut *conn)

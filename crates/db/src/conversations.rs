@@ -11,7 +11,6 @@
 //!
 //! Membership changes and read positions are in [`crate::members`].
 
-use crate::Db;
 use crate::metrics::timed;
 use mobile_domain::{
     ClientMsgId, ConversationEventKind, ConversationId, ConversationUpdated, MediaId, MessageId,
@@ -74,9 +73,10 @@ pub enum CreateConversation {
 }
 
 /// Creates a conversation whose members are `creator` (its owner) plus `members`
-/// (duplicates ignored), in one transaction.
+/// (duplicates ignored), inside the caller's transaction, so the caller can record the
+/// members' events in the same commit. After `UnknownMembers` the caller rolls back.
 pub async fn create_conversation(
-    db: &Db,
+    conn: &mut PgConnection,
     creator: UserId,
     members: &[UserId],
     title: Option<&Title>,
@@ -87,7 +87,6 @@ pub async fn create_conversation(
         all.sort_unstable();
         all.dedup();
 
-        let mut tx = db.begin().await?;
         let id = ConversationId::new();
         let created_at: OffsetDateTime = sqlx::query_scalar(
             "INSERT INTO conversations (id, title, created_by, owner_id, last_activity_at)
@@ -96,7 +95,7 @@ pub async fn create_conversation(
         .bind(id)
         .bind(title.map(Title::as_str))
         .bind(creator)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut *conn)
         .await?;
         // One statement for every member; only ids that name a user are inserted.
         let inserted: Vec<UserId> = sqlx::query_scalar(
@@ -107,14 +106,12 @@ pub async fn create_conversation(
         )
         .bind(id)
         .bind(&all)
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut *conn)
         .await?;
         if inserted.len() != all.len() {
             let unknown: Vec<UserId> = all.into_iter().filter(|m| !inserted.contains(m)).collect();
-            tx.rollback().await?;
             return Ok(CreateConversation::UnknownMembers(unknown));
         }
-        tx.commit().await?;
         Ok(CreateConversation::Created(Box::new(Conversation {
             id,
             title: title.map(|t| t.as_str().to_owned()),
@@ -900,6 +897,22 @@ mod tests {
         }
     }
 
+    async fn create(
+        pool: &crate::Db,
+        creator: UserId,
+        members: &[UserId],
+        title: Option<&Title>,
+    ) -> CreateConversation {
+        let mut tx = pool.begin().await.unwrap();
+        let created = create_conversation(&mut tx, creator, members, title)
+            .await
+            .unwrap();
+        if let CreateConversation::Created(_) = created {
+            tx.commit().await.unwrap();
+        }
+        created
+    }
+
     async fn post(
         pool: &crate::Db,
         conversation: ConversationId,
@@ -930,9 +943,7 @@ mod tests {
         let ann = user(&pool, "ann@example.com").await;
         let bob = user(&pool, "bob@example.com").await;
         let CreateConversation::Created(conversation) =
-            create_conversation(&pool, ann, &[bob, ann], Some(&Title::parse("t").unwrap()))
-                .await
-                .unwrap()
+            create(&pool, ann, &[bob, ann], Some(&Title::parse("t").unwrap())).await
         else {
             panic!("created");
         };
@@ -989,9 +1000,7 @@ mod tests {
         let pool = crate::Db::from(db.pool().await);
         let ann = user(&pool, "ann@example.com").await;
         let eve = user(&pool, "eve@example.com").await;
-        let CreateConversation::Created(conversation) =
-            create_conversation(&pool, ann, &[], None).await.unwrap()
-        else {
+        let CreateConversation::Created(conversation) = create(&pool, ann, &[], None).await else {
             panic!("created");
         };
         assert_eq!(
@@ -1017,7 +1026,7 @@ mod tests {
 
         let unknown = UserId::new();
         assert!(matches!(
-            create_conversation(&pool, ann, &[unknown], None).await.unwrap(),
+            create(&pool, ann, &[unknown], None).await,
             CreateConversation::UnknownMembers(ids) if ids == vec![unknown]
         ));
     }

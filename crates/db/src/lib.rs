@@ -23,6 +23,7 @@ pub mod metrics;
 mod pool;
 pub mod push;
 pub mod sessions;
+pub mod user_events;
 pub mod users;
 
 pub mod migrate;

@@ -28,8 +28,9 @@ use uuid::Uuid;
 pub enum Channel {
     /// Every change to one conversation, with gap-free offsets.
     Conversation(ConversationId),
-    /// Events for one user (`conversation.created`, `media.ready`, `notification`),
-    /// without offsets.
+    /// Events for one user (`conversation.created`, `.joined`, `.left`, `.read`,
+    /// `media.ready`, `media.failed`, `notification`), with gap-free offsets of the
+    /// user's own log.
     User(UserId),
 }
 
@@ -318,10 +319,37 @@ pub fn logged_event(
     }
 }
 
-/// `{"type":"event","channel":"user:<id>","event":<event>,"data":<data>}`: an event for
-/// one user, without offset.
-pub fn user_event<T: Serialize>(user: UserId, event: &str, data: &T) -> String {
-    frame(Channel::User(user), event, None, None, data)
+/// Records `event` for each (user, data) in the user's log, inside the caller's
+/// transaction, and returns the frames to publish once it commits:
+/// `{"type":"event","channel":"user:<id>","event":<event>,"offset":<n>,"data":<data>}`.
+pub async fn record_user_events<T: Serialize>(
+    conn: &mut sqlx::PgConnection,
+    event: &str,
+    events: &[(UserId, T)],
+) -> Result<Vec<(Channel, String)>, sqlx::Error> {
+    let encoded = events
+        .iter()
+        .map(|(user, data)| Ok((*user, serde_json::to_string(data)?)))
+        .collect::<Result<Vec<_>, serde_json::Error>>()
+        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let recorded = mobile_db::user_events::record(conn, event, &encoded).await?;
+    Ok(recorded
+        .iter()
+        .map(|event| (Channel::User(event.user_id), logged_user_event(event)))
+        .collect())
+}
+
+/// An event of a user's log, encoded as it was published.
+pub fn logged_user_event(event: &mobile_db::user_events::UserEvent) -> String {
+    let data = serde_json::value::RawValue::from_string(event.data.clone())
+        .unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned());
+    frame(
+        Channel::User(event.user_id),
+        &event.kind,
+        Some(event.seq),
+        None,
+        &data,
+    )
 }
 
 /// A client's ephemeral event (typing, ...), fanned out to the channel's other members:

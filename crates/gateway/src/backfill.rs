@@ -7,7 +7,8 @@
 use std::{ops::RangeInclusive, sync::Arc};
 
 use mobile_db::Db;
-use mobile_db::conversations;
+use mobile_db::{conversations, user_events};
+use mobile_domain::UserId;
 use mobile_events::Channel;
 
 use crate::hub::Delivery;
@@ -15,15 +16,16 @@ use crate::hub::Delivery;
 /// Events read per query.
 const CHUNK: i64 = 1_000;
 
-/// The events of `channel` with offsets in `range` that PostgreSQL has, in order.
-/// Channels without offsets have nothing to read.
+/// The events of `channel` with offsets in `range` that PostgreSQL has, in order: a
+/// conversation's, or a user's log.
 pub async fn read(
     db: &Db,
     channel: Channel,
     range: RangeInclusive<i64>,
 ) -> Result<Vec<Arc<Delivery>>, sqlx::Error> {
-    let Channel::Conversation(conversation) = channel else {
-        return Ok(Vec::new());
+    let conversation = match channel {
+        Channel::Conversation(conversation) => conversation,
+        Channel::User(user) => return read_user(db, user, range).await,
     };
     let (from, to) = (*range.start(), *range.end());
     let mut deliveries = Vec::new();
@@ -38,6 +40,29 @@ pub async fn read(
         deliveries.extend(
             page.into_iter()
                 .map(|event| Arc::new(Delivery::from_event(conversation, event))),
+        );
+    }
+    Ok(deliveries)
+}
+
+/// The events of a user's log with offsets in `range` that PostgreSQL still has.
+async fn read_user(
+    db: &Db,
+    user: UserId,
+    range: RangeInclusive<i64>,
+) -> Result<Vec<Arc<Delivery>>, sqlx::Error> {
+    let (from, to) = (*range.start(), *range.end());
+    let mut deliveries = Vec::new();
+    let mut after = from.saturating_sub(1).max(0);
+    while after < to {
+        let page = user_events::list(db, user, after, to, CHUNK).await?;
+        let Some(last) = page.last().map(|event| event.seq) else {
+            break;
+        };
+        after = last;
+        deliveries.extend(
+            page.iter()
+                .map(|event| Arc::new(Delivery::from_user_event(event))),
         );
     }
     Ok(deliveries)

@@ -30,7 +30,7 @@ use std::{
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use mobile_auth::{AccessClaims, TokenError};
-use mobile_db::conversations;
+use mobile_db::{conversations, user_events};
 use mobile_domain::{SessionId, UserId};
 use mobile_events::Channel;
 use rand::Rng;
@@ -112,14 +112,11 @@ impl End {
     }
 }
 
-/// What a connection knows about one of its channels.
+/// What a connection knows about one of its channels: the next offset the client
+/// should get (conversation and `user:` channels alike have offsets).
 #[derive(Debug, Clone, Copy)]
-enum Sub {
-    User,
-    /// The next offset the client should get.
-    Conversation {
-        next: i64,
-    },
+struct Sub {
+    next: i64,
 }
 
 /// A socket admitted under its user's cap, with the switch that closes it from outside.
@@ -169,6 +166,7 @@ pub async fn serve(mut socket: WebSocket, auth: Result<Admitted, TokenError>, ct
         deliveries,
         evict,
         subs: HashMap::new(),
+        user_start: 0,
         last_pong: Instant::now(),
         unflushed: 0,
         publishes: Bucket::new(
@@ -265,6 +263,10 @@ struct Connection {
     /// session was revoked.
     evict: Evict,
     subs: HashMap<Channel, Sub>,
+    /// The newest offset of the user's own channel when this connection started: a
+    /// resubscribe with `since` replays up to it (what came later, this connection
+    /// delivers live).
+    user_start: i64,
     last_pong: Instant,
     /// Text frames fed since the last flush: counted as sent once they are written.
     unflushed: u64,
@@ -286,14 +288,29 @@ impl Connection {
         self.ctx.presence.connected(self.user, self.public_id).await;
         let own = Channel::User(self.user);
         self.ctx.hub.subscribe(own, self.subscriber()).await;
-        self.subs.insert(own, Sub::User);
         // Revocations committed from now on reach this socket through its own channel,
-        // which is subscribed; one committed before is in PostgreSQL. (Boxed, as the
+        // which is subscribed; one committed before is in PostgreSQL. So are the
+        // channel's events: it starts after the newest offset read now. (Boxed, as the
         // handlers below are: a query's state is large, and kept inline it would make
         // every idle connection's future that much larger for good.)
-        if !Box::pin(session_is_live(&self.ctx.db, self.session)).await {
+        let (live, start) = Box::pin(async {
+            tokio::join!(
+                session_is_live(&self.ctx.db, self.session),
+                user_events::last_seq(&self.ctx.db, self.user)
+            )
+        })
+        .await;
+        if !live {
             return self.close(close::BAD_TOKEN, "session_revoked", End::SessionRevoked);
         }
+        let Ok(start) = start.inspect_err(|error| {
+            tracing::warn!(%error, "cannot read the user channel's offset; the client reconnects");
+        }) else {
+            return self.evicted(Eviction::Resync);
+        };
+        self.user_start = start;
+        self.subs.insert(own, Sub { next: start + 1 });
+        self.ctx.hub.recovered(own, self.id, start);
         let interval = self.ctx.settings.ping_interval;
         let welcome = ServerFrame::Welcome {
             connection_id: &self.public_id.to_string(),
@@ -491,14 +508,7 @@ impl Connection {
                     .error(id, "forbidden", "only your own user channel")
                     .await;
             }
-            // Subscribed since the connection opened.
-            let frame = ServerFrame::Subscribed {
-                id,
-                channel: name,
-                offset: None,
-                recovered: false,
-            };
-            return self.send_text(frame.to_text()).await;
+            return self.resubscribe_own(id, name, since).await;
         }
         let Channel::Conversation(conversation) = channel else {
             return Ok(());
@@ -596,8 +606,7 @@ impl Connection {
                 }
             }
         };
-        self.subs
-            .insert(channel, Sub::Conversation { next: latest + 1 });
+        self.subs.insert(channel, Sub { next: latest + 1 });
         let frame = ServerFrame::Subscribed {
             id,
             channel: name,
@@ -612,6 +621,77 @@ impl Connection {
         self.flush().await?;
         self.ctx.hub.recovered(channel, self.id, latest);
         Ok(())
+    }
+
+    /// The user's own channel, subscribed since the connection opened: with `since`, the
+    /// events from then up to the connection's start are replayed (what came after,
+    /// this connection has delivered or will deliver live).
+    async fn resubscribe_own(
+        &mut self,
+        id: Option<u64>,
+        name: &str,
+        since: Option<i64>,
+    ) -> Result<(), End> {
+        let start = self.user_start;
+        let (recovered, missed) = match since {
+            None => (false, Vec::new()),
+            Some(since) if since < 0 => {
+                return self
+                    .error(id, "invalid_since", "since is an offset: 0 or more")
+                    .await;
+            }
+            Some(since) if since >= start => {
+                self.count_recovery("recovered");
+                (true, Vec::new())
+            }
+            Some(since) if start - since > self.ctx.settings.recovery_limit => {
+                self.count_recovery("too_far_behind");
+                (false, Vec::new())
+            }
+            Some(since) => {
+                let events = u32::try_from(start - since).unwrap_or(u32::MAX);
+                if self.ctx.sessions.take_recovery(self.user, events).is_err() {
+                    self.count_recovery("over_budget");
+                    return self
+                        .error(
+                            id,
+                            "recovery_limited",
+                            "too many events were replayed for you lately; retry this subscribe in a minute",
+                        )
+                        .await;
+                }
+                let channel = Channel::User(self.user);
+                match backfill::read(&self.ctx.db, channel, since + 1..=start).await {
+                    // The oldest may have been pruned: then not everything follows.
+                    Ok(missed) => {
+                        let complete = missed.first().and_then(|d| d.offset) == Some(since + 1);
+                        self.count_recovery(if complete {
+                            "recovered"
+                        } else {
+                            "too_far_behind"
+                        });
+                        (complete, missed)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "recovery read failed");
+                        self.count_recovery("failed");
+                        (false, Vec::new())
+                    }
+                }
+            }
+        };
+        let frame = ServerFrame::Subscribed {
+            id,
+            channel: name,
+            offset: Some(start),
+            recovered,
+        };
+        self.feed(Message::Text(Utf8Bytes::from(frame.to_text())))
+            .await?;
+        for delivery in missed {
+            self.feed(Message::Text(delivery.frame.clone())).await?;
+        }
+        self.flush().await
     }
 
     fn count_recovery(&self, outcome: &'static str) {
@@ -720,9 +800,10 @@ impl Connection {
         let Some(sub) = self.subs.get(&delivery.channel).copied() else {
             return Ok(());
         };
-        let (Sub::Conversation { next }, Some(offset)) = (sub, delivery.offset) else {
+        let Some(offset) = delivery.offset else {
             return self.feed(Message::Text(delivery.frame.clone())).await;
         };
+        let next = sub.next;
         if offset < next {
             // Recovered from PostgreSQL already.
             return Ok(());
@@ -731,8 +812,7 @@ impl Connection {
             tracing::error!(channel = %delivery.channel, next, offset, "the hub skipped offsets; the client resubscribes");
             return Err(self.evicted(Eviction::Resync));
         }
-        self.subs
-            .insert(delivery.channel, Sub::Conversation { next: offset + 1 });
+        self.subs.insert(delivery.channel, Sub { next: offset + 1 });
         self.feed(Message::Text(delivery.frame.clone())).await?;
         match delivery.removes {
             // No longer a member: the subscription ends here, and nothing after this

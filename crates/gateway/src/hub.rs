@@ -39,7 +39,7 @@ use std::{
 
 use axum::extract::ws::Utf8Bytes;
 use mobile_db::Db;
-use mobile_db::conversations;
+use mobile_db::{conversations, user_events};
 use mobile_domain::{ConversationId, RemovalReason, UserId};
 use mobile_events::{Channel, FrameHeader, Revoke};
 use mobile_runtime::redis::Redis;
@@ -61,7 +61,7 @@ pub type ConnId = u64;
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub channel: Channel,
-    /// The event's offset, for conversation events; `None` for ephemeral and user
+    /// The event's offset, for conversation and user events; `None` for ephemeral
     /// events.
     pub offset: Option<i64>,
     /// The sender of an ephemeral event; their own connections do not get it back.
@@ -73,6 +73,17 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// An event of a user's log read from PostgreSQL, encoded as it was published.
+    pub fn from_user_event(event: &mobile_db::user_events::UserEvent) -> Self {
+        Self {
+            channel: Channel::User(event.user_id),
+            offset: Some(event.seq),
+            from: None,
+            removes: None,
+            frame: Utf8Bytes::from(mobile_events::logged_user_event(event)),
+        }
+    }
+
     /// A conversation event read from PostgreSQL, encoded as the API encoded it.
     pub fn from_event(conversation: ConversationId, event: conversations::Event) -> Self {
         let offset = event.seq;
@@ -274,9 +285,7 @@ impl Hub {
             let mut channels = self.channels();
             let first = !channels.contains_key(&channel);
             let state = channels.entry(channel).or_insert_with(ChannelState::new);
-            if let Channel::Conversation(_) = channel {
-                state.sequence.joined(subscriber.conn);
-            }
+            state.sequence.joined(subscriber.conn);
             state.subscribers.push(subscriber);
             (first, state.confirmed.subscribe())
         };
@@ -468,32 +477,42 @@ impl Hub {
     }
 
     /// After a reconnect: anything published while the subscription was down is in
-    /// PostgreSQL. Tell every conversation channel its newest offset; the sequencers
-    /// ask for what is missing.
+    /// PostgreSQL. Tell every channel its newest offset; the sequencers ask for what is
+    /// missing.
     pub(crate) async fn catch_up(&self) {
-        let conversations: Vec<ConversationId> = self
-            .channels()
-            .keys()
-            .filter_map(|channel| match channel {
-                Channel::Conversation(id) => Some(*id),
-                Channel::User(_) => None,
-            })
-            .collect();
-        if conversations.is_empty() {
-            return;
+        let (mut conversations, mut users) = (Vec::new(), Vec::new());
+        for channel in self.channels().keys() {
+            match channel {
+                Channel::Conversation(id) => conversations.push(*id),
+                Channel::User(id) => users.push(*id),
+            }
         }
-        match conversations::last_seqs(&self.inner.db, &conversations).await {
-            Ok(newest) => {
-                for (conversation, seq) in newest {
-                    self.known(
-                        Channel::Conversation(conversation),
-                        seq,
-                        FillCase::Reconnect,
-                    );
+        if !conversations.is_empty() {
+            match conversations::last_seqs(&self.inner.db, &conversations).await {
+                Ok(newest) => {
+                    for (conversation, seq) in newest {
+                        self.known(
+                            Channel::Conversation(conversation),
+                            seq,
+                            FillCase::Reconnect,
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot catch conversations up after reconnecting; clients recover with `since`");
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot catch up after reconnecting; clients recover with `since`");
+        }
+        if !users.is_empty() {
+            match user_events::last_seqs(&self.inner.db, &users).await {
+                Ok(newest) => {
+                    for (user, seq) in newest {
+                        self.known(Channel::User(user), seq, FillCase::Reconnect);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot catch user channels up after reconnecting; clients recover with `since`");
+                }
             }
         }
     }

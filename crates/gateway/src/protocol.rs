@@ -135,8 +135,8 @@ pub enum ServerFrame<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
         channel: &'a str,
-        /// The newest offset of the channel when the subscription started (none for
-        /// `user:` channels).
+        /// The newest offset of the channel when the subscription started (for the
+        /// user's own channel: when the connection started).
         offset: Option<i64>,
         /// Whether every event after `since` follows; `false` without `since`, or when
         /// the client is too far behind (then page through REST).

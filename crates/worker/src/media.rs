@@ -10,7 +10,7 @@ use mobile_db::{
     media::{self, ProcessJob, Variant},
 };
 use mobile_domain::{MediaId, MediaStatus, UserId};
-use mobile_events::{Channel, MediaData};
+use mobile_events::MediaData;
 use mobile_media::Rendition;
 use mobile_runtime::redis::Redis;
 use mobile_storage::{Storage, StorageError};
@@ -93,7 +93,9 @@ impl ProcessMedia {
                 .map_err(|e| JobError::transient(e.to_string()))?;
             variants.insert(name.to_owned(), variant);
         }
-        if !media::mark_ready(&self.db, media_id, &variants).await?
+        if !self
+            .settle(row.owner_id, media_id, Outcome::Ready(&variants))
+            .await?
             && media::find(&self.db, media_id).await?.is_none()
         {
             // Its owner deleted the account while it was rendered: the `media.delete`
@@ -103,7 +105,6 @@ impl ProcessMedia {
                 .map_err(|e| JobError::transient(e.to_string()))?;
             return Ok(Done::Complete);
         }
-        self.announce(row.owner_id, media_id, "media.ready").await;
         Ok(Done::Complete)
     }
 
@@ -113,29 +114,50 @@ impl ProcessMedia {
         media_id: MediaId,
         reason: &str,
     ) -> Result<Done, JobError> {
-        media::mark_failed(&self.db, media_id, reason).await?;
-        self.announce(owner, media_id, "media.failed").await;
+        self.settle(owner, media_id, Outcome::Failed(reason))
+            .await?;
         Ok(Done::Complete)
     }
 
-    /// Tells the owner's apps. A lost publish costs immediacy only: the app sees the
-    /// status on its next `GET /v1/media/{id}`.
-    async fn announce(&self, owner: UserId, media_id: MediaId, event: &str) {
-        let data = match media::find(&self.db, media_id).await {
-            Ok(Some(row)) => MediaData::from(row),
-            Ok(None) => return,
-            Err(error) => {
-                tracing::warn!(%media_id, %error, "reading the media to announce it failed");
-                return;
-            }
+    /// Marks the media done and records the owner's event (`media.ready` or
+    /// `media.failed`) in one transaction, then tells the owner's apps. Returns false if
+    /// it was not `processing` (an earlier attempt finished it, or it is gone). A lost
+    /// publish costs immediacy only: the event is in the owner's log, which their apps
+    /// replay with `since`.
+    async fn settle(
+        &self,
+        owner: UserId,
+        media_id: MediaId,
+        outcome: Outcome<'_>,
+    ) -> Result<bool, JobError> {
+        let mut tx = self.db.begin().await?;
+        let (changed, event) = match outcome {
+            Outcome::Ready(variants) => (
+                media::mark_ready(&mut *tx, media_id, variants).await?,
+                "media.ready",
+            ),
+            Outcome::Failed(reason) => (
+                media::mark_failed(&mut *tx, media_id, reason).await?,
+                "media.failed",
+            ),
         };
-        let frame = mobile_events::user_event(owner, event, &data);
-        if let Err(error) =
-            mobile_events::publish(&self.redis, &[(Channel::User(owner), frame)]).await
-        {
+        let Some(row) = media::find(&mut *tx, media_id).await?.filter(|_| changed) else {
+            return Ok(false);
+        };
+        let data = MediaData::from(row);
+        let frames = mobile_events::record_user_events(&mut tx, event, &[(owner, data)]).await?;
+        tx.commit().await?;
+        if let Err(error) = mobile_events::publish(&self.redis, &frames).await {
             tracing::warn!(%media_id, %error, event, "publishing the media event failed");
         }
+        Ok(true)
     }
+}
+
+/// How processing ended.
+enum Outcome<'a> {
+    Ready(&'a BTreeMap<String, Variant>),
+    Failed(&'a str),
 }
 
 fn stored_variant(rendition: Rendition) -> (&'static str, Variant, Bytes) {

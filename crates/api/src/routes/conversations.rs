@@ -141,13 +141,10 @@ async fn create_conversation(
     if body.member_ids.len() >= conversations::MAX_MEMBERS {
         return Err(ErrorCode::TooManyMembers.into());
     }
-    let created = conversations::create_conversation(
-        &state.db,
-        auth.user_id,
-        &body.member_ids,
-        title.as_ref(),
-    )
-    .await?;
+    let mut tx = state.db.begin().await?;
+    let created =
+        conversations::create_conversation(&mut tx, auth.user_id, &body.member_ids, title.as_ref())
+            .await?;
     let conversation: ConversationData = match created {
         CreateConversation::Created(conversation) => (*conversation).into(),
         CreateConversation::UnknownMembers(unknown) if unknown.contains(&auth.user_id) => {
@@ -159,14 +156,13 @@ async fn create_conversation(
                 .detail(format!("no such users: {}", unknown.join(", "))));
         }
     };
-    let frames: Vec<(Channel, String)> = conversation
+    let told: Vec<(UserId, &ConversationData)> = conversation
         .member_ids
         .iter()
-        .map(|&member| {
-            let frame = mobile_events::user_event(member, "conversation.created", &conversation);
-            (Channel::User(member), frame)
-        })
+        .map(|&member| (member, &conversation))
         .collect();
+    let frames = mobile_events::record_user_events(&mut tx, "conversation.created", &told).await?;
+    tx.commit().await?;
     events::publish(&state, &frames).await;
     Ok((StatusCode::CREATED, axum::Json(conversation)))
 }

@@ -13,7 +13,6 @@ use mobile_db::{
     users,
 };
 use mobile_domain::{JobId, NotificationText, Title, UserId};
-use mobile_events::Channel;
 use secrecy::ExposeSecret as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -205,14 +204,20 @@ async fn notify(
         localized,
         badge: None,
     };
-    let Enqueued::Enqueued(job_id) = jobs::enqueue(&state.db, &notification.to_job()?).await?
-    else {
+    let mut tx = state.db.begin().await?;
+    let Enqueued::Enqueued(job_id) = jobs::enqueue(&mut *tx, &notification.to_job()?).await? else {
         return Err(ApiError::internal(anyhow::anyhow!(
             "a job without a unique key was a duplicate"
         )));
     };
-    let frame = mobile_events::user_event(request.user_id, "notification", &notification);
-    events::publish(&state, &[(Channel::User(request.user_id), frame)]).await;
+    let frames = mobile_events::record_user_events(
+        &mut tx,
+        "notification",
+        &[(request.user_id, &notification)],
+    )
+    .await?;
+    tx.commit().await?;
+    events::publish(&state, &frames).await;
     Ok((StatusCode::ACCEPTED, axum::Json(NotifyResponse { job_id })))
 }
 

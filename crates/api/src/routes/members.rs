@@ -20,7 +20,7 @@ use mobile_db::{
     push::{Notification, PushKind},
 };
 use mobile_domain::{ConversationEventKind, ConversationId, RemovalReason, UserId};
-use mobile_events::{Channel, ConversationData, ReadData};
+use mobile_events::{ConversationData, ReadData};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
@@ -143,19 +143,21 @@ async fn add_members(
                 .detail(format!("no such users: {}", unknown.join(", "))));
         }
     };
-    tx.commit().await?;
     if !added.is_empty() {
-        let mut frames = vec![mobile_events::conversation_event(
+        let views: Vec<(UserId, ConversationData)> = conversations::views_of(&mut *tx, &added, id)
+            .await?
+            .into_iter()
+            .map(|(member, view)| (member, ConversationData::from(view)))
+            .collect();
+        let mut frames =
+            mobile_events::record_user_events(&mut tx, "conversation.joined", &views).await?;
+        tx.commit().await?;
+        frames.push(mobile_events::conversation_event(
             id,
             ConversationEventKind::MemberAdded,
             seq,
             &data,
-        )];
-        for (member, view) in conversations::views_of(&state.db, &added, id).await? {
-            let view = ConversationData::from(view);
-            let frame = mobile_events::user_event(member, "conversation.joined", &view);
-            frames.push((Channel::User(member), frame));
-        }
+        ));
         events::publish(&state, &frames).await;
     }
     let conversation = conversations::find_conversation(&state.db, auth.user_id, id)
@@ -212,15 +214,14 @@ async fn remove_member(
         }
         RemoveMember::NotOwner => return Err(ErrorCode::NotOwner.into()),
     };
-    tx.commit().await?;
     let left = LeftData {
         conversation_id: id,
         reason,
     };
-    frames.push((
-        Channel::User(member),
-        mobile_events::user_event(member, "conversation.left", &left),
-    ));
+    frames.extend(
+        mobile_events::record_user_events(&mut tx, "conversation.left", &[(member, left)]).await?,
+    );
+    tx.commit().await?;
     events::publish(&state, &frames).await;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -287,11 +288,11 @@ async fn mark_read(
             badge: Some(u32::try_from(total_unread).unwrap_or(u32::MAX)),
         };
         mobile_db::push::enqueue_notifications(&mut tx, &[hint]).await?;
-    }
-    tx.commit().await?;
-    if read.advanced {
-        let frame = mobile_events::user_event(user, "conversation.read", &data);
-        events::publish(&state, &[(Channel::User(user), frame)]).await;
+        let frames =
+            mobile_events::record_user_events(&mut tx, "conversation.read", &[(user, &data)])
+                .await?;
+        tx.commit().await?;
+        events::publish(&state, &frames).await;
     }
     Ok(axum::Json(data))
 }

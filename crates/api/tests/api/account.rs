@@ -155,7 +155,7 @@ async fn deleting_an_account_leaves_only_what_the_policy_keeps() {
     assert!(rows_mentioning(&app, "ann@example.com").await.is_empty());
     let mut left = rows_mentioning(&app, &ann.user_id).await;
     left.sort();
-    assert_eq!(left.len(), 5, "{left:#?}");
+    assert_eq!(left.len(), 6, "{left:#?}");
     // Her leaving is an event of the conversation's log, which its members replay.
     assert!(
         left[0].starts_with("conversation_events: ")
@@ -171,10 +171,16 @@ async fn deleting_an_account_leaves_only_what_the_policy_keeps() {
         assert!(row.starts_with("messages: ") && row.contains(body), "{row}");
         assert!(row.contains("\"media_id\":null"), "{row}");
     }
+    // Bob's own channel's log still says who was in the conversation he was told of;
+    // hers is gone.
     assert!(
-        left[4].starts_with("users: ") && left[4].contains("\"display_name\":\"Deleted account\"")
+        left[4].starts_with(&format!("user_events: {{\"user_id\":\"{}\"", bob.user_id)),
+        "{left:#?}"
     );
-    assert!(left[4].contains("@deleted.invalid") && left[4].contains("\"password_hash\":\"\""));
+    assert!(
+        left[5].starts_with("users: ") && left[5].contains("\"display_name\":\"Deleted account\"")
+    );
+    assert!(left[5].contains("@deleted.invalid") && left[5].contains("\"password_hash\":\"\""));
 
     // Storage: her upload's original and variants are gone.
     assert_eq!(stored_files(&app), 0);
@@ -283,9 +289,10 @@ async fn a_deleted_accounts_unexpired_token_creates_nothing() {
     )
     .await;
     // Nothing was created: her tombstone, and the job (no worker runs here) that will
-    // clear Redis of her, and her leaving Bob's conversation, are all that name her.
+    // clear Redis of her, her leaving Bob's conversation and Bob's own log of it, are
+    // all that name her.
     let left = rows_mentioning(&app, &ann.user_id).await;
-    assert_eq!(left.len(), 3, "{left:#?}");
+    assert_eq!(left.len(), 4, "{left:#?}");
     assert!(
         left[0].starts_with("conversation_events: ") && left[0].contains("member.removed"),
         "{left:#?}"
@@ -294,5 +301,9 @@ async fn a_deleted_accounts_unexpired_token_creates_nothing() {
         left[1].starts_with("jobs: ") && left[1].contains("account.forget"),
         "{left:#?}"
     );
-    assert!(left[2].starts_with("users: "), "{left:#?}");
+    assert!(
+        left[2].starts_with(&format!("user_events: {{\"user_id\":\"{}\"", bob.user_id)),
+        "{left:#?}"
+    );
+    assert!(left[3].starts_with("users: "), "{left:#?}");
 }

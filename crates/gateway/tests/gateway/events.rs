@@ -290,3 +290,108 @@ async fn a_removed_member_is_unsubscribed_at_the_removal_and_reads_nothing_after
         ]
     );
 }
+
+#[tokio::test]
+async fn the_user_channel_replays_what_a_disconnected_app_missed_exactly_once() {
+    let stack = Stack::start(2, &[]).await;
+    let ann = stack.register("ann").await;
+    let bob = stack.register("bob").await;
+    let own = format!("user:{}", ann.id);
+
+    let mut first = Client::connect(&stack.gateways[0].addr, &ann.token).await;
+    let conversation = stack.conversation(&bob, &[&ann]).await;
+    let created = events(&mut first, &own, 1).await;
+    assert_eq!(
+        kinds(&created),
+        vec![(1, "conversation.created".to_owned())]
+    );
+    drop(first);
+
+    // While Ann is away: a second conversation, and her read on another device.
+    let second = stack.conversation(&bob, &[&ann]).await;
+    let seq = stack.post(&bob, &second, "are you there?").await;
+    call(
+        &stack,
+        &ann,
+        Method::POST,
+        &format!("/v1/conversations/{second}/read"),
+        Some(json!({ "offset": seq })),
+    )
+    .await;
+
+    // Back, on the other gateway: resubscribing with `since` replays 2 and 3, in order.
+    let mut back = Client::connect(&stack.gateways[1].addr, &ann.token).await;
+    back.send(json!({"type": "subscribe", "id": 5, "channel": own, "since": 1}))
+        .await;
+    let subscribed = back.next().await;
+    assert_eq!(
+        subscribed,
+        json!({"type": "subscribed", "id": 5, "channel": own, "offset": 3, "recovered": true})
+    );
+    let missed = events(&mut back, &own, 2).await;
+    assert_eq!(
+        kinds(&missed),
+        vec![
+            (2, "conversation.created".to_owned()),
+            (3, "conversation.read".to_owned())
+        ]
+    );
+    assert_eq!(missed[0]["data"]["id"], second.as_str());
+
+    // Live from here, once: a third conversation is 4.
+    stack.conversation(&bob, &[&ann]).await;
+    assert_eq!(
+        kinds(&events(&mut back, &own, 1).await),
+        vec![(4, "conversation.created".to_owned())]
+    );
+    assert!(
+        back.next_within(Duration::from_millis(300)).await.is_none(),
+        "each once"
+    );
+
+    // An event whose publish was lost (recorded, never published) is filled before
+    // the next one.
+    let pool = stack.db.pool().await;
+    let mut tx = pool.begin().await.unwrap();
+    mobile_db::user_events::record(
+        &mut tx,
+        "notification",
+        &[(ann.id.parse().unwrap(), r#"{"title":"lost"}"#.to_owned())],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    pool.close().await;
+    let left = stack
+        .api_as(
+            &ann,
+            Method::DELETE,
+            &format!("/v1/conversations/{conversation}/members/{}", ann.id),
+            None,
+        )
+        .await;
+    assert_eq!(left, 204);
+    let got = events(&mut back, &own, 2).await;
+    assert_eq!(
+        kinds(&got),
+        vec![
+            (5, "notification".to_owned()),
+            (6, "conversation.left".to_owned())
+        ]
+    );
+    assert_eq!(got[0]["data"]["title"], "lost");
+
+    // A fresh connection asking from the start gets all six.
+    let mut fresh = Client::connect(&stack.gateways[0].addr, &ann.token).await;
+    fresh
+        .send(json!({"type": "subscribe", "channel": own, "since": 0}))
+        .await;
+    assert_eq!(fresh.next().await["offset"], 6);
+    let all = events(&mut fresh, &own, 6).await;
+    assert_eq!(
+        all.iter()
+            .map(|e| e["offset"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5, 6]
+    );
+}
