@@ -569,42 +569,9 @@ impl Connection {
                 return self.error(id, "unavailable", "try again shortly").await;
             }
         };
-        let (recovered, missed) = match since {
-            None => (false, Vec::new()),
-            Some(since) if since >= latest => {
-                self.count_recovery("recovered");
-                (true, Vec::new())
-            }
-            // `since` is 0 or more and below `latest`: no overflow.
-            Some(since) if latest - since > self.ctx.settings.recovery_limit => {
-                self.count_recovery("too_far_behind");
-                (false, Vec::new())
-            }
-            Some(since) => {
-                let events = u32::try_from(latest - since).unwrap_or(u32::MAX);
-                if self.ctx.sessions.take_recovery(self.user, events).is_err() {
-                    self.count_recovery("over_budget");
-                    self.ctx.hub.unsubscribe(channel, self.id).await;
-                    return self
-                        .error(
-                            id,
-                            "recovery_limited",
-                            "too many events were replayed for you lately; retry this subscribe in a minute",
-                        )
-                        .await;
-                }
-                match backfill::read(&self.ctx.db, channel, since + 1..=latest).await {
-                    Ok(missed) => {
-                        self.count_recovery("recovered");
-                        (true, missed)
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "recovery read failed");
-                        self.count_recovery("failed");
-                        (false, Vec::new())
-                    }
-                }
-            }
+        let Some((recovered, missed)) = self.replay(channel, since, latest).await else {
+            self.ctx.hub.unsubscribe(channel, self.id).await;
+            return self.recovery_limited(id).await;
         };
         self.subs.insert(channel, Sub { next: latest + 1 });
         let frame = ServerFrame::Subscribed {
@@ -633,52 +600,14 @@ impl Connection {
         since: Option<i64>,
     ) -> Result<(), End> {
         let start = self.user_start;
-        let (recovered, missed) = match since {
-            None => (false, Vec::new()),
-            Some(since) if since < 0 => {
-                return self
-                    .error(id, "invalid_since", "since is an offset: 0 or more")
-                    .await;
-            }
-            Some(since) if since >= start => {
-                self.count_recovery("recovered");
-                (true, Vec::new())
-            }
-            Some(since) if start - since > self.ctx.settings.recovery_limit => {
-                self.count_recovery("too_far_behind");
-                (false, Vec::new())
-            }
-            Some(since) => {
-                let events = u32::try_from(start - since).unwrap_or(u32::MAX);
-                if self.ctx.sessions.take_recovery(self.user, events).is_err() {
-                    self.count_recovery("over_budget");
-                    return self
-                        .error(
-                            id,
-                            "recovery_limited",
-                            "too many events were replayed for you lately; retry this subscribe in a minute",
-                        )
-                        .await;
-                }
-                let channel = Channel::User(self.user);
-                match backfill::read(&self.ctx.db, channel, since + 1..=start).await {
-                    // The oldest may have been pruned: then not everything follows.
-                    Ok(missed) => {
-                        let complete = missed.first().and_then(|d| d.offset) == Some(since + 1);
-                        self.count_recovery(if complete {
-                            "recovered"
-                        } else {
-                            "too_far_behind"
-                        });
-                        (complete, missed)
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "recovery read failed");
-                        self.count_recovery("failed");
-                        (false, Vec::new())
-                    }
-                }
-            }
+        if since.is_some_and(|since| since < 0) {
+            return self
+                .error(id, "invalid_since", "since is an offset: 0 or more")
+                .await;
+        }
+        let Some((recovered, missed)) = self.replay(Channel::User(self.user), since, start).await
+        else {
+            return self.recovery_limited(id).await;
         };
         let frame = ServerFrame::Subscribed {
             id,
@@ -692,6 +621,56 @@ impl Connection {
             self.feed(Message::Text(delivery.frame.clone())).await?;
         }
         self.flush().await
+    }
+
+    /// What a subscribe with `since` replays: the events after `since` up to `upto`
+    /// (the newest the subscription starts after), and whether that is all of them
+    /// (not without `since`, not beyond `WS_RECOVERY_LIMIT`, not what the log no longer
+    /// keeps, not when the read failed). `None`: over the user's replay budget.
+    async fn replay(
+        &mut self,
+        channel: Channel,
+        since: Option<i64>,
+        upto: i64,
+    ) -> Option<(bool, Vec<Arc<Delivery>>)> {
+        let outcome = match since {
+            None => return Some((false, Vec::new())),
+            Some(since) if since >= upto => ("recovered", true, Vec::new()),
+            // `since` is 0 or more and below `upto`: no overflow.
+            Some(since) if upto - since > self.ctx.settings.recovery_limit => {
+                ("too_far_behind", false, Vec::new())
+            }
+            Some(since) => {
+                let events = u32::try_from(upto - since).unwrap_or(u32::MAX);
+                if self.ctx.sessions.take_recovery(self.user, events).is_err() {
+                    self.count_recovery("over_budget");
+                    return None;
+                }
+                match backfill::read(&self.ctx.db, channel, since + 1..=upto).await {
+                    Ok(missed) if missed.first().and_then(|d| d.offset) == Some(since + 1) => {
+                        ("recovered", true, missed)
+                    }
+                    // The oldest were pruned: what is left follows, but not everything.
+                    Ok(missed) => ("too_far_behind", false, missed),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "recovery read failed");
+                        ("failed", false, Vec::new())
+                    }
+                }
+            }
+        };
+        let (label, recovered, missed) = outcome;
+        self.count_recovery(label);
+        Some((recovered, missed))
+    }
+
+    async fn recovery_limited(&mut self, id: Option<u64>) -> Result<(), End> {
+        self.error(
+            id,
+            "recovery_limited",
+            "too many events were replayed for you lately; retry this subscribe in a minute",
+        )
+        .await
     }
 
     fn count_recovery(&self, outcome: &'static str) {
