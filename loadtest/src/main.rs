@@ -11,6 +11,7 @@
 //! mobile-loadtest images [--rounds N]
 //! mobile-loadtest push [--pushes N] [--concurrency C]
 //! mobile-loadtest jobs [--jobs N]
+//! mobile-loadtest chart --result loadtest/results/rollout.json   (draws the SVG of a committed result again)
 //! ```
 //!
 //! Each scenario starts the services it measures as child processes (release builds
@@ -18,6 +19,7 @@
 //! a summary plus a JSON result (`--out DIR`, default `loadtest/results`).
 
 mod ceilings;
+mod chart;
 mod me;
 mod open_loop;
 mod procs;
@@ -38,7 +40,8 @@ const USAGE: &str = "usage: mobile-loadtest ws [--idle N] [--subscribers N] [--m
        mobile-loadtest rollout [--rate R] [--clients N] [--posts R] [--seconds S] [--out DIR]
        mobile-loadtest images [--rounds N] [--out DIR]
        mobile-loadtest push [--pushes N] [--concurrency C] [--out DIR]
-       mobile-loadtest jobs [--jobs N] [--out DIR]";
+       mobile-loadtest jobs [--jobs N] [--out DIR]
+       mobile-loadtest chart --result FILE.json";
 
 /// `--name value` flags.
 #[derive(Debug, Default)]
@@ -97,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
         "me" => me::run(&flags).await,
         "rollout" => rollout::run(&flags).await,
         "diurnal" => rest::diurnal(&flags).await,
+        "chart" => chart::redraw(&flags),
         "images" => worker::images(&flags).await,
         "push" => worker::push(&flags).await,
         "jobs" => worker::jobs(&flags).await,

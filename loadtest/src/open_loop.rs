@@ -6,7 +6,6 @@
 //! while it runs and an SVG chart afterwards.
 
 use std::{
-    fmt::Write as _,
     future::Future,
     sync::{
         Arc, Mutex,
@@ -16,6 +15,8 @@ use std::{
 };
 
 use hdrhistogram::Histogram;
+
+use crate::chart::{Axis, Chart, Mark, Series};
 use serde_json::json;
 use tokio::sync::Semaphore;
 
@@ -215,85 +216,55 @@ impl Report {
     }
 
     /// An SVG chart: requests per second (left axis) and p50/p99 latency (right axis,
-    /// milliseconds) over time.
-    pub fn svg(&self, title: &str) -> String {
-        let (w, h, left, right, top, bottom) = (900.0, 360.0, 60.0, 60.0, 40.0, 40.0);
-        let plot_w = w - left - right;
-        let plot_h = h - top - bottom;
-        let n = self.seconds.len().max(2) as f64;
-        let max_rate = self
-            .seconds
-            .iter()
-            .map(|s| s.ok + s.errors)
-            .max()
-            .unwrap_or(1)
-            .max(1) as f64;
-        let max_ms = self
-            .seconds
-            .iter()
-            .map(|s| ms(s.latency.value_at_quantile(0.99)))
-            .fold(1.0f64, f64::max);
-        let x = |t: usize| left + plot_w * t as f64 / (n - 1.0);
-        let line = |values: Vec<f64>, max: f64| {
-            values
-                .iter()
-                .enumerate()
-                .map(|(t, v)| format!("{:.1},{:.1}", x(t), top + plot_h * (1.0 - v / max)))
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
-        let throughput = line(self.seconds.iter().map(|s| s.ok as f64).collect(), max_rate);
-        let errors = line(
-            self.seconds.iter().map(|s| s.errors as f64).collect(),
-            max_rate,
-        );
-        let p50 = line(
-            self.seconds
-                .iter()
-                .map(|s| ms(s.latency.value_at_quantile(0.5)))
-                .collect(),
-            max_ms,
-        );
-        let p99 = line(
-            self.seconds
-                .iter()
-                .map(|s| ms(s.latency.value_at_quantile(0.99)))
-                .collect(),
-            max_ms,
-        );
-        let mut svg = String::new();
-        let _ = write!(
-            svg,
-            r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
-<rect width="100%" height="100%" fill="white"/>
-<text x="{left}" y="20" font-size="14">{title}</text>
-<line x1="{left}" y1="{top}" x2="{left}" y2="{yb}" stroke="#999"/>
-<line x1="{left}" y1="{yb}" x2="{xr}" y2="{yb}" stroke="#999"/>
-<line x1="{xr}" y1="{top}" x2="{xr}" y2="{yb}" stroke="#999"/>
-<text x="5" y="{top}">{max_rate:.0}/s</text><text x="5" y="{yb}">0</text>
-<text x="{xr2}" y="{top}">{max_ms:.1} ms</text><text x="{xr2}" y="{yb}">0</text>
-<text x="{left}" y="{yl}">0 s</text><text x="{xr3}" y="{yl}">{secs} s</text>
-<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{throughput}"/>
-<polyline fill="none" stroke="#d62728" stroke-width="1.5" points="{errors}"/>
-<polyline fill="none" stroke="#2ca02c" stroke-width="1.2" points="{p50}"/>
-<polyline fill="none" stroke="#ff7f0e" stroke-width="1.2" points="{p99}"/>
-<text x="{lx}" y="20" fill="#1f77b4">ok/s</text><text x="{lx2}" y="20" fill="#d62728">errors/s</text>
-<text x="{lx3}" y="20" fill="#2ca02c">p50</text><text x="{lx4}" y="20" fill="#ff7f0e">p99</text>
-</svg>
-"##,
-            yb = top + plot_h,
-            xr = left + plot_w,
-            xr2 = left + plot_w + 5.0,
-            xr3 = left + plot_w - 30.0,
-            yl = h - 15.0,
-            secs = self.seconds.len(),
-            lx = w - 330.0,
-            lx2 = w - 280.0,
-            lx3 = w - 200.0,
-            lx4 = w - 160.0,
-        );
-        svg
+    /// milliseconds) over time, with `marks` (a restart) as dashed lines.
+    pub fn svg(&self, title: &str, marks: Vec<Mark>) -> String {
+        svg(&self.to_json(), title, marks)
     }
+}
+
+/// The chart of a result [`Report::to_json`] wrote (its `per_second` series), so a
+/// committed result can be drawn again without running it again.
+pub fn svg(result: &serde_json::Value, title: &str, marks: Vec<Mark>) -> String {
+    let seconds = result["per_second"].as_array().cloned().unwrap_or_default();
+    let series = |key: &str| -> Vec<f64> {
+        seconds
+            .iter()
+            .map(|s| s[key].as_f64().unwrap_or(0.0))
+            .collect()
+    };
+    Chart {
+        title,
+        left_unit: "requests/s",
+        right_unit: "ms",
+        series: vec![
+            Series {
+                label: "ok".into(),
+                color: "#1f77b4",
+                axis: Axis::Left,
+                values: series("ok"),
+            },
+            Series {
+                label: "errors".into(),
+                color: "#d62728",
+                axis: Axis::Left,
+                values: series("errors"),
+            },
+            Series {
+                label: "p50".into(),
+                color: "#2ca02c",
+                axis: Axis::Right,
+                values: series("p50_ms"),
+            },
+            Series {
+                label: "p99".into(),
+                color: "#ff7f0e",
+                axis: Axis::Right,
+                values: series("p99_ms"),
+            },
+        ],
+        marks,
+    }
+    .render()
 }
 
 /// The open-loop counter of a request mix: which operation request `n` is.

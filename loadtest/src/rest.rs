@@ -169,7 +169,10 @@ async fn run(
     result["mix"] = json!({ "me": 40, "messages": 20, "conversations": 10, "post_message": 15, "device_upsert": 10, "refresh": 5 });
     let out = flags.out_dir();
     std::fs::create_dir_all(&out)?;
-    std::fs::write(out.join(format!("{name}.svg")), report.svg(title))?;
+    std::fs::write(
+        out.join(format!("{name}.svg")),
+        report.svg(title, Vec::new()),
+    )?;
     std::fs::write(
         out.join(format!("{name}.json")),
         serde_json::to_string_pretty(&result)?,

@@ -26,7 +26,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
@@ -38,7 +38,9 @@ use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest as _};
 use uuid::Uuid;
 
 use crate::{
-    Flags, open_loop,
+    Flags,
+    chart::Mark,
+    open_loop,
     procs::{Service, free_port, sibling},
 };
 
@@ -153,6 +155,8 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
             .collect::<anyhow::Result<_>>()?,
     );
     let duration = Duration::from_secs(flags.number("seconds", 60)?);
+    // The chart's time axis starts here, with the load.
+    let load_started = Instant::now();
     let load = {
         let (client, base, tokens) = (client.clone(), base.clone(), tokens.clone());
         tokio::spawn(open_loop::run(
@@ -236,8 +240,13 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
     let third = duration / 4;
     tokio::time::sleep(third).await;
     let mut exit_codes = Vec::new();
+    let mut marks = Vec::new();
     for replica in 0..2 {
         eprintln!("\nrollout: restarting api-{replica} and gateway-{replica}");
+        marks.push(Mark {
+            at: load_started.elapsed().as_secs_f64(),
+            label: format!("api-{replica} + gateway-{replica} stop"),
+        });
         let (api, gateway) = (
             apis[replica].take().context("api")?,
             gateways[replica].take().context("gateway")?,
@@ -255,6 +264,10 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
             )
             .await?,
         );
+        marks.push(Mark {
+            at: load_started.elapsed().as_secs_f64(),
+            label: format!("replicas {replica} ready"),
+        });
         tokio::time::sleep(third / 2).await;
     }
     let load = load.await?;
@@ -299,6 +312,7 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
             "out_of_order": out_of_order,
         },
         "exit_codes": exit_codes,
+        "marks": marks.iter().map(|m| json!({ "at": m.at, "label": m.label })).collect::<Vec<_>>(),
     });
     let out = flags.out_dir();
     std::fs::create_dir_all(&out)?;
@@ -306,12 +320,7 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
         out.join("rollout.json"),
         serde_json::to_string_pretty(&result)?,
     )?;
-    std::fs::write(
-        out.join("rollout.svg"),
-        load.svg(
-            "rollout: REST through nginx while api and gateway replicas restart one at a time",
-        ),
-    )?;
+    std::fs::write(out.join("rollout.svg"), load.svg(TITLE, marks))?;
     println!(
         "{}",
         serde_json::to_string_pretty(&json!({
@@ -328,6 +337,10 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The chart's title.
+pub const TITLE: &str =
+    "rollout: REST through nginx while api and gateway replicas restart one at a time";
 
 /// One WebSocket client following one conversation through restarts.
 struct Follower {
