@@ -8,6 +8,7 @@
 //! mobile-loadtest me --baseline PATH [--baseline-database-url URL] [--rates R,R,...] [--seconds S] [--rounds N]
 //! mobile-loadtest diurnal [--peak R] [--trough R] [--seconds S] [--users N]
 //! mobile-loadtest rollout [--rate R] [--clients N] [--posts R] [--seconds S]   (needs nginx)
+//! mobile-loadtest rooms [--users N] [--rate R] [--seconds S]
 //! mobile-loadtest images [--rounds N]
 //! mobile-loadtest push [--pushes N] [--concurrency C]
 //! mobile-loadtest jobs [--jobs N]
@@ -25,6 +26,7 @@ mod open_loop;
 mod procs;
 mod rest;
 mod rollout;
+mod rooms;
 mod worker;
 mod ws;
 
@@ -41,6 +43,7 @@ const USAGE: &str = "usage: mobile-loadtest ws [--idle N] [--subscribers N] [--m
        mobile-loadtest images [--rounds N] [--out DIR]
        mobile-loadtest push [--pushes N] [--concurrency C] [--out DIR]
        mobile-loadtest jobs [--jobs N] [--out DIR]
+       mobile-loadtest rooms [--users N] [--rate R] [--seconds S] [--out DIR]
        mobile-loadtest chart --result FILE.json";
 
 /// `--name value` flags.
@@ -99,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
         "rest" => rest::rest(&flags).await,
         "me" => me::run(&flags).await,
         "rollout" => rollout::run(&flags).await,
+        "rooms" => rooms::run(&flags).await,
         "diurnal" => rest::diurnal(&flags).await,
         "chart" => chart::redraw(&flags),
         "images" => worker::images(&flags).await,

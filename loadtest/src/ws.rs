@@ -45,7 +45,7 @@ use crate::{
     procs::{Service, sibling},
 };
 
-type Socket =
+pub type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Events published ahead of the slowest client, at most (well inside the gateway's
@@ -333,7 +333,7 @@ fn event(conversation: Uuid, offset: u64, data: serde_json::Value) -> String {
     .to_string()
 }
 
-fn now_nanos() -> u64 {
+pub fn now_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
