@@ -15,6 +15,7 @@ use time::OffsetDateTime;
 use crate::{
     conversations::{MAX_MEMBERS, encode, lock_as_member, record},
     metrics::timed,
+    user_events,
 };
 
 /// The outcome of [`add_members`].
@@ -134,6 +135,9 @@ pub async fn remove_member(
     user: UserId,
 ) -> Result<RemoveMember, sqlx::Error> {
     timed("members.remove_member", async move {
+        // The removed member's row before the conversation: their `conversation.left`
+        // is recorded under it (see `user_events::hold_users`).
+        user_events::hold_users(&mut *conn, &[by, user]).await?;
         let Some(locked) = lock_as_member(&mut *conn, conversation, by).await? else {
             return Ok(RemoveMember::NotFound);
         };
@@ -228,6 +232,9 @@ pub async fn mark_read(
     seq: i64,
 ) -> Result<Option<ReadState>, sqlx::Error> {
     timed("members.mark_read", async move {
+        // The reader's row before their membership: `conversation.read` is recorded
+        // under it (see `user_events::hold_users`).
+        user_events::hold_users(&mut *conn, &[user]).await?;
         let before: Option<(i64, i64)> = sqlx::query_as(
             "SELECT m.read_seq, c.last_seq
              FROM conversation_members m JOIN conversations c ON c.id = m.conversation_id

@@ -76,6 +76,22 @@ pub async fn record(
     .await
 }
 
+/// Takes `users`' rows in the mode the log's foreign key will (`FOR KEY SHARE`), in id
+/// order. A transaction that will record an event for a user calls this before it
+/// locks anything else: account deletion locks the user's row first and their
+/// conversations, memberships and uploads after, so taking the row later, at the
+/// insert, while holding one of those, could deadlock with it.
+pub async fn hold_users(conn: &mut PgConnection, users: &[UserId]) -> Result<(), sqlx::Error> {
+    let mut users = users.to_vec();
+    users.sort_unstable();
+    users.dedup();
+    sqlx::query("SELECT 1 FROM users WHERE id = ANY($1) ORDER BY id FOR KEY SHARE")
+        .bind(&users)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// The newest offset of `user`'s log (0 before the first event).
 pub async fn last_seq(db: impl PgExecutor<'_>, user: UserId) -> Result<i64, sqlx::Error> {
     timed("user_events.last_seq", async move {

@@ -131,6 +131,9 @@ impl ProcessMedia {
         outcome: Outcome<'_>,
     ) -> Result<bool, JobError> {
         let mut tx = self.db.begin().await?;
+        // The owner's row before the media's (see `user_events::hold_users`): an account
+        // deletion takes them in that order.
+        mobile_db::user_events::hold_users(&mut tx, &[owner]).await?;
         let (changed, event) = match outcome {
             Outcome::Ready(variants) => (
                 media::mark_ready(&mut *tx, media_id, variants).await?,
