@@ -288,6 +288,10 @@ impl Connection {
         self.ctx.presence.connected(self.user, self.public_id).await;
         let own = Channel::User(self.user);
         self.ctx.hub.subscribe(own, self.subscriber()).await;
+        // In `subs` at once, so every way out (a revoked session, an unreadable offset)
+        // leaves the hub through `cleanup` and never leaves the channel waiting for this
+        // subscriber's reading.
+        self.subs.insert(own, Sub { next: 1 });
         // Revocations committed from now on reach this socket through its own channel,
         // which is subscribed; one committed before is in PostgreSQL. So are the
         // channel's events: it starts after the newest offset read now. (Boxed, as the

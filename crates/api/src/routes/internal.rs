@@ -205,6 +205,7 @@ async fn notify(
         badge: None,
     };
     let mut tx = state.db.begin().await?;
+    mobile_db::user_events::hold_users(&mut tx, &[request.user_id]).await?;
     let Enqueued::Enqueued(job_id) = jobs::enqueue(&mut *tx, &notification.to_job()?).await? else {
         return Err(ApiError::internal(anyhow::anyhow!(
             "a job without a unique key was a duplicate"

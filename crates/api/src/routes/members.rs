@@ -147,7 +147,13 @@ async fn add_members(
         let views: Vec<(UserId, ConversationData)> = conversations::views_of(&mut *tx, &added, id)
             .await?
             .into_iter()
-            .map(|(member, view)| (member, ConversationData::from(view)))
+            .map(|(member, view)| {
+                // Without the newest message: the event stays in the member's log, and
+                // that message may be edited or deleted later.
+                let mut view = ConversationData::from(view);
+                view.last_message = None;
+                (member, view)
+            })
             .collect();
         let mut frames =
             mobile_events::record_user_events(&mut tx, "conversation.joined", &views).await?;

@@ -248,6 +248,11 @@ async fn the_owner_adds_and_removes_members_and_anyone_leaves() {
     assert_eq!(joined["event"], "conversation.joined");
     assert_eq!(joined["data"]["id"], id);
     assert_eq!(
+        joined["data"]["last_message"],
+        Value::Null,
+        "a logged event must not carry text that may be deleted later"
+    );
+    assert_eq!(
         joined["data"]["unread_count"], 1,
         "the history is theirs to read"
     );
