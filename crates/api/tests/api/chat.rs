@@ -154,6 +154,32 @@ async fn edits_and_deletions_are_events_by_the_sender_and_history_shows_them() {
     )
     .await;
 
+    // The log over REST: every event, in offset order, paged by `after`.
+    let log = app
+        .get_json(&format!("/v1/conversations/{id}/events?limit=3"), &ann)
+        .await;
+    let kinds: Vec<(i64, &str)> = log["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["offset"].as_i64().unwrap(), e["event"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (1, "message.created"),
+            (2, "message.created"),
+            (3, "message.updated")
+        ]
+    );
+    assert_eq!(log["next_after"], 3);
+    let rest = app
+        .get_json(&format!("/v1/conversations/{id}/events?after=3"), &ann)
+        .await;
+    assert_eq!(rest["items"][0]["event"], "message.deleted");
+    assert_eq!(rest["items"][0]["data"], tombstone);
+    assert_eq!(rest["next_after"], Value::Null);
+
     // The history shows the messages as they are now, each at its own seq.
     let page = app
         .get_json(&format!("/v1/conversations/{id}/messages"), &ann)
