@@ -440,9 +440,14 @@ pub async fn insert_message(
             return Ok(PostMessage::NotFound);
         };
 
+        // The membership again, in this statement's snapshot: the one above may have
+        // waited for the lock behind a removal of the sender, and then it judged the
+        // membership by what it saw before the wait. Asked here, it costs no round trip.
         let created = sqlx::query_as::<_, Message>(&format!(
             "INSERT INTO messages (conversation_id, seq, id, sender_id, client_msg_id, body, media_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             SELECT $1, $2, $3, $4, $5, $6, $7
+             WHERE EXISTS (SELECT 1 FROM conversation_members m
+                           WHERE m.conversation_id = $1 AND m.user_id = $4)
              ON CONFLICT ON CONSTRAINT messages_client_msg_id_key DO NOTHING
              RETURNING {MESSAGE_COLUMNS}"
         ))
@@ -459,9 +464,9 @@ pub async fn insert_message(
             return Ok(PostMessage::Created(created));
         }
 
-        // A retry of a message already posted. We still hold the lock (so the original is
-        // committed and nobody took a seq after ours): give the seq back (and the
-        // activity time, which a retry is not), return the first.
+        // Removed meanwhile, or a retry of a message already posted. We still hold the
+        // lock (nobody took a seq after ours): give the seq back (and the activity time,
+        // which neither is). A retry gets the first message, committed before our lock.
         sqlx::query(
             "UPDATE conversations c SET last_seq = c.last_seq - 1,
                  last_activity_at = coalesce(
@@ -479,9 +484,9 @@ pub async fn insert_message(
         .bind(message.conversation_id)
         .bind(message.sender_id)
         .bind(message.client_msg_id.as_str())
-        .fetch_one(&mut *conn)
+        .fetch_optional(&mut *conn)
         .await?;
-        Ok(PostMessage::Duplicate(first))
+        Ok(first.map_or(PostMessage::NotFound, PostMessage::Duplicate))
     })
     .await
 }
@@ -568,7 +573,20 @@ pub(crate) async fn lock_as_member(
     .bind(user)
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(owner_id.map(|owner_id| Locked { owner_id }))
+    let Some(owner_id) = owner_id else {
+        return Ok(None);
+    };
+    // Asked again now that the lock is ours: if taking it waited for a removal of
+    // `user`, the statement above still judged the membership by its snapshot from
+    // before the wait (PostgreSQL re-reads only the locked row).
+    let member: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM conversation_members WHERE conversation_id = $1 AND user_id = $2)",
+    )
+    .bind(conversation)
+    .bind(user)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(member.then_some(Locked { owner_id }))
 }
 
 /// Takes the next offset of a conversation whose lock the caller holds, and records
@@ -992,6 +1010,111 @@ mod tests {
             page.iter().map(|m| m.seq).collect::<Vec<_>>(),
             vec![38, 39, 40]
         );
+    }
+
+    /// Waits until `n` statements of this test's database wait for a lock.
+    async fn lock_waiters(pool: &crate::Db, n: i64) {
+        for _ in 0..1_000 {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            if waiting >= n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("fewer than {n} came to wait for a lock");
+    }
+
+    /// Three members are removed while their post, edit and title change wait for the
+    /// removal's lock: once it commits, each is refused, and the log ends with the
+    /// removals (nothing of theirs after them, no offset lost).
+    #[tokio::test]
+    async fn a_change_waiting_behind_its_authors_removal_is_refused() {
+        let db = mobile_testkit::TestDb::new().await;
+        let pool = crate::Db::from(db.pool().await);
+        let ann = user(&pool, "ann@example.com").await;
+        let bob = user(&pool, "bob@example.com").await;
+        let cy = user(&pool, "cy@example.com").await;
+        let dee = user(&pool, "dee@example.com").await;
+        let CreateConversation::Created(conversation) =
+            create(&pool, ann, &[bob, cy, dee], None).await
+        else {
+            panic!("created");
+        };
+        let id = conversation.id;
+        let PostMessage::Created(first) = post(&pool, id, cy, "first").await else {
+            panic!("cy posts while a member");
+        };
+
+        let mut removal = pool.begin().await.unwrap();
+        for member in [bob, cy, dee] {
+            let removed = crate::members::remove_member(&mut removal, id, ann, member)
+                .await
+                .unwrap();
+            assert!(matches!(
+                removed,
+                crate::members::RemoveMember::Removed { .. }
+            ));
+        }
+        let posted = tokio::spawn({
+            let pool = pool.clone();
+            async move { post(&pool, id, bob, "late").await }
+        });
+        let edited = tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                let mut tx = pool.begin().await.unwrap();
+                let body = MessageText::parse("edited").unwrap();
+                let edited = edit_message(&mut tx, id, cy, first.id, &body).await;
+                tx.commit().await.unwrap();
+                edited.unwrap()
+            }
+        });
+        let titled = tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                let mut tx = pool.begin().await.unwrap();
+                let title = Title::parse("mine").unwrap();
+                let titled = set_title(&mut tx, id, dee, Some(&title)).await;
+                tx.commit().await.unwrap();
+                titled.unwrap()
+            }
+        });
+        lock_waiters(&pool, 3).await;
+        removal.commit().await.unwrap();
+        assert_eq!(posted.await.unwrap(), PostMessage::NotFound);
+        assert_eq!(edited.await.unwrap(), ChangeMessage::NotFound);
+        assert_eq!(titled.await.unwrap(), SetTitle::NotFound);
+
+        let last: i64 = sqlx::query_scalar("SELECT last_seq FROM conversations WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(last, 4, "the last removal is the newest event");
+        let events = list_events(&pool, id, 0, 100, 100).await.unwrap();
+        let kinds: Vec<_> = events.iter().map(|e| (e.seq, e.kind)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (1, ConversationEventKind::MessageCreated),
+                (2, ConversationEventKind::MemberRemoved),
+                (3, ConversationEventKind::MemberRemoved),
+                (4, ConversationEventKind::MemberRemoved),
+            ]
+        );
+        let title: Option<String> =
+            sqlx::query_scalar("SELECT title FROM conversations WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(title, None);
     }
 
     #[tokio::test]
