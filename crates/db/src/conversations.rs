@@ -1117,6 +1117,74 @@ mod tests {
         assert_eq!(title, None);
     }
 
+    /// The owner leaves while the member next in line is deleting their account (which
+    /// holds their user row and waits for the conversation): ownership passes to the
+    /// member after them instead of waiting for that row, which would be a deadlock.
+    #[tokio::test]
+    async fn ownership_passes_over_a_member_whose_account_is_being_deleted() {
+        let db = mobile_testkit::TestDb::new().await;
+        let pool = crate::Db::from(db.pool().await);
+        let ann = user(&pool, "ann@example.com").await;
+        let bob = user(&pool, "bob@example.com").await;
+        let cy = user(&pool, "cy@example.com").await;
+        let CreateConversation::Created(conversation) = create(&pool, ann, &[bob], None).await
+        else {
+            panic!("created");
+        };
+        let id = conversation.id;
+        let mut tx = pool.begin().await.unwrap();
+        let added = crate::members::add_members(&mut tx, id, ann, &[cy])
+            .await
+            .unwrap();
+        assert!(matches!(added, crate::members::AddMembers::Added { .. }));
+        tx.commit().await.unwrap();
+
+        // Bob's deletion, as `accounts::delete_account` begins it: his row first.
+        let mut deletion = pool.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE")
+            .bind(bob)
+            .execute(&mut *deletion)
+            .await
+            .unwrap();
+
+        let (left_tx, left_rx) = tokio::sync::oneshot::channel();
+        let (commit_tx, commit_rx) = tokio::sync::oneshot::channel::<()>();
+        let leaving = tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                let mut tx = pool.begin().await.unwrap();
+                let left = crate::members::remove_member(&mut tx, id, ann, ann)
+                    .await
+                    .unwrap();
+                left_tx.send(left).unwrap();
+                commit_rx.await.unwrap();
+                tx.commit().await.unwrap();
+            }
+        });
+        let left = tokio::select! {
+            left = left_rx => left.unwrap(),
+            () = lock_waiters(&pool, 1) => panic!(
+                "leaving waits for bob's row while holding the conversation, which his \
+                 deletion waits for next: a deadlock"
+            ),
+        };
+        let crate::members::RemoveMember::Removed { data, .. } = left else {
+            panic!("ann left: {left:?}");
+        };
+        let removed: mobile_domain::MemberRemoved = serde_json::from_str(&data).unwrap();
+        assert_eq!(removed.owner_id, cy, "bob, being deleted, is passed over");
+
+        // The deletion goes on: the conversation, once the leaving commits.
+        commit_tx.send(()).unwrap();
+        sqlx::query("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .execute(&mut *deletion)
+            .await
+            .unwrap();
+        deletion.commit().await.unwrap();
+        leaving.await.unwrap();
+    }
+
     #[tokio::test]
     async fn outsiders_cannot_post_or_see() {
         let db = mobile_testkit::TestDb::new().await;

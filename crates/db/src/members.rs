@@ -173,14 +173,7 @@ pub(crate) async fn remove_locked(
         return Ok(RemoveMember::NotMember);
     }
     let owner_id = if owner == user {
-        let next: Option<UserId> = sqlx::query_scalar(
-            "SELECT user_id FROM conversation_members WHERE conversation_id = $1
-             ORDER BY joined_at, user_id LIMIT 1",
-        )
-        .bind(conversation)
-        .fetch_optional(&mut *conn)
-        .await?;
-        let Some(next) = next else {
+        let Some(next) = next_owner(&mut *conn, conversation).await? else {
             sqlx::query("DELETE FROM conversations WHERE id = $1")
                 .bind(conversation)
                 .execute(&mut *conn)
@@ -211,6 +204,42 @@ pub(crate) async fn remove_locked(
     )
     .await?;
     Ok(RemoveMember::Removed { seq, data })
+}
+
+/// Who owns `conversation` once its owner has left (their row is gone already): the
+/// member who has been in longest, `None` if no one is left.
+///
+/// Making them the owner takes their user row (`FOR KEY SHARE`, for the foreign key)
+/// while this transaction holds the conversation. An account deletion takes its row
+/// first and the conversation after, so waiting for the row of a member who is deleting
+/// their account right now would be a deadlock: such a member is passed over (they are
+/// leaving anyway) for the next one whose row is free (so is, rarely, a member whose
+/// own profile change holds their row at that instant). Only when every member left is
+/// in that state does this wait, and then PostgreSQL breaks the cycle by failing one of
+/// the two transactions, which the API answers with a 503 to retry.
+async fn next_owner(
+    conn: &mut PgConnection,
+    conversation: ConversationId,
+) -> Result<Option<UserId>, sqlx::Error> {
+    let free: Option<UserId> = sqlx::query_scalar(
+        "SELECT m.user_id FROM conversation_members m JOIN users u ON u.id = m.user_id
+         WHERE m.conversation_id = $1
+         ORDER BY m.joined_at, m.user_id LIMIT 1
+         FOR KEY SHARE OF u SKIP LOCKED",
+    )
+    .bind(conversation)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if free.is_some() {
+        return Ok(free);
+    }
+    sqlx::query_scalar(
+        "SELECT user_id FROM conversation_members WHERE conversation_id = $1
+         ORDER BY joined_at, user_id LIMIT 1",
+    )
+    .bind(conversation)
+    .fetch_optional(&mut *conn)
+    .await
 }
 
 /// A member's read position after [`mark_read`].
