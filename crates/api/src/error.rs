@@ -131,6 +131,7 @@ error_codes! {
     DatabaseUnavailable = (SERVICE_UNAVAILABLE, "database_unavailable", "the database did not answer; retry shortly"),
     ProviderUnavailable = (SERVICE_UNAVAILABLE, "provider_unavailable", "the provider's signing keys could not be fetched; retry shortly"),
     StorageUnavailable = (SERVICE_UNAVAILABLE, "storage_unavailable", "object storage did not answer; retry shortly"),
+    WriteConflict = (SERVICE_UNAVAILABLE, "write_conflict", "a concurrent change to the same data made the database give this one up; retry it"),
     Timeout = (SERVICE_UNAVAILABLE, "timeout", "the request did not complete in time; retry shortly"),
     Overloaded = (SERVICE_UNAVAILABLE, "overloaded", "the server holds as many connections as it may (MAX_CONNECTIONS); retry shortly"),
 }
@@ -249,6 +250,11 @@ impl From<sqlx::Error> for ApiError {
             sqlx::Error::Database(ref db) if db.code().is_some_and(|c| connection_lost(&c)) => {
                 Self::unavailable(ErrorCode::DatabaseUnavailable, error)
             }
+            // Class 40, transaction rollback (a deadlock broken, a serialization
+            // failure): nothing was written, and the same request again succeeds.
+            sqlx::Error::Database(ref db) if db.code().is_some_and(|c| c.starts_with("40")) => {
+                Self::unavailable(ErrorCode::WriteConflict, error)
+            }
             other => Self::internal(other),
         }
     }
@@ -344,6 +350,25 @@ mod tests {
                     .all(|b| b.is_ascii_lowercase() || b == b'_'),
                 "{code:?}"
             );
+        }
+    }
+
+    /// What PostgreSQL says when it breaks a deadlock or gives up a serializable
+    /// transaction is a reason to retry, not a bug.
+    #[tokio::test]
+    async fn a_rolled_back_transaction_is_a_503_to_retry() {
+        let db = mobile_testkit::TestDb::new().await;
+        let pool = db.pool().await;
+        for sqlstate in ["40P01", "40001"] {
+            let error = sqlx::query(&format!(
+                "DO $$ BEGIN RAISE EXCEPTION 'test' USING ERRCODE = '{sqlstate}'; END $$"
+            ))
+            .execute(&pool)
+            .await
+            .unwrap_err();
+            let error = ApiError::from(error);
+            assert_eq!(error.code(), ErrorCode::WriteConflict, "{sqlstate}");
+            assert_eq!(error.retry_after, Some(1));
         }
     }
 }

@@ -223,7 +223,13 @@ impl Shape {
 
     fn problems(&self) -> Vec<ErrorCode> {
         use ErrorCode::*;
-        let mut codes = vec![Internal, DatabaseUnavailable, Timeout, Overloaded];
+        let mut codes = vec![
+            Internal,
+            DatabaseUnavailable,
+            WriteConflict,
+            Timeout,
+            Overloaded,
+        ];
         if self.json_body {
             codes.extend([
                 BodyTimeout,
