@@ -292,6 +292,8 @@ async fn push_round(
         kind: mobile_db::push::PushKind::Alert,
         localized: None,
         badge: None,
+        unread_badge: false,
+        message_id: None,
     };
     let token = "ab".repeat(32);
     // Warm-up: the connection and the provider token.

@@ -4,7 +4,7 @@
 //! 2. who gets a push: the other members who have not muted the conversation and have
 //!    no live connection, asked of Redis *before* the transaction, so no Redis round
 //!    trip holds the conversation's lock (without Redis nobody counts as online: a push
-//!    too many beats a message nobody hears about), and their badges (unread totals);
+//!    too many beats a message nobody hears about);
 //! 3. one transaction: the message with the next `seq`, and its pushes, so a committed
 //!    message always has them and a refused or retried one has none;
 //! 4. after the commit, the event to the gateways.
@@ -73,7 +73,6 @@ pub async fn post(
         .map(|member| member.user_id)
         .collect();
     let offline = offline(state, others).await;
-    let badges = badges(state, &offline).await?;
 
     let mut tx = state.db.begin().await?;
     let outcome = conversations::insert_message(
@@ -90,7 +89,7 @@ pub async fn post(
     if let PostMessage::Created(message) = &outcome
         && !offline.is_empty()
     {
-        let notifications = notifications(message, &sender_name, &badges);
+        let notifications = notifications(message, &sender_name, &offline);
         push::enqueue_notifications(&mut tx, &notifications).await?;
     }
     tx.commit().await?;
@@ -130,34 +129,10 @@ async fn offline(state: &AppState, members: Vec<UserId>) -> Vec<UserId> {
         .collect()
 }
 
-/// Each recipient's badge once this message is in: their unread total before it, plus
-/// one. Read before the transaction, like presence, so no query holds the
-/// conversation's lock; a read that lands meanwhile makes a badge one too high until
-/// the next push or sync.
-async fn badges(state: &AppState, recipients: &[UserId]) -> Result<Vec<(UserId, u32)>, ApiError> {
-    if recipients.is_empty() {
-        return Ok(Vec::new());
-    }
-    let unread = conversations::total_unread(&state.db, recipients).await?;
-    Ok(recipients
-        .iter()
-        .map(|&user| {
-            let before = unread
-                .iter()
-                .find(|(id, _)| *id == user)
-                .map_or(0, |(_, count)| *count);
-            (user, u32::try_from(before + 1).unwrap_or(u32::MAX))
-        })
-        .collect())
-}
-
 /// One push per recipient: the sender's name as the title, a preview as the body,
-/// the recipient's badge, and where the message is as data for the app.
-fn notifications(
-    message: &Message,
-    sender_name: &str,
-    recipients: &[(UserId, u32)],
-) -> Vec<Notification> {
+/// the recipient's badge (counted by the worker as it sends), and where the message
+/// is as data for the app.
+fn notifications(message: &Message, sender_name: &str, recipients: &[UserId]) -> Vec<Notification> {
     let data = serde_json::json!({
         "type": "message",
         "conversation_id": message.conversation_id.to_string(),
@@ -169,7 +144,7 @@ fn notifications(
     let thread_id = message.conversation_id.to_string();
     recipients
         .iter()
-        .map(|&(user_id, badge)| Notification {
+        .map(|&user_id| Notification {
             user_id,
             title: sender_name.to_owned(),
             body: body.clone(),
@@ -178,7 +153,9 @@ fn notifications(
             thread_id: Some(thread_id.clone()),
             kind: PushKind::Alert,
             localized: None,
-            badge: Some(badge),
+            badge: None,
+            unread_badge: true,
+            message_id: Some(message.id),
         })
         .collect()
 }

@@ -704,7 +704,8 @@ pub async fn edit_message(
 }
 
 /// Its sender deletes a message, inside the caller's transaction: the body and the
-/// media go, a tombstone keeps the offset, and `message.deleted` takes the next one.
+/// media go (and its pushes not yet sent), a tombstone keeps the offset, and
+/// `message.deleted` takes the next one.
 /// Anything but `Changed` leaves the database as it was.
 pub async fn delete_message(
     conn: &mut PgConnection,
@@ -728,6 +729,8 @@ pub async fn delete_message(
         .bind(id)
         .fetch_one(&mut *conn)
         .await?;
+        // Its pushes not yet sent carry its preview: they go with it.
+        crate::push::drop_for_message(&mut *conn, id).await?;
         let seq = record(
             conn,
             conversation,

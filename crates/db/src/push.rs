@@ -10,7 +10,7 @@
 //!    resend to the user's tablet.
 
 use crate::metrics::timed;
-use mobile_domain::{ApnsEnvironment, DeviceId, JobId, JobKind, Platform, UserId};
+use mobile_domain::{ApnsEnvironment, DeviceId, JobId, JobKind, MessageId, Platform, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::PgConnection;
@@ -46,6 +46,15 @@ pub struct Notification {
     /// `notification_count`, and `data.badge` for the app); `None` leaves it alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub badge: Option<u32>,
+    /// Set `badge` to the user's unread total when the worker fans the notification out
+    /// ([`fan_out`]), rather than when it is enqueued: counted after the commit of the
+    /// write that caused it, off the request's path, and as fresh as the send.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unread_badge: bool,
+    /// The message this announces: a notification not yet sent when its message is
+    /// deleted is not sent at all (the preview must not outlive the message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<MessageId>,
 }
 
 /// What a push does on the phone. Jobs enqueued before this existed are alerts.
@@ -117,7 +126,8 @@ pub async fn enqueue_notifications(
 
 /// Stage two: one send job per device of the notified user, and the notify job
 /// completed, in one transaction. Returns the number of send jobs, or `None` if this
-/// worker no longer held the notify job (nothing was enqueued).
+/// worker no longer held the notify job (nothing was enqueued). A notification of a
+/// message deleted meanwhile completes with no send; `unread_badge` is counted here.
 pub async fn fan_out(
     db: &crate::Db,
     notify_job: JobId,
@@ -128,6 +138,29 @@ pub async fn fan_out(
         let mut tx = db.begin().await?;
         if jobs::complete(&mut *tx, &[notify_job], worker).await? == 0 {
             return Ok(None);
+        }
+        if let Some(message) = notification.message_id {
+            // Held until the commit, so a deletion (which locks the row `FOR UPDATE`,
+            // then drops the queued sends) comes either before this, and nothing is
+            // sent, or after, and finds the sends queued.
+            let live: Option<bool> = sqlx::query_scalar(
+                "SELECT deleted_at IS NULL FROM messages WHERE id = $1 FOR KEY SHARE",
+            )
+            .bind(message)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if live != Some(true) {
+                tx.commit().await?;
+                return Ok(Some(0));
+            }
+        }
+        let mut notification = notification.clone();
+        if notification.unread_badge {
+            let total = crate::conversations::total_unread(&mut *tx, &[notification.user_id])
+                .await?
+                .first()
+                .map_or(0, |(_, total)| *total);
+            notification.badge = Some(u32::try_from(total).unwrap_or(u32::MAX));
         }
         let devices: Vec<(DeviceId, Platform, String, Option<ApnsEnvironment>)> = sqlx::query_as(
             "SELECT id, platform, push_token, apns_environment FROM devices WHERE user_id = $1 ORDER BY id",
@@ -152,6 +185,26 @@ pub async fn fan_out(
         Ok(Some(sent))
     })
     .await
+}
+
+/// Drops the notifications of `message` that no worker has taken yet, inside the
+/// transaction that deletes it (which holds the message's row: see [`fan_out`]).
+pub async fn drop_for_message(
+    conn: &mut PgConnection,
+    message: MessageId,
+) -> Result<u64, sqlx::Error> {
+    let dropped = sqlx::query(
+        "DELETE FROM jobs
+         WHERE state = 'queued'
+           AND ((kind = $1 AND payload->>'message_id' = $3::uuid::text)
+             OR (kind = $2 AND payload->'notification'->>'message_id' = $3::uuid::text))",
+    )
+    .bind(JobKind::PushNotify)
+    .bind(JobKind::PushSend)
+    .bind(message)
+    .execute(&mut *conn)
+    .await?;
+    Ok(dropped.rows_affected())
 }
 
 /// Forgets a device whose token the platform says is dead, unless the app registered a
@@ -211,6 +264,8 @@ mod tests {
             kind: PushKind::Alert,
             localized: None,
             badge: None,
+            unread_badge: false,
+            message_id: None,
         }
     }
 
@@ -260,6 +315,145 @@ mod tests {
                 .await
                 .unwrap()
         );
+    }
+
+    /// Posts `text` from `sender`, committed.
+    async fn posted(
+        pool: &crate::Db,
+        conversation: mobile_domain::ConversationId,
+        sender: UserId,
+        text: &str,
+    ) -> MessageId {
+        use crate::conversations::{NewMessage, PostMessage, insert_message};
+        use mobile_domain::{ClientMsgId, MessageText};
+        let mut tx = pool.begin().await.unwrap();
+        let PostMessage::Created(message) = insert_message(
+            &mut tx,
+            &NewMessage {
+                conversation_id: conversation,
+                sender_id: sender,
+                client_msg_id: &ClientMsgId::parse(text).unwrap(),
+                body: &MessageText::parse(text).unwrap(),
+                media_id: None,
+            },
+        )
+        .await
+        .unwrap() else {
+            panic!("posted");
+        };
+        tx.commit().await.unwrap();
+        message.id
+    }
+
+    async fn deleted(
+        pool: &crate::Db,
+        conversation: mobile_domain::ConversationId,
+        sender: UserId,
+        message: MessageId,
+    ) {
+        let mut tx = pool.begin().await.unwrap();
+        let outcome = crate::conversations::delete_message(&mut tx, conversation, sender, message)
+            .await
+            .unwrap();
+        assert!(matches!(
+            outcome,
+            crate::conversations::ChangeMessage::Changed { .. }
+        ));
+        tx.commit().await.unwrap();
+    }
+
+    async fn queued(pool: &crate::Db, kind: JobKind) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE kind = $1 AND state = 'queued'")
+            .bind(kind)
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
+
+    /// A message's push: the badge counted as it fans out; not sent once the message is
+    /// deleted, whether the deletion finds it queued, taken by a worker, or fanned out.
+    #[tokio::test]
+    async fn a_message_push_counts_its_badge_late_and_dies_with_its_message() {
+        let db = mobile_testkit::TestDb::new().await;
+        let pool = crate::Db::from(db.pool().await);
+        let ann = user_with_devices(&pool, 0).await;
+        let bob = user_with_devices(&pool, 1).await;
+        let mut tx = pool.begin().await.unwrap();
+        let crate::conversations::CreateConversation::Created(conversation) =
+            crate::conversations::create_conversation(&mut tx, ann, &[bob], None)
+                .await
+                .unwrap()
+        else {
+            panic!("created");
+        };
+        tx.commit().await.unwrap();
+        let id = conversation.id;
+        let push = |message| Notification {
+            unread_badge: true,
+            message_id: Some(message),
+            ..notification(bob)
+        };
+        let lease = Duration::from_secs(30);
+        let mut conn = pool.pool().acquire().await.unwrap();
+
+        // Queued when its message goes: it goes too.
+        let kept = posted(&pool, id, ann, "one").await;
+        let gone = posted(&pool, id, ann, "two").await;
+        enqueue_notifications(&mut conn, &[push(kept), push(gone)])
+            .await
+            .unwrap();
+        deleted(&pool, id, ann, gone).await;
+        assert_eq!(queued(&pool, JobKind::PushNotify).await, 1);
+        let job = jobs::claim(&pool, JobKind::PushNotify, "w1", lease, 10)
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
+        let n: Notification = job.payload().unwrap();
+        assert_eq!(n.message_id, Some(kept));
+        assert_eq!(fan_out(&pool, job.id, "w1", &n).await.unwrap(), Some(1));
+        let send: DeviceNotification = jobs::claim(&pool, JobKind::PushSend, "w1", lease, 10)
+            .await
+            .unwrap()
+            .pop()
+            .unwrap()
+            .payload()
+            .unwrap();
+        assert_eq!(
+            send.notification.badge,
+            Some(1),
+            "one unread: the deleted message is not counted"
+        );
+
+        // Taken by a worker, then deleted: the fan-out sends nothing.
+        let taken = posted(&pool, id, ann, "three").await;
+        enqueue_notifications(&mut conn, &[push(taken)])
+            .await
+            .unwrap();
+        let job = jobs::claim(&pool, JobKind::PushNotify, "w1", lease, 10)
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
+        deleted(&pool, id, ann, taken).await;
+        let n: Notification = job.payload().unwrap();
+        assert_eq!(fan_out(&pool, job.id, "w1", &n).await.unwrap(), Some(0));
+
+        // Fanned out, then deleted: the queued sends go.
+        let fanned = posted(&pool, id, ann, "four").await;
+        enqueue_notifications(&mut conn, &[push(fanned)])
+            .await
+            .unwrap();
+        let job = jobs::claim(&pool, JobKind::PushNotify, "w1", lease, 10)
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
+        let n: Notification = job.payload().unwrap();
+        assert_eq!(fan_out(&pool, job.id, "w1", &n).await.unwrap(), Some(1));
+        assert_eq!(queued(&pool, JobKind::PushSend).await, 1);
+        deleted(&pool, id, ann, fanned).await;
+        assert_eq!(queued(&pool, JobKind::PushSend).await, 0);
     }
 
     #[tokio::test]

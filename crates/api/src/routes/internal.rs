@@ -203,6 +203,8 @@ async fn notify(
         },
         localized,
         badge: None,
+        unread_badge: false,
+        message_id: None,
     };
     let mut tx = state.db.begin().await?;
     mobile_db::user_events::hold_users(&mut tx, &[request.user_id]).await?;

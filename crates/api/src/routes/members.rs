@@ -292,6 +292,8 @@ async fn mark_read(
             kind: PushKind::Silent,
             localized: None,
             badge: Some(u32::try_from(total_unread).unwrap_or(u32::MAX)),
+            unread_badge: false,
+            message_id: None,
         };
         mobile_db::push::enqueue_notifications(&mut tx, &[hint]).await?;
         let frames =

@@ -601,22 +601,23 @@ async fn a_muted_member_gets_no_push_but_counts_unread_and_pushes_carry_the_badg
     )
     .await)
     .await;
-    posted(&app, &ann, id, "two").await;
+    let two = posted(&app, &ann, id, "two").await;
 
     let pushes: Vec<Value> =
         sqlx::query_scalar("SELECT payload FROM jobs WHERE kind = 'push.notify' ORDER BY id")
             .fetch_all(&app.db.pool().await)
             .await
             .unwrap();
-    let to: Vec<(&str, i64)> = pushes
+    let to: Vec<(&str, &Value)> = pushes
         .iter()
-        .map(|p| (p["user_id"].as_str().unwrap(), p["badge"].as_i64().unwrap()))
+        .map(|p| (p["user_id"].as_str().unwrap(), &p["unread_badge"]))
         .collect();
     assert_eq!(
         to,
-        vec![(cat.user_id.as_str(), 2)],
-        "Bob muted throughout; Cat for the first"
+        vec![(cat.user_id.as_str(), &json!(true))],
+        "Bob muted throughout; Cat for the first; the worker counts the badge as it sends"
     );
+    assert_eq!(pushes[0]["message_id"], json!(two["id"]));
 
     let seen = app.get_json(&format!("/v1/conversations/{id}"), &bob).await;
     assert_eq!(seen["unread_count"], 2, "muted, still unread");

@@ -49,6 +49,8 @@ async fn one_push(pool: &PgPool, token: &str) {
         kind: mobile_db::push::PushKind::Alert,
         localized: None,
         badge: None,
+        unread_badge: false,
+        message_id: None,
     };
     push::enqueue_notifications(&mut conn, &[notification])
         .await

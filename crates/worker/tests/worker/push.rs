@@ -45,6 +45,8 @@ fn notification(user_id: UserId, body: &str) -> Notification {
         kind: mobile_db::push::PushKind::Alert,
         localized: None,
         badge: None,
+        unread_badge: false,
+        message_id: None,
     }
 }
 
