@@ -58,6 +58,19 @@ const REFRESH_BURST: u32 = 5;
 /// Clock skew allowed on a token's expiry, as the verifier allows it.
 const EXPIRY_LEEWAY_SECONDS: i64 = 5;
 
+/// How long a new connection holds back its own channel's live events, waiting for the
+/// client to resubscribe it with `since` (the recipe's first frame): the replay then
+/// comes first and the held events after it, in offset order. The client's first frame
+/// of any other kind, or this time passing, ends the hold, and what it held follows.
+pub const USER_CHANNEL_HOLD: Duration = Duration::from_secs(2);
+
+/// The own channel's live events held back, until when, and whether any came.
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    until: Instant,
+    missed: bool,
+}
+
 /// Queued deliveries written per flush, at most: enough to turn a burst into a few
 /// socket writes, few enough that pings and the client's own frames are not kept
 /// waiting behind a long backlog.
@@ -166,7 +179,7 @@ pub async fn serve(mut socket: WebSocket, auth: Result<Admitted, TokenError>, ct
         deliveries,
         evict,
         subs: HashMap::new(),
-        user_start: 0,
+        hold: None,
         last_pong: Instant::now(),
         unflushed: 0,
         publishes: Bucket::new(
@@ -263,10 +276,8 @@ struct Connection {
     /// session was revoked.
     evict: Evict,
     subs: HashMap<Channel, Sub>,
-    /// The newest offset of the user's own channel when this connection started: a
-    /// resubscribe with `since` replays up to it (what came later, this connection
-    /// delivers live).
-    user_start: i64,
+    /// The user's own channel's live events are held back (see [`USER_CHANNEL_HOLD`]).
+    hold: Option<Hold>,
     last_pong: Instant,
     /// Text frames fed since the last flush: counted as sent once they are written.
     unflushed: u64,
@@ -312,9 +323,12 @@ impl Connection {
         }) else {
             return self.evicted(Eviction::Resync);
         };
-        self.user_start = start;
         self.subs.insert(own, Sub { next: start + 1 });
         self.ctx.hub.recovered(own, self.id, start);
+        self.hold = Some(Hold {
+            until: Instant::now() + USER_CHANNEL_HOLD,
+            missed: false,
+        });
         let interval = self.ctx.settings.ping_interval;
         let welcome = ServerFrame::Welcome {
             connection_id: &self.public_id.to_string(),
@@ -355,6 +369,8 @@ impl Connection {
                         } else {
                             self.send(Message::Ping(Default::default())).await.err()
                         }
+                    } else if self.hold.is_some_and(|hold| now >= hold.until) {
+                        Box::pin(self.release_own()).await.err()
                     } else {
                         None
                     }
@@ -387,11 +403,16 @@ impl Connection {
             if let Some(end) = end {
                 return end;
             }
-            let wake = [Some(next_ping), Some(self.expires_at), close_at]
-                .into_iter()
-                .flatten()
-                .min()
-                .unwrap_or(next_ping);
+            let wake = [
+                Some(next_ping),
+                Some(self.expires_at),
+                close_at,
+                self.hold.map(|hold| hold.until),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(next_ping);
             if timer.deadline() != wake {
                 timer.as_mut().reset(wake);
             }
@@ -423,6 +444,12 @@ impl Connection {
                 ));
             }
         };
+        // Anything but the own channel's resubscribe ends the hold first.
+        let resubscribing_own = matches!(&frame, ClientFrame::Subscribe { channel, .. }
+            if matches!(channel.parse(), Ok(Channel::User(user)) if user == self.user));
+        if self.hold.is_some() && !resubscribing_own {
+            self.release_own().await?;
+        }
         match frame {
             ClientFrame::Subscribe { id, channel, since } => {
                 self.subscribe(id, &channel, since).await
@@ -594,34 +621,90 @@ impl Connection {
         Ok(())
     }
 
-    /// The user's own channel, subscribed since the connection opened: with `since`, the
-    /// events from then up to the connection's start are replayed (what came after,
-    /// this connection has delivered or will deliver live).
+    /// The user's own channel again, with `since`: the events after `since` are
+    /// replayed, up to the newest now, and live ones follow, as a conversation's
+    /// subscribe does. Sent while the connection still holds the channel's live events
+    /// back (its first frame, as the recipe has it), this is gap-free and in order with
+    /// what the connection delivers next; sent later, it restarts the channel's stream
+    /// at `since`. Without `since`, the stream goes on from what was delivered.
     async fn resubscribe_own(
         &mut self,
         id: Option<u64>,
         name: &str,
         since: Option<i64>,
     ) -> Result<(), End> {
-        let start = self.user_start;
         if since.is_some_and(|since| since < 0) {
             return self
                 .error(id, "invalid_since", "since is an offset: 0 or more")
                 .await;
         }
-        let Some((recovered, missed)) = self.replay(Channel::User(self.user), since, start).await
-        else {
+        let own = Channel::User(self.user);
+        let delivered = match self.subs.get(&own) {
+            Some(sub) => sub.next - 1,
+            None => {
+                // Unsubscribed earlier: back in the hub before the newest is read.
+                self.ctx.hub.subscribe(own, self.subscriber()).await;
+                self.subs.insert(own, Sub { next: 1 });
+                0
+            }
+        };
+        let newest = match user_events::last_seq(&self.ctx.db, self.user).await {
+            Ok(newest) => newest,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the user channel's offset failed");
+                return self.error(id, "unavailable", "try again shortly").await;
+            }
+        };
+        let from = since.unwrap_or(delivered);
+        let Some((recovered, missed)) = self.replay(own, Some(from), newest).await else {
             return self.recovery_limited(id).await;
         };
+        self.hold = None;
+        self.subs.insert(own, Sub { next: newest + 1 });
         let frame = ServerFrame::Subscribed {
             id,
             channel: name,
-            offset: Some(start),
-            recovered,
+            offset: Some(newest),
+            recovered: recovered && since.is_some(),
         };
         self.feed(Message::Text(Utf8Bytes::from(frame.to_text())))
             .await?;
         for delivery in missed {
+            self.feed(Message::Text(delivery.frame.clone())).await?;
+        }
+        self.flush().await?;
+        self.ctx.hub.recovered(own, self.id, newest);
+        Ok(())
+    }
+
+    /// Ends the hold on the own channel's live events: what it held back (if anything
+    /// came) is read from PostgreSQL and delivered, in order. A connection that cannot
+    /// read it is closed with 1012 (reconnect and resubscribe), rather than skip it.
+    async fn release_own(&mut self) -> Result<(), End> {
+        let Some(hold) = self.hold.take() else {
+            return Ok(());
+        };
+        let own = Channel::User(self.user);
+        let Some(next) = self.subs.get(&own).map(|sub| sub.next) else {
+            return Ok(());
+        };
+        if !hold.missed {
+            return Ok(());
+        }
+        let read = async {
+            let newest = user_events::last_seq(&self.ctx.db, self.user).await?;
+            let held = backfill::read(&self.ctx.db, own, next..=newest).await?;
+            Ok::<_, sqlx::Error>((newest, held))
+        };
+        let (newest, held) = match read.await {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the held user events; the client reconnects");
+                return Err(self.evicted(Eviction::Resync));
+            }
+        };
+        self.subs.insert(own, Sub { next: newest + 1 });
+        for delivery in held {
             self.feed(Message::Text(delivery.frame.clone())).await?;
         }
         self.flush().await
@@ -789,6 +872,13 @@ impl Connection {
         let next = sub.next;
         if offset < next {
             // Recovered from PostgreSQL already.
+            return Ok(());
+        }
+        if let Some(hold) = &mut self.hold
+            && delivery.channel == Channel::User(self.user)
+        {
+            // Read back in order when the hold ends.
+            hold.missed = true;
             return Ok(());
         }
         if offset > next {

@@ -395,3 +395,74 @@ async fn the_user_channel_replays_what_a_disconnected_app_missed_exactly_once() 
         vec![1, 2, 3, 4, 5, 6]
     );
 }
+
+/// What the user channel carries between the welcome and the app's resubscribe with
+/// `since` comes after the replay, not before it: one ordered stream. Any other first
+/// frame, or the hold's time passing, lets it through at once, in order.
+#[tokio::test]
+async fn the_user_channel_holds_live_events_until_the_resubscribe_replays_the_missed() {
+    let stack = Stack::start(1, &[]).await;
+    let ann = stack.register("ann").await;
+    let bob = stack.register("bob").await;
+    let own = format!("user:{}", ann.id);
+    let gateway = &stack.gateways[0].addr;
+
+    // 1 while Ann is away; 2 after her welcome, before her resubscribe.
+    let first = stack.conversation(&bob, &[&ann]).await;
+    let mut ann_ws = Client::connect(gateway, &ann.token).await;
+    let second = stack.conversation(&bob, &[&ann]).await;
+    assert!(
+        ann_ws
+            .next_within(Duration::from_millis(500))
+            .await
+            .is_none(),
+        "2 waits for the resubscribe"
+    );
+    ann_ws
+        .send(json!({"type": "subscribe", "id": 1, "channel": own, "since": 0}))
+        .await;
+    assert_eq!(
+        ann_ws.next().await,
+        json!({"type": "subscribed", "id": 1, "channel": own, "offset": 2, "recovered": true})
+    );
+    let got = events(&mut ann_ws, &own, 2).await;
+    assert_eq!(
+        got.iter()
+            .map(|e| e["data"]["id"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        vec![first.as_str(), second.as_str()]
+    );
+    assert_eq!(got[1]["offset"], 2);
+    assert!(
+        ann_ws
+            .next_within(Duration::from_millis(300))
+            .await
+            .is_none(),
+        "each once"
+    );
+
+    // A first frame of another kind ends the hold: the held event comes at once.
+    let mut other = Client::connect(gateway, &ann.token).await;
+    stack.conversation(&bob, &[&ann]).await;
+    assert_eq!(
+        kinds(&events(&mut ann_ws, &own, 1).await),
+        vec![(3, "conversation.created".to_owned())]
+    );
+    other
+        .send(json!({"type": "subscribe", "id": 2, "channel": format!("conversation:{first}")}))
+        .await;
+    let mut frames = [other.next().await, other.next().await];
+    frames.sort_by_key(|frame| frame["type"].to_string());
+    assert_eq!(frames[0]["type"], "event");
+    assert_eq!(frames[0]["offset"], 3);
+    assert_eq!(frames[1]["type"], "subscribed");
+
+    // An app that never resubscribes gets what was held once the hold is over.
+    let mut silent = Client::connect(gateway, &ann.token).await;
+    stack.conversation(&bob, &[&ann]).await;
+    let held = silent.next_within(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        (held["channel"].as_str(), held["offset"].as_i64()),
+        (Some(own.as_str()), Some(4))
+    );
+}
