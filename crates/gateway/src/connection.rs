@@ -196,7 +196,14 @@ pub async fn serve(mut socket: WebSocket, auth: Result<Admitted, TokenError>, ct
     // take a while with a slow client.
     ctx.metrics.disconnect(end.reason());
     connection.cleanup().await;
-    if let Some((code, reason, grace)) = connection.closing.take() {
+    if let Some((code, reason)) = connection.closing.take() {
+        // A slow consumer's close waits behind what its socket already holds, so it
+        // gets the longer grace.
+        let grace = if end == End::SlowConsumer {
+            ctx.settings.slow_consumer_grace
+        } else {
+            CLOSE_GRACE
+        };
         close_socket(&mut connection.socket, code, reason, grace).await;
     }
     ctx.metrics.connections_active.dec();
@@ -285,9 +292,10 @@ struct Connection {
     /// per user, in `ctx.sessions`).
     publishes: Bucket,
     refreshes: Bucket,
-    /// The close frame to send once the connection has left the hub: code, reason,
-    /// and how long writing it may take.
-    closing: Option<(u16, &'static str, Duration)>,
+    /// The close frame to send once the connection has left the hub: code and reason
+    /// (the grace for writing it follows from how the connection ended). Every field
+    /// here is in every connection's memory for as long as it lives.
+    closing: Option<(u16, &'static str)>,
     ctx: Arc<Context>,
 }
 
@@ -999,15 +1007,9 @@ impl Connection {
     }
 
     /// Ends the connection with a close handshake ([`close_socket`], done by
-    /// [`serve`] once the connection has left the hub). A slow consumer's close waits
-    /// behind what its socket already holds, so it gets the longer grace.
+    /// [`serve`] once the connection has left the hub).
     fn close(&mut self, code: u16, reason: &'static str, end: End) -> End {
-        let grace = if end == End::SlowConsumer {
-            self.ctx.settings.slow_consumer_grace
-        } else {
-            CLOSE_GRACE
-        };
-        self.closing = Some((code, reason, grace));
+        self.closing = Some((code, reason));
         end
     }
 
