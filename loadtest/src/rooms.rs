@@ -13,7 +13,8 @@
 //! deliveries lost (each event's members, all connected, against what arrived), and
 //! each gateway's resident memory per connection with its subscriptions: the growth of
 //! its RSS from before the connections to after the subscriptions, divided by its
-//! connections.
+//! connections, and the same for the second half of the connections alone (the
+//! marginal cost, after the first half paid the process's one-time costs).
 
 use std::{
     collections::HashMap,
@@ -197,8 +198,17 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
             Ok((url, token, channels))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    // In two halves: the first also pays what a process pays once (allocator arenas,
+    // the I/O slab, table growth); the second's growth is what one more connection
+    // with its subscriptions costs, as the `ws` scenario's idle figure is measured.
     let connecting = Instant::now();
-    let sockets = connect_and_subscribe(targets).await?;
+    let mut targets = targets;
+    let second_half = targets.split_off(targets.len() / 2);
+    let second_count = second_half.len();
+    let mut sockets = connect_and_subscribe(targets).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_half: Vec<u64> = gateways.iter().map(Service::rss).collect();
+    sockets.extend(connect_and_subscribe(second_half).await?);
     eprintln!(
         "rooms: {} connections subscribed in {:.1} s",
         sockets.len(),
@@ -206,12 +216,19 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after: Vec<u64> = gateways.iter().map(Service::rss).collect();
-    let per_connection: Vec<f64> = rss_before
-        .iter()
-        .zip(&rss_after)
-        .map(|(before, after)| after.saturating_sub(*before) as f64 / (people.len() / 2) as f64)
-        .collect();
-    eprintln!("rooms: resident memory per connection {per_connection:?} bytes");
+    let growth = |from: &[u64], connections: usize| -> Vec<f64> {
+        from.iter()
+            .zip(&rss_after)
+            .map(|(before, after)| {
+                after.saturating_sub(*before) as f64 / (connections / 2).max(1) as f64
+            })
+            .collect()
+    };
+    let per_connection = growth(&rss_before, people.len());
+    let marginal = growth(&rss_half, second_count);
+    eprintln!(
+        "rooms: resident memory per connection {per_connection:?} bytes in all, {marginal:?} for the second half"
+    );
 
     // The clients: count every conversation event, time those that carry a send time.
     let slots = seconds as usize + 10;
@@ -324,8 +341,10 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
         "rate_per_second": rate,
         "seconds": seconds,
         "mix": { "post": 70, "edit": 10, "delete": 5, "read": 15 },
-        "memory": { "rss_before_bytes": rss_before, "rss_after_bytes": rss_after,
-                    "bytes_per_connection": per_connection },
+        "memory": { "rss_before_bytes": rss_before, "rss_half_bytes": rss_half,
+                    "rss_after_bytes": rss_after,
+                    "bytes_per_connection": per_connection,
+                    "marginal_bytes_per_connection": marginal },
         "deliveries": { "expected": expected, "delivered": delivered,
                         "lost": expected.saturating_sub(delivered),
                         "per_second": delivered as f64 / seconds as f64,
