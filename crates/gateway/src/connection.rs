@@ -647,25 +647,35 @@ impl Connection {
                 .await;
         }
         let own = Channel::User(self.user);
-        let delivered = match self.subs.get(&own) {
-            Some(sub) => sub.next - 1,
-            None => {
-                // Unsubscribed earlier: back in the hub before the newest is read.
-                self.ctx.hub.subscribe(own, self.subscriber()).await;
-                self.subs.insert(own, Sub { next: 1 });
-                0
-            }
+        let delivered = self.subs.get(&own).map(|sub| sub.next - 1);
+        if delivered.is_none() {
+            // Unsubscribed earlier: back in the hub before the newest is read.
+            self.ctx.hub.subscribe(own, self.subscriber()).await;
+        }
+        let newest = user_events::last_seq(&self.ctx.db, self.user)
+            .await
+            .inspect_err(
+                |e| tracing::warn!(error = %e, "reading the user channel's offset failed"),
+            );
+        // Without `since`, a subscription that stayed goes on from what it delivered,
+        // and one that did not starts live.
+        let from = since.or(delivered);
+        let replayed = match newest {
+            Ok(newest) => self
+                .replay(own, from, newest)
+                .await
+                .map(|replay| (newest, replay)),
+            Err(_) => None,
         };
-        let newest = match user_events::last_seq(&self.ctx.db, self.user).await {
-            Ok(newest) => newest,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the user channel's offset failed");
-                return self.error(id, "unavailable", "try again shortly").await;
+        let Some((newest, (recovered, missed))) = replayed else {
+            // Nothing changed: a channel that was not subscribed leaves the hub again.
+            if delivered.is_none() {
+                self.ctx.hub.unsubscribe(own, self.id).await;
             }
-        };
-        let from = since.unwrap_or(delivered);
-        let Some((recovered, missed)) = self.replay(own, Some(from), newest).await else {
-            return self.recovery_limited(id).await;
+            return match newest {
+                Ok(_) => self.recovery_limited(id).await,
+                Err(_) => self.error(id, "unavailable", "try again shortly").await,
+            };
         };
         self.hold = None;
         self.subs.insert(own, Sub { next: newest + 1 });

@@ -368,3 +368,67 @@ async fn a_reader_that_never_comes_back_is_still_counted_as_slow() {
     traffic.cancel();
     assert!(counted, "counted as a slow consumer");
 }
+
+/// An app that unsubscribed its own channel and is refused its resubscribe (over the
+/// replay budget) is left unsubscribed, as it was: not half-subscribed, which the next
+/// live event would find behind and close the connection for.
+#[tokio::test]
+async fn a_refused_resubscribe_of_the_own_channel_leaves_it_as_it_was() {
+    let stack = Stack::start(
+        1,
+        &[
+            ("WS_RECOVERY_BUDGET_PER_MINUTE", "5"),
+            ("WS_RECOVERY_LIMIT", "5"),
+        ],
+    )
+    .await;
+    let ann = stack.register("ann").await;
+    let bob = stack.register("bob").await;
+    let own = format!("user:{}", ann.id);
+    for _ in 0..4 {
+        stack.conversation(&bob, &[&ann]).await;
+    }
+    // Her other device, on the same gateway, is not disturbed by any of this.
+    let mut other = Client::connect(&stack.gateways[0].addr, &ann.token).await;
+    let mut client = Client::connect(&stack.gateways[0].addr, &ann.token).await;
+    client
+        .send(json!({"type": "subscribe", "id": 1, "channel": own, "since": 0}))
+        .await;
+    assert_eq!(client.next().await["offset"], 4);
+    for _ in 0..4 {
+        assert_eq!(client.next().await["event"], "conversation.created");
+    }
+    client
+        .send(json!({"type": "unsubscribe", "id": 2, "channel": own}))
+        .await;
+    assert_eq!(client.next().await["type"], "unsubscribed");
+    // Four more would exceed the five a minute.
+    client
+        .send(json!({"type": "subscribe", "id": 3, "channel": own, "since": 0}))
+        .await;
+    assert_eq!(client.next().await["code"], "recovery_limited");
+
+    stack.conversation(&bob, &[&ann]).await;
+    assert!(
+        client
+            .next_within(Duration::from_millis(500))
+            .await
+            .is_none(),
+        "not subscribed, and not closed"
+    );
+    client
+        .send(json!({"type": "subscribe", "id": 4, "channel": own}))
+        .await;
+    assert_eq!(client.next().await["offset"], 5);
+    stack.conversation(&bob, &[&ann]).await;
+    let live = client.next().await;
+    assert_eq!(
+        (live["event"].as_str(), live["offset"].as_i64()),
+        (Some("conversation.created"), Some(6))
+    );
+    let seen: Vec<i64> = [other.next().await, other.next().await]
+        .iter()
+        .map(|event| event["offset"].as_i64().unwrap())
+        .collect();
+    assert_eq!(seen, [5, 6]);
+}
