@@ -362,6 +362,15 @@ mod tests {
         tx.commit().await.unwrap();
     }
 
+    /// One job of `kind`, claimed by worker `w1`.
+    async fn claim_one(pool: &crate::Db, kind: JobKind) -> jobs::Job {
+        jobs::claim(pool, kind, "w1", Duration::from_secs(30), 1)
+            .await
+            .unwrap()
+            .pop()
+            .expect("a job to claim")
+    }
+
     async fn queued(pool: &crate::Db, kind: JobKind) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM jobs WHERE kind = $1 AND state = 'queued'")
             .bind(kind)
@@ -393,7 +402,6 @@ mod tests {
             message_id: Some(message),
             ..notification(bob)
         };
-        let lease = Duration::from_secs(30);
         let mut conn = pool.pool().acquire().await.unwrap();
 
         // Queued when its message goes: it goes too.
@@ -404,21 +412,11 @@ mod tests {
             .unwrap();
         deleted(&pool, id, ann, gone).await;
         assert_eq!(queued(&pool, JobKind::PushNotify).await, 1);
-        let job = jobs::claim(&pool, JobKind::PushNotify, "w1", lease, 10)
-            .await
-            .unwrap()
-            .pop()
-            .unwrap();
+        let job = claim_one(&pool, JobKind::PushNotify).await;
         let n: Notification = job.payload().unwrap();
         assert_eq!(n.message_id, Some(kept));
         assert_eq!(fan_out(&pool, job.id, "w1", &n).await.unwrap(), Some(1));
-        let send: DeviceNotification = jobs::claim(&pool, JobKind::PushSend, "w1", lease, 10)
-            .await
-            .unwrap()
-            .pop()
-            .unwrap()
-            .payload()
-            .unwrap();
+        let send: DeviceNotification = claim_one(&pool, JobKind::PushSend).await.payload().unwrap();
         assert_eq!(
             send.notification.badge,
             Some(1),
@@ -430,11 +428,7 @@ mod tests {
         enqueue_notifications(&mut conn, &[push(taken)])
             .await
             .unwrap();
-        let job = jobs::claim(&pool, JobKind::PushNotify, "w1", lease, 10)
-            .await
-            .unwrap()
-            .pop()
-            .unwrap();
+        let job = claim_one(&pool, JobKind::PushNotify).await;
         deleted(&pool, id, ann, taken).await;
         let n: Notification = job.payload().unwrap();
         assert_eq!(fan_out(&pool, job.id, "w1", &n).await.unwrap(), Some(0));
@@ -444,11 +438,7 @@ mod tests {
         enqueue_notifications(&mut conn, &[push(fanned)])
             .await
             .unwrap();
-        let job = jobs::claim(&pool, JobKind::PushNotify, "w1", lease, 10)
-            .await
-            .unwrap()
-            .pop()
-            .unwrap();
+        let job = claim_one(&pool, JobKind::PushNotify).await;
         let n: Notification = job.payload().unwrap();
         assert_eq!(fan_out(&pool, job.id, "w1", &n).await.unwrap(), Some(1));
         assert_eq!(queued(&pool, JobKind::PushSend).await, 1);
