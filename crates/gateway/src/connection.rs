@@ -28,7 +28,7 @@ use std::{
 };
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use mobile_auth::{AccessClaims, TokenError};
 use mobile_db::{conversations, user_events};
 use mobile_domain::{SessionId, UserId};
@@ -983,6 +983,15 @@ impl Connection {
                 }
             };
             tokio::pin!(io);
+            // Nearly every write completes at once (a frame into the buffer, a flush the
+            // kernel takes whole): no timer and no race with the eviction for those.
+            if let Some(written) = (&mut io).now_or_never() {
+                return if written.is_ok() {
+                    Ok(())
+                } else {
+                    Err(End::Gone)
+                };
+            }
             tokio::select! {
                 written = tokio::time::timeout(limit, &mut io) => {
                     if matches!(written, Ok(Ok(()))) { Outcome::Done } else { Outcome::Failed }
