@@ -28,7 +28,7 @@ use std::{
 };
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt, future::Either};
 use mobile_auth::{AccessClaims, TokenError};
 use mobile_db::{conversations, user_events};
 use mobile_domain::{SessionId, UserId};
@@ -36,7 +36,10 @@ use mobile_events::Channel;
 use rand::Rng;
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{
+    sync::{OwnedSemaphorePermit, mpsc},
+    time::Instant,
+};
 use uuid::Uuid;
 
 use crate::{
@@ -45,7 +48,7 @@ use crate::{
     hub::{ConnId, Delivery, Evict, Eviction, Subscriber},
     metrics::OutcomeLabel,
     protocol::{ClientFrame, ServerFrame, close, frame_id},
-    sessions::Ticket,
+    sessions::{AddressTicket, Ticket},
 };
 
 /// How long a close frame may take to write, and then the client's answering Close to
@@ -141,73 +144,46 @@ pub struct Admitted {
     pub ticket: Ticket,
 }
 
-/// Serves one upgraded socket. `auth` is the outcome of the token check done before
-/// the upgrade: a bad token is answered with close 4001.
-pub async fn serve(mut socket: WebSocket, auth: Result<Admitted, TokenError>, ctx: Arc<Context>) {
-    let Admitted {
-        conn,
-        claims,
-        evict,
-        ticket,
-    } = match auth {
-        Ok(admitted) => admitted,
-        Err(error) => {
-            let reason = match error {
-                TokenError::Expired => "token_expired",
-                TokenError::UnknownKey | TokenError::Invalid => "invalid_token",
-            };
-            ctx.metrics.disconnect("bad_token");
-            close_socket(&mut socket, close::BAD_TOKEN, reason, CLOSE_GRACE).await;
-            return;
-        }
-    };
-    ctx.metrics.connections_active.inc();
-    let (queue, deliveries) = mpsc::channel(ctx.settings.outbound_queue);
-    let settings = &ctx.settings;
-    // What the connection keeps of its token (the rest of the claims go now).
-    let (user, session, exp) = (claims.sub, claims.sid, claims.exp);
-    drop(claims);
-    let mut connection = Connection {
-        id: conn,
-        public_id: Uuid::new_v4(),
-        user,
-        session,
-        expires_at: expiry(exp),
-        ticket,
-        socket,
-        queue,
-        deliveries,
-        evict,
-        subs: HashMap::new(),
-        hold: None,
-        last_pong: Instant::now(),
-        unflushed: 0,
-        publishes: Bucket::new(
-            settings.publish_per_second,
-            f64::from(settings.publish_per_second),
-        ),
-        // Each costs an Ed25519 check: a few, then one a minute.
-        refreshes: Bucket::new(REFRESH_BURST, 1.0 / 60.0),
-        closing: None,
-        ctx: ctx.clone(),
-    };
-    let end = connection.run().await;
-    // Counted, and out of the hub and presence, before the close handshake, which can
-    // take a while with a slow client.
-    ctx.metrics.disconnect(end.reason());
-    connection.cleanup().await;
-    if let Some((code, reason)) = connection.closing.take() {
-        // A slow consumer's close waits behind what its socket already holds, so it
-        // gets the longer grace.
-        let grace = if end == End::SlowConsumer {
-            ctx.settings.slow_consumer_grace
-        } else {
-            CLOSE_GRACE
-        };
-        close_socket(&mut connection.socket, code, reason, grace).await;
+/// What a socket holds from its admission until it ends: the outcome of the token
+/// check done before the upgrade (a bad token is answered with close 4001), and its
+/// places under the caps, freed when the connection is dropped (after its close
+/// handshake).
+#[derive(Debug)]
+pub struct Admission {
+    pub auth: Result<Admitted, TokenError>,
+    pub slots: Slots,
+}
+
+/// This process's connection slot, and the count against the client's address.
+pub type Slots = (OwnedSemaphorePermit, AddressTicket);
+
+/// Serves one upgraded socket.
+///
+/// Not an `async fn`: the future of one keeps its arguments for as long as it runs,
+/// beside whatever they were moved into, and this future is what every open socket
+/// costs for as long as it is open. The connection is built here, before the first
+/// poll, and the future holds each part of it once.
+pub fn serve(
+    socket: WebSocket,
+    admission: Admission,
+    ctx: Arc<Context>,
+) -> impl Future<Output = ()> + Send + 'static {
+    let Admission { auth, slots } = admission;
+    match auth {
+        Ok(admitted) => Either::Left(Connection::new(socket, admitted, slots, ctx).serve()),
+        Err(error) => Either::Right(refuse(socket, error, ctx, slots)),
     }
-    ctx.metrics.connections_active.dec();
-    tracing::debug!(user_id = %connection.user, reason = end.reason(), "connection closed");
+}
+
+/// A socket whose token did not pass: close 4001, saying why.
+async fn refuse(mut socket: WebSocket, error: TokenError, ctx: Arc<Context>, slots: Slots) {
+    let reason = match error {
+        TokenError::Expired => "token_expired",
+        TokenError::UnknownKey | TokenError::Invalid => "invalid_token",
+    };
+    ctx.metrics.disconnect("bad_token");
+    close_socket(&mut socket, close::BAD_TOKEN, reason, CLOSE_GRACE).await;
+    drop(slots);
 }
 
 /// When a token with this `exp` stops counting, as an instant of this process's clock:
@@ -296,56 +272,87 @@ struct Connection {
     /// (the grace for writing it follows from how the connection ended). Every field
     /// here is in every connection's memory for as long as it lives.
     closing: Option<(u16, &'static str)>,
+    /// Held, not used: freed when the connection is dropped.
+    _slots: Slots,
     ctx: Arc<Context>,
 }
 
 impl Connection {
+    fn new(socket: WebSocket, admitted: Admitted, slots: Slots, ctx: Arc<Context>) -> Self {
+        let Admitted {
+            conn,
+            claims,
+            evict,
+            ticket,
+        } = admitted;
+        ctx.metrics.connections_active.inc();
+        let (queue, deliveries) = mpsc::channel(ctx.settings.outbound_queue);
+        let settings = &ctx.settings;
+        Self {
+            id: conn,
+            public_id: Uuid::new_v4(),
+            // What the connection keeps of its token (the rest of the claims go now).
+            user: claims.sub,
+            session: claims.sid,
+            expires_at: expiry(claims.exp),
+            ticket,
+            socket,
+            queue,
+            deliveries,
+            evict,
+            subs: HashMap::new(),
+            hold: None,
+            last_pong: Instant::now(),
+            unflushed: 0,
+            publishes: Bucket::new(
+                settings.publish_per_second,
+                f64::from(settings.publish_per_second),
+            ),
+            // Each costs an Ed25519 check: a few, then one a minute.
+            refreshes: Bucket::new(REFRESH_BURST, 1.0 / 60.0),
+            closing: None,
+            _slots: slots,
+            ctx,
+        }
+    }
+
+    /// The connection's whole life: served until it ends, out of the hub and presence,
+    /// then the close handshake. (An async block, not an `async fn`: that would hold
+    /// `self` twice, as its argument and as the binding it is moved into.)
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would keep its argument beside the binding it moves into"
+    )]
+    fn serve(mut self) -> impl Future<Output = ()> + Send + 'static {
+        async move {
+            let end = self.run().await;
+            // Counted, and out of the hub and presence, before the close handshake,
+            // which can take a while with a slow client.
+            self.ctx.metrics.disconnect(end.reason());
+            self.cleanup().await;
+            if let Some((code, reason)) = self.closing.take() {
+                // A slow consumer's close waits behind what its socket already holds,
+                // so it gets the longer grace.
+                let grace = if end == End::SlowConsumer {
+                    self.ctx.settings.slow_consumer_grace
+                } else {
+                    CLOSE_GRACE
+                };
+                close_socket(&mut self.socket, code, reason, grace).await;
+            }
+            self.ctx.metrics.connections_active.dec();
+            tracing::debug!(user_id = %self.user, reason = end.reason(), "connection closed");
+        }
+    }
+
     async fn run(&mut self) -> End {
-        // Online and subscribed to its own channel before the welcome: a client that
-        // has its welcome gets every `user:` event from then on, and is not sent a
-        // push for a message it can see live.
-        self.ctx.presence.connected(self.user, self.public_id).await;
-        let own = Channel::User(self.user);
-        self.ctx.hub.subscribe(own, self.subscriber()).await;
-        // In `subs` at once, so every way out (a revoked session, an unreadable offset)
-        // leaves the hub through `cleanup` and never leaves the channel waiting for this
-        // subscriber's reading.
-        self.subs.insert(own, Sub { next: 1 });
-        // Revocations committed from now on reach this socket through its own channel,
-        // which is subscribed; one committed before is in PostgreSQL. So are the
-        // channel's events: it starts after the newest offset read now. (Boxed, as the
-        // handlers below are: a query's state is large, and kept inline it would make
-        // every idle connection's future that much larger for good.)
-        let (live, start) = Box::pin(async {
-            tokio::join!(
-                session_is_live(&self.ctx.db, self.session),
-                user_events::last_seq(&self.ctx.db, self.user)
-            )
-        })
-        .await;
-        if !live {
-            return self.close(close::BAD_TOKEN, "session_revoked", End::SessionRevoked);
-        }
-        let Ok(start) = start.inspect_err(|error| {
-            tracing::warn!(%error, "cannot read the user channel's offset; the client reconnects");
-        }) else {
-            return self.evicted(Eviction::Resync);
-        };
-        self.subs.insert(own, Sub { next: start + 1 });
-        self.ctx.hub.recovered(own, self.id, start);
-        self.hold = Some(Hold {
-            until: Instant::now() + USER_CHANNEL_HOLD,
-            missed: false,
-        });
-        let interval = self.ctx.settings.ping_interval;
-        let welcome = ServerFrame::Welcome {
-            connection_id: &self.public_id.to_string(),
-            ping_interval_s: interval.as_secs(),
-        }
-        .to_text();
-        if let Err(end) = self.send_text(welcome).await {
+        // Everything awaited once or rarely is boxed, here and in the loop: kept inline,
+        // the largest state of any await would size the future every idle connection
+        // parks in, for good.
+        if let Err(end) = Box::pin(self.start()).await {
             return end;
         }
+        let interval = self.ctx.settings.ping_interval;
 
         // One timer for everything timed (the next ping, the token's expiry, the
         // shutdown's moment to leave), re-armed only when one of those moves: a timer
@@ -368,14 +375,16 @@ impl Connection {
                     if now >= self.expires_at {
                         Some(self.close(close::BAD_TOKEN, "token_expired", End::TokenExpired))
                     } else if close_at.is_some_and(|at| now >= at) {
-                        Some(self.restart().await)
+                        Some(Box::pin(self.restart()).await)
                     } else if now >= next_ping {
                         next_ping = now + interval;
                         // Two intervals without a pong: two pings went unanswered.
                         if self.last_pong.elapsed() > interval * 2 + Duration::from_secs(1) {
                             Some(self.close(close::PING_TIMEOUT, "ping timeout", End::PingTimeout))
                         } else {
-                            self.send(Message::Ping(Default::default())).await.err()
+                            Box::pin(self.send(Message::Ping(Default::default())))
+                                .await
+                                .err()
                         }
                     } else if self.hold.is_some_and(|hold| now >= hold.until) {
                         Box::pin(self.release_own()).await.err()
@@ -425,6 +434,47 @@ impl Connection {
                 timer.as_mut().reset(wake);
             }
         }
+    }
+
+    /// Online, subscribed to its own channel, the session checked, the welcome sent.
+    async fn start(&mut self) -> Result<(), End> {
+        // Online and subscribed to its own channel before the welcome: a client that
+        // has its welcome gets every `user:` event from then on, and is not sent a
+        // push for a message it can see live.
+        self.ctx.presence.connected(self.user, self.public_id).await;
+        let own = Channel::User(self.user);
+        self.ctx.hub.subscribe(own, self.subscriber()).await;
+        // In `subs` at once, so every way out (a revoked session, an unreadable offset)
+        // leaves the hub through `cleanup` and never leaves the channel waiting for this
+        // subscriber's reading.
+        self.subs.insert(own, Sub { next: 1 });
+        // Revocations committed from now on reach this socket through its own channel,
+        // which is subscribed; one committed before is in PostgreSQL. So are the
+        // channel's events: it starts after the newest offset read now.
+        let (live, start) = tokio::join!(
+            session_is_live(&self.ctx.db, self.session),
+            user_events::last_seq(&self.ctx.db, self.user)
+        );
+        if !live {
+            return Err(self.close(close::BAD_TOKEN, "session_revoked", End::SessionRevoked));
+        }
+        let Ok(start) = start.inspect_err(|error| {
+            tracing::warn!(%error, "cannot read the user channel's offset; the client reconnects");
+        }) else {
+            return Err(self.evicted(Eviction::Resync));
+        };
+        self.subs.insert(own, Sub { next: start + 1 });
+        self.ctx.hub.recovered(own, self.id, start);
+        self.hold = Some(Hold {
+            until: Instant::now() + USER_CHANNEL_HOLD,
+            missed: false,
+        });
+        let welcome = ServerFrame::Welcome {
+            connection_id: &self.public_id.to_string(),
+            ping_interval_s: self.ctx.settings.ping_interval.as_secs(),
+        }
+        .to_text();
+        self.send_text(welcome).await
     }
 
     fn subscriber(&self) -> Subscriber {

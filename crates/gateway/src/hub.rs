@@ -194,7 +194,9 @@ struct ChannelState {
 impl ChannelState {
     fn new() -> Self {
         Self {
-            subscribers: Vec::new(),
+            // Room for one: a user's own channel has one subscriber on a gateway, the
+            // common case by far (a first push would make room for four).
+            subscribers: Vec::with_capacity(1),
             sequence: Sequencer::default(),
             confirmed: watch::Sender::new(false),
         }

@@ -52,7 +52,7 @@ use tokio_util::task::TaskTracker;
 
 pub use crate::settings::GatewaySettings;
 use crate::{
-    connection::Admitted,
+    connection::{Admission, Admitted},
     hub::{Evict, Hub},
     metrics::GatewayMetrics,
     presence::Presence,
@@ -313,6 +313,10 @@ async fn upgrade(
         }
         Err(error) => Err(error),
     };
+    let admission = Box::new(Admission {
+        auth: admitted,
+        slots: (permit, address_ticket),
+    });
     let frame_limit = context.settings.max_frame_bytes;
     let tasks = context.tasks.clone();
     upgrade
@@ -327,12 +331,10 @@ async fn upgrade(
         .write_buffer_size(WRITE_BUFFER_BYTES)
         .max_write_buffer_size(frame_limit.max(64 * 1024) * 4)
         .on_failed_upgrade(|error| tracing::debug!(%error, "WebSocket upgrade failed"))
+        // Boxed: axum keeps this closure's captures in the socket's task for as long as
+        // it lives, so they are three pointers, not the admission itself.
         .on_upgrade(move |socket| {
-            tasks.track_future(async move {
-                connection::serve(socket, admitted, context).await;
-                drop(permit);
-                drop(address_ticket);
-            })
+            tasks.track_future(connection::serve(socket, *admission, context))
         })
 }
 
