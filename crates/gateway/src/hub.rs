@@ -43,7 +43,7 @@ use mobile_db::{conversations, user_events};
 use mobile_domain::{ConversationId, RemovalReason, UserId};
 use mobile_events::{Channel, FrameHeader, Revoke};
 use mobile_runtime::redis::Redis;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -188,7 +188,11 @@ struct ChannelState {
     subscribers: Vec<Subscriber>,
     sequence: Sequencer<Arc<Delivery>>,
     /// Whether Redis has confirmed the SUBSCRIBE on the current connection.
-    confirmed: watch::Sender<bool>,
+    confirmed: bool,
+    /// Subscribers waiting for that confirmation (none, nearly always: a plain flag
+    /// and a list that is empty costs a channel a few bytes, where a `watch` channel
+    /// cost every one of them, a user's own included, a few hundred).
+    awaiting: Vec<oneshot::Sender<()>>,
 }
 
 impl ChannelState {
@@ -198,8 +202,32 @@ impl ChannelState {
             // common case by far (a first push would make room for four).
             subscribers: Vec::with_capacity(1),
             sequence: Sequencer::default(),
-            confirmed: watch::Sender::new(false),
+            confirmed: false,
+            awaiting: Vec::new(),
         }
+    }
+
+    /// Redis has the channel subscribed (or not, `confirmed` false): waiters go on.
+    fn set_confirmed(&mut self, confirmed: bool) {
+        self.confirmed = confirmed;
+        if confirmed {
+            for waiter in std::mem::take(&mut self.awaiting) {
+                let _ = waiter.send(());
+            }
+        }
+    }
+
+    /// A receiver that completes once the channel is confirmed (or dropped); `None` if
+    /// it already is.
+    fn confirmation(&mut self) -> Option<oneshot::Receiver<()>> {
+        if self.confirmed {
+            return None;
+        }
+        // Those that gave up waiting go first.
+        self.awaiting.retain(|waiter| !waiter.is_closed());
+        let (waiter, confirmation) = oneshot::channel();
+        self.awaiting.push(waiter);
+        Some(confirmation)
     }
 }
 
@@ -283,23 +311,24 @@ impl Hub {
     /// the subscriber's queue: read PostgreSQL *after* this to recover without a gap,
     /// then report what was read ([`Hub::recovered`]).
     pub async fn subscribe(&self, channel: Channel, subscriber: Subscriber) {
-        let (first, mut confirmed) = {
+        let (first, confirmation) = {
             let mut channels = self.channels();
             let first = !channels.contains_key(&channel);
             let state = channels.entry(channel).or_insert_with(ChannelState::new);
             state.sequence.joined(subscriber.conn);
             state.subscribers.push(subscriber);
-            (first, state.confirmed.subscribe())
+            (first, state.confirmation())
         };
         if first {
             self.inner.metrics.pubsub_channels.inc();
             let _ = self.inner.commands.send(Command::Subscribe(channel)).await;
         }
-        if self.is_live() {
-            let wait = confirmed.wait_for(|confirmed| *confirmed);
-            if tokio::time::timeout(CONFIRM_TIMEOUT, wait).await.is_err() {
-                tracing::warn!(%channel, "Redis did not confirm the subscription in time");
-            }
+        if let Some(confirmation) = confirmation.filter(|_| self.is_live())
+            && tokio::time::timeout(CONFIRM_TIMEOUT, confirmation)
+                .await
+                .is_err()
+        {
+            tracing::warn!(%channel, "Redis did not confirm the subscription in time");
         }
     }
 
@@ -462,8 +491,8 @@ impl Hub {
     /// The Pub/Sub connection came up (every channel in the table is subscribed) or
     /// went down.
     pub(crate) fn set_live(&self, live: bool) {
-        for state in self.channels().values() {
-            state.confirmed.send_replace(live);
+        for state in self.channels().values_mut() {
+            state.set_confirmed(live);
         }
         self.inner.live.store(live, Ordering::Release);
         if live {
@@ -473,8 +502,8 @@ impl Hub {
 
     /// Redis confirmed the SUBSCRIBE of one channel.
     pub(crate) fn confirm(&self, channel: Channel) {
-        if let Some(state) = self.channels().get(&channel) {
-            state.confirmed.send_replace(true);
+        if let Some(state) = self.channels().get_mut(&channel) {
+            state.set_confirmed(true);
         }
     }
 
