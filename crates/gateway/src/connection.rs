@@ -36,16 +36,14 @@ use mobile_events::Channel;
 use rand::Rng;
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
-use tokio::{
-    sync::{OwnedSemaphorePermit, mpsc},
-    time::Instant,
-};
+use tokio::{sync::OwnedSemaphorePermit, time::Instant};
 use uuid::Uuid;
 
 use crate::{
     Context, backfill,
     bucket::Bucket,
     hub::{ConnId, Delivery, Evict, Eviction, Subscriber},
+    inbox::{self, Inbox, inbox},
     metrics::OutcomeLabel,
     protocol::{ClientFrame, ServerFrame, close, frame_id},
     sessions::{AddressTicket, Ticket},
@@ -253,8 +251,8 @@ struct Connection {
     ticket: Ticket,
     socket: WebSocket,
     /// The sending half, cloned into each hub subscription.
-    queue: mpsc::Sender<Arc<Delivery>>,
-    deliveries: mpsc::Receiver<Arc<Delivery>>,
+    queue: inbox::Sender<Arc<Delivery>>,
+    deliveries: Inbox<Arc<Delivery>>,
     /// Thrown from outside: `deliveries` overflowed, a channel lost continuity, the
     /// session was revoked.
     evict: Evict,
@@ -286,7 +284,7 @@ impl Connection {
             ticket,
         } = admitted;
         ctx.metrics.connections_active.inc();
-        let (queue, deliveries) = mpsc::channel(ctx.settings.outbound_queue);
+        let (queue, deliveries) = inbox(ctx.settings.outbound_queue);
         let settings = &ctx.settings;
         Self {
             id: conn,
@@ -415,7 +413,7 @@ impl Connection {
                     Some(Err(error)) => Some(self.on_read_error(error)),
                     None => Some(End::ClientClosed),
                 },
-                Some(delivery) = self.deliveries.recv() => Box::pin(self.deliver_queued(delivery)).await.err(),
+                delivery = self.deliveries.recv() => Box::pin(self.deliver_queued(delivery)).await.err(),
             };
             if let Some(end) = end {
                 return end;
@@ -920,7 +918,7 @@ impl Connection {
             self.deliver(delivery).await?;
             taken += 1;
             next = if taken < MAX_BATCH {
-                self.deliveries.try_recv().ok()
+                self.deliveries.try_recv()
             } else {
                 None
             };

@@ -48,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     backfill,
+    inbox::{self, Refused},
     metrics::GatewayMetrics,
     pubsub::{self, Command},
     sequencer::{Fill, FillCase, Sequencer, Steps},
@@ -179,7 +180,7 @@ pub struct Subscriber {
     pub user: UserId,
     /// Shared deliveries: a queue slot is one pointer, however large the frame, so an
     /// idle connection's queue costs little memory.
-    pub queue: mpsc::Sender<Arc<Delivery>>,
+    pub queue: inbox::Sender<Arc<Delivery>>,
     pub evict: Evict,
 }
 
@@ -557,11 +558,9 @@ fn broadcast(state: &ChannelState, delivery: &Arc<Delivery>) {
         }
         match subscriber.queue.try_send(Arc::clone(delivery)) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                subscriber.evict.evict(Eviction::SlowConsumer);
-            }
+            Err(Refused::Full) => subscriber.evict.evict(Eviction::SlowConsumer),
             // The connection is closing; it unsubscribes itself.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(Refused::Closed) => {}
         }
     }
 }

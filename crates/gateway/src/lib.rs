@@ -18,6 +18,7 @@ pub mod backfill;
 pub mod bucket;
 pub mod connection;
 pub mod hub;
+pub mod inbox;
 pub mod metrics;
 pub mod presence;
 pub mod protocol;
