@@ -30,14 +30,17 @@
 
 use std::{
     collections::HashMap,
+    future::poll_fn,
     sync::{
-        Arc, Mutex, MutexGuard, OnceLock,
-        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, AtomicU8, Ordering},
     },
+    task::Poll,
     time::{Duration, Instant},
 };
 
 use axum::extract::ws::Utf8Bytes;
+use futures_util::task::AtomicWaker;
 use mobile_db::Db;
 use mobile_db::{conversations, user_events};
 use mobile_domain::{ConversationId, RemovalReason, UserId};
@@ -145,31 +148,68 @@ pub enum Eviction {
     SessionRevoked,
 }
 
-/// A connection's "close, for this reason" switch: thrown by the hub, watched by the
-/// connection. The first reason stands.
+impl Eviction {
+    const ALL: [Self; 3] = [Self::SlowConsumer, Self::Resync, Self::SessionRevoked];
+
+    /// As stored in [`Evict`]: never 0, which means "not evicted".
+    const fn code(self) -> u8 {
+        match self {
+            Self::SlowConsumer => 1,
+            Self::Resync => 2,
+            Self::SessionRevoked => 3,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|reason| reason.code() == code)
+    }
+}
+
+/// A connection's "close, for this reason" switch: thrown by the hub and the sessions
+/// table, watched by the connection. The first reason stands.
+///
+/// A byte and a waker: every connection has one, and its task looks at it on every
+/// turn of its loop, so it is neither a lock nor a list of waiters. Only one task
+/// waits on a switch (its connection's), which is all [`AtomicWaker`] allows.
 #[derive(Debug, Clone, Default)]
 pub struct Evict(Arc<EvictState>);
 
 #[derive(Debug, Default)]
 struct EvictState {
-    token: CancellationToken,
-    reason: OnceLock<Eviction>,
+    /// 0 until evicted, then the reason's [`Eviction::code`].
+    reason: AtomicU8,
+    waker: AtomicWaker,
 }
 
 impl Evict {
     pub fn evict(&self, reason: Eviction) {
-        let _ = self.0.reason.set(reason);
-        self.0.token.cancel();
+        // Only the first reason is kept; a later one changes nothing.
+        let _ =
+            self.0
+                .reason
+                .compare_exchange(0, reason.code(), Ordering::AcqRel, Ordering::Acquire);
+        self.0.waker.wake();
     }
 
-    /// Completes once evicted, with the reason.
+    /// Completes once evicted, with the reason. Cancel-safe.
     pub async fn evicted(&self) -> Eviction {
-        self.0.token.cancelled().await;
-        self.0.reason.get().copied().unwrap_or(Eviction::Resync)
+        poll_fn(|cx| {
+            // Registered before looking, so an eviction after the look wakes the task.
+            self.0.waker.register(cx.waker());
+            match self.reason() {
+                Some(reason) => Poll::Ready(reason),
+                None => Poll::Pending,
+            }
+        })
+        .await
     }
 
     pub fn is_evicted(&self) -> bool {
-        self.0.token.is_cancelled()
+        self.reason().is_some()
+    }
+
+    fn reason(&self) -> Option<Eviction> {
+        Eviction::from_code(self.0.reason.load(Ordering::Acquire))
     }
 }
 
@@ -561,6 +601,48 @@ fn broadcast(state: &ChannelState, delivery: &Arc<Delivery>) {
             Err(Refused::Full) => subscriber.evict.evict(Eviction::SlowConsumer),
             // The connection is closing; it unsubscribes itself.
             Err(Refused::Closed) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures_util::FutureExt;
+
+    use super::*;
+
+    #[test]
+    fn the_first_eviction_reason_stands() {
+        let evict = Evict::default();
+        assert!(!evict.is_evicted());
+        assert_eq!(evict.evicted().now_or_never(), None);
+        evict.evict(Eviction::SessionRevoked);
+        evict.clone().evict(Eviction::SlowConsumer);
+        assert!(evict.is_evicted());
+        assert_eq!(
+            evict.evicted().now_or_never(),
+            Some(Eviction::SessionRevoked)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_eviction_from_another_thread_wakes_the_waiting_connection() {
+        for reason in Eviction::ALL {
+            let evict = Evict::default();
+            let thrower = evict.clone();
+            let waiting = tokio::spawn(async move { evict.evicted().await });
+            tokio::task::yield_now().await;
+            std::thread::spawn(move || thrower.evict(reason))
+                .join()
+                .expect("thrown");
+            // Only the wake-up can finish the task in time: nothing else polls it.
+            let got = tokio::time::timeout(Duration::from_secs(1), waiting)
+                .await
+                .expect("the eviction woke the waiting task")
+                .expect("the task ran");
+            assert_eq!(got, reason);
         }
     }
 }
