@@ -139,7 +139,7 @@ fn notifications(message: &Message, sender_name: &str, recipients: &[UserId]) ->
         "message_id": message.id.to_string(),
         "seq": message.seq.to_string(),
     });
-    let body = preview(&message.body);
+    let body = push::preview(&message.body);
     // One thread per conversation: its messages stack together on the phone.
     let thread_id = message.conversation_id.to_string();
     recipients
@@ -158,15 +158,4 @@ fn notifications(message: &Message, sender_name: &str, recipients: &[UserId]) ->
             message_id: Some(message.id),
         })
         .collect()
-}
-
-/// A push's preview of a message: the first 100 characters.
-fn preview(text: &str) -> String {
-    const PREVIEW_CHARS: usize = 100;
-    let mut chars = text.chars();
-    let mut preview: String = chars.by_ref().take(PREVIEW_CHARS).collect();
-    if chars.next().is_some() {
-        preview.push('…');
-    }
-    preview
 }

@@ -660,9 +660,9 @@ async fn lock_message(
     })
 }
 
-/// Its sender replaces a message's body, inside the caller's transaction; the
-/// `message.updated` event takes the next offset. Anything but `Changed` leaves the
-/// database as it was.
+/// Its sender replaces a message's body, inside the caller's transaction (and the
+/// preview in its pushes not yet sent); the `message.updated` event takes the next
+/// offset. Anything but `Changed` leaves the database as it was.
 pub async fn edit_message(
     conn: &mut PgConnection,
     conversation: ConversationId,
@@ -690,6 +690,8 @@ pub async fn edit_message(
         .bind(body.as_str())
         .fetch_one(&mut *conn)
         .await?;
+        // Its pushes not yet sent carry its preview: they show the new text.
+        crate::push::retext_for_message(&mut *conn, id, body.as_str()).await?;
         let seq = record(
             conn,
             conversation,

@@ -52,7 +52,8 @@ pub struct Notification {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unread_badge: bool,
     /// The message this announces: a notification not yet sent when its message is
-    /// deleted is not sent at all (the preview must not outlive the message).
+    /// deleted is not sent at all (the preview must not outlive the message), and one
+    /// not yet sent when it is edited shows the edited text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message_id: Option<MessageId>,
 }
@@ -127,7 +128,8 @@ pub async fn enqueue_notifications(
 /// Stage two: one send job per device of the notified user, and the notify job
 /// completed, in one transaction. Returns the number of send jobs, or `None` if this
 /// worker no longer held the notify job (nothing was enqueued). A notification of a
-/// message deleted meanwhile completes with no send; `unread_badge` is counted here.
+/// message deleted meanwhile completes with no send, and one of a message edited
+/// meanwhile shows its text as it is now; `unread_badge` is counted here.
 pub async fn fan_out(
     db: &crate::Db,
     notify_job: JobId,
@@ -139,22 +141,25 @@ pub async fn fan_out(
         if jobs::complete(&mut *tx, &[notify_job], worker).await? == 0 {
             return Ok(None);
         }
+        let mut notification = notification.clone();
         if let Some(message) = notification.message_id {
-            // Held until the commit, so a deletion (which locks the row `FOR UPDATE`,
-            // then drops the queued sends) comes either before this, and nothing is
-            // sent, or after, and finds the sends queued.
-            let live: Option<bool> = sqlx::query_scalar(
-                "SELECT deleted_at IS NULL FROM messages WHERE id = $1 FOR KEY SHARE",
+            // Held until the commit, so an edit or a deletion (each locks the row
+            // `FOR UPDATE`, then rewrites or drops the queued sends) comes either
+            // before this, and is read here, or after, and finds the sends queued.
+            let text: Option<Option<String>> = sqlx::query_scalar(
+                "SELECT CASE WHEN deleted_at IS NULL THEN body END
+                 FROM messages WHERE id = $1 FOR KEY SHARE",
             )
             .bind(message)
             .fetch_optional(&mut *tx)
             .await?;
-            if live != Some(true) {
+            let Some(Some(text)) = text else {
                 tx.commit().await?;
                 return Ok(Some(0));
-            }
+            };
+            // The text as it is now: edited since the post, the push says so.
+            notification.body = preview(&text);
         }
-        let mut notification = notification.clone();
         if notification.unread_badge {
             let total = crate::conversations::total_unread(&mut *tx, &[notification.user_id])
                 .await?
@@ -187,24 +192,63 @@ pub async fn fan_out(
     .await
 }
 
+/// The characters of a message a push shows, at most: the rest is cut, marked `…`.
+pub const PREVIEW_CHARS: usize = 100;
+
+/// A push's preview of a message's text: its first [`PREVIEW_CHARS`] characters.
+pub fn preview(text: &str) -> String {
+    let mut chars = text.chars();
+    let mut preview: String = chars.by_ref().take(PREVIEW_CHARS).collect();
+    if chars.next().is_some() {
+        preview.push('…');
+    }
+    preview
+}
+
+/// The queued jobs of `$3`'s pushes, notify (`$1`) and send (`$2`) alike: the ones no
+/// worker has taken yet.
+const QUEUED_FOR_MESSAGE: &str = "state = 'queued'
+    AND ((kind = $1 AND payload->>'message_id' = $3::uuid::text)
+      OR (kind = $2 AND payload->'notification'->>'message_id' = $3::uuid::text))";
+
 /// Drops the notifications of `message` that no worker has taken yet, inside the
 /// transaction that deletes it (which holds the message's row: see [`fan_out`]).
 pub async fn drop_for_message(
     conn: &mut PgConnection,
     message: MessageId,
 ) -> Result<u64, sqlx::Error> {
-    let dropped = sqlx::query(
-        "DELETE FROM jobs
-         WHERE state = 'queued'
-           AND ((kind = $1 AND payload->>'message_id' = $3::uuid::text)
-             OR (kind = $2 AND payload->'notification'->>'message_id' = $3::uuid::text))",
-    )
+    let dropped = sqlx::query(&format!("DELETE FROM jobs WHERE {QUEUED_FOR_MESSAGE}"))
+        .bind(JobKind::PushNotify)
+        .bind(JobKind::PushSend)
+        .bind(message)
+        .execute(&mut *conn)
+        .await?;
+    Ok(dropped.rows_affected())
+}
+
+/// Shows `text`, the message's new text, in the notifications of `message` that no
+/// worker has taken yet, inside the transaction that edits it (which holds the
+/// message's row: see [`fan_out`]). A push already on its way to APNs or FCM goes as
+/// it was. Returns how many were rewritten.
+pub async fn retext_for_message(
+    conn: &mut PgConnection,
+    message: MessageId,
+    text: &str,
+) -> Result<u64, sqlx::Error> {
+    let rewritten = sqlx::query(&format!(
+        "UPDATE jobs SET payload = CASE kind
+             WHEN $1 THEN jsonb_set(payload, '{{body}}', to_jsonb($4::text))
+             ELSE jsonb_set(payload, '{{notification,body}}', to_jsonb($4::text))
+         END
+         WHERE {QUEUED_FOR_MESSAGE}"
+    ))
     .bind(JobKind::PushNotify)
     .bind(JobKind::PushSend)
     .bind(message)
+    .bind(preview(text))
     .execute(&mut *conn)
     .await?;
-    Ok(dropped.rows_affected())
+    Ok(rewritten.rows_affected())
 }
 
 /// Forgets a device whose token the platform says is dead, unless the app registered a
@@ -317,6 +361,22 @@ mod tests {
         );
     }
 
+    /// Ann, with no device, and Bob, with one, in a conversation Ann created.
+    async fn ann_and_bob(pool: &crate::Db) -> (UserId, UserId, mobile_domain::ConversationId) {
+        let ann = user_with_devices(pool, 0).await;
+        let bob = user_with_devices(pool, 1).await;
+        let mut tx = pool.begin().await.unwrap();
+        let crate::conversations::CreateConversation::Created(conversation) =
+            crate::conversations::create_conversation(&mut tx, ann, &[bob], None)
+                .await
+                .unwrap()
+        else {
+            panic!("created");
+        };
+        tx.commit().await.unwrap();
+        (ann, bob, conversation.id)
+    }
+
     /// Posts `text` from `sender`, committed.
     async fn posted(
         pool: &crate::Db,
@@ -345,20 +405,24 @@ mod tests {
         message.id
     }
 
-    async fn deleted(
+    /// Its sender edits `message` to `text`, or deletes it (`None`), committed.
+    async fn changed(
         pool: &crate::Db,
         conversation: mobile_domain::ConversationId,
         sender: UserId,
         message: MessageId,
+        text: Option<&str>,
     ) {
+        use crate::conversations::{ChangeMessage, delete_message, edit_message};
         let mut tx = pool.begin().await.unwrap();
-        let outcome = crate::conversations::delete_message(&mut tx, conversation, sender, message)
-            .await
-            .unwrap();
-        assert!(matches!(
-            outcome,
-            crate::conversations::ChangeMessage::Changed { .. }
-        ));
+        let outcome = match text {
+            Some(text) => {
+                let text = mobile_domain::MessageText::parse(text).unwrap();
+                edit_message(&mut tx, conversation, sender, message, &text).await
+            }
+            None => delete_message(&mut tx, conversation, sender, message).await,
+        };
+        assert!(matches!(outcome.unwrap(), ChangeMessage::Changed { .. }));
         tx.commit().await.unwrap();
     }
 
@@ -385,18 +449,7 @@ mod tests {
     async fn a_message_push_counts_its_badge_late_and_dies_with_its_message() {
         let db = mobile_testkit::TestDb::new().await;
         let pool = crate::Db::from(db.pool().await);
-        let ann = user_with_devices(&pool, 0).await;
-        let bob = user_with_devices(&pool, 1).await;
-        let mut tx = pool.begin().await.unwrap();
-        let crate::conversations::CreateConversation::Created(conversation) =
-            crate::conversations::create_conversation(&mut tx, ann, &[bob], None)
-                .await
-                .unwrap()
-        else {
-            panic!("created");
-        };
-        tx.commit().await.unwrap();
-        let id = conversation.id;
+        let (ann, bob, id) = ann_and_bob(&pool).await;
         let push = |message| Notification {
             unread_badge: true,
             message_id: Some(message),
@@ -410,7 +463,7 @@ mod tests {
         enqueue_notifications(&mut conn, &[push(kept), push(gone)])
             .await
             .unwrap();
-        deleted(&pool, id, ann, gone).await;
+        changed(&pool, id, ann, gone, None).await;
         assert_eq!(queued(&pool, JobKind::PushNotify).await, 1);
         let job = claim_one(&pool, JobKind::PushNotify).await;
         let n: Notification = job.payload().unwrap();
@@ -429,7 +482,7 @@ mod tests {
             .await
             .unwrap();
         let job = claim_one(&pool, JobKind::PushNotify).await;
-        deleted(&pool, id, ann, taken).await;
+        changed(&pool, id, ann, taken, None).await;
         let n: Notification = job.payload().unwrap();
         assert_eq!(fan_out(&pool, job.id, "w1", &n).await.unwrap(), Some(0));
 
@@ -442,8 +495,61 @@ mod tests {
         let n: Notification = job.payload().unwrap();
         assert_eq!(fan_out(&pool, job.id, "w1", &n).await.unwrap(), Some(1));
         assert_eq!(queued(&pool, JobKind::PushSend).await, 1);
-        deleted(&pool, id, ann, fanned).await;
+        changed(&pool, id, ann, fanned, None).await;
         assert_eq!(queued(&pool, JobKind::PushSend).await, 0);
+    }
+
+    /// A message's push shows the text as it is when it is sent: an edit reaches it
+    /// whether it finds the push queued, taken by a worker, or fanned out.
+    #[tokio::test]
+    async fn a_message_push_shows_its_text_as_edited() {
+        let db = mobile_testkit::TestDb::new().await;
+        let pool = crate::Db::from(db.pool().await);
+        let (ann, bob, id) = ann_and_bob(&pool).await;
+        let push = |message, text: &str| Notification {
+            body: preview(text),
+            message_id: Some(message),
+            ..notification(bob)
+        };
+        let mut conn = pool.pool().acquire().await.unwrap();
+        #[derive(Debug, PartialEq)]
+        enum Edited {
+            Queued,
+            Taken,
+            FannedOut,
+        }
+        // The last edit is longer than a preview: the push shows the new preview.
+        let long = "é".repeat(PREVIEW_CHARS + 1);
+        let cut = format!("{}…", "é".repeat(PREVIEW_CHARS));
+        for (when, text, edit, shown) in [
+            (Edited::Queued, "helo", "hello", "hello"),
+            (Edited::Taken, "tkaen", "taken", "taken"),
+            (Edited::FannedOut, "short", long.as_str(), cut.as_str()),
+        ] {
+            let message = posted(&pool, id, ann, text).await;
+            enqueue_notifications(&mut conn, &[push(message, text)])
+                .await
+                .unwrap();
+            if when == Edited::Queued {
+                changed(&pool, id, ann, message, Some(edit)).await;
+            }
+            let job = claim_one(&pool, JobKind::PushNotify).await;
+            let n: Notification = job.payload().unwrap();
+            if when == Edited::Queued {
+                assert_eq!(n.body, shown, "the queued job itself is rewritten");
+            }
+            // Taken by a worker (its payload read), then edited: the fan-out reads it.
+            if when == Edited::Taken {
+                changed(&pool, id, ann, message, Some(edit)).await;
+            }
+            assert_eq!(fan_out(&pool, job.id, "w1", &n).await.unwrap(), Some(1));
+            if when == Edited::FannedOut {
+                changed(&pool, id, ann, message, Some(edit)).await;
+            }
+            let send: DeviceNotification =
+                claim_one(&pool, JobKind::PushSend).await.payload().unwrap();
+            assert_eq!(send.notification.body, shown, "{when:?}");
+        }
     }
 
     #[tokio::test]
