@@ -59,13 +59,13 @@ const REFRESH_BURST: u32 = 5;
 /// Clock skew allowed on a token's expiry, as the verifier allows it.
 const EXPIRY_LEEWAY_SECONDS: i64 = 5;
 
-/// How long a new connection holds back its own channel's live events, waiting for the
-/// client to resubscribe it with `since` (the recipe's first frame): the replay then
-/// comes first and the held events after it, in offset order. The client's first frame
-/// of any other kind, or this time passing, ends the hold, and what it held follows.
-pub const USER_CHANNEL_HOLD: Duration = Duration::from_secs(2);
-
 /// The own channel's live events held back, until when, and whether any came.
+///
+/// A new connection holds them back for `WS_USER_CHANNEL_HOLD_MS`, waiting for the
+/// client to resubscribe the channel with `since` (the recipe's first frame): the
+/// replay then comes first and the held events after it, in offset order. The client's
+/// first frame of any other kind, or the time passing, ends the hold, and what it held
+/// follows.
 #[derive(Debug, Clone, Copy)]
 struct Hold {
     until: Instant,
@@ -261,7 +261,7 @@ struct Connection {
     /// fan-out profiles). The keys are channels this client was allowed to
     /// subscribe, at most `WS_MAX_CHANNELS`: nothing for a client to flood.
     subs: HashMap<Channel, Sub, foldhash::fast::RandomState>,
-    /// The user's own channel's live events are held back (see [`USER_CHANNEL_HOLD`]).
+    /// The user's own channel's live events are held back (see [`Hold`]).
     hold: Option<Hold>,
     last_pong: Instant,
     /// Text frames fed since the last flush: counted as sent once they are written.
@@ -467,8 +467,9 @@ impl Connection {
         };
         self.subs.insert(own, Sub { next: start + 1 });
         self.ctx.hub.recovered(own, self.id, start);
-        self.hold = Some(Hold {
-            until: Instant::now() + USER_CHANNEL_HOLD,
+        let hold = self.ctx.settings.user_channel_hold;
+        self.hold = (!hold.is_zero()).then(|| Hold {
+            until: Instant::now() + hold,
             missed: false,
         });
         let welcome = ServerFrame::Welcome {

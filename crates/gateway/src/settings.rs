@@ -56,6 +56,12 @@ pub struct GatewaySettings {
     /// `WS_SLOW_CONSUMER_GRACE_SECONDS` (default 10): how long a client marked slow
     /// has to take what is in flight and its 4008 close before the socket is dropped.
     pub slow_consumer_grace: Duration,
+    /// `WS_USER_CHANNEL_HOLD_MS` (default 2000; 0: no hold): how long a new
+    /// connection holds its own `user:` channel's live events back, waiting for the
+    /// app to resubscribe that channel with `since` so that the replay comes first.
+    /// The app's first frame of any other kind, or this time passing, ends the hold.
+    /// At most 60000: an app that never resubscribes waits this long for its news.
+    pub user_channel_hold: Duration,
 }
 
 impl GatewaySettings {
@@ -91,6 +97,7 @@ impl GatewaySettings {
             trusted_proxy_hops: env.parse("TRUSTED_PROXY_HOPS", 0)?,
             session_check_interval: env.seconds("WS_SESSION_CHECK_SECONDS", 30)?,
             slow_consumer_grace: env.seconds("WS_SLOW_CONSUMER_GRACE_SECONDS", 10)?,
+            user_channel_hold: Duration::from_millis(env.parse("WS_USER_CHANNEL_HOLD_MS", 2_000)?),
         };
         for (name, value) in [
             ("ACCESS_TOKEN_TTL_SECONDS", settings.tokens.ttl.as_secs()),
@@ -126,6 +133,12 @@ impl GatewaySettings {
             if value == 0 {
                 return Err(SettingsError::new(name, "must be at least 1"));
             }
+        }
+        if settings.user_channel_hold > Duration::from_secs(60) {
+            return Err(SettingsError::new(
+                "WS_USER_CHANNEL_HOLD_MS",
+                "must be at most 60000",
+            ));
         }
         if settings.max_frame_bytes < 1024 {
             return Err(SettingsError::new(
@@ -165,5 +178,22 @@ mod tests {
         assert!(GatewaySettings::from_env(&env("1000")).is_ok());
         let error = GatewaySettings::from_env(&env("999")).unwrap_err();
         assert_eq!(error.name, "WS_RECOVERY_BUDGET_PER_MINUTE");
+    }
+
+    #[test]
+    fn the_user_channel_hold_is_milliseconds_up_to_a_minute() {
+        let hold = |ms: &str| {
+            GatewaySettings::from_env(&Env::from_pairs([
+                ("APP_ENV", "development"),
+                ("WS_USER_CHANNEL_HOLD_MS", ms),
+            ]))
+            .map(|settings| settings.user_channel_hold)
+        };
+        assert_eq!(hold("0").unwrap(), Duration::ZERO);
+        assert_eq!(hold("60000").unwrap(), Duration::from_secs(60));
+        let default = GatewaySettings::from_env(&Env::from_pairs([("APP_ENV", "development")]));
+        assert_eq!(default.unwrap().user_channel_hold, Duration::from_secs(2));
+        assert_eq!(hold("60001").unwrap_err().name, "WS_USER_CHANNEL_HOLD_MS");
+        assert_eq!(hold("2s").unwrap_err().name, "WS_USER_CHANNEL_HOLD_MS");
     }
 }

@@ -396,6 +396,57 @@ async fn the_user_channel_replays_what_a_disconnected_app_missed_exactly_once() 
     );
 }
 
+/// `WS_USER_CHANNEL_HOLD_MS` sets the hold: at 0 the channel is live from the welcome
+/// on, and a resubscribe with `since` replays from there (the app drops the offsets it
+/// has); a long hold keeps an app that sends nothing waiting, and its first frame ends
+/// the hold at once.
+#[tokio::test]
+async fn the_user_channel_hold_is_a_setting() {
+    let own = |user: &User| format!("user:{}", user.id);
+
+    let stack = Stack::start(1, &[("WS_USER_CHANNEL_HOLD_MS", "0")]).await;
+    let ann = stack.register("ann").await;
+    let bob = stack.register("bob").await;
+    let mut ann_ws = Client::connect(&stack.gateways[0].addr, &ann.token).await;
+    stack.conversation(&bob, &[&ann]).await;
+    let live = ann_ws
+        .next_within(Duration::from_secs(1))
+        .await
+        .expect("live at once, with no hold");
+    assert_eq!(
+        (live["channel"].as_str(), live["offset"].as_i64()),
+        (Some(own(&ann).as_str()), Some(1))
+    );
+    ann_ws
+        .send(json!({"type": "subscribe", "id": 1, "channel": own(&ann), "since": 0}))
+        .await;
+    assert_eq!(
+        ann_ws.next().await,
+        json!({"type": "subscribed", "id": 1, "channel": own(&ann), "offset": 1, "recovered": true})
+    );
+    assert_eq!(kinds(&events(&mut ann_ws, &own(&ann), 1).await)[0].0, 1);
+
+    let stack = Stack::start(1, &[("WS_USER_CHANNEL_HOLD_MS", "60000")]).await;
+    let ann = stack.register("ann").await;
+    let bob = stack.register("bob").await;
+    let mut ann_ws = Client::connect(&stack.gateways[0].addr, &ann.token).await;
+    let first = stack.conversation(&bob, &[&ann]).await;
+    assert!(
+        ann_ws.next_within(Duration::from_secs(3)).await.is_none(),
+        "held past the default's 2 s"
+    );
+    ann_ws
+        .send(json!({"type": "subscribe", "id": 2, "channel": format!("conversation:{first}")}))
+        .await;
+    let mut frames = [ann_ws.next().await, ann_ws.next().await];
+    frames.sort_by_key(|frame| frame["type"].to_string());
+    assert_eq!(
+        (frames[0]["channel"].as_str(), frames[0]["offset"].as_i64()),
+        (Some(own(&ann).as_str()), Some(1))
+    );
+    assert_eq!(frames[1]["type"], "subscribed");
+}
+
 /// What the user channel carries between the welcome and the app's resubscribe with
 /// `since` comes after the replay, not before it: one ordered stream. Any other first
 /// frame, or the hold's time passing, lets it through at once, in order.
