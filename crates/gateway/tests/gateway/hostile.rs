@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::{
     protocol::{CloseFrame, frame::coding::CloseCode},
 };
 
-use crate::helpers::{Client, Socket, Stack, close_frame, sample};
+use crate::helpers::{Client, Socket, Stack, User, close_frame, sample};
 
 /// Tries an upgrade with `headers`; the HTTP status and body of a refusal, or `None`
 /// if it upgraded.
@@ -369,28 +369,28 @@ async fn a_reader_that_never_comes_back_is_still_counted_as_slow() {
     assert!(counted, "counted as a slow consumer");
 }
 
-/// An app that unsubscribed its own channel and is refused its resubscribe (over the
-/// replay budget) is left unsubscribed, as it was: not half-subscribed, which the next
-/// live event would find behind and close the connection for.
-#[tokio::test]
-async fn a_refused_resubscribe_of_the_own_channel_leaves_it_as_it_was() {
-    let stack = Stack::start(
-        1,
-        &[
-            ("WS_RECOVERY_BUDGET_PER_MINUTE", "5"),
-            ("WS_RECOVERY_LIMIT", "5"),
-        ],
-    )
-    .await;
+/// One gateway with a replay budget of five events a minute (and `extra`), and Ann
+/// with four events on her own channel: conversations Bob started with her.
+async fn four_user_events_and_a_replay_budget_of_five(
+    extra: &[(&str, &str)],
+) -> (Stack, User, User) {
+    let mut settings = vec![
+        ("WS_RECOVERY_BUDGET_PER_MINUTE", "5"),
+        ("WS_RECOVERY_LIMIT", "5"),
+    ];
+    settings.extend_from_slice(extra);
+    let stack = Stack::start(1, &settings).await;
     let ann = stack.register("ann").await;
     let bob = stack.register("bob").await;
-    let own = format!("user:{}", ann.id);
     for _ in 0..4 {
         stack.conversation(&bob, &[&ann]).await;
     }
-    // Her other device, on the same gateway, is not disturbed by any of this.
-    let mut other = Client::connect(&stack.gateways[0].addr, &ann.token).await;
-    let mut client = Client::connect(&stack.gateways[0].addr, &ann.token).await;
+    (stack, ann, bob)
+}
+
+/// Ann's socket replays her own channel's four events, unsubscribes it, and is then
+/// refused its resubscribe with `since` (four more would exceed the five a minute).
+async fn refuse_own_resubscribe(client: &mut Client, own: &str) {
     client
         .send(json!({"type": "subscribe", "id": 1, "channel": own, "since": 0}))
         .await;
@@ -402,11 +402,23 @@ async fn a_refused_resubscribe_of_the_own_channel_leaves_it_as_it_was() {
         .send(json!({"type": "unsubscribe", "id": 2, "channel": own}))
         .await;
     assert_eq!(client.next().await["type"], "unsubscribed");
-    // Four more would exceed the five a minute.
     client
         .send(json!({"type": "subscribe", "id": 3, "channel": own, "since": 0}))
         .await;
     assert_eq!(client.next().await["code"], "recovery_limited");
+}
+
+/// An app that unsubscribed its own channel and is refused its resubscribe (over the
+/// replay budget) is left unsubscribed, as it was: not half-subscribed, which the next
+/// live event would find behind and close the connection for.
+#[tokio::test]
+async fn a_refused_resubscribe_of_the_own_channel_leaves_it_as_it_was() {
+    let (stack, ann, bob) = four_user_events_and_a_replay_budget_of_five(&[]).await;
+    let own = format!("user:{}", ann.id);
+    // Her other device, on the same gateway, is not disturbed by any of this.
+    let mut other = Client::connect(&stack.gateways[0].addr, &ann.token).await;
+    let mut client = Client::connect(&stack.gateways[0].addr, &ann.token).await;
+    refuse_own_resubscribe(&mut client, &own).await;
 
     stack.conversation(&bob, &[&ann]).await;
     assert!(
@@ -431,4 +443,29 @@ async fn a_refused_resubscribe_of_the_own_channel_leaves_it_as_it_was() {
         .map(|event| event["offset"].as_i64().unwrap())
         .collect();
     assert_eq!(seen, [5, 6]);
+}
+
+/// The same refusal when the socket was the channel's only one on this gateway: the
+/// resubscribe registered it with the hub again, and the refusal must take it back out,
+/// or the channel's start would wait for a reading that never comes and hold back every
+/// later socket of the user.
+#[tokio::test]
+async fn a_refused_resubscribe_of_the_own_channel_leaves_nothing_in_the_hub() {
+    let (stack, ann, bob) =
+        four_user_events_and_a_replay_budget_of_five(&[("WS_USER_CHANNEL_HOLD_MS", "0")]).await;
+    let own = format!("user:{}", ann.id);
+    // The only socket of hers: its unsubscribe takes the channel out of the hub, and
+    // the refused resubscribe must not leave it back in.
+    let mut client = Client::connect(&stack.gateways[0].addr, &ann.token).await;
+    refuse_own_resubscribe(&mut client, &own).await;
+
+    let mut other = Client::connect(&stack.gateways[0].addr, &ann.token).await;
+    stack.conversation(&bob, &[&ann]).await;
+    let live = other.next_within(Duration::from_secs(5)).await;
+    assert_eq!(
+        live.as_ref()
+            .map(|event| (event["event"].as_str(), event["offset"].as_i64())),
+        Some((Some("conversation.created"), Some(5))),
+        "a later socket's own channel is live"
+    );
 }
