@@ -205,31 +205,34 @@ pub fn preview(text: &str) -> String {
     preview
 }
 
-/// The queued jobs of `$3`'s pushes, notify (`$1`) and send (`$2`) alike: the ones no
-/// worker has taken yet.
-const QUEUED_FOR_MESSAGE: &str = "state = 'queued'
-    AND ((kind = $1 AND payload->>'message_id' = $3::uuid::text)
-      OR (kind = $2 AND payload->'notification'->>'message_id' = $3::uuid::text))";
+/// The jobs of message `$1`'s pushes not yet sent: notify jobs still queued, and send
+/// jobs queued or running. A running send that fails is retried from its row, so the row
+/// must follow the message too; a running notify job is a fan-out's, which reads the
+/// message itself (and locks the job before the message, so an edit or a deletion,
+/// holding the message, must not wait for it). Matched by `jobs_push_message_idx`: the
+/// kinds are written out for the planner to see that index's predicate.
+const UNSENT_FOR_MESSAGE: &str = "kind IN ('push.notify', 'push.send')
+    AND coalesce(payload->>'message_id', payload->'notification'->>'message_id') = $1::uuid::text
+    AND (state = 'queued' OR (kind = 'push.send' AND state = 'running'))";
 
-/// Drops the notifications of `message` that no worker has taken yet, inside the
-/// transaction that deletes it (which holds the message's row: see [`fan_out`]).
+/// Drops the notifications of `message` not yet sent, inside the transaction that
+/// deletes it (which holds the message's row: see [`fan_out`]). A send a worker is
+/// making goes, but is not retried. Returns how many were dropped.
 pub async fn drop_for_message(
     conn: &mut PgConnection,
     message: MessageId,
 ) -> Result<u64, sqlx::Error> {
-    let dropped = sqlx::query(&format!("DELETE FROM jobs WHERE {QUEUED_FOR_MESSAGE}"))
-        .bind(JobKind::PushNotify)
-        .bind(JobKind::PushSend)
+    let dropped = sqlx::query(&format!("DELETE FROM jobs WHERE {UNSENT_FOR_MESSAGE}"))
         .bind(message)
         .execute(&mut *conn)
         .await?;
     Ok(dropped.rows_affected())
 }
 
-/// Shows `text`, the message's new text, in the notifications of `message` that no
-/// worker has taken yet, inside the transaction that edits it (which holds the
-/// message's row: see [`fan_out`]). A push already on its way to APNs or FCM goes as
-/// it was. Returns how many were rewritten.
+/// Shows `text`, the message's new text, in the notifications of `message` not yet
+/// sent, inside the transaction that edits it (which holds the message's row: see
+/// [`fan_out`]). A send a worker is making goes as it was; if it is retried, the retry
+/// shows the new text. Returns how many were rewritten.
 pub async fn retext_for_message(
     conn: &mut PgConnection,
     message: MessageId,
@@ -237,13 +240,11 @@ pub async fn retext_for_message(
 ) -> Result<u64, sqlx::Error> {
     let rewritten = sqlx::query(&format!(
         "UPDATE jobs SET payload = CASE kind
-             WHEN $1 THEN jsonb_set(payload, '{{body}}', to_jsonb($4::text))
-             ELSE jsonb_set(payload, '{{notification,body}}', to_jsonb($4::text))
+             WHEN 'push.notify' THEN jsonb_set(payload, '{{body}}', to_jsonb($2::text))
+             ELSE jsonb_set(payload, '{{notification,body}}', to_jsonb($2::text))
          END
-         WHERE {QUEUED_FOR_MESSAGE}"
+         WHERE {UNSENT_FOR_MESSAGE}"
     ))
-    .bind(JobKind::PushNotify)
-    .bind(JobKind::PushSend)
     .bind(message)
     .bind(preview(text))
     .execute(&mut *conn)
@@ -426,6 +427,17 @@ mod tests {
         tx.commit().await.unwrap();
     }
 
+    /// `notification` enqueued, and fanned out by worker `w1` to its one device.
+    async fn fanned_out(pool: &crate::Db, notification: Notification) {
+        let mut conn = pool.pool().acquire().await.unwrap();
+        enqueue_notifications(&mut conn, &[notification])
+            .await
+            .unwrap();
+        let job = claim_one(pool, JobKind::PushNotify).await;
+        let n: Notification = job.payload().unwrap();
+        assert_eq!(fan_out(pool, job.id, "w1", &n).await.unwrap(), Some(1));
+    }
+
     /// One job of `kind`, claimed by worker `w1`.
     async fn claim_one(pool: &crate::Db, kind: JobKind) -> jobs::Job {
         jobs::claim(pool, kind, "w1", Duration::from_secs(30), 1)
@@ -488,14 +500,18 @@ mod tests {
 
         // Fanned out, then deleted: the queued sends go.
         let fanned = posted(&pool, id, ann, "four").await;
-        enqueue_notifications(&mut conn, &[push(fanned)])
-            .await
-            .unwrap();
-        let job = claim_one(&pool, JobKind::PushNotify).await;
-        let n: Notification = job.payload().unwrap();
-        assert_eq!(fan_out(&pool, job.id, "w1", &n).await.unwrap(), Some(1));
+        fanned_out(&pool, push(fanned)).await;
         assert_eq!(queued(&pool, JobKind::PushSend).await, 1);
         changed(&pool, id, ann, fanned, None).await;
+        assert_eq!(queued(&pool, JobKind::PushSend).await, 0);
+
+        // Being sent when it is deleted: that attempt goes, but it is not retried.
+        let sending = posted(&pool, id, ann, "five").await;
+        fanned_out(&pool, push(sending)).await;
+        let send = claim_one(&pool, JobKind::PushSend).await;
+        changed(&pool, id, ann, sending, None).await;
+        let failed = jobs::fail(&pool, send.id, "w1", "APNs: 503", Duration::ZERO, false);
+        assert_eq!(failed.await.unwrap(), jobs::Failed::NotHeld);
         assert_eq!(queued(&pool, JobKind::PushSend).await, 0);
     }
 
@@ -517,6 +533,8 @@ mod tests {
             Queued,
             Taken,
             FannedOut,
+            /// While a worker sends it: the retry shows the new text.
+            Sending,
         }
         // The last edit is longer than a preview: the push shows the new preview.
         let long = "é".repeat(PREVIEW_CHARS + 1);
@@ -525,6 +543,7 @@ mod tests {
             (Edited::Queued, "helo", "hello", "hello"),
             (Edited::Taken, "tkaen", "taken", "taken"),
             (Edited::FannedOut, "short", long.as_str(), cut.as_str()),
+            (Edited::Sending, "sned", "send", "send"),
         ] {
             let message = posted(&pool, id, ann, text).await;
             enqueue_notifications(&mut conn, &[push(message, text)])
@@ -546,10 +565,41 @@ mod tests {
             if when == Edited::FannedOut {
                 changed(&pool, id, ann, message, Some(edit)).await;
             }
-            let send: DeviceNotification =
-                claim_one(&pool, JobKind::PushSend).await.payload().unwrap();
+            let mut send = claim_one(&pool, JobKind::PushSend).await;
+            if when == Edited::Sending {
+                changed(&pool, id, ann, message, Some(edit)).await;
+                let failed = jobs::fail(&pool, send.id, "w1", "APNs: 429", Duration::ZERO, false);
+                assert_eq!(failed.await.unwrap(), jobs::Failed::Retrying);
+                send = claim_one(&pool, JobKind::PushSend).await;
+            }
+            let send: DeviceNotification = send.payload().unwrap();
             assert_eq!(send.notification.body, shown, "{when:?}");
         }
+    }
+
+    /// An edit or a deletion finds its message's pushes through an index, not by
+    /// reading the whole queue (which is longest when APNs or FCM is down).
+    #[tokio::test]
+    async fn a_messages_pushes_are_found_by_index() {
+        let db = mobile_testkit::TestDb::new().await;
+        let pool = crate::Db::from(db.pool().await);
+        let mut conn = pool.pool().acquire().await.unwrap();
+        sqlx::query("SET enable_seqscan = off")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let plan: Vec<String> = sqlx::query_scalar(&format!(
+            "EXPLAIN DELETE FROM jobs WHERE {}",
+            UNSENT_FOR_MESSAGE.replace("$1", &format!("'{}'", MessageId::new()))
+        ))
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+        assert!(
+            plan.iter()
+                .any(|line| line.contains("jobs_push_message_idx")),
+            "{plan:#?}"
+        );
     }
 
     #[tokio::test]

@@ -430,7 +430,7 @@ impl Claimer {
                 "dead"
             }
             Ok(jobs::Failed::NotHeld) => {
-                tracing::warn!(kind, job_id = %id, "job failed after its lease was lost; another worker has it");
+                tracing::warn!(kind, job_id = %id, "job failed after it stopped being ours: its lease expired (another worker may have it), or it was withdrawn (its message deleted)");
                 "lost_lease"
             }
             Err(db_error) => {
