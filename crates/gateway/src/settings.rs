@@ -62,6 +62,10 @@ pub struct GatewaySettings {
     /// The app's first frame of any other kind, or this time passing, ends the hold.
     /// At most 60000: an app that never resubscribes waits this long for its news.
     pub user_channel_hold: Duration,
+    /// `WS_WRITE_COALESCE_MS` (default 10; 0: off): how long a connection that is
+    /// behind (it found four or more frames waiting) waits for more before writing them
+    /// in one socket write. A connection keeping up is never delayed. At most 1000.
+    pub write_coalesce: Duration,
 }
 
 impl GatewaySettings {
@@ -98,6 +102,7 @@ impl GatewaySettings {
             session_check_interval: env.seconds("WS_SESSION_CHECK_SECONDS", 30)?,
             slow_consumer_grace: env.seconds("WS_SLOW_CONSUMER_GRACE_SECONDS", 10)?,
             user_channel_hold: Duration::from_millis(env.parse("WS_USER_CHANNEL_HOLD_MS", 2_000)?),
+            write_coalesce: Duration::from_millis(env.parse("WS_WRITE_COALESCE_MS", 10)?),
         };
         for (name, value) in [
             ("ACCESS_TOKEN_TTL_SECONDS", settings.tokens.ttl.as_secs()),
@@ -138,6 +143,12 @@ impl GatewaySettings {
             return Err(SettingsError::new(
                 "WS_USER_CHANNEL_HOLD_MS",
                 "must be at most 60000",
+            ));
+        }
+        if settings.write_coalesce > Duration::from_secs(1) {
+            return Err(SettingsError::new(
+                "WS_WRITE_COALESCE_MS",
+                "must be at most 1000",
             ));
         }
         if settings.max_frame_bytes < 1024 {
@@ -195,5 +206,21 @@ mod tests {
         assert_eq!(default.unwrap().user_channel_hold, Duration::from_secs(2));
         assert_eq!(hold("60001").unwrap_err().name, "WS_USER_CHANNEL_HOLD_MS");
         assert_eq!(hold("2s").unwrap_err().name, "WS_USER_CHANNEL_HOLD_MS");
+    }
+
+    #[test]
+    fn the_write_coalescing_wait_is_milliseconds_up_to_a_second() {
+        let wait = |ms: &str| {
+            GatewaySettings::from_env(&Env::from_pairs([
+                ("APP_ENV", "development"),
+                ("WS_WRITE_COALESCE_MS", ms),
+            ]))
+            .map(|settings| settings.write_coalesce)
+        };
+        assert_eq!(wait("0").unwrap(), Duration::ZERO);
+        assert_eq!(wait("1000").unwrap(), Duration::from_secs(1));
+        let default = GatewaySettings::from_env(&Env::from_pairs([("APP_ENV", "development")]));
+        assert_eq!(default.unwrap().write_coalesce, Duration::from_millis(10));
+        assert_eq!(wait("1001").unwrap_err().name, "WS_WRITE_COALESCE_MS");
     }
 }

@@ -246,3 +246,31 @@ async fn a_burst_larger_than_one_write_batch_arrives_whole_and_in_order() {
         "nothing after the last"
     );
 }
+
+/// `WS_WRITE_COALESCE_MS` at its most (a second): a subscriber keeping up gets each
+/// message at once, never after the wait; a burst arrives whole and in order, however
+/// its frames were gathered into writes.
+#[tokio::test]
+async fn coalescing_writes_delays_no_one_keeping_up_and_loses_nothing() {
+    let stack = Stack::start(1, &[("WS_WRITE_COALESCE_MS", "1000")]).await;
+    let ann = stack.register("ann").await;
+    let bob = stack.register("bob").await;
+    let conversation = stack.conversation(&ann, &[&bob]).await;
+    let mut bobs = Client::connect(&stack.gateways[0].addr, &bob.token).await;
+    bobs.subscribe(&conversation, None).await;
+
+    for expected in 1..=3 {
+        let posted = std::time::Instant::now();
+        stack.post(&ann, &conversation, "one at a time").await;
+        assert_eq!(bobs.offsets(1).await, [expected]);
+        assert!(
+            posted.elapsed() < Duration::from_millis(900),
+            "a single frame is written at once: {:?}",
+            posted.elapsed()
+        );
+    }
+
+    let n = 40;
+    futures_util::future::join_all((0..n).map(|_| stack.post(&ann, &conversation, "burst"))).await;
+    assert_eq!(bobs.offsets(n).await, (4..4 + n as i64).collect::<Vec<_>>());
+}
