@@ -935,10 +935,15 @@ impl Connection {
     /// what came meanwhile, and writes it all together. Over loopback and real networks
     /// alike, a write costs the kernel about the same whatever its size (its half of
     /// the gateway's CPU in fan-out, mostly the TCP stack's work per segment), so fewer,
-    /// larger writes are most of what a burst's deliveries cost; the wait is added only
-    /// to frames that were already queued behind others.
+    /// larger writes are most of what a burst's deliveries cost. The wait is added only
+    /// to a batch that was already four frames deep; a connection that finds fewer
+    /// writes at once. What arrives meanwhile must fit in `WS_OUTBOUND_QUEUE`, as any
+    /// backlog must.
     async fn deliver_queued(&mut self, first: Arc<Delivery>) -> Result<(), End> {
         let wait = self.ctx.settings.write_coalesce;
+        // What counts for being behind is frames to write: duplicates and held events
+        // are taken but not written.
+        let fed_before = self.unflushed;
         let mut next = Some(first);
         let mut taken = 0;
         let mut waited = false;
@@ -952,11 +957,18 @@ impl Connection {
                     None
                 };
             }
-            if waited || !coalesces(taken, wait) {
+            let fed = usize::try_from(self.unflushed - fed_before).unwrap_or(usize::MAX);
+            if waited || taken >= MAX_BATCH || !coalesces(fed, wait) {
                 return self.flush().await;
             }
             waited = true;
-            tokio::time::sleep(wait).await;
+            // A revocation or an overflow does not wait: the close goes after what was
+            // fed (the close handshake flushes it first).
+            tokio::select! {
+                biased;
+                reason = self.evict.evicted() => return Err(self.evicted(reason)),
+                () = tokio::time::sleep(wait) => {}
+            }
             next = self.deliveries.try_recv();
         }
     }

@@ -63,8 +63,10 @@ pub struct GatewaySettings {
     /// At most 60000: an app that never resubscribes waits this long for its news.
     pub user_channel_hold: Duration,
     /// `WS_WRITE_COALESCE_MS` (default 10; 0: off): how long a connection that is
-    /// behind (it found four or more frames waiting) waits for more before writing them
-    /// in one socket write. A connection keeping up is never delayed. At most 1000.
+    /// behind (it found four or more frames to write) waits for more before writing them
+    /// in one socket write; one that finds fewer writes at once. What arrives during
+    /// the wait must fit in `WS_OUTBOUND_QUEUE` (at the defaults, a connection would
+    /// need over 25 000 frames a second to overflow it). At most 1000.
     pub write_coalesce: Duration,
 }
 
