@@ -85,10 +85,10 @@ pub(crate) const MAX_BATCH: usize = 64;
 /// latency runs showed a p99 of 13 ms instead of 3 to 5).
 pub(crate) const BEHIND_FROM: usize = 4;
 
-/// Whether a connection that took `taken` frames from its inbox waits for more before
-/// writing them: only when it is behind, and not once its batch is full.
-pub(crate) fn coalesces(taken: usize, wait: Duration) -> bool {
-    !wait.is_zero() && (BEHIND_FROM..MAX_BATCH).contains(&taken)
+/// Whether a connection with `fed` frames to write waits for more before writing
+/// them: only when it is behind, and not once its batch is full.
+pub(crate) fn coalesces(fed: usize, wait: Duration) -> bool {
+    !wait.is_zero() && (BEHIND_FROM..MAX_BATCH).contains(&fed)
 }
 
 /// One operation on the socket's sending side.
