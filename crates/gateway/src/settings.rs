@@ -141,17 +141,17 @@ impl GatewaySettings {
                 return Err(SettingsError::new(name, "must be at least 1"));
             }
         }
-        if settings.user_channel_hold > Duration::from_secs(60) {
-            return Err(SettingsError::new(
+        for (name, value, most) in [
+            (
                 "WS_USER_CHANNEL_HOLD_MS",
-                "must be at most 60000",
-            ));
-        }
-        if settings.write_coalesce > Duration::from_secs(1) {
-            return Err(SettingsError::new(
-                "WS_WRITE_COALESCE_MS",
-                "must be at most 1000",
-            ));
+                settings.user_channel_hold,
+                60_000,
+            ),
+            ("WS_WRITE_COALESCE_MS", settings.write_coalesce, 1_000),
+        ] {
+            if value > Duration::from_millis(most) {
+                return Err(SettingsError::new(name, format!("must be at most {most}")));
+            }
         }
         if settings.max_frame_bytes < 1024 {
             return Err(SettingsError::new(
@@ -193,36 +193,41 @@ mod tests {
         assert_eq!(error.name, "WS_RECOVERY_BUDGET_PER_MINUTE");
     }
 
+    /// The two settings in milliseconds: 0 allowed, their defaults, their maximums,
+    /// and nothing else.
     #[test]
-    fn the_user_channel_hold_is_milliseconds_up_to_a_minute() {
-        let hold = |ms: &str| {
-            GatewaySettings::from_env(&Env::from_pairs([
-                ("APP_ENV", "development"),
-                ("WS_USER_CHANNEL_HOLD_MS", ms),
-            ]))
-            .map(|settings| settings.user_channel_hold)
-        };
-        assert_eq!(hold("0").unwrap(), Duration::ZERO);
-        assert_eq!(hold("60000").unwrap(), Duration::from_secs(60));
-        let default = GatewaySettings::from_env(&Env::from_pairs([("APP_ENV", "development")]));
-        assert_eq!(default.unwrap().user_channel_hold, Duration::from_secs(2));
-        assert_eq!(hold("60001").unwrap_err().name, "WS_USER_CHANNEL_HOLD_MS");
-        assert_eq!(hold("2s").unwrap_err().name, "WS_USER_CHANNEL_HOLD_MS");
-    }
-
-    #[test]
-    fn the_write_coalescing_wait_is_milliseconds_up_to_a_second() {
-        let wait = |ms: &str| {
-            GatewaySettings::from_env(&Env::from_pairs([
-                ("APP_ENV", "development"),
-                ("WS_WRITE_COALESCE_MS", ms),
-            ]))
-            .map(|settings| settings.write_coalesce)
-        };
-        assert_eq!(wait("0").unwrap(), Duration::ZERO);
-        assert_eq!(wait("1000").unwrap(), Duration::from_secs(1));
-        let default = GatewaySettings::from_env(&Env::from_pairs([("APP_ENV", "development")]));
-        assert_eq!(default.unwrap().write_coalesce, Duration::from_millis(10));
-        assert_eq!(wait("1001").unwrap_err().name, "WS_WRITE_COALESCE_MS");
+    fn the_millisecond_settings_have_defaults_and_maximums() {
+        type Field = fn(&GatewaySettings) -> Duration;
+        let cases: [(&str, Field, u64, u64); 2] = [
+            (
+                "WS_USER_CHANNEL_HOLD_MS",
+                |s| s.user_channel_hold,
+                2_000,
+                60_000,
+            ),
+            ("WS_WRITE_COALESCE_MS", |s| s.write_coalesce, 10, 1_000),
+        ];
+        for (name, field, default, most) in cases {
+            let with = |ms: &str| {
+                GatewaySettings::from_env(&Env::from_pairs([
+                    ("APP_ENV", "development"),
+                    (name, ms),
+                ]))
+                .map(|settings| field(&settings))
+            };
+            assert_eq!(with("0").unwrap(), Duration::ZERO, "{name}");
+            assert_eq!(
+                with(&most.to_string()).unwrap(),
+                Duration::from_millis(most)
+            );
+            let unset = GatewaySettings::from_env(&Env::from_pairs([("APP_ENV", "development")]));
+            assert_eq!(
+                field(&unset.unwrap()),
+                Duration::from_millis(default),
+                "{name}"
+            );
+            assert_eq!(with(&(most + 1).to_string()).unwrap_err().name, name);
+            assert_eq!(with("2s").unwrap_err().name, name);
+        }
     }
 }
