@@ -207,6 +207,25 @@ async fn presence_follows_connections() {
     panic!("still online after disconnecting");
 }
 
+/// `message.created` events at `offsets` of `conversation`, published in one Redis
+/// pipeline: the hub takes them as one burst.
+async fn publish_burst(stack: &Stack, conversation: &str, offsets: std::ops::RangeInclusive<i64>) {
+    let channel = format!("{}conversation:{conversation}", stack.prefix);
+    let mut burst = redis::pipe();
+    for offset in offsets {
+        let frame = json!({"type": "event", "channel": format!("conversation:{conversation}"),
+                           "event": "message.created", "offset": offset, "data": {"body": "burst"}});
+        burst
+            .cmd("PUBLISH")
+            .arg(&channel)
+            .arg(frame.to_string())
+            .ignore();
+    }
+    let redis = redis::Client::open(stack.redis_url.as_str()).unwrap();
+    let mut redis = redis.get_multiplexed_async_connection().await.unwrap();
+    let () = burst.query_async(&mut redis).await.unwrap();
+}
+
 #[tokio::test]
 async fn a_burst_larger_than_one_write_batch_arrives_whole_and_in_order() {
     let stack = Stack::start(1, &[]).await;
@@ -219,20 +238,7 @@ async fn a_burst_larger_than_one_write_batch_arrives_whole_and_in_order() {
     // One pipeline: the hub takes the whole burst at once, so the connection finds a
     // queue several write batches long (a batch is at most 64 frames).
     let n = 150;
-    let channel = format!("{}conversation:{conversation}", stack.prefix);
-    let mut burst = redis::pipe();
-    for offset in 1..=n {
-        let frame = json!({"type": "event", "channel": format!("conversation:{conversation}"),
-                           "event": "message.created", "offset": offset, "data": {"body": "burst"}});
-        burst
-            .cmd("PUBLISH")
-            .arg(&channel)
-            .arg(frame.to_string())
-            .ignore();
-    }
-    let redis = redis::Client::open(stack.redis_url.as_str()).unwrap();
-    let mut redis = redis.get_multiplexed_async_connection().await.unwrap();
-    let () = burst.query_async(&mut redis).await.unwrap();
+    publish_burst(&stack, &conversation, 1..=n).await;
 
     assert_eq!(
         client.offsets(n as usize).await,
@@ -273,25 +279,10 @@ async fn coalescing_writes_delays_no_one_keeping_up_and_loses_nothing() {
     // A burst in one Redis pipeline: the connection finds it queued, waits, and takes
     // what the second pipeline put meanwhile. Nothing of either is lost or reordered,
     // and the burst is not written before the wait is over.
-    let channel = format!("{}conversation:{conversation}", stack.prefix);
-    let redis = redis::Client::open(stack.redis_url.as_str()).unwrap();
-    let mut redis = redis.get_multiplexed_async_connection().await.unwrap();
-    let burst = |offsets: std::ops::RangeInclusive<i64>| {
-        let mut pipe = redis::pipe();
-        for offset in offsets {
-            let frame = json!({"type": "event", "channel": format!("conversation:{conversation}"),
-                               "event": "message.created", "offset": offset, "data": {"body": "burst"}});
-            pipe.cmd("PUBLISH")
-                .arg(&channel)
-                .arg(frame.to_string())
-                .ignore();
-        }
-        pipe
-    };
     let published = std::time::Instant::now();
-    let () = burst(4..=13).query_async(&mut redis).await.unwrap();
+    publish_burst(&stack, &conversation, 4..=13).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let () = burst(14..=23).query_async(&mut redis).await.unwrap();
+    publish_burst(&stack, &conversation, 14..=23).await;
     assert_eq!(bobs.offsets(20).await, (4..=23).collect::<Vec<i64>>());
     assert!(
         published.elapsed() >= Duration::from_millis(900),
