@@ -27,8 +27,7 @@ use std::{
     time::Duration,
 };
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::{FutureExt, SinkExt, StreamExt, future::Either};
+use futures_util::{FutureExt, future::Either};
 use mobile_auth::{AccessClaims, TokenError};
 use mobile_db::{conversations, user_events};
 use mobile_domain::{SessionId, UserId};
@@ -37,6 +36,10 @@ use rand::Rng;
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use tokio::{sync::OwnedSemaphorePermit, time::Instant};
+use tokio_tungstenite::tungstenite::{
+    self, Message, Utf8Bytes,
+    protocol::{CloseFrame, frame::coding::CloseCode},
+};
 use uuid::Uuid;
 
 use crate::{
@@ -47,6 +50,7 @@ use crate::{
     metrics::OutcomeLabel,
     protocol::{ClientFrame, ServerFrame, close, frame_id},
     sessions::{AddressTicket, Ticket},
+    socket::Socket,
 };
 
 /// How long a close frame may take to write, and then the client's answering Close to
@@ -76,6 +80,17 @@ struct Hold {
 /// socket writes, few enough that pings and the client's own frames are not kept
 /// waiting behind a long backlog.
 pub(crate) const MAX_BATCH: usize = 64;
+
+/// Bytes a batch stops taking deliveries at: what a socket's send buffer holds, at most,
+/// while its client is slow to take a write (one delivery more, and a close). Chat-sized
+/// events fill a batch by count long before; large ones (up to `MAX_BODY_BYTES` each) by
+/// this.
+pub(crate) const MAX_BATCH_BYTES: usize = 64 * 1024;
+
+/// Whether a batch of `taken` deliveries, `buffered` bytes so far, takes no more.
+pub(crate) const fn batch_full(taken: usize, buffered: usize) -> bool {
+    taken >= MAX_BATCH || buffered >= MAX_BATCH_BYTES
+}
 
 /// Frames a connection must find waiting to count as behind, and wait
 /// `WS_WRITE_COALESCE_MS` for more before it writes (see [`Connection::deliver_queued`]).
@@ -176,7 +191,7 @@ pub type Slots = (OwnedSemaphorePermit, AddressTicket);
 /// costs for as long as it is open. The connection is built here, before the first
 /// poll, and the future holds each part of it once.
 pub fn serve(
-    socket: WebSocket,
+    socket: Socket,
     admission: Admission,
     ctx: Arc<Context>,
 ) -> impl Future<Output = ()> + Send + 'static {
@@ -188,7 +203,7 @@ pub fn serve(
 }
 
 /// A socket whose token did not pass: close 4001, saying why.
-async fn refuse(mut socket: WebSocket, error: TokenError, ctx: Arc<Context>, slots: Slots) {
+async fn refuse(mut socket: Socket, error: TokenError, ctx: Arc<Context>, slots: Slots) {
     let reason = match error {
         TokenError::Expired => "token_expired",
         TokenError::UnknownKey | TokenError::Invalid => "invalid_token",
@@ -232,9 +247,9 @@ fn ended_by(reason: Eviction) -> End {
 /// the client's answer within [`CLOSE_GRACE`]. Reading the answer matters: dropping a
 /// socket with unread bytes makes the kernel send a reset, which can destroy the close
 /// frame before the client reads it.
-async fn close_socket(socket: &mut WebSocket, code: u16, reason: &'static str, grace: Duration) {
+async fn close_socket(socket: &mut Socket, code: u16, reason: &'static str, grace: Duration) {
     let frame = CloseFrame {
-        code,
+        code: CloseCode::from(code),
         reason: Utf8Bytes::from_static(reason),
     };
     if tokio::time::timeout(grace, socket.send(Message::Close(Some(frame))))
@@ -242,7 +257,7 @@ async fn close_socket(socket: &mut WebSocket, code: u16, reason: &'static str, g
         .is_ok_and(|sent| sent.is_ok())
     {
         let _ = tokio::time::timeout(CLOSE_GRACE, async {
-            while let Some(Ok(message)) = socket.next().await {
+            while let Some(Ok(message)) = socket.recv().await {
                 if matches!(message, Message::Close(_)) {
                     break;
                 }
@@ -263,7 +278,7 @@ struct Connection {
     expires_at: Instant,
     /// The socket's place in the sessions table (revocation, the per-user cap).
     ticket: Ticket,
-    socket: WebSocket,
+    socket: Socket,
     /// The sending half, cloned into each hub subscription.
     queue: inbox::Sender<Arc<Delivery>>,
     deliveries: Inbox<Arc<Delivery>>,
@@ -294,7 +309,7 @@ struct Connection {
 }
 
 impl Connection {
-    fn new(socket: WebSocket, admitted: Admitted, slots: Slots, ctx: Arc<Context>) -> Self {
+    fn new(socket: Socket, admitted: Admitted, slots: Slots, ctx: Arc<Context>) -> Self {
         let Admitted {
             conn,
             claims,
@@ -420,7 +435,8 @@ impl Connection {
                     }
                     // Pings are answered by the WebSocket layer itself.
                     Some(Ok(Message::Ping(_))) => None,
-                    Some(Ok(Message::Binary(_))) => Some(
+                    // (Tungstenite never reads a raw `Frame`: it assembles messages.)
+                    Some(Ok(Message::Binary(_) | Message::Frame(_))) => Some(
                         self.close(close::PROTOCOL_VIOLATION, "binary frames are not part of the protocol", End::ProtocolViolation),
                     ),
                     Some(Ok(Message::Close(_))) => {
@@ -428,7 +444,7 @@ impl Connection {
                         let _ = tokio::time::timeout(CLOSE_GRACE, self.socket.flush()).await;
                         Some(End::ClientClosed)
                     }
-                    Some(Err(error)) => Some(self.on_read_error(error)),
+                    Some(Err(error)) => Some(self.on_read_error(&error)),
                     None => Some(End::ClientClosed),
                 },
                 delivery = self.deliveries.recv() => Box::pin(self.deliver_queued(delivery)).await.err(),
@@ -688,10 +704,7 @@ impl Connection {
         };
         self.feed(Message::Text(Utf8Bytes::from(frame.to_text())))
             .await?;
-        for delivery in missed {
-            self.feed(Message::Text(delivery.frame.clone())).await?;
-        }
-        self.flush().await?;
+        self.push_replayed(missed).await?;
         self.ctx.hub.recovered(channel, self.id, latest);
         Ok(())
     }
@@ -754,10 +767,7 @@ impl Connection {
         };
         self.feed(Message::Text(Utf8Bytes::from(frame.to_text())))
             .await?;
-        for delivery in missed {
-            self.feed(Message::Text(delivery.frame.clone())).await?;
-        }
-        self.flush().await?;
+        self.push_replayed(missed).await?;
         self.ctx.hub.recovered(own, self.id, newest);
         Ok(())
     }
@@ -789,10 +799,7 @@ impl Connection {
             }
         };
         self.subs.insert(own, Sub { next: newest + 1 });
-        for delivery in held {
-            self.feed(Message::Text(delivery.frame.clone())).await?;
-        }
-        self.flush().await
+        self.push_replayed(held).await
     }
 
     /// What a subscribe with `since` replays: the events after `since` up to `upto`
@@ -951,14 +958,14 @@ impl Connection {
             while let Some(delivery) = next {
                 self.deliver(delivery).await?;
                 taken += 1;
-                next = if taken < MAX_BATCH {
-                    self.deliveries.try_recv()
-                } else {
+                next = if batch_full(taken, self.socket.buffered()) {
                     None
+                } else {
+                    self.deliveries.try_recv()
                 };
             }
             let fed = usize::try_from(self.unflushed - fed_before).unwrap_or(usize::MAX);
-            if waited || taken >= MAX_BATCH || !coalesces(fed, wait) {
+            if waited || batch_full(taken, self.socket.buffered()) || !coalesces(fed, wait) {
                 return self.flush().await;
             }
             waited = true;
@@ -980,7 +987,8 @@ impl Connection {
             return Ok(());
         };
         let Some(offset) = delivery.offset else {
-            return self.feed(Message::Text(delivery.frame.clone())).await;
+            self.push(&delivery);
+            return Ok(());
         };
         let next = sub.next;
         if offset < next {
@@ -999,7 +1007,7 @@ impl Connection {
             return Err(self.evicted(Eviction::Resync));
         }
         sub.next = offset + 1;
-        self.feed(Message::Text(delivery.frame.clone())).await?;
+        self.push(&delivery);
         match delivery.removes {
             // No longer a member: the subscription ends here, and nothing after this
             // event reaches the client.
@@ -1034,8 +1042,27 @@ impl Connection {
         self.flush().await
     }
 
-    /// Hands a frame to the socket's write buffer; it goes out with the next flush (or
-    /// once the buffer is full).
+    /// Adds an event to the socket's buffer, as the frame the hub encoded once for
+    /// every subscriber; it goes out with the next flush.
+    fn push(&mut self, delivery: &Delivery) {
+        self.socket.push_frame(&delivery.frame);
+        self.unflushed += 1;
+    }
+
+    /// Writes events read from PostgreSQL (up to `WS_RECOVERY_LIMIT` of them), and what
+    /// was fed before them: a batch's worth of bytes at a time, so the socket's buffer
+    /// holds no more of a long replay than of a burst.
+    async fn push_replayed(&mut self, replayed: Vec<Arc<Delivery>>) -> Result<(), End> {
+        for delivery in replayed {
+            self.push(&delivery);
+            if self.socket.buffered() >= MAX_BATCH_BYTES {
+                self.flush().await?;
+            }
+        }
+        self.flush().await
+    }
+
+    /// Hands a frame to the socket's buffer; it goes out with the next flush.
     async fn feed(&mut self, message: Message) -> Result<(), End> {
         let counts = matches!(message, Message::Text(_));
         self.guarded(Write::Feed(message)).await?;
@@ -1136,12 +1163,8 @@ impl Connection {
         self.close(close::SERVICE_RESTART, "service restart", End::Shutdown)
     }
 
-    fn on_read_error(&mut self, error: axum::Error) -> End {
-        let too_big = error
-            .into_inner()
-            .downcast_ref::<tokio_tungstenite::tungstenite::Error>()
-            .is_some_and(|e| matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_)));
-        if too_big {
+    fn on_read_error(&mut self, error: &tungstenite::Error) -> End {
+        if matches!(error, tungstenite::Error::Capacity(_)) {
             self.close(close::TOO_BIG, "frame too large", End::TooBig)
         } else {
             End::Gone
@@ -1178,5 +1201,13 @@ mod tests {
             "a full batch is written at once"
         );
         assert!(!coalesces(BEHIND_FROM, Duration::ZERO), "off");
+    }
+
+    #[test]
+    fn a_batch_is_full_at_its_count_or_its_bytes() {
+        assert!(!batch_full(1, 200));
+        assert!(!batch_full(MAX_BATCH - 1, MAX_BATCH_BYTES - 1));
+        assert!(batch_full(MAX_BATCH, 64 * 200), "64 chat-sized events");
+        assert!(batch_full(2, 2 * 60_000), "two large ones");
     }
 }

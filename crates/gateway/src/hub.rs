@@ -11,8 +11,9 @@
 //!   when its first local subscriber arrives and UNSUBSCRIBEd when its last leaves, so
 //!   each pod receives only the channels its own clients follow, never everything.
 //! - **Encoded once.** A frame arrives from Redis as the exact bytes clients receive;
-//!   only its small header is parsed, and every recipient gets a clone of the same
-//!   reference-counted buffer.
+//!   only its small header is parsed. It is framed once, as the WebSocket frame every
+//!   recipient is sent, and every recipient gets a pointer to that one delivery, whose
+//!   bytes its connection copies into its socket's buffer.
 //! - **In order, no gaps, no duplicates.** Each conversation channel's order is its
 //!   [`Sequencer`]'s (pure, and tested on its own); the hub does what it says: passes
 //!   frames on, reads a missing range from PostgreSQL ([`crate::backfill`]) once for all
@@ -39,7 +40,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use axum::extract::ws::Utf8Bytes;
 use futures_util::task::AtomicWaker;
 use mobile_db::Db;
 use mobile_db::{conversations, user_events};
@@ -56,13 +56,14 @@ use crate::{
     pubsub::{self, Command},
     sequencer::{Fill, FillCase, Sequencer, Steps},
     sessions::Sessions,
+    socket::text_frame,
 };
 
 /// A process-unique connection number.
 pub type ConnId = u64;
 
-/// One frame for one channel, cheap to clone for every recipient.
-#[derive(Debug, Clone)]
+/// One frame for one channel, shared by every recipient (as `Arc<Delivery>`).
+#[derive(Debug)]
 pub struct Delivery {
     pub channel: Channel,
     /// The event's offset, for conversation and user events; `None` for ephemeral
@@ -73,7 +74,9 @@ pub struct Delivery {
     /// On a `member.removed` event: who is no longer a member, and why. Their
     /// subscriptions end once it is delivered.
     pub removes: Option<(UserId, RemovalReason)>,
-    pub frame: Utf8Bytes,
+    /// The event as a complete WebSocket frame, encoded once for every subscriber
+    /// ([`crate::socket::text_frame`]).
+    pub frame: Box<[u8]>,
 }
 
 impl Delivery {
@@ -84,7 +87,7 @@ impl Delivery {
             offset: Some(event.seq),
             from: None,
             removes: None,
-            frame: Utf8Bytes::from(mobile_events::logged_user_event(event)),
+            frame: text_frame(&mobile_events::logged_user_event(event)),
         }
     }
 
@@ -101,7 +104,7 @@ impl Delivery {
             offset: Some(offset),
             from: None,
             removes,
-            frame: Utf8Bytes::from(frame),
+            frame: text_frame(&frame),
         }
     }
 
@@ -119,13 +122,13 @@ impl Delivery {
         let removes = header
             .removal(payload)
             .map(|removed| (removed.user_id, removed.reason));
-        let text = String::from_utf8(payload.to_vec()).map_err(|_| "not UTF-8")?;
+        let text = std::str::from_utf8(payload).map_err(|_| "not UTF-8")?;
         Ok(Incoming::Delivery(Self {
             channel,
             offset: header.offset,
             from: header.from,
             removes,
-            frame: Utf8Bytes::from(text),
+            frame: text_frame(text),
         }))
     }
 }

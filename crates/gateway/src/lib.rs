@@ -26,12 +26,13 @@ pub mod pubsub;
 pub mod sequencer;
 pub mod sessions;
 pub mod settings;
+pub mod socket;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
     Router,
-    extract::{ConnectInfo, Query, State, WebSocketUpgrade},
+    extract::{ConnectInfo, Query, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
@@ -58,13 +59,10 @@ use crate::{
     metrics::GatewayMetrics,
     presence::Presence,
     sessions::{Budgets, Refusal, Sessions},
+    socket::{Upgrade, WebSocketConfig},
 };
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// Bytes of outbound frames buffered before they are written without waiting for the
-/// flush: about one batch of chat-sized events.
-const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 
 /// What every connection shares.
 #[derive(Debug)]
@@ -246,7 +244,7 @@ async fn upgrade(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Query(query): Query<WsQuery>,
-    upgrade: WebSocketUpgrade,
+    upgrade: Upgrade,
 ) -> Response {
     if context.shutdown.is_triggered() {
         return refuse(
@@ -320,27 +318,22 @@ async fn upgrade(
     });
     let frame_limit = context.settings.max_frame_bytes;
     let tasks = context.tasks.clone();
-    upgrade
-        .max_frame_size(frame_limit)
-        .max_message_size(frame_limit)
-        // A small read buffer: most connections are idle most of the time, and memory
-        // per idle connection is what decides how many a pod holds. The write buffer
-        // (a Vec that grows only as far as it is used) lets a backlog of deliveries
-        // leave in one socket write: frames are written out once it holds this much,
-        // or at the flush after each batch (`connection::MAX_BATCH`).
-        .read_buffer_size(512)
-        .write_buffer_size(WRITE_BUFFER_BYTES)
-        .max_write_buffer_size(frame_limit.max(64 * 1024) * 4)
-        .on_failed_upgrade(|error| tracing::debug!(%error, "WebSocket upgrade failed"))
-        // Boxed: axum keeps this closure's captures in the socket's task for as long as
-        // it lives, so they are three pointers, not the admission itself.
-        .on_upgrade(move |socket| {
-            tasks.track_future(connection::serve(socket, *admission, context))
-        })
+    // A small read buffer: most connections are idle most of the time, and memory per
+    // idle connection is what decides how many a pod holds. What is sent gathers in
+    // the socket's own buffer until the flush after each batch (`socket::Wire`).
+    let config = WebSocketConfig::default()
+        .max_frame_size(Some(frame_limit))
+        .max_message_size(Some(frame_limit))
+        .read_buffer_size(512);
+    // Boxed: the socket's task keeps this closure's captures for as long as it lives,
+    // so they are three pointers, not the admission itself.
+    upgrade.accept(config, move |socket| {
+        tasks.track_future(connection::serve(socket, *admission, context))
+    })
 }
 
 /// A refused upgrade, as the API's problem documents are.
-fn refuse(status: StatusCode, code: &'static str, detail: &'static str) -> Response {
+pub(crate) fn refuse(status: StatusCode, code: &'static str, detail: &'static str) -> Response {
     let body = serde_json::json!({
         "type": format!("urn:mobile-backend:problem:{code}"),
         "title": status.canonical_reason().unwrap_or("Error"),

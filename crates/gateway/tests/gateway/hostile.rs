@@ -262,6 +262,71 @@ async fn a_half_sent_upgrade_is_closed_at_the_header_deadline() {
     assert!(matches!(read, Ok(0) | Err(_)));
 }
 
+/// Sends `request` as it is, and reads the answer's head.
+async fn raw_request(url: &str, request: &str) -> String {
+    let addr = url.trim_start_matches("ws://").trim_end_matches("/v1/ws");
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let read = stream.read(&mut buf).await.unwrap();
+        assert!(read > 0, "closed before the answer's head: {answer:?}");
+        answer.extend_from_slice(&buf[..read]);
+    }
+    let head = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    String::from_utf8(answer[..head].to_vec())
+        .unwrap()
+        .to_ascii_lowercase()
+}
+
+#[tokio::test]
+async fn what_is_not_a_websocket_upgrade_is_refused_with_a_problem() {
+    let stack = Stack::start(1, &[]).await;
+    let url = &stack.gateways[0].addr;
+    let key = "sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+
+    // A plain GET, an upgrade to something else, a key missing.
+    for request in [
+        "GET /v1/ws HTTP/1.1\r\nhost: gw\r\n\r\n".to_owned(),
+        format!("GET /v1/ws HTTP/1.1\r\nhost: gw\r\nconnection: upgrade\r\nupgrade: h2c\r\n{key}sec-websocket-version: 13\r\n\r\n"),
+        "GET /v1/ws HTTP/1.1\r\nhost: gw\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\n\r\n".to_owned(),
+    ] {
+        let answer = raw_request(url, &request).await;
+        assert!(answer.starts_with("http/1.1 400"), "{request}: {answer}");
+        assert!(answer.contains("content-type: application/problem+json"), "{answer}");
+    }
+    let (status, problem) = try_upgrade(url, "no token needed", &[("sec-websocket-version", "8")])
+        .await
+        .expect("refused");
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (426, Some("unsupported_websocket_version"))
+    );
+
+    // A version the gateway does not speak: the one it does, in the refusal (RFC 6455 §4.4).
+    let answer = raw_request(
+        url,
+        &format!("GET /v1/ws HTTP/1.1\r\nhost: gw\r\nconnection: keep-alive, Upgrade\r\nupgrade: websocket\r\n{key}sec-websocket-version: 8\r\n\r\n"),
+    )
+    .await;
+    assert!(answer.starts_with("http/1.1 426"), "{answer}");
+    assert!(answer.contains("sec-websocket-version: 13\r\n"), "{answer}");
+
+    // The RFC's own example key, with its listed tokens in any order and case: upgraded,
+    // with the RFC's accept value (§1.3).
+    let answer = raw_request(
+        url,
+        &format!("GET /v1/ws HTTP/1.1\r\nhost: gw\r\nconnection: keep-alive, Upgrade\r\nupgrade: WebSocket\r\n{key}sec-websocket-version: 13\r\n\r\n"),
+    )
+    .await;
+    assert!(answer.starts_with("http/1.1 101"), "{answer}");
+    assert!(
+        answer.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=\r\n"),
+        "{answer}"
+    );
+}
+
 /// A client whose socket buffers little, so that a stalled reader fills it at once.
 async fn small_buffered_client(url: &str, token: &str) -> Socket {
     let addr = url
