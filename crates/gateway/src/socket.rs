@@ -36,14 +36,9 @@ pub use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 /// The one version of the protocol there is (RFC 6455 §4.4).
 const VERSION: &str = "13";
 
-/// A write smaller than this frees the send buffer: a socket taking an event or two at
-/// a time holds no buffer between them (memory per idle connection is what decides how
-/// many a pod holds), and allocating a small one again costs nothing beside the write.
-const RELEASED_BELOW: usize = 2 * 1024;
-
-/// Capacity the send buffer keeps after a larger write, for the next batch of a burst,
-/// at most: a batch of chat-sized events. A batch of long events grows it for that
-/// write only.
+/// Capacity the send buffer keeps between flushes, at most: a batch of chat-sized
+/// events. A larger batch (long events) grows it for that write only, so a socket that
+/// once took a burst does not hold the burst's memory while it idles.
 const KEPT_CAPACITY: usize = 16 * 1024;
 
 /// The first byte of an unfragmented text frame: FIN, opcode 1 (RFC 6455 §5.2).
@@ -132,23 +127,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Wire<S> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if !this.out.is_empty() {
-            while this.written < this.out.len() {
-                let rest = &this.out[this.written..];
-                let taken = ready!(Pin::new(&mut this.io).poll_write(cx, rest))?;
-                if taken == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                this.written += taken;
+        while this.written < this.out.len() {
+            let taken = ready!(Pin::new(&mut this.io).poll_write(cx, &this.out[this.written..]))?;
+            if taken == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            if this.out.len() < RELEASED_BELOW {
-                this.out = Vec::new();
-            } else {
-                this.out.clear();
-                this.out.shrink_to(KEPT_CAPACITY);
-            }
-            this.written = 0;
+            this.written += taken;
         }
+        this.out.clear();
+        this.out.shrink_to(KEPT_CAPACITY);
+        this.written = 0;
         Pin::new(&mut this.io).poll_flush(cx)
     }
 
@@ -315,8 +303,6 @@ mod tests {
         coding::{Data, OpCode},
     };
 
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
     use super::*;
 
     /// Tungstenite's own encoding of the same text frame.
@@ -396,35 +382,6 @@ mod tests {
         }
         assert!(after.contains(&Message::text("sixth")), "{after:?}");
         assert!(after.contains(&Message::Pong("p".into())), "{after:?}");
-    }
-
-    #[tokio::test]
-    async fn a_small_write_frees_the_buffer_and_a_burst_keeps_one_for_the_next() {
-        let (server, mut client) = tokio::io::duplex(1 << 20);
-        let mut wire = Wire::new(server);
-        let capacity = |wire: &Wire<_>| wire.out.capacity();
-
-        wire.write_all(&text_frame("one event"))
-            .await
-            .expect("buffered");
-        wire.flush().await.expect("flushed");
-        assert_eq!(capacity(&wire), 0, "an event at a time: nothing held");
-
-        let burst = text_frame(&"x".repeat(100_000));
-        wire.write_all(&burst).await.expect("buffered");
-        wire.flush().await.expect("flushed");
-        assert!(
-            (1..=KEPT_CAPACITY).contains(&capacity(&wire)),
-            "{}",
-            capacity(&wire)
-        );
-        // A flush with nothing to write keeps it too.
-        wire.flush().await.expect("flushed");
-        assert!(capacity(&wire) > 0);
-
-        let mut got = vec![0; burst.len() + 11];
-        client.read_exact(&mut got).await.expect("all of it");
-        assert_eq!(&got[11..], &*burst);
     }
 
     #[test]
