@@ -81,10 +81,11 @@ struct Hold {
 /// waiting behind a long backlog.
 pub(crate) const MAX_BATCH: usize = 64;
 
-/// Bytes a batch stops taking deliveries at: what a socket's send buffer holds, at most,
-/// while its client is slow to take a write (one delivery more, and a close). Chat-sized
-/// events fill a batch by count long before; large ones (up to `MAX_BODY_BYTES` each) by
-/// this.
+/// Bytes a batch stops taking deliveries at, so that a socket's send buffer holds about
+/// this much of a burst while its client is slow to take the write (what the client is
+/// owed for its own frames is bounded apart: `socket::MAX_OWED_BYTES`). Chat-sized
+/// events fill a batch by count long before; large ones (up to `MAX_BODY_BYTES` each)
+/// by this.
 pub(crate) const MAX_BATCH_BYTES: usize = 64 * 1024;
 
 /// Whether a batch of `taken` deliveries, `buffered` bytes so far, takes no more.

@@ -41,6 +41,12 @@ const VERSION: &str = "13";
 /// once took a burst does not hold the burst's memory while it idles.
 const KEPT_CAPACITY: usize = 16 * 1024;
 
+/// Bytes the client may be owed before its socket is read again: a client that sends
+/// without reading (pings, each answered with a pong it does not take) is read no
+/// further until what it is owed has been written, so the send buffer stays bounded
+/// and the flood backs up into the client's own TCP connection.
+pub const MAX_OWED_BYTES: usize = 64 * 1024;
+
 /// The first byte of an unfragmented text frame: FIN, opcode 1 (RFC 6455 §5.2).
 const FIN_TEXT: u8 = 0x81;
 
@@ -165,7 +171,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
     }
 
     /// The client's next message; `None` once the connection is closed. Cancel-safe.
+    ///
+    /// Once the client is owed [`MAX_OWED_BYTES`], that is written out first.
     pub async fn recv(&mut self) -> Option<Result<Message, tungstenite::Error>> {
+        if self.buffered() >= MAX_OWED_BYTES
+            && let Err(error) = tokio::io::AsyncWriteExt::flush(self.inner.get_mut()).await
+        {
+            return Some(Err(error.into()));
+        }
         self.inner.next().await
     }
 
@@ -189,10 +202,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
     /// Writes out everything buffered (and any pong or close tungstenite owes the
     /// client).
     ///
-    /// Tungstenite's own flush flushes the stream too, except in one place: answering a
-    /// client's Close, it writes the answer and reports the connection closed without
-    /// flushing, as a server's last write to a plain socket needs none. Here that write
-    /// is still in the buffer, so the buffer is flushed after it in every case.
+    /// Tungstenite's own flush flushes the stream too, except where it answers a
+    /// client's Close: it writes the answer and reports the connection closed without
+    /// flushing, as a server's last write to a plain socket needs none. (Its read does
+    /// the same when read again after the client's Close; the connection stops reading
+    /// at the Close and flushes.) Here that write is still in the buffer, so the buffer
+    /// is flushed after it in every case.
     pub async fn flush(&mut self) -> Result<(), tungstenite::Error> {
         self.inner.flush().await?;
         tokio::io::AsyncWriteExt::flush(self.inner.get_mut()).await?;
@@ -382,6 +397,36 @@ mod tests {
         }
         assert!(after.contains(&Message::text("sixth")), "{after:?}");
         assert!(after.contains(&Message::Pong("p".into())), "{after:?}");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_pings_without_reading_is_read_no_further_once_owed_enough() {
+        let (server, client) = tokio::io::duplex(4096);
+        let (mut server, mut client) = tokio::join!(
+            Socket::new(server, WebSocketConfig::default()),
+            WebSocketStream::from_raw_socket(client, Role::Client, None),
+        );
+        // Pings as fast as the server reads them; the pongs are never read.
+        tokio::spawn(async move {
+            while client
+                .send(Message::Ping(vec![7; 125].into()))
+                .await
+                .is_ok()
+            {}
+        });
+        let mut pings = 0;
+        while pings < 5_000 {
+            match tokio::time::timeout(std::time::Duration::from_millis(500), server.recv()).await {
+                Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
+                Err(_) => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        let owed = server.buffered();
+        assert!(
+            (MAX_OWED_BYTES..MAX_OWED_BYTES + 200).contains(&owed),
+            "{pings} pings read, {owed} bytes of pongs owed"
+        );
     }
 
     #[test]
