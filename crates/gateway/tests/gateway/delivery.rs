@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helpers::{Client, Stack, sample};
+use crate::helpers::{Client, Stack, close_frame, sample};
 
 #[tokio::test]
 async fn a_message_reaches_subscribers_on_both_gateways_once_and_in_order() {
@@ -292,5 +292,32 @@ async fn coalescing_writes_delays_no_one_keeping_up_and_loses_nothing() {
     assert!(
         bobs.next_within(Duration::from_millis(300)).await.is_none(),
         "nothing after the last"
+    );
+}
+
+#[tokio::test]
+async fn a_revocation_ends_the_wait_for_more_and_what_was_taken_goes_first() {
+    let stack = Stack::start(1, &[("WS_WRITE_COALESCE_MS", "1000")]).await;
+    let ann = stack.register("ann").await;
+    let bob = stack.register("bob").await;
+    let conversation = stack.conversation(&ann, &[&bob]).await;
+    let mut bobs = Client::connect(&stack.gateways[0].addr, &bob.token).await;
+    bobs.subscribe(&conversation, None).await;
+
+    // Behind a burst, the connection waits up to a second for more; bob logs out
+    // meanwhile.
+    let published = std::time::Instant::now();
+    publish_burst(&stack, &conversation, 1..=10).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let logout = json!({"refresh_token": bob.refresh_token});
+    assert_eq!(stack.api_post("/v1/auth/logout", &logout).await, 204);
+
+    assert_eq!(bobs.offsets(10).await, (1..=10).collect::<Vec<i64>>());
+    let (code, reason) = close_frame(&mut bobs.socket, Duration::from_secs(2)).await;
+    assert_eq!((code, reason.as_str()), (4001, "session_revoked"));
+    assert!(
+        published.elapsed() < Duration::from_millis(900),
+        "a revocation ends the wait at once: {:?}",
+        published.elapsed()
     );
 }
