@@ -320,6 +320,20 @@ mod tests {
 
     use super::*;
 
+    /// A server socket and its client, over a pipe of `capacity` bytes each way.
+    async fn pair(
+        capacity: usize,
+    ) -> (
+        Socket<tokio::io::DuplexStream>,
+        WebSocketStream<tokio::io::DuplexStream>,
+    ) {
+        let (server, client) = tokio::io::duplex(capacity);
+        tokio::join!(
+            Socket::new(server, WebSocketConfig::default()),
+            WebSocketStream::from_raw_socket(client, Role::Client, None),
+        )
+    }
+
     /// Tungstenite's own encoding of the same text frame.
     fn tungstenite_frame(text: &str) -> Vec<u8> {
         let frame = Frame::message(text.to_owned(), OpCode::Data(Data::Text), true);
@@ -342,11 +356,7 @@ mod tests {
     #[tokio::test]
     async fn pushed_frames_and_tungstenite_messages_leave_in_the_order_written() {
         // A 100-byte pipe: the flush goes out in many partial writes.
-        let (server, client) = tokio::io::duplex(100);
-        let (mut server, mut client) = tokio::join!(
-            Socket::new(server, WebSocketConfig::default()),
-            WebSocketStream::from_raw_socket(client, Role::Client, None),
-        );
+        let (mut server, mut client) = pair(100).await;
         let long = "é".repeat(40_000);
         server.feed(Message::text("first")).await.expect("fed");
         server.push_frame(&text_frame("second"));
@@ -401,11 +411,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_that_pings_without_reading_is_read_no_further_once_owed_enough() {
-        let (server, client) = tokio::io::duplex(4096);
-        let (mut server, mut client) = tokio::join!(
-            Socket::new(server, WebSocketConfig::default()),
-            WebSocketStream::from_raw_socket(client, Role::Client, None),
-        );
+        let (mut server, mut client) = pair(4096).await;
         // Pings as fast as the server reads them; the pongs are never read.
         tokio::spawn(async move {
             while client

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helpers::{Client, Stack, close_frame, sample};
+use crate::helpers::{Client, Stack, User, close_frame, sample};
 
 #[tokio::test]
 async fn a_message_reaches_subscribers_on_both_gateways_once_and_in_order() {
@@ -253,17 +253,24 @@ async fn a_burst_larger_than_one_write_batch_arrives_whole_and_in_order() {
     );
 }
 
-/// `WS_WRITE_COALESCE_MS` at its most (a second): a subscriber getting one message at
-/// a time gets each at once, never after the wait; a burst waits, then arrives whole
-/// and in order with what came during the wait.
-#[tokio::test]
-async fn coalescing_writes_delays_no_one_keeping_up_and_loses_nothing() {
+/// A gateway that waits behind a burst for as long as it may (`WS_WRITE_COALESCE_MS`
+/// at its most, a second), and bob, subscribed to a conversation with ann.
+async fn bob_behind_the_longest_wait() -> (Stack, User, User, String, Client) {
     let stack = Stack::start(1, &[("WS_WRITE_COALESCE_MS", "1000")]).await;
     let ann = stack.register("ann").await;
     let bob = stack.register("bob").await;
     let conversation = stack.conversation(&ann, &[&bob]).await;
     let mut bobs = Client::connect(&stack.gateways[0].addr, &bob.token).await;
     bobs.subscribe(&conversation, None).await;
+    (stack, ann, bob, conversation, bobs)
+}
+
+/// `WS_WRITE_COALESCE_MS` at its most (a second): a subscriber getting one message at
+/// a time gets each at once, never after the wait; a burst waits, then arrives whole
+/// and in order with what came during the wait.
+#[tokio::test]
+async fn coalescing_writes_delays_no_one_keeping_up_and_loses_nothing() {
+    let (stack, ann, _, conversation, mut bobs) = bob_behind_the_longest_wait().await;
 
     for expected in 1..=3 {
         let posted = std::time::Instant::now();
@@ -297,12 +304,7 @@ async fn coalescing_writes_delays_no_one_keeping_up_and_loses_nothing() {
 
 #[tokio::test]
 async fn a_revocation_ends_the_wait_for_more_and_what_was_taken_goes_first() {
-    let stack = Stack::start(1, &[("WS_WRITE_COALESCE_MS", "1000")]).await;
-    let ann = stack.register("ann").await;
-    let bob = stack.register("bob").await;
-    let conversation = stack.conversation(&ann, &[&bob]).await;
-    let mut bobs = Client::connect(&stack.gateways[0].addr, &bob.token).await;
-    bobs.subscribe(&conversation, None).await;
+    let (stack, _, bob, conversation, mut bobs) = bob_behind_the_longest_wait().await;
 
     // Behind a burst, the connection waits up to a second for more; bob logs out
     // meanwhile.
