@@ -247,7 +247,9 @@ fn ended_by(reason: Eviction) -> End {
 /// The close handshake, from the gateway's side: the close frame within `grace`, then
 /// the client's answer within [`CLOSE_GRACE`]. Reading the answer matters: dropping a
 /// socket with unread bytes makes the kernel send a reset, which can destroy the close
-/// frame before the client reads it.
+/// frame before the client reads it. Where the protocol can no longer be read (after a
+/// frame too large), the gateway ends its side and reads the rest to its end instead
+/// ([`Socket::finish`]).
 async fn close_socket(socket: &mut Socket, code: u16, reason: &'static str, grace: Duration) {
     let frame = CloseFrame {
         code: CloseCode::from(code),
@@ -258,11 +260,17 @@ async fn close_socket(socket: &mut Socket, code: u16, reason: &'static str, grac
         .is_ok_and(|sent| sent.is_ok())
     {
         let _ = tokio::time::timeout(CLOSE_GRACE, async {
-            while let Some(Ok(message)) = socket.recv().await {
-                if matches!(message, Message::Close(_)) {
-                    break;
+            loop {
+                match socket.recv().await {
+                    Some(Ok(Message::Close(_))) => return,
+                    Some(Ok(_)) => {}
+                    // The stream ended before the client's answer: tungstenite stopped
+                    // reading (a frame too large) or the client went away. Either way
+                    // what the client may still send is read to its end.
+                    Some(Err(_)) | None => break,
                 }
             }
+            socket.finish().await;
         })
         .await;
     }

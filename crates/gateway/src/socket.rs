@@ -219,6 +219,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
         self.feed(message).await?;
         self.flush().await
     }
+
+    /// Ends the sending side (after everything buffered) and reads what the client
+    /// still sends, discarding it, until the client ends its side too. For when
+    /// tungstenite has stopped reading (after a frame too large, whose rest is never
+    /// read): a socket dropped with bytes unread is answered by the kernel with a
+    /// reset, and a reset destroys what the client has not read yet, the close frame
+    /// included. The caller bounds the time it may take.
+    pub async fn finish(&mut self) {
+        let wire = self.inner.get_mut();
+        if tokio::io::AsyncWriteExt::shutdown(wire).await.is_err() {
+            return;
+        }
+        // On the heap: this future is part of every connection's, idle ones included.
+        let mut discarded = vec![0; 4096];
+        while let Ok(1..) = tokio::io::AsyncReadExt::read(wire, &mut discarded).await {}
+    }
 }
 
 /// A request to upgrade to a WebSocket (RFC 6455 §4.2.1), checked: an HTTP/1.1 `GET`

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
@@ -120,6 +120,28 @@ async fn members_only_and_errors_keep_the_connection() {
         "too_many_channels",
         "still open, still refusing"
     );
+}
+
+/// A frame over the limit is refused after its header: the rest of it is never read.
+/// Dropping a socket with unread bytes makes the kernel send a reset, and a reset
+/// destroys whatever the client has not read yet, the 1009 close included; so the
+/// gateway ends its side first and reads what still comes until the client closes.
+#[tokio::test]
+async fn the_close_for_a_frame_too_large_ends_cleanly_not_with_a_reset() {
+    let stack = Stack::start(1, &[("WS_MAX_FRAME_BYTES", "2048")]).await;
+    let ann = stack.register("ann").await;
+    let mut client = Client::connect(&stack.gateways[0].addr, &ann.token).await;
+    let huge = json!({"type": "publish", "channel": "x", "data": "y".repeat(64 * 1024)});
+    // Sent whole only if the gateway reads it all; the close says whether it was refused.
+    let _ = client.socket.send(Message::text(huge.to_string())).await;
+    assert_eq!(
+        client.closed(Duration::from_secs(5)).await,
+        Closed::Code(1009)
+    );
+    let end = tokio::time::timeout(Duration::from_secs(5), client.socket.next())
+        .await
+        .expect("the gateway closes its side");
+    assert!(end.is_none(), "a clean end of the stream: {end:?}");
 }
 
 #[tokio::test]
